@@ -1,0 +1,308 @@
+"""Checkpoint files -> nn.Module.
+
+Recognise which model a checkpoint holds from its key names and shapes, build the module
+with its parameters on the meta device, then assign the stored tensors one by one, cast to
+the target dtype on the target device: no random initialisation, no second full copy.
+Everything model-specific comes from the model classes (`checkpoint.CheckpointModel`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .checkpoint import CheckpointModel
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the fix."""
+
+
+@dataclass
+class CheckpointFile:
+    path: Path
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # on-disk key -> shape
+
+
+# ---------------------------------------------------------------- files and headers
+
+
+def expand_checkpoint_paths(paths: Sequence[Path]) -> list[Path]:
+    """Files, shard lists and folders -> the list of weight files, checking indexes."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(_files_in_folder(path))
+        elif path.name.endswith(".index.json"):
+            files.extend(_files_of_index(path))
+        elif path.suffix in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
+            files.append(path)
+        else:
+            raise CheckpointError(
+                f"{path}: not a checkpoint file (expected .safetensors, .bin, .pt, .pth, .ckpt, "
+                "a *.index.json or a folder of them)."
+            )
+    for index in {p.parent / name for p in files for name in _index_names(p)}:
+        if index.is_file():
+            _check_index_shards_present(index)
+    unique = list(dict.fromkeys(files))
+    if not unique:
+        raise CheckpointError(f"No weight files found in {', '.join(str(p) for p in paths)}.")
+    return unique
+
+
+def _index_names(path: Path) -> list[str]:
+    # shards `model-00001-of-00004.safetensors` sit beside `model.safetensors.index.json`
+    stem = path.name.split("-0")[0] if "-of-" in path.name else None
+    return [f"{stem}{path.suffix}.index.json"] if stem else []
+
+
+def _files_in_folder(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
+    if indexes:
+        return [f for index in indexes for f in _files_of_index(index)]
+    for suffixes in (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES):
+        found = sorted(p for p in folder.iterdir() if p.suffix in suffixes)
+        if found:
+            return found
+    raise CheckpointError(f"{folder}: the folder holds no .safetensors/.bin/.pt/.pth weight file.")
+
+
+def _files_of_index(index: Path) -> list[Path]:
+    weight_map = _read_index(index)
+    return [index.parent / name for name in dict.fromkeys(weight_map.values())]
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{index}: cannot read the shard index ({error}). Delete it and fetch it again."
+        ) from error
+    return weight_map
+
+
+def _check_index_shards_present(index: Path) -> None:
+    missing = sorted({name for name in _read_index(index).values() if not (index.parent / name).is_file()})
+    if missing:
+        raise CheckpointError(
+            f"{index} lists shard(s) that are not on disk: {', '.join(missing)}. "
+            "The download is incomplete: fetch the missing shard(s) again."
+        )
+
+
+def read_header(path: Path) -> CheckpointFile:
+    """Key names and shapes, without reading tensor data (safetensors) or with mmap (torch)."""
+    try:
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            shapes = {k: tuple(t.shape) for k, t in _torch_state_dict(path).items()}
+    except CheckpointError:
+        raise
+    except Exception as error:  # safetensors and torch raise many types for bad files
+        raise CheckpointError(
+            f"{path}: cannot read this checkpoint ({type(error).__name__}: {error}). The file is "
+            "truncated or corrupt: delete it and fetch it again."
+        ) from error
+    if not shapes:
+        raise CheckpointError(f"{path}: the checkpoint holds no tensor.")
+    return CheckpointFile(path, shapes)
+
+
+def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict).")
+    return state
+
+
+def _iter_tensors(path: Path, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    yield key, f.get_tensor(key)
+        else:
+            state = _torch_state_dict(path)
+            for key in keys:
+                yield key, state[key]
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: reading tensor data failed ({type(error).__name__}: {error}). The file is "
+            "truncated or corrupt: delete it and fetch it again."
+        ) from error
+
+
+# ---------------------------------------------------------------- recognition
+
+
+def _owner(key: str, candidates: Sequence[type]) -> type | None:
+    return next((c for c in candidates if c.owns_checkpoint_key(key)), None)
+
+
+def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[CheckpointModel]]) -> type:
+    """The one candidate class whose checkpoint these files hold."""
+    owners_per_file = []
+    for file in files:
+        owners = {_owner(k, candidates) for k in file.shapes}
+        owners_per_file.append(owners)
+    all_owners = set().union(*owners_per_file) - {None}
+    if not all_owners:
+        sample = ", ".join(list(files[0].shapes)[:6])
+        known = ", ".join(c.__name__ for c in candidates)
+        raise CheckpointError(
+            f"{files[0].path}: unknown checkpoint: its keys ({sample}, ...) belong to none of the "
+            f"models this pipeline knows ({known}). Check that the file is the right model."
+        )
+    if len(all_owners) > 1:
+        where = "; ".join(
+            f"{file.path.name}: {', '.join(sorted(o.__name__ for o in owners if o))}"
+            for file, owners in zip(files, owners_per_file)
+        )
+        raise CheckpointError(
+            f"Files of different models were given as one model ({where}). "
+            "Give each model its own ModelConfig."
+        )
+    model_class = all_owners.pop()
+    converted = {model_class.convert_checkpoint_key(k) for f in files for k in f.shapes}
+    absent = [k for k in model_class.CHECKPOINT_REQUIRED_KEYS if k not in converted]
+    if absent:
+        raise CheckpointError(
+            f"{files[0].path}: looks like a {model_class.__name__} checkpoint but lacks "
+            f"{', '.join(absent)}. The files are incomplete: pass all shards, or fetch them again."
+        )
+    return model_class
+
+
+# ---------------------------------------------------------------- building and assigning
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device; buffers (RoPE tables...) stay real and small."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def read_config(files: Sequence[CheckpointFile]) -> dict | None:
+    config_path = files[0].path.parent / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        return json.loads(config_path.read_text())
+    except ValueError as error:
+        raise CheckpointError(f"{config_path}: invalid JSON ({error}). Fix or delete the file.") from error
+
+
+def load_model(
+    paths: Sequence[Path],
+    candidates: Sequence[type[CheckpointModel]],
+    torch_dtype: torch.dtype,
+    device: str | torch.device,
+) -> nn.Module:
+    """Recognise, build on meta, check every key and shape, then assign tensors one by one."""
+    files = [read_header(p) for p in expand_checkpoint_paths(paths)]
+    model_class = recognise(files, candidates)
+
+    # on-disk key -> (file, converted key); None converted keys are deliberately not loaded
+    plan: dict[str, tuple[CheckpointFile, str]] = {}
+    targets: set[str] = set()
+    for file in files:
+        for key in file.shapes:
+            target = model_class.convert_checkpoint_key(key)
+            if target is None:
+                continue
+            if target in targets:
+                raise CheckpointError(f"{file.path}: key {key!r} appears twice across the files.")
+            targets.add(target)
+            plan[key] = (file, target)
+    shapes = {target: file.shapes[key] for key, (file, target) in plan.items()}
+
+    try:
+        with parameters_on_meta():
+            model = model_class.from_checkpoint(shapes, read_config(files))
+    except (ValueError, KeyError) as error:  # the sizes the model infers do not fit together
+        raise CheckpointError(f"{files[0].path.parent}: {error}") from error
+    _check_against_module(model, plan, files[0].path.parent)
+
+    device = torch.device(device)
+    by_file: dict[Path, list[str]] = {}
+    for key, (file, _) in plan.items():
+        by_file.setdefault(file.path, []).append(key)
+    with tqdm(total=len(plan), desc=f"Loading {model_class.__name__}", unit="tensor",
+              disable=len(plan) < 200) as bar:
+        for path, keys in by_file.items():
+            for key, tensor in _iter_tensors(path, keys):
+                dtype = torch_dtype if tensor.is_floating_point() else tensor.dtype
+                _assign(model, plan[key][1], tensor.to(device=device, dtype=dtype))
+                bar.update()
+    for module in model.modules():  # buffers were built on the CPU
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    model.eval().requires_grad_(False)
+    logger.info("Loaded %s from %d file(s) (%s, %s)", model_class.__name__, len(files), torch_dtype, device)
+    return model
+
+
+def _check_against_module(model: nn.Module, plan: dict[str, tuple[CheckpointFile, str]], where: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    provided = {target: (file, key) for key, (file, target) in plan.items()}
+    missing = sorted(set(expected) - set(provided))
+    unexpected = sorted(set(provided) - set(expected))
+    name = type(model).__name__
+    if missing:
+        raise CheckpointError(
+            f"{where}: the {name} checkpoint lacks {len(missing)} key(s): {', '.join(missing[:8])}"
+            f"{' ...' if len(missing) > 8 else ''}. Pass all shards, or fetch the files again."
+        )
+    if unexpected:
+        shown = ", ".join(f"{provided[k][1]} ({provided[k][0].path.name})" for k in unexpected[:8])
+        raise CheckpointError(
+            f"{where}: {len(unexpected)} key(s) do not belong to {name}: {shown}"
+            f"{' ...' if len(unexpected) > 8 else ''}. The file is not a plain {name} checkpoint."
+        )
+    for target, (file, key) in provided.items():
+        if file.shapes[key] != expected[target]:
+            raise CheckpointError(
+                f"{file.path}: {key!r} has shape {list(file.shapes[key])} but {name} expects "
+                f"{list(expected[target])}. The files mix different model sizes, or a config.json "
+                "beside them does not match the weights."
+            )
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[name] = tensor

@@ -1,0 +1,139 @@
+"""A tiny random-weight Qwen-Image repo in the exact hub layout.
+
+    python -m pipelines.testing.tiny OUT_DIR
+
+writes model_index.json, scheduler/, transformer/ (2 shards + index), text_encoder/
+(2 shards + index), vae/diffusion_pytorch_model.safetensors and tokenizer/ (the real Qwen
+vocabulary). Weights are seeded and deterministic; a 128x128 image takes about a second on
+a CPU. Tests, benchmarks and the runner's demo model use it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..core.loader import parameters_on_meta
+from ..models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
+from ..models.qwen_image_text_encoder import QwenImageTextEncoder, QwenTextEncoderParams
+from ..models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams
+from .checkpoints import random_state_dict, save_sharded, write_json
+from .tokenizer import build_qwen_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TEXT_HIDDEN = 32
+DIT = QwenImageDiTParams(num_layers=2, attention_head_dim=32, num_attention_heads=2,
+                         joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(4, 14, 14))
+TEXT_ENCODER = QwenTextEncoderParams(hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                     mrope_section=[2, 3, 3], max_window_layers=2)
+VAE = QwenImageVAEParams(base_dim=16, num_res_blocks=1)
+
+SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 8192, "max_shift": 0.9,
+    "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
+    "time_shift_type": "exponential", "use_dynamic_shifting": True,
+}
+
+
+def dit_config(p: QwenImageDiTParams) -> dict:
+    return {
+        "_class_name": "QwenImageTransformer2DModel", "patch_size": p.patch_size,
+        "in_channels": p.in_channels, "out_channels": p.out_channels, "num_layers": p.num_layers,
+        "attention_head_dim": p.attention_head_dim, "num_attention_heads": p.num_attention_heads,
+        "joint_attention_dim": p.joint_attention_dim, "guidance_embeds": False,
+        "axes_dims_rope": list(p.axes_dims_rope),
+    }
+
+
+def vae_config(p: QwenImageVAEParams) -> dict:
+    return {
+        "_class_name": "AutoencoderKLQwenImage", "base_dim": p.base_dim, "z_dim": p.z_dim,
+        "dim_mult": list(p.dim_mult), "num_res_blocks": p.num_res_blocks,
+        "attn_scales": list(p.attn_scales), "temperal_downsample": list(p.temperal_downsample),
+        "dropout": 0.0, "latents_mean": list(p.latents_mean), "latents_std": list(p.latents_std),
+    }
+
+
+def text_encoder_config(p: QwenTextEncoderParams) -> dict:
+    # the flat layout of the hub's text_encoder/config.json
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "vocab_size": p.vocab_size, "hidden_size": p.hidden_size,
+        "intermediate_size": p.intermediate_size, "num_hidden_layers": p.num_hidden_layers,
+        "num_attention_heads": p.num_attention_heads, "num_key_value_heads": p.num_key_value_heads,
+        "head_dim": p.head_dim, "hidden_act": p.hidden_act, "rms_norm_eps": p.rms_norm_eps,
+        "rope_theta": p.rope_theta, "max_position_embeddings": p.max_position_embeddings,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(p.mrope_section)},
+        "tie_word_embeddings": False, "torch_dtype": "float32",
+    }
+
+
+def _shapes(build) -> dict[str, tuple[int, ...]]:
+    with parameters_on_meta():
+        module = build()
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def build_tiny_repo(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny repo into `out_dir` (created; must not exist or be empty). The folder
+    appears complete or not at all: it is written beside and renamed into place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; choose an empty folder.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        _write_repo(staging, seed)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("Wrote the tiny Qwen-Image repo to %s", out_dir)
+    return out_dir
+
+
+def _write_repo(root: Path, seed: int) -> None:
+    write_json(root / "model_index.json", {
+        "_class_name": "QwenImagePipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    })
+    write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+
+    dit_shapes = _shapes(lambda: QwenImageDiT(DIT))
+    save_sharded(random_state_dict(dit_shapes, seed), root / "transformer", "diffusion_pytorch_model", 2)
+    write_json(root / "transformer" / "config.json", dit_config(DIT))
+
+    te_shapes = _shapes(lambda: QwenImageTextEncoder(TEXT_ENCODER))
+    te_shapes["lm_head.weight"] = (TEXT_ENCODER.vocab_size, TEXT_ENCODER.hidden_size)  # on the hub, unused
+    save_sharded(random_state_dict(te_shapes, seed + 1), root / "text_encoder", "model", 2)
+    write_json(root / "text_encoder" / "config.json", text_encoder_config(TEXT_ENCODER))
+
+    vae_shapes = _shapes(lambda: QwenImageVAE(VAE))
+    save_sharded(random_state_dict(vae_shapes, seed + 2), root / "vae", "diffusion_pytorch_model", 1)
+    write_json(root / "vae" / "config.json", vae_config(VAE))
+
+    build_qwen_tokenizer(root / "tokenizer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write a tiny random-weight Qwen-Image repo.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    build_tiny_repo(args.out_dir, args.seed)
+
+
+if __name__ == "__main__":
+    main()

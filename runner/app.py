@@ -1,0 +1,409 @@
+"""The Hydra app behind `python -m runner`: one job = one image.
+
+    python -m runner model=qwen_image_tiny sampler=tiny
+    python -m runner -m model=qwen_image_tiny sampler=tiny seed=0,1 lora=file lora.path=l.safetensors lora.alpha=0,1
+
+A job never raises out of the task function: a failure (missing file, out of memory, a bad
+value) is logged, its MLflow run ends FAILED, and the sweep goes on; `runner.__main__` exits
+non-zero at the end listing the failed jobs. This matters because Hydra skips
+`on_multirun_end` when a job raises, which would leave the sweep's parent run RUNNING.
+Ctrl-C (or SIGTERM) ends the current job's run and the parent KILLED.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import build
+from .report import METRICS, JobRecord, contact_sheet, label_of, save_png, swept_keys, write_table
+from .spec import ConfigError, RunSpec, TrackingBackend, TrackingSpec, check_keys, register_configs, to_spec, validate
+from .tracking import (
+    CONFIG_HASH_TAG,
+    FAILED,
+    FINISHED,
+    KILLED,
+    Tracker,
+    fingerprint_tags,
+    flatten,
+    provenance_tags,
+    store_uri,
+)
+
+logger = logging.getLogger("runner")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SKIPPED = "SKIPPED"
+# keys that do not change the image: left out of the resume fingerprint
+_NOT_IN_HASH = ("resume", "tracking", "progress_bar", "run_name")
+
+register_configs()
+
+
+@dataclass
+class Sweep:
+    sweep_dir: Path
+    overrides: list[str]
+    tracker: Optional[Tracker]
+    parent_id: Optional[str]
+    tracking: TrackingSpec
+    records: list[JobRecord] = field(default_factory=list)
+
+
+@dataclass
+class State:
+    """Process-wide: Hydra's default launcher runs a sweep's jobs one after another in this
+    process, so this (and build's pipeline cache) lives across jobs."""
+
+    sweep: Optional[Sweep] = None
+    failed: list[JobRecord] = field(default_factory=list)
+    trackers: dict[tuple, Tracker] = field(default_factory=dict)
+
+
+STATE = State()
+
+
+def get_tracker(tracking: TrackingSpec, experiment: str) -> Optional[Tracker]:
+    if tracking.backend is TrackingBackend.none:
+        return None
+    key = (store_uri(tracking), experiment, tracking.artifact_location)
+    if key not in STATE.trackers:
+        STATE.trackers[key] = Tracker(tracking, experiment)
+    return STATE.trackers[key]
+
+
+def _plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain data (enums as their names); unresolvable
+    interpolations are kept as written."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:  # noqa: BLE001 - a broken interpolation is reported by to_spec
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+
+
+def config_hash(resolved: dict, rt: build.Runtime) -> str:
+    """Identity of a job's result: the resolved config without run-control keys, plus the
+    device and dtype that `auto` resolved to."""
+    core = {k: v for k, v in resolved.items() if k not in _NOT_IN_HASH}
+    blob = json.dumps({"config": core, "device": rt.device, "dtype": rt.dtype}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------ sweeps
+
+
+def start_sweep(config: DictConfig) -> Sweep:
+    """The parent run of a multirun (called from `on_multirun_start`)."""
+    plain = config.copy()
+    with open_dict(plain):
+        plain.pop("hydra", None)
+    try:
+        check_keys(plain, RunSpec)  # a misspelt `+key` fails the sweep before any job
+        tracking = OmegaConf.to_object(config.tracking)
+    except ConfigError as e:
+        logger.error("%s", e)
+        raise SystemExit(2) from None
+    sweep_dir = Path(config.hydra.sweep.dir)
+    overrides = [str(o) for o in config.hydra.overrides.task]
+    experiment = str(config.experiment)
+    tracker = get_tracker(tracking, experiment)
+    parent_id = None
+    if tracker is not None:
+        name = config.get("run_name") or f"sweep {sweep_dir.parent.name} {sweep_dir.name}"
+        tags = {"runner.kind": "sweep", "runner.sweep_dir": str(sweep_dir.resolve()), "runner.overrides": " ".join(overrides)}
+        tags.update({k: v for k, v in provenance_tags("cpu").items() if not k.startswith("device.")})
+        parent_id = tracker.start_run(name, tags)
+        tracker.log_params(parent_id, {k.lstrip("+~"): v for k, _, v in (o.partition("=") for o in overrides)})
+        logger.info("Sweep %s: MLflow parent run %s in %s (experiment %r)", sweep_dir, parent_id, tracker.uri, experiment)
+    STATE.sweep = Sweep(sweep_dir, overrides, tracker, parent_id, tracking)
+    return STATE.sweep
+
+
+def finish_sweep(status: Optional[str] = None) -> None:
+    """Contact sheet + job table into the sweep folder and onto the parent run, then end the
+    parent: KILLED when interrupted, FAILED when a job failed, else FINISHED. Safe to call
+    twice (the second call does nothing)."""
+    sweep, STATE.sweep = STATE.sweep, None
+    if sweep is None:
+        return
+    records = sweep.records
+    if status is None:
+        status = FAILED if any(r.status in (FAILED, KILLED) for r in records) else FINISHED
+    try:
+        if records:
+            sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
+            sheet = contact_sheet(records, sweep.tracking.contact_sheet_thumb)
+            sheet_path = sweep.sweep_dir / "contact_sheet.png"
+            sheet.save(sheet_path)
+            table_path = write_table(records, sweep.sweep_dir / "jobs.csv")
+            logger.info("Sweep %s: contact sheet %s, table %s", status, sheet_path, table_path)
+            if sweep.tracker is not None and sweep.parent_id is not None:
+                t, pid = sweep.tracker, sweep.parent_id
+                t.log_image(pid, sheet, key="contact_sheet")
+                t.log_file(pid, sheet_path)
+                t.log_file(pid, table_path)
+                counts = {s: sum(r.status == s for r in records) for s in (FINISHED, FAILED, KILLED, SKIPPED)}
+                t.log_metrics(pid, {f"jobs_{s.lower()}": n for s, n in counts.items()} | {"jobs": len(records)})
+                t.set_tags(pid, {"runner.swept_keys": " ".join(swept_keys(records))})
+    except Exception:  # noqa: BLE001 - the parent must still be ended
+        logger.exception("Could not write the sweep's contact sheet / table")
+        status = FAILED if status == FINISHED else status
+    finally:
+        if sweep.tracker is not None and sweep.parent_id is not None:
+            sweep.tracker.end_run(sweep.parent_id, status)
+
+
+def abort(status: str) -> None:
+    """Exit path (Ctrl-C, a Hydra error between jobs): end the sweep and every run this
+    process left open with `status`."""
+    if STATE.sweep is not None:
+        finish_sweep(status)
+    for tracker in STATE.trackers.values():
+        tracker.end_all(status)
+
+
+class SweepCallback(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks.runner_sweep)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        start_sweep(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        finish_sweep()
+
+
+# -------------------------------------------------------------------------- jobs
+
+
+def _job_context() -> tuple[bool, int, list[str], Path]:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        num = int(hc.job.num) if multirun else 0
+    except Exception:  # noqa: BLE001 - job.num is ??? outside a sweep
+        num = 0
+    return multirun, num, [str(o) for o in hc.overrides.task], Path(hc.runtime.output_dir)
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: reset the process's peak RSS (VmHWM) so the peak is this job's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def run_job(cfg: DictConfig) -> JobRecord:
+    multirun, num, overrides, job_dir = _job_context()
+    record = JobRecord(num=num, overrides=overrides, job_dir=job_dir)
+    sweep = STATE.sweep if multirun else None
+    if multirun and sweep is None:  # the callback was removed from the config: still track the sweep
+        sweep = start_sweep(_sweep_config_fallback(cfg))
+    if sweep is not None:
+        sweep.records.append(record)
+    started = time.perf_counter()
+    label = " ".join(overrides) or "defaults"
+    tracker: Optional[Tracker] = None
+    run_id: Optional[str] = None
+    resolved = _plain(cfg)
+    try:
+        spec_error: Optional[Exception] = None
+        spec: Optional[RunSpec] = None
+        try:
+            spec = to_spec(cfg)
+            validate(spec)
+            rt = build.resolve_runtime(spec)
+        except Exception as e:  # noqa: BLE001 - recorded as this job's failure below
+            spec_error = e
+
+        if sweep is not None:
+            tracker = sweep.tracker
+        elif spec is not None:
+            tracker = get_tracker(spec.tracking, spec.experiment)
+        else:
+            tracker = _tracker_from_raw(cfg)
+        chash = config_hash(resolved, rt) if spec is not None else None
+
+        if spec is not None and spec.resume and tracker is not None:
+            previous = tracker.find_finished(chash)
+            if previous is not None:
+                return _skip(record, tracker, previous, label)
+
+        if tracker is not None:
+            name = (spec.run_name if spec is not None else None) or label
+            tags = {"runner.kind": "job", "runner.job_num": num, "runner.overrides": " ".join(overrides),
+                    "runner.job_dir": str(job_dir.resolve()), CONFIG_HASH_TAG: chash}
+            run_id = tracker.start_run(name, tags, parent_id=sweep.parent_id if sweep else None)
+            record.run_id = run_id
+            params = flatten(resolved)
+            if spec is not None:
+                params.update({"runtime.device": rt.device, "runtime.dtype": rt.dtype})
+            tracker.log_params(run_id, params)
+            tracker.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
+
+        if spec_error is not None:
+            raise spec_error
+        assert spec is not None
+        build.preflight(spec)
+        _generate_and_log(spec, rt, record, tracker, run_id, job_dir, label)
+    except KeyboardInterrupt:
+        record.status, record.error = KILLED, "interrupted"
+        build.forget_lora_state(build.current())
+        if tracker is not None and run_id is not None:
+            tracker.end_run(run_id, KILLED)
+        logger.error("job %d [%s]: KILLED (interrupted)", num, label)
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed job must not stop the sweep
+        record.status, record.error = FAILED, f"{type(e).__name__}: {e}"
+        record.metrics.setdefault("total_s", time.perf_counter() - started)
+        STATE.failed.append(record)
+        build.forget_lora_state(build.current())
+        _free_after_failure(e)
+        if isinstance(e, ConfigError):
+            logger.error("job %d [%s]: FAILED: %s", num, label, e)
+        else:
+            logger.exception("job %d [%s]: FAILED: %s", num, label, record.error)
+        if tracker is not None and run_id is not None:
+            try:
+                tracker.set_tags(run_id, {"runner.error": record.error})
+            finally:
+                tracker.end_run(run_id, FAILED)
+    return record
+
+
+def _generate_and_log(spec: RunSpec, rt: build.Runtime, record: JobRecord, tracker: Optional[Tracker],
+                      run_id: Optional[str], job_dir: Path, label: str) -> None:
+    started = time.perf_counter()  # the job's own time: load + LoRA + generate + save
+    _reset_peak_memory(rt.device)
+    entry, load_s = build.get_pipeline(spec, rt)
+    lora_s = build.apply_loras(entry, spec)
+    seed = spec.seed if spec.seed is not None else random.randrange(2**31)
+    image = build.generate(entry, spec, rt, seed)
+    timings = dict(getattr(entry.pipe, "timings", {}) or {})
+    loras = [(lbl, float(item.alpha)) for lbl, _, item in spec.lora.items()]
+    gen = {
+        "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": seed,
+        "steps": spec.sampler.steps, "cfg_scale": spec.sampler.cfg_scale,
+        "height": spec.sampler.height, "width": spec.sampler.width,
+        "schedule": spec.sampler.schedule.value, "shift_mu": spec.sampler.shift_mu,
+        "denoising_strength": spec.sampler.denoising_strength, "model": spec.model.name,
+        "loras": loras, "dtype": rt.dtype, "device": rt.device,
+    }
+    png = save_png(image, job_dir / "image.png", gen)
+    denoise_s = timings.get("denoise_s")
+    metrics = {
+        "load_s": load_s, "lora_s": lora_s,
+        "encode_s": timings.get("encode_s"), "denoise_s": denoise_s,
+        "s_per_step": denoise_s / spec.sampler.steps if denoise_s is not None else None,
+        "decode_s": timings.get("decode_s"),
+        "total_s": time.perf_counter() - started,
+        "peak_mem_mb": _peak_memory_mb(rt.device),
+    }
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+    record.metrics, record.image_path = metrics, png
+    if tracker is not None and run_id is not None:
+        tracker.log_metrics(run_id, metrics)
+        if spec.seed is None:
+            tracker.log_params(run_id, {"runtime.seed": seed})
+        tracker.log_image(run_id, image, key=spec.tracking.image_key)
+        tracker.log_file(run_id, png)
+        tags = provenance_tags(rt.device)
+        tags.update(_fingerprints(entry, spec))
+        tracker.set_tags(run_id, tags)
+        tracker.end_run(run_id, FINISHED)
+    record.status = FINISHED
+    logger.info(
+        "job %d [%s]: FINISHED in %.2f s (load %.2f, lora %.2f, encode %.2f, denoise %.2f = %.3f s/step, "
+        "decode %.2f; peak %.0f MB) -> %s",
+        record.num, label, metrics["total_s"], load_s, lora_s, metrics.get("encode_s", 0.0),
+        metrics.get("denoise_s", 0.0), metrics.get("s_per_step", 0.0), metrics.get("decode_s", 0.0),
+        metrics["peak_mem_mb"], png,
+    )
+
+
+def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
+    """Checkpoint (once per loaded pipeline) and LoRA fingerprints, through the on-disk cache."""
+    from .provenance import FingerprintCache
+
+    cache = FingerprintCache(Path(spec.tracking.store_dir) / "fingerprints.json")
+    if entry.fingerprint is None:
+        entry.fingerprint = cache.describe(build.checkpoint_files(entry))
+    tags = fingerprint_tags("checkpoint", entry.fingerprint)
+    for label, _, item in spec.lora.items():
+        tags.update(fingerprint_tags(f"lora.{label}", cache.describe(build.lora_files(item, spec))))
+    return tags
+
+
+def _skip(record: JobRecord, tracker: Tracker, previous: Any, label: str) -> JobRecord:
+    record.status = SKIPPED
+    record.run_id = previous.info.run_id
+    record.metrics = {k: v for k, v in previous.data.metrics.items() if k in METRICS}
+    record.image_path = tracker.download(previous.info.run_id, "image.png", record.job_dir)
+    logger.info("job %d [%s]: SKIPPED (resume): run %s already finished this config", record.num, label, record.run_id)
+    return record
+
+
+def _tracker_from_raw(cfg: DictConfig) -> Optional[Tracker]:
+    """The tracker of a job whose full spec is invalid, if its tracking part is fine."""
+    try:
+        tracking = OmegaConf.to_object(cfg.tracking)
+        return get_tracker(tracking, str(cfg.experiment))
+    except Exception:  # noqa: BLE001 - then the failure is only logged
+        return None
+
+
+def _sweep_config_fallback(cfg: DictConfig) -> DictConfig:
+    full = cfg.copy()
+    with open_dict(full):
+        full.hydra = HydraConfig.get()
+    return full
+
+
+def _free_after_failure(error: Exception) -> None:
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_job(cfg)

@@ -1,0 +1,335 @@
+"""Spec -> pipeline, with a process-wide cache so that a sweep loads weights once.
+
+The cache holds the pipeline of the last (model, vram, dtype, device) asked for: jobs that
+change seed, steps, size, prompt, cfg or LoRAs reuse it. A different key drops the old
+pipeline first (two 20B models do not fit side by side), so order a sweep with the model
+override first (`python -m runner -m model=a,b seed=0,1`) to load each model once.
+
+LoRAs are applied per job on top of the cached base model: when the wanted set (files and
+alphas) differs from what is applied, `clear_lora()` then `load_lora()` for each; the base
+weights are never reloaded and no LoRA of an earlier job stays applied.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import importlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .spec import VRAM_KEYS, ConfigError, DType, FileSpec, LoraItem, RunSpec
+
+logger = logging.getLogger(__name__)
+
+# How many times weights were loaded in this process (tests and the benchmark read it).
+LOAD_COUNT = 0
+
+
+@dataclass
+class Runtime:
+    device: str  # resolved: cpu, cuda, cuda:1
+    dtype: str  # resolved: float32, bfloat16, float16
+
+
+@dataclass
+class LoadedPipeline:
+    key: str
+    pipe: Any
+    model_configs: list
+    tokenizer_config: Any
+    load_s: float
+    # what LoRAs are applied now: a tuple of (label, source, alpha); None = unknown (after
+    # a failure) -> cleared before the next job
+    lora_state: Optional[tuple] = ()
+    fingerprint: Optional[dict] = None
+    lora_tensors: dict = field(default_factory=dict)  # source -> state dict, current set only
+
+
+_CACHE: dict[str, LoadedPipeline] = {}
+
+
+def resolve_runtime(spec: RunSpec) -> Runtime:
+    import torch
+
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = spec.dtype.value if isinstance(spec.dtype, DType) else str(spec.dtype)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return Runtime(device=device, dtype=dtype)
+
+
+def import_object(dotted: str, where: str) -> Any:
+    module_name, _, attr = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(where, f"cannot import {dotted!r} ({e})", "give an importable `module.name`") from None
+
+
+def preflight(spec: RunSpec) -> None:
+    """What can be refused before any weight is read."""
+    cls = import_object(spec.model.pipeline, "model.pipeline")
+    for method in ("from_pretrained", "load_lora", "clear_lora"):
+        if spec.lora.items() or method == "from_pretrained":
+            if not hasattr(cls, method):
+                raise ConfigError("model.pipeline", f"{spec.model.pipeline} has no `{method}`", "name a pipeline class of `pipelines`")
+    if spec.vram.enabled() and not getattr(cls, "supports_vram_management", False):
+        raise ConfigError(
+            "vram",
+            f"the preset {spec.vram.name!r} needs VRAM management (offload/onload/preparing keys or vram_limit), "
+            f"which {spec.model.pipeline} does not implement yet",
+            "use vram=none (every model resident on the device)",
+        )
+
+
+# ------------------------------------------------------------------ model configs
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError("dtype", f"unknown torch dtype {name!r}", "use float32, bfloat16 or float16")
+    return value
+
+
+def _vram_value(key: str, value: Optional[str], rt: Runtime):
+    if value is None:
+        return None
+    if value == "auto":
+        value = rt.dtype if key.endswith("_dtype") else rt.device
+    if key.endswith("_dtype") and value != "disk":
+        return _torch_dtype(value)
+    return value
+
+
+def model_configs(spec: RunSpec, rt: Runtime) -> tuple[list, Any]:
+    from pipelines.core.model_config import ModelConfig
+
+    vram = {k: _vram_value(k, getattr(spec.vram, k), rt) for k in VRAM_KEYS}
+    vram = {k: v for k, v in vram.items() if v is not None}
+
+    def make(f: FileSpec, with_vram: bool) -> Any:
+        kwargs: dict[str, Any] = dict(download_source=spec.model.download_source, skip_download=spec.model.skip_download or None)
+        if f.path is not None:
+            kwargs["path"] = list(f.path) if isinstance(f.path, (list, tuple)) else f.path
+        else:
+            kwargs.update(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern)
+        if with_vram:
+            kwargs.update(vram)
+        return ModelConfig(**kwargs)
+
+    configs = [make(f, True) for f in spec.model.files]
+    tokenizer = make(spec.model.tokenizer, False) if spec.model.tokenizer else None
+    return configs, tokenizer
+
+
+def ensure_built(spec: RunSpec) -> None:
+    """Write a generated checkpoint (`model.build`) into the models folder if missing. A
+    file lock keeps parallel jobs from building twice; the builder renames a complete folder
+    into place, so a reader never sees a half-written one."""
+    if spec.model.build is None:
+        return
+    from pipelines.core.download import model_base_path
+    from pipelines.core.model_config import ModelConfig
+
+    builder = import_object(spec.model.build, "model.build")
+    model_ids = sorted({f.model_id for f in spec.model.files + [spec.model.tokenizer] if f and f.model_id})
+    for model_id in model_ids:
+        target = model_base_path(ModelConfig(model_id=model_id)) / model_id
+        if target.is_dir() and any(target.iterdir()):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if target.is_dir() and any(target.iterdir()):
+                continue
+            logger.info("Building %s into %s (first use; later runs reuse it)", model_id, target)
+            started = time.perf_counter()
+            builder(target)
+            logger.info("Built %s in %.1f s", model_id, time.perf_counter() - started)
+
+
+def cache_key(spec: RunSpec, rt: Runtime) -> str:
+    return json.dumps(
+        {"model": dataclasses.asdict(spec.model), "vram": _vram_load_keys(spec), "dtype": rt.dtype, "device": rt.device},
+        sort_keys=True,
+        default=str,
+    )
+
+
+def _vram_load_keys(spec: RunSpec) -> dict:
+    # tiling is a call argument, not a property of the loaded weights
+    return {k: v for k, v in dataclasses.asdict(spec.vram).items() if k not in ("name", "tiled", "tile_size", "tile_stride")}
+
+
+def get_pipeline(spec: RunSpec, rt: Runtime) -> tuple[LoadedPipeline, float]:
+    """The cached pipeline for this spec, loading it if needed; returns it and the seconds
+    spent loading in this call (0.0 when reused)."""
+    global LOAD_COUNT
+    key = cache_key(spec, rt)
+    if key in _CACHE:
+        return _CACHE[key], 0.0
+    release()
+    started = time.perf_counter()
+    ensure_built(spec)
+    cls = import_object(spec.model.pipeline, "model.pipeline")
+    configs, tokenizer = model_configs(spec, rt)
+    logger.info("Loading %s on %s in %s", spec.model.name, rt.device, rt.dtype)
+    pipe = cls.from_pretrained(
+        torch_dtype=_torch_dtype(rt.dtype),
+        device=rt.device,
+        model_configs=configs,
+        tokenizer_config=tokenizer,
+        vram_limit=spec.vram.vram_limit,
+    )
+    load_s = time.perf_counter() - started
+    LOAD_COUNT += 1
+    logger.info("Loaded %s in %.2f s", spec.model.name, load_s)
+    entry = LoadedPipeline(key=key, pipe=pipe, model_configs=configs, tokenizer_config=tokenizer, load_s=load_s)
+    _CACHE[key] = entry
+    return entry, load_s
+
+
+def release() -> None:
+    """Drop the cached pipeline (and free its memory)."""
+    if not _CACHE:
+        return
+    _CACHE.clear()
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_source(item: LoraItem, spec: RunSpec) -> Any:
+    """What `load_lora` gets: a path, or a ModelConfig for a hub file."""
+    if item.path is not None:
+        return str(item.path)
+    from pipelines.core.model_config import ModelConfig
+
+    return ModelConfig(
+        model_id=item.model_id,
+        origin_file_pattern=item.origin_file_pattern,
+        download_source=spec.model.download_source,
+        skip_download=spec.model.skip_download or None,
+    )
+
+
+def lora_files(item: LoraItem, spec: RunSpec) -> list[Path]:
+    if item.path is not None:
+        return [Path(item.path)]
+    from pipelines.core.download import resolve_files
+
+    return list(resolve_files(lora_source(item, spec)))
+
+
+def _source_key(item: LoraItem) -> str:
+    return item.path if item.path is not None else f"{item.model_id}::{item.origin_file_pattern}"
+
+
+def apply_loras(entry: LoadedPipeline, spec: RunSpec) -> float:
+    """Make the pipeline carry exactly this job's LoRAs; returns the seconds it took."""
+    items = [(label, item) for label, _, item in spec.lora.items()]
+    wanted = tuple((label, _source_key(item), float(item.alpha)) for label, item in items if item.alpha != 0.0)
+    if wanted == entry.lora_state:
+        return 0.0
+    started = time.perf_counter()
+    pipe = entry.pipe
+    if entry.lora_state != ():
+        pipe.clear_lora()
+    entry.lora_state = None  # unknown until every load succeeded
+    keep = {}
+    for (label, item), (_, key, alpha) in zip([(l, i) for l, i in items if i.alpha != 0.0], wanted):
+        tensors = entry.lora_tensors.get(key)
+        if tensors is None:
+            tensors = _read_lora(item, spec)
+        keep[key] = tensors
+        logger.info("Applying LoRA %s (alpha %g)", label, alpha)
+        pipe.load_lora(pipe.dit, dict(tensors) if isinstance(tensors, dict) else tensors, alpha=alpha)
+    entry.lora_tensors = keep
+    entry.lora_state = wanted
+    return time.perf_counter() - started
+
+
+def _read_lora(item: LoraItem, spec: RunSpec) -> Any:
+    """The LoRA's tensors, read once per sweep (an alpha change reuses them); a source the
+    runner cannot read itself goes to load_lora as it is."""
+    files = lora_files(item, spec)
+    if len(files) == 1 and files[0].suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(files[0]))
+    return lora_source(item, spec)
+
+
+def forget_lora_state(entry: Optional[LoadedPipeline]) -> None:
+    """After a failed job the applied LoRAs are unknown: clear before the next job."""
+    if entry is not None:
+        entry.lora_state = None
+
+
+def current() -> Optional[LoadedPipeline]:
+    return next(iter(_CACHE.values()), None)
+
+
+# -------------------------------------------------------------------------- generate
+
+
+def generate(entry: LoadedPipeline, spec: RunSpec, rt: Runtime, seed: int):
+    """One image; the call the README shows in plain Python, with the spec's values."""
+    s = spec.sampler
+    kwargs: dict[str, Any] = dict(
+        negative_prompt=spec.negative_prompt,
+        cfg_scale=s.cfg_scale,
+        height=s.height,
+        width=s.width,
+        seed=seed,
+        rand_device="cpu",
+        num_inference_steps=s.steps,
+        exponential_shift_mu=s.shift_mu,
+        denoising_strength=s.denoising_strength,
+        tiled=spec.vram.tiled,
+        tile_size=spec.vram.tile_size,
+        tile_stride=spec.vram.tile_stride,
+        progress_bar=spec.progress_bar,
+    )
+    if s.input_image is not None:
+        from PIL import Image
+
+        kwargs["input_image"] = Image.open(s.input_image).convert("RGB")
+    if s.schedule.value == "lightning":
+        from pipelines.core.flow_match import FlowMatchScheduler
+
+        kwargs["scheduler"] = FlowMatchScheduler.lightning()
+    return entry.pipe(spec.prompt, **kwargs)
+
+
+def checkpoint_files(entry: LoadedPipeline) -> list[Path]:
+    from pipelines.core.download import resolve_files
+
+    files: list[Path] = []
+    for config in entry.model_configs + ([entry.tokenizer_config] if entry.tokenizer_config else []):
+        files.extend(resolve_files(config))
+    return files
+
+
+def models_folder() -> Path:
+    return Path(os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models"))

@@ -1,0 +1,171 @@
+"""Where a result came from: git commit, package versions, device name, file fingerprints.
+
+Fingerprints (name, size, sha256) are cached in a JSON file keyed by absolute path, size and
+modification time, so a 50 GB checkpoint is hashed once, not once per job or per process.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+from contextlib import contextmanager
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Iterator
+
+logger = logging.getLogger(__name__)
+
+PACKAGES = (
+    "torch", "safetensors", "transformers", "diffusers", "peft", "hydra-core", "omegaconf",
+    "mlflow", "numpy", "pillow", "modelscope", "huggingface_hub",
+)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_HASH_CHUNK = 16 << 20
+
+
+@lru_cache(maxsize=1)
+def git_commit(root: Path = REPO_ROOT) -> str | None:
+    """HEAD's commit, read from .git without running git; None outside a checkout."""
+    git = root / ".git"
+    if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+        text = git.read_text().strip()
+        if text.startswith("gitdir:"):
+            git = (root / text.split(":", 1)[1].strip()).resolve()
+    head = git / "HEAD"
+    if not head.is_file():
+        return None
+    ref = head.read_text().strip()
+    if not ref.startswith("ref:"):
+        return ref or None
+    ref = ref.split(":", 1)[1].strip()
+    for base in (git, _common_dir(git)):
+        loose = base / ref
+        if loose.is_file():
+            return loose.read_text().strip() or None
+        packed = base / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref) and not line.startswith("#"):
+                    return line.split(" ", 1)[0]
+    return None  # a branch without commits yet
+
+
+def _common_dir(git: Path) -> Path:
+    common = git / "commondir"
+    return (git / common.read_text().strip()).resolve() if common.is_file() else git
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return _cpu_name()
+
+
+@lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+# ------------------------------------------------------------------ fingerprints
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class FingerprintCache:
+    """sha256 of files, cached on disk by (absolute path, size, mtime)."""
+
+    def __init__(self, cache_file: Path | None) -> None:
+        self.cache_file = cache_file
+        self._memory: dict[str, str] = {}
+        self.hashed: list[Path] = []  # files actually read (for tests and logs)
+
+    def _key(self, path: Path) -> str:
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def _load(self) -> dict[str, str]:
+        if self.cache_file is None or not self.cache_file.is_file():
+            return {}
+        try:
+            return json.loads(self.cache_file.read_text())
+        except (OSError, ValueError):
+            logger.warning("Ignoring an unreadable fingerprint cache %s", self.cache_file)
+            return {}
+
+    def sha256(self, path: Path) -> str:
+        key = self._key(path)
+        if key in self._memory:
+            return self._memory[key]
+        stored = self._load()
+        if key not in stored:
+            logger.info("Hashing %s (%.1f MB), once", path, path.stat().st_size / 2**20)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
+            self.hashed.append(path)
+            stored_value = digest.hexdigest()
+            if self.cache_file is not None:
+                with _locked(self.cache_file):
+                    stored = self._load()
+                    stored[key] = stored_value
+                    tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_text(json.dumps(stored, indent=0, sort_keys=True))
+                    os.replace(tmp, self.cache_file)
+            self._memory[key] = stored_value
+        else:
+            self._memory[key] = stored[key]
+        return self._memory[key]
+
+    def describe(self, paths: Iterable[Path]) -> dict:
+        """{"sha256": combined hash, "files": [{name, size, sha256}], "bytes": total} over the
+        files (folders expanded)."""
+        files: list[Path] = []
+        for p in paths:
+            p = Path(p)
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+        entries = []
+        combined = hashlib.sha256()
+        for f in files:
+            h = self.sha256(f)
+            size = f.stat().st_size
+            entries.append({"name": _short_name(f), "size": size, "sha256": h})
+            combined.update(f"{f.name}:{size}:{h}\n".encode())
+        return {"sha256": combined.hexdigest(), "files": entries, "bytes": sum(e["size"] for e in entries)}
+
+
+def _short_name(path: Path) -> str:
+    """`<parent>/<file>`: enough to tell transformer shards from text-encoder shards."""
+    return f"{path.parent.name}/{path.name}"

@@ -1,0 +1,386 @@
+"""The run spec: structured-config dataclasses that validate every config group.
+
+Hydra merges the YAML files of `conf/` onto these dataclasses (registered in its
+ConfigStore as `schema`), so a misspelt key or a value of the wrong type fails at
+composition time, before any weight is loaded, with the config path in the message
+(`full_key: sampler.steps`). What types cannot express (sizes that are multiples of 16,
+a LoRA file that exists, a VRAM preset the library supports) is checked by `validate`,
+which raises `ConfigError` naming the config path and the fix.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+
+
+class ConfigError(ValueError):
+    """A run spec that cannot be run: the message names the config path and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"config `{key}`: {problem}. Fix: {fix}")
+        self.key = key
+
+
+class DType(str, Enum):
+    auto = "auto"  # bfloat16 on a GPU, float32 on the CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Schedule(str, Enum):
+    model = "model"  # the checkpoint's own flow-match schedule (dynamic shift)
+    lightning = "lightning"  # FlowMatchScheduler.lightning(): mu = ln 3, no terminal stretch
+
+
+class TrackingBackend(str, Enum):
+    mlflow = "mlflow"
+    none = "none"
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass
+class FileSpec:
+    """One `ModelConfig`: a hub `model_id` + `origin_file_pattern`, or a local `path`."""
+
+    model_id: Optional[str] = None
+    origin_file_pattern: Optional[str] = None
+    # one file, or a list of shard files (ModelConfig(path=...))
+    path: Any = None
+
+
+@dataclass
+class ModelSpec:
+    name: str = MISSING
+    # the pipeline class, as `module.Class`; it must offer from_pretrained / __call__ /
+    # load_lora / clear_lora as in REFERENCE.md section 1
+    pipeline: str = "pipelines.qwen_image.QwenImagePipeline"
+    files: List[FileSpec] = field(default_factory=list)
+    tokenizer: Optional[FileSpec] = None
+    # modelscope | huggingface; null = the library's default (DIFFSYNTH_DOWNLOAD_SOURCE)
+    download_source: Optional[str] = None
+    # true = load from the models folder only, never ask the hub
+    skip_download: bool = False
+    # `module.function(out_dir) -> Path` that writes the checkpoint into
+    # <models folder>/<model_id> when it is missing (the embedded demo model); null = none
+    build: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- vram
+
+
+VRAM_KEYS = (
+    "offload_dtype",
+    "offload_device",
+    "onload_dtype",
+    "onload_device",
+    "preparing_dtype",
+    "preparing_device",
+    "computation_dtype",
+    "computation_device",
+)
+
+
+@dataclass
+class VramSpec:
+    """The VRAM-management keys of every model's ModelConfig (REFERENCE.md section 1).
+
+    A dtype is `float32 | bfloat16 | float16 | float8_e4m3fn | float8_e5m2 | disk`, a device
+    `cpu | cuda | cuda:N | disk`; the value `auto` means the run's computation dtype/device.
+    Keys left null fall back to the computation values in the library. All null = no
+    VRAM management.
+    """
+
+    name: str = "none"
+    offload_dtype: Optional[str] = None
+    offload_device: Optional[str] = None
+    onload_dtype: Optional[str] = None
+    onload_device: Optional[str] = None
+    preparing_dtype: Optional[str] = None
+    preparing_device: Optional[str] = None
+    computation_dtype: Optional[str] = None
+    computation_device: Optional[str] = None
+    # GB of device memory below which layers stay on the preparing device; null = no limit
+    vram_limit: Optional[float] = None
+    # tiled VAE encode/decode
+    tiled: bool = False
+    tile_size: int = 128
+    tile_stride: int = 64
+
+    def enabled(self) -> bool:
+        return any(getattr(self, k) is not None for k in VRAM_KEYS) or self.vram_limit is not None
+
+
+# ----------------------------------------------------------------------------- lora
+
+
+@dataclass
+class LoraItem:
+    """One LoRA of a stack: a hub file or a local path, with its own strength."""
+
+    model_id: Optional[str] = None
+    origin_file_pattern: Optional[str] = None
+    path: Optional[str] = None
+    alpha: float = 1.0
+
+
+@dataclass
+class LoraSpec:
+    """No LoRA, one LoRA (`model_id`+`origin_file_pattern` or `path`, strength `alpha`), or
+    several at once in `stack` (name -> LoraItem, each with its own alpha), or both."""
+
+    name: str = "none"
+    model_id: Optional[str] = None
+    origin_file_pattern: Optional[str] = None
+    path: Optional[str] = None
+    alpha: float = 1.0
+    # name -> LoraItem fields. Typed as Any so that `+lora.stack.mine.path=...` works on the
+    # command line (OmegaConf cannot add entries to a Dict of dataclasses); `to_spec` checks
+    # each entry against LoraItem.
+    stack: Dict[str, Any] = field(default_factory=dict)
+
+    def items(self) -> list[tuple[str, str, LoraItem]]:
+        """The LoRAs to apply, in order, as (label, config path, item)."""
+        out: list[tuple[str, str, LoraItem]] = []
+        if self.model_id is not None or self.path is not None or (self.name != "none" and not self.stack):
+            single = LoraItem(self.model_id, self.origin_file_pattern, self.path, self.alpha)
+            out.append((self.name, "lora", single))
+        out.extend((label, f"lora.stack.{label}", item) for label, item in self.stack.items())
+        return out
+
+
+# -------------------------------------------------------------------------- sampler
+
+
+@dataclass
+class SamplerSpec:
+    name: str = "default"
+    steps: int = 30
+    cfg_scale: float = 4.0
+    height: int = 1328
+    width: int = 1328
+    # override of the schedule's exponential shift mu (exponential_shift_mu); null = from
+    # the image size (model schedule) or fixed (lightning)
+    shift_mu: Optional[float] = None
+    schedule: Schedule = Schedule.model
+    # img2img: an input image and how much of it to redo (1.0 = text-to-image)
+    input_image: Optional[str] = None
+    denoising_strength: float = 1.0
+
+
+# ------------------------------------------------------------------------- tracking
+
+
+@dataclass
+class TrackingSpec:
+    backend: TrackingBackend = TrackingBackend.mlflow
+    # null = the embedded SQLite store `<store_dir>/mlflow.db`; or any MLflow tracking URI
+    # (`http://127.0.0.1:5000`, `sqlite:////abs/path.db`)
+    uri: Optional[str] = None
+    # where the embedded store and its artifacts live (relative to the launch folder)
+    store_dir: str = "outputs/mlflow"
+    # artifact location of a newly created experiment; null = `<store_dir>/artifacts` for a
+    # SQLite store, the server's default for a tracking server
+    artifact_location: Optional[str] = None
+    # the key of `mlflow.log_image`, the name compared in the UI's image grid
+    image_key: str = "image"
+    # thumbnail size (pixels, longer side) in the sweep's contact sheet
+    contact_sheet_thumb: int = 256
+
+
+# ----------------------------------------------------------------------------- root
+
+
+@dataclass
+class RunSpec:
+    model: ModelSpec = MISSING
+    vram: VramSpec = MISSING
+    lora: LoraSpec = MISSING
+    sampler: SamplerSpec = MISSING
+    tracking: TrackingSpec = MISSING
+    prompt: str = MISSING
+    negative_prompt: str = ""
+    # null = a random seed, drawn per job and logged
+    seed: Optional[int] = 0
+    # auto = cuda when available, else cpu
+    device: str = "auto"
+    dtype: DType = DType.auto
+    # the MLflow experiment
+    experiment: str = "qwen-image"
+    # MLflow run name; null = the job's overrides
+    run_name: Optional[str] = None
+    # skip jobs whose identical resolved config already has a FINISHED run
+    resume: bool = False
+    progress_bar: bool = True
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=RunSpec)
+
+
+# --------------------------------------------------------------------------- checks
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_VRAM_DTYPES = {"auto", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "disk"}
+_VRAM_DEVICE_RE = re.compile(r"^(auto|cpu|disk|cuda(:\d+)?)$")
+
+
+def check_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> None:
+    """Every key of `cfg` must be a field of its dataclass. Hydra's `+key=value` adds keys
+    even to a structured node, and `OmegaConf.to_object` would drop them silently."""
+    import dataclasses
+    import difflib
+    import typing
+
+    schema = schema or OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f"did you mean `{prefix}{close[0]}`?" if close else f"the keys are {', '.join(hints)}"
+            raise ConfigError(path, f"unknown key (not in {schema.__name__})", hint)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            if typing.get_origin(hints[key]) is dict:
+                item_type = _dataclass_in(typing.get_args(hints[key])[1])
+                if item_type is not None:
+                    for k in node.keys():
+                        check_keys(node[k], item_type, f"{path}.{k}.")
+            elif (sub := _dataclass_in(hints[key])) is not None:
+                check_keys(node, sub, path + ".")
+        elif isinstance(node, ListConfig):
+            args = typing.get_args(hints[key])
+            item_type = _dataclass_in(args[0]) if args else None
+            if item_type is not None:
+                for i, item in enumerate(node):
+                    check_keys(item, item_type, f"{path}.{i}.")
+
+
+def _dataclass_in(tp: Any) -> Optional[type]:
+    """The dataclass in `tp`, `Optional[tp]`, or None."""
+    import dataclasses
+    import typing
+
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def to_spec(cfg: DictConfig) -> RunSpec:
+    """The composed config as typed objects. Raises ConfigError (with the config path) for
+    a key the schema lacks or a value left `???`."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    check_keys(cfg, RunSpec)
+    try:
+        spec = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(
+            key, "no value given (it is `???` in the config)", f"set it on the command line: {key}=..."
+        ) from None
+    assert isinstance(spec, RunSpec), type(spec)
+    spec.lora.stack = {str(k): _lora_item(v, f"lora.stack.{k}") for k, v in spec.lora.stack.items()}
+    return spec
+
+
+def _lora_item(value: Any, where: str) -> LoraItem:
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(value, LoraItem):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(where, f"must be a mapping of LoraItem fields, got {value!r}", f"use {where}.path=... {where}.alpha=...")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(LoraItem), value)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        msg = str(e).splitlines()[0]
+        from omegaconf.errors import ConfigKeyError
+
+        fix = "the keys are model_id, origin_file_pattern, path, alpha" if isinstance(e, ConfigKeyError) else "give a value of the field's type"
+        raise ConfigError(f"{where}.{key}" if key else where, msg, fix) from None
+    item = OmegaConf.to_object(node)
+    assert isinstance(item, LoraItem)
+    return item
+
+
+def validate(spec: RunSpec) -> None:
+    """Checks the types cannot express; raises ConfigError naming the path and the fix."""
+    if not _DEVICE_RE.match(spec.device):
+        raise ConfigError("device", f"unknown device {spec.device!r}", "use auto, cpu, cuda or cuda:N")
+    s = spec.sampler
+    if s.steps < 1:
+        raise ConfigError("sampler.steps", f"must be >= 1, got {s.steps}", "give a positive step count")
+    for key in ("height", "width"):
+        v = getattr(s, key)
+        if v < 16 or v % 16:
+            raise ConfigError(
+                f"sampler.{key}",
+                f"must be a positive multiple of 16, got {v}",
+                f"use {max(16, round(v / 16) * 16)}",
+            )
+    if s.cfg_scale < 0:
+        raise ConfigError("sampler.cfg_scale", f"must be >= 0, got {s.cfg_scale}", "use 1.0 for no CFG")
+    if not 0.0 < s.denoising_strength <= 1.0:
+        raise ConfigError(
+            "sampler.denoising_strength", f"must be in (0, 1], got {s.denoising_strength}", "use 1.0 for text-to-image"
+        )
+    if s.input_image is not None and not Path(s.input_image).is_file():
+        raise ConfigError("sampler.input_image", f"file not found: {s.input_image}", "give an existing image file")
+
+    m = spec.model
+    if not m.files:
+        raise ConfigError("model.files", "the model lists no files", "list its checkpoint files in conf/model/<name>.yaml")
+    for i, f in enumerate(m.files + ([m.tokenizer] if m.tokenizer else [])):
+        where = f"model.files.{i}" if i < len(m.files) else "model.tokenizer"
+        if (f.path is None) == (f.model_id is None):
+            raise ConfigError(where, "give exactly one of `model_id` (+ origin_file_pattern) or `path`", "set one of them")
+        if f.path is not None and not (
+            isinstance(f.path, str) or (isinstance(f.path, list) and all(isinstance(p, str) for p in f.path))
+        ):
+            raise ConfigError(f"{where}.path", f"must be a file path or a list of them, got {f.path!r}", "give path strings")
+    if m.download_source not in (None, "modelscope", "huggingface"):
+        raise ConfigError("model.download_source", f"unknown source {m.download_source!r}", "use modelscope or huggingface")
+
+    for key in VRAM_KEYS:
+        v = getattr(spec.vram, key)
+        if v is None:
+            continue
+        ok = v in _VRAM_DTYPES if key.endswith("_dtype") else bool(_VRAM_DEVICE_RE.match(v))
+        if not ok:
+            raise ConfigError(f"vram.{key}", f"unknown value {v!r}", "see the VramSpec docstring in runner/spec.py")
+
+    labels = set()
+    for label, where, item in spec.lora.items():
+        if label in labels:
+            raise ConfigError(where, f"two LoRAs are labelled {label!r}", "rename one stack entry")
+        labels.add(label)
+        if item.path is None and item.model_id is None:
+            raise ConfigError(f"{where}.path", f"the LoRA {label!r} names no file", f"set {where}.path=/path/to/lora.safetensors")
+        if item.path is not None and item.model_id is not None:
+            raise ConfigError(where, "give exactly one of `model_id` (+ origin_file_pattern) or `path`", "set one of them")
+        if item.path is not None and not Path(item.path).is_file():
+            raise ConfigError(f"{where}.path", f"LoRA file not found: {item.path}", "give an existing .safetensors file")
+
+    if spec.resume and spec.tracking.backend is TrackingBackend.none:
+        raise ConfigError("resume", "resume looks up finished runs in MLflow, but tracking=none", "use tracking=mlflow")

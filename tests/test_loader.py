@@ -1,0 +1,174 @@
+"""Loader: recognition, meta-device assignment, and a clear error for every bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pipelines.core.download import resolve_files
+from pipelines.core.loader import CheckpointError, load_model
+from pipelines.core.model_config import ModelConfig
+from pipelines.qwen_image import COMPONENTS
+from pipelines.models.qwen_image_dit import QwenImageDiT
+from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder
+from pipelines.models.qwen_image_vae import QwenImageVAE
+
+CANDIDATES = tuple(COMPONENTS.values())
+
+
+def load(paths, dtype=torch.float32):
+    return load_model(list(paths), CANDIDATES, dtype, "cpu")
+
+
+def test_each_component_is_recognised_and_loaded_exactly(tiny_repo):
+    for folder, cls in (("transformer", QwenImageDiT), ("text_encoder", QwenImageTextEncoder), ("vae", QwenImageVAE)):
+        model = load([tiny_repo / folder])
+        assert type(model) is cls
+        state = model.state_dict()
+        assert not any(t.is_meta for t in state.values())
+        for file in sorted((tiny_repo / folder).glob("*.safetensors")):
+            for key, tensor in load_file(file).items():
+                converted = cls.convert_checkpoint_key(key)
+                if converted is not None:
+                    assert torch.equal(state[converted], tensor), key
+
+
+def test_text_encoder_skips_lm_head_and_vision_tower(diffusers_repo):
+    root, _ = diffusers_repo
+    disk_keys = set()
+    for file in (root / "text_encoder").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            disk_keys |= set(f.keys())
+    assert any(k.startswith("lm_head") for k in disk_keys)
+    assert any("visual" in k for k in disk_keys)
+    model = load([root / "text_encoder"])
+    assert not any("lm_head" in k or "visual" in k for k in model.state_dict())
+
+
+def test_dtype_cast_and_hyperparameters_inferred_without_config(tiny_repo, tmp_path):
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny_repo / "transformer", folder)
+    (folder / "config.json").unlink()
+    model = load([folder], torch.bfloat16)
+    assert model.img_in.weight.dtype == torch.bfloat16
+    assert len(model.transformer_blocks) == 2
+
+
+def test_shard_list_and_torch_bin(tiny_repo, tmp_path):
+    shards = sorted((tiny_repo / "transformer").glob("*.safetensors"))
+    from_list = load(shards)
+    state = {}
+    for shard in shards:
+        state.update(load_file(shard))
+    torch.save(state, tmp_path / "dit.bin")
+    from_bin = load([tmp_path / "dit.bin"])
+    for key, tensor in from_list.state_dict().items():
+        assert torch.equal(tensor, from_bin.state_dict()[key])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_checkpoint_shows_its_keys(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"conv1.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}, str(path))
+    with pytest.raises(CheckpointError, match=r"other\.safetensors: unknown checkpoint.*conv1\.weight"):
+        load([path])
+
+
+def test_missing_key_is_named(tiny_repo, tmp_path):
+    state = load_file(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")
+    dropped = "decoder.conv_out.bias"
+    del state[dropped]
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"lacks 1 key\(s\): {dropped}"):
+        load([tmp_path / "vae.safetensors"])
+
+
+def test_unexpected_key_is_named(tiny_repo, tmp_path):
+    state = load_file(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")
+    state["decoder.extra.weight"] = torch.ones(3)
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"do not belong to QwenImageVAE: decoder\.extra\.weight"):
+        load([tmp_path / "vae.safetensors"])
+
+
+def test_shape_mismatch_names_file_key_and_shapes(tiny_repo, tmp_path):
+    state = load_file(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")
+    state["decoder.conv_out.bias"] = torch.ones(4)
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"vae\.safetensors: 'decoder\.conv_out\.bias' has shape \[4\] "
+                                              r"but QwenImageVAE expects \[3\]"):
+        load([tmp_path / "vae.safetensors"])
+
+
+def test_truncated_file(tiny_repo, tmp_path):
+    source = tiny_repo / "vae" / "diffusion_pytorch_model.safetensors"
+    data = source.read_bytes()
+    target = tmp_path / "diffusion_pytorch_model.safetensors"
+    target.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: .*truncated or corrupt"):
+        load([target])
+
+
+def test_corrupt_header(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read this checkpoint.*corrupt"):
+        load([target])
+
+
+def test_shard_listed_in_index_but_absent(tiny_repo, tmp_path):
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny_repo / "transformer", folder)
+    missing = sorted(folder.glob("*.safetensors"))[1]
+    missing.unlink()
+    with pytest.raises(CheckpointError, match=rf"lists shard\(s\) that are not on disk: {missing.name}"):
+        load([folder])
+    with pytest.raises(CheckpointError, match="not on disk"):
+        load(sorted(folder.glob("*.safetensors")))
+
+
+def test_two_models_given_as_one(tiny_repo):
+    files = [sorted((tiny_repo / "transformer").glob("*.safetensors"))[0],
+             tiny_repo / "vae" / "diffusion_pytorch_model.safetensors"]
+    with pytest.raises(CheckpointError, match="different models.*QwenImageDiT.*QwenImageVAE"):
+        load(files)
+
+
+def test_incomplete_shards_without_index_are_named(tiny_repo, tmp_path):
+    first = sorted((tiny_repo / "transformer").glob("*.safetensors"))[0]
+    lone = tmp_path / "part.safetensors"
+    shutil.copy(first, lone)
+    with pytest.raises(CheckpointError, match="lacks"):
+        load([lone])
+
+
+def test_not_a_checkpoint_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.txt: not a checkpoint file"):
+        load([path])
+
+
+def test_model_id_pattern_that_matches_nothing_names_folder_and_pattern(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
+    config = ModelConfig(model_id="Qwen/Qwen-Image", origin_file_pattern="vae/*.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"'vae/\*\.safetensors' in .*Qwen/Qwen-Image"):
+        resolve_files(config)
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        resolve_files(ModelConfig(path=tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="either path"):
+        ModelConfig()
+
+
+def test_local_model_path_wins_over_the_variable(tiny_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
+    base = tiny_repo.parent.parent
+    config = ModelConfig(model_id=f"tiny/{tiny_repo.name}", origin_file_pattern="tokenizer/",
+                         local_model_path=base)
+    assert resolve_files(config) == [tiny_repo / "tokenizer"]

@@ -1,0 +1,312 @@
+"""Parity of QwenImageTextEncoder with transformers' Qwen2_5_VLForConditionalGeneration on a tiny
+random checkpoint written by `save_pretrained`, loaded the way the loader loads (parameters on
+the meta device, buffers on CPU, then `load_state_dict(assign=True)`)."""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder, QwenTextEncoderParams
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 2048
+HIDDEN, HEADS, HEAD_DIM, KV_HEADS, LAYERS, INTER = 32, 2, 16, 1, 2, 64
+
+
+@contextmanager
+def params_on_meta():
+    """Like accelerate's init_empty_weights(include_buffers=False)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _tiny_reference():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+            rms_norm_eps=1e-6, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                           out_hidden_size=HIDDEN, fullatt_block_indexes=[0]),
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(reference model, {on-disk key: tensor}, config.json dict) from save_pretrained."""
+    model = _tiny_reference()
+    folder = tmp_path_factory.mktemp("qwen25vl_tiny")
+    model.save_pretrained(folder)
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    config = json.loads((folder / "config.json").read_text())
+    return model, tensors, config
+
+
+def _load(tensors: dict[str, torch.Tensor], config: dict | None) -> QwenImageTextEncoder:
+    """What the loader does: recognise, convert, build with params on meta, assign."""
+    cls = QwenImageTextEncoder
+    assert all(cls.owns_checkpoint_key(k) for k in tensors)
+    state = {}
+    for key, tensor in tensors.items():
+        new = cls.convert_checkpoint_key(key)
+        if new is not None:
+            state[new] = tensor
+    assert all(k in state for k in cls.CHECKPOINT_REQUIRED_KEYS)
+    with params_on_meta():
+        module = cls.from_checkpoint({k: tuple(v.shape) for k, v in state.items()}, config)
+    assert all(p.is_meta for p in module.parameters())
+    module.load_state_dict(state, strict=True, assign=True)
+    module.eval()
+    assert not any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+    return module
+
+
+def _to_new_layout(tensors):
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("visual."):
+            k = "model." + k
+        elif k.startswith("model.") and not k.startswith("model.visual."):
+            k = "model.language_model." + k[len("model."):]
+        out[k] = v
+    return out
+
+
+def _to_legacy_layout(tensors):
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        elif k.startswith("model.visual."):
+            k = k[len("model."):]
+        out[k] = v
+    return out
+
+
+def _reference_hidden(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+def test_save_pretrained_writes_legacy_layout_and_nested_text_config(checkpoint):
+    # Facts of the installed transformers that the loader relies on (both layouts load anyway).
+    _, tensors, config = checkpoint
+    keys = set(tensors)
+    assert "model.embed_tokens.weight" in keys and "model.norm.weight" in keys
+    assert "lm_head.weight" in keys
+    assert any(k.startswith("visual.") for k in keys)
+    assert not any(k.startswith("model.language_model.") for k in keys)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert config["text_config"]["hidden_size"] == HIDDEN
+        assert "hidden_size" not in config
+
+
+def test_hidden_states_last_is_after_final_norm(checkpoint):
+    model = checkpoint[0]
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    lm = model.model.language_model
+    captured = {}
+    handle = lm.layers[-1].register_forward_hook(lambda m, i, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        last = _reference_hidden(model, ids, torch.ones_like(ids))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(last, lm.norm(captured["h"]), atol=1e-6, rtol=0)
+    assert not torch.allclose(last, captured["h"], atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["saved", "legacy", "new"])
+def test_parity_with_transformers(checkpoint, layout):
+    model, tensors, config = checkpoint
+    tensors = {"saved": tensors, "legacy": _to_legacy_layout(tensors), "new": _to_new_layout(tensors)}[layout]
+    ours = _load(tensors, config)
+    g = torch.Generator().manual_seed(2)
+
+    ids = torch.randint(0, VOCAB, (1, 13), generator=g)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = ours(ids, mask)
+    assert got.shape == (1, 13, HIDDEN)
+    torch.testing.assert_close(got, _reference_hidden(model, ids, mask), atol=1e-5, rtol=1e-5)
+
+    # batch 2, right padding (the tokenizer's default), different lengths
+    ids = torch.randint(0, VOCAB, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    ids[1, 6:] = 0
+    with torch.no_grad():
+        got = ours(ids, mask)
+    ref = _reference_hidden(model, ids, mask)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # the masked-in tokens of the padded prompt equal the prompt encoded alone
+    with torch.no_grad():
+        alone = ours(ids[1:, :6], mask[1:, :6])
+    torch.testing.assert_close(got[1:, :6], alone, atol=1e-5, rtol=1e-5)
+
+    # left padding
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        got = ours(ids, mask)
+    ref = _reference_hidden(model, ids, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], ref[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_buffers_are_real_under_meta_init(checkpoint):
+    model, tensors, config = checkpoint
+    ours = _load(tensors, config)
+    ref_rot = model.model.language_model.rotary_emb
+    rot = ours.model.rotary_emb
+    assert rot.inv_freq.device.type == "cpu"
+    torch.testing.assert_close(rot.inv_freq, ref_rot.inv_freq)
+    assert list(rot.mrope_section) == [2, 3, 3]
+
+
+def test_lm_head_and_visual_are_recognised_but_not_loaded(checkpoint):
+    _, tensors, _ = checkpoint
+    cls = QwenImageTextEncoder
+    for key in ("lm_head.weight", "visual.blocks.0.attn.qkv.weight", "model.visual.merger.mlp.0.weight"):
+        assert cls.owns_checkpoint_key(key)
+        assert cls.convert_checkpoint_key(key) is None
+    assert cls.convert_checkpoint_key("model.language_model.layers.1.mlp.up_proj.weight") == "model.layers.1.mlp.up_proj.weight"
+    assert cls.convert_checkpoint_key("model.layers.1.mlp.up_proj.weight") == "model.layers.1.mlp.up_proj.weight"
+    for key in ("transformer_blocks.0.attn.to_q.weight", "decoder.conv_in.weight", "model.foo.weight", "img_in.weight"):
+        assert not cls.owns_checkpoint_key(key)
+    ours = _load(tensors, checkpoint[2])
+    assert not any(k.startswith(("lm_head", "visual", "model.visual")) for k in ours.state_dict())
+
+
+def _converted_shapes(tensors):
+    return {
+        new: tuple(t.shape)
+        for k, t in tensors.items()
+        if (new := QwenImageTextEncoder.convert_checkpoint_key(k)) is not None
+    }
+
+
+def test_config_flat_nested_or_absent(checkpoint):
+    _, tensors, config = checkpoint
+    shapes = _converted_shapes(tensors)
+    nested = QwenImageTextEncoder.params_from_checkpoint(shapes, config)
+    flat_config = {k: v for k, v in config.items() if k != "text_config"}
+    text = dict(config["text_config"])
+    rope = text.pop("rope_parameters")
+    flat_config.update(text, rope_theta=rope["rope_theta"],
+                       rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    flat = QwenImageTextEncoder.params_from_checkpoint(shapes, flat_config)
+    assert flat == nested
+    assert nested.head_dim == HEAD_DIM and nested.num_attention_heads == HEADS
+    assert nested.num_key_value_heads == KV_HEADS and nested.num_hidden_layers == LAYERS
+    assert nested.intermediate_size == INTER and nested.vocab_size == VOCAB
+    assert nested.mrope_section == [2, 3, 3] and nested.rope_theta == 1e6
+
+    # without a config the real head_dim 128 is assumed: 32 features are not a multiple of it
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*head_dim 128"):
+        QwenImageTextEncoder.params_from_checkpoint(shapes, None)
+    # only head_dim given: the rest comes from the shapes, the mrope split is derived
+    p = QwenImageTextEncoder.params_from_checkpoint(shapes, {"head_dim": 16})
+    assert (p.num_attention_heads, p.num_key_value_heads, p.mrope_section) == (2, 1, [2, 3, 3])
+
+
+def test_inconsistent_config_or_shapes_are_clear_errors(checkpoint):
+    _, tensors, config = checkpoint
+    shapes = _converted_shapes(tensors)
+    bad = json.loads(json.dumps(config))
+    bad["text_config"]["num_key_value_heads"] = 2
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight"):
+        QwenImageTextEncoder.params_from_checkpoint(shapes, bad)
+    bad = json.loads(json.dumps(config))
+    bad["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 4]
+    with pytest.raises(ValueError, match="mrope_section"):
+        QwenImageTextEncoder.params_from_checkpoint(shapes, bad)
+    missing = {k: v for k, v in shapes.items() if k != "model.layers.1.mlp.down_proj.weight"}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        QwenImageTextEncoder.params_from_checkpoint(missing, config)
+    missing = {k: v for k, v in shapes.items() if k != "model.norm.weight"}
+    with pytest.raises(ValueError, match=r"model\.norm\.weight"):
+        QwenImageTextEncoder.params_from_checkpoint(missing, config)
+    with pytest.raises(KeyError, match="model.language_model.rotary_emb.inv_freq"):
+        QwenImageTextEncoder.convert_checkpoint_key("model.language_model.rotary_emb.inv_freq")
+
+
+# The hub's Qwen/Qwen-Image text_encoder/config.json is flat (text parameters at the top level).
+REAL_FLAT_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
+    "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 3584},
+}
+
+
+def test_real_sizes_from_shapes_alone_and_from_the_real_config():
+    real = QwenTextEncoderParams()
+    shapes = real.expected_shapes()
+    assert len(shapes) == 2 + 28 * 12
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == 7_070_619_136
+    for config in (None, REAL_FLAT_CONFIG, {"text_config": REAL_FLAT_CONFIG}):
+        p = QwenImageTextEncoder.params_from_checkpoint(shapes, config)
+        assert p == real, config
+    with params_on_meta():
+        module = QwenImageTextEncoder.from_checkpoint(shapes, REAL_FLAT_CONFIG)
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == shapes
+    assert module.model.rotary_emb.inv_freq.shape == (64,)
+    assert module.model.config._attn_implementation == "sdpa"
+    assert module.model.config.use_cache is False
+
+
+def test_bfloat16_weights_run(checkpoint):
+    model, tensors, config = checkpoint
+    ours = _load({k: v.to(torch.bfloat16) for k, v in tensors.items()}, config)
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = ours(ids, torch.ones_like(ids))
+    assert got.dtype == torch.bfloat16
+    ref = _reference_hidden(model, ids, torch.ones_like(ids))
+    assert (got.float() - ref).abs().max() < 0.2
