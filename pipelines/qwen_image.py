@@ -138,14 +138,16 @@ class QwenImagePipeline:
         scheduler = scheduler or self.scheduler
         sigmas = scheduler.sigmas(num_inference_steps, h * w, exponential_shift_mu)
         generator = torch.Generator(rand_device).manual_seed(seed)
+        if input_image is not None:
+            # the posterior sample draws from the generator before the noise, as in diffusers
+            image_latents = pack_latents(self.vae.encode(
+                image_to_tensor(input_image, height, width).to(self.device), tiled=tiled,
+                tile_size=tile_size, tile_stride=tile_stride, generator=generator))
         noise = torch.randn((1, 16, 2 * h, 2 * w), generator=generator, device=rand_device, dtype=torch.float32)
         latents = pack_latents(noise.to(self.device))
         if input_image is not None:
             first_step = int(max(num_inference_steps - num_inference_steps * denoising_strength, 0))
             sigmas = sigmas[first_step:]
-            image_latents = pack_latents(self.vae.encode(
-                image_to_tensor(input_image, height, width).to(self.device), tiled=tiled,
-                tile_size=tile_size, tile_stride=tile_stride).float())
             latents = sigmas[0] * latents + (1.0 - sigmas[0]) * image_latents
 
         steps = tqdm(range(len(sigmas) - 1), desc="Denoising", disable=not progress_bar)

@@ -172,3 +172,14 @@ def test_local_model_path_wins_over_the_variable(tiny_repo, tmp_path, monkeypatc
     config = ModelConfig(model_id=f"tiny/{tiny_repo.name}", origin_file_pattern="tokenizer/",
                          local_model_path=base)
     assert resolve_files(config) == [tiny_repo / "tokenizer"]
+
+
+def test_config_json_that_disagrees_with_the_weights(tiny_repo, tmp_path):
+    folder = tmp_path / "vae"
+    shutil.copytree(tiny_repo / "vae", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["base_dim"] = 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: '.*' has shape \[.*\] "
+                                              r"but QwenImageVAE expects .*config\.json"):
+        load([folder])

@@ -188,17 +188,10 @@ def test_config_wins_and_latent_stats_come_from_it(ckpt_b):
     params = QwenImageVAE.params_from_checkpoint(
         shapes, {"latents_mean": config["latents_mean"], "latents_std": config["latents_std"]})
     assert params == QwenImageVAEParams(**CONFIG_B)
-    # a config that disagrees with the file is reported with the keys that do not fit
-    with pytest.raises(ValueError, match=r"'encoder\.conv_in\.weight': checkpoint \(8, 3, 3, 3, 3\), "
-                                         r"model \(16, 3, 3, 3, 3\)"):
-        QwenImageVAE.from_checkpoint(shapes, {**config, "base_dim": 16})
 
 
 def test_inconsistent_shapes_are_named(ckpt_a):
     shapes = _shapes(ckpt_a[1])
-    bad = dict(shapes, **{"decoder.conv_in.weight": (32, 8, 3, 3, 3)})
-    with pytest.raises(ValueError, match=r"shape mismatch.*'decoder\.conv_in\.weight'"):
-        QwenImageVAE.from_checkpoint(bad, None)
     bad = dict(shapes, **{"quant_conv.weight": (16, 32, 1, 1, 1)})
     with pytest.raises(ValueError, match=r"'quant_conv\.weight' has 16 output channels"):
         QwenImageVAE.from_checkpoint(bad, None)
@@ -207,9 +200,6 @@ def test_inconsistent_shapes_are_named(ckpt_a):
         QwenImageVAE.from_checkpoint(bad, None)
     bad = {k: v for k, v in shapes.items() if k != "post_quant_conv.weight"}
     with pytest.raises(ValueError, match=r"lacks the key 'post_quant_conv\.weight'"):
-        QwenImageVAE.from_checkpoint(bad, None)
-    bad = {k: v for k, v in shapes.items() if k != "decoder.up_blocks.1.resnets.0.conv2.bias"}
-    with pytest.raises(ValueError, match=r"missing keys \(1\): 'decoder\.up_blocks\.1\.resnets\.0\.conv2\.bias'"):
         QwenImageVAE.from_checkpoint(bad, None)
 
 
