@@ -117,7 +117,7 @@ def test_peft_lora_images_match_diffusers_cold_and_hot(diffusers_repo, peft_lora
                                           "transformer": copy.deepcopy(reference.transformer)})
     diffusers_pipe.load_lora_weights(str(path), adapter_name="tiny")
     expected = {}
-    for alpha in (0.5, 1.0):
+    for alpha in (0.5, 1.0):  # diffusers' adapter weight multiplies peft's lora_alpha / r = 2
         diffusers_pipe.set_adapters(["tiny"], [alpha])
         expected[alpha] = diffusers_pipe(
             IMAGE["prompt"], negative_prompt=IMAGE["negative_prompt"], true_cfg_scale=4.0, height=64, width=96,
@@ -129,6 +129,7 @@ def test_peft_lora_images_match_diffusers_cold_and_hot(diffusers_repo, peft_lora
     base = generate()
     # the LoRA must change the image clearly, or the comparison would prove nothing
     assert np.abs(pixels(base) - pixels(expected[1.0])).mean() > 5
+    assert np.abs(pixels(expected[0.5]) - pixels(expected[1.0])).mean() > 2  # a wrong scale would show
 
     handle = ours.load_lora(ours.dit, ModelConfig(path=path), alpha=1.0)
     assert not handle.hot and len(handle.layers) == len(peft_lora[2])

@@ -248,16 +248,9 @@ def test_inconsistent_config_or_shapes_are_clear_errors(checkpoint):
     _, tensors, config = checkpoint
     shapes = _converted_shapes(tensors)
     bad = json.loads(json.dumps(config))
-    bad["text_config"]["num_key_value_heads"] = 2
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight"):
-        QwenImageTextEncoder.params_from_checkpoint(shapes, bad)
-    bad = json.loads(json.dumps(config))
     bad["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 4]
     with pytest.raises(ValueError, match="mrope_section"):
         QwenImageTextEncoder.params_from_checkpoint(shapes, bad)
-    missing = {k: v for k, v in shapes.items() if k != "model.layers.1.mlp.down_proj.weight"}
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
-        QwenImageTextEncoder.params_from_checkpoint(missing, config)
     missing = {k: v for k, v in shapes.items() if k != "model.norm.weight"}
     with pytest.raises(ValueError, match=r"model\.norm\.weight"):
         QwenImageTextEncoder.params_from_checkpoint(missing, config)
@@ -287,7 +280,8 @@ REAL_FLAT_CONFIG = {
 
 def test_real_sizes_from_shapes_alone_and_from_the_real_config():
     real = QwenTextEncoderParams()
-    shapes = real.expected_shapes()
+    with params_on_meta():
+        shapes = {k: tuple(v.shape) for k, v in QwenImageTextEncoder(real).state_dict().items()}
     assert len(shapes) == 2 + 28 * 12
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 7_070_619_136
     for config in (None, REAL_FLAT_CONFIG, {"text_config": REAL_FLAT_CONFIG}):

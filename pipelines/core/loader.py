@@ -235,6 +235,14 @@ def load_model(
     # on-disk key -> (file, converted key); None converted keys are deliberately not loaded
     plan: dict[str, tuple[CheckpointFile, str]] = {}
     targets: set[str] = set()
+    foreign = [(file, key) for file in files for key in file.shapes if not model_class.owns_checkpoint_key(key)]
+    if foreign:
+        shown = ", ".join(f"{key} ({file.path.name})" for file, key in foreign[:8])
+        raise CheckpointError(
+            f"{files[0].path.parent}: {len(foreign)} key(s) do not belong to {model_class.__name__}: "
+            f"{shown}{' ...' if len(foreign) > 8 else ''}. The file is not a plain "
+            f"{model_class.__name__} checkpoint."
+        )
     for file in files:
         for key in file.shapes:
             target = model_class.convert_checkpoint_key(key)
