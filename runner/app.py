@@ -245,9 +245,10 @@ def run_job(cfg: DictConfig) -> JobRecord:
         spec_error: Optional[Exception] = None
         spec: Optional[RunSpec] = None
         try:
-            spec = to_spec(cfg)
-            validate(spec)
-            rt = build.resolve_runtime(spec)
+            parsed = to_spec(cfg)
+            validate(parsed)
+            rt = build.resolve_runtime(parsed)
+            spec = parsed
         except Exception as e:  # noqa: BLE001 - recorded as this job's failure below
             spec_error = e
 

@@ -124,6 +124,27 @@ def test_parity_batch2_padded_text(tiny):
     _assert_close(out[1:], alone)
 
 
+def test_bfloat16_tracks_diffusers(tiny):
+    """In bf16 both implementations round differently; ours must be as close to the fp32
+    result as diffusers' bf16 is (this also pins the timestep embedding's rounding)."""
+    import copy
+
+    ref, ours = tiny
+    ref16, ours16 = copy.deepcopy(ref).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
+    latents, _, text = _inputs(1, 4, 5, 6, seed=6)
+    sigma = torch.tensor([0.6])  # not a bf16 value: both round it to 0.6015625 before the sinusoid
+    expected = _reference(ref, latents, sigma.bfloat16().float(), text, None, 4, 5)
+    b16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    theirs = _reference(ref16, b16(latents), sigma, b16(text), None, 4, 5).float()
+    with torch.no_grad():
+        out = ours16(latents, sigma, text, None, 4, 5)
+    assert out.dtype == torch.bfloat16
+    scale = expected.abs().max()
+    ours_err = ((out.float() - expected).abs().max() / scale).item()
+    theirs_err = ((theirs - expected).abs().max() / scale).item()
+    assert ours_err < 2e-2 and ours_err <= 1.5 * theirs_err + 1e-3, (ours_err, theirs_err)
+
+
 def test_all_true_mask_equals_no_mask(tiny):
     _, ours = tiny
     latents, sigma, text = _inputs(2, 2, 3, 5, seed=4)

@@ -148,15 +148,35 @@ def test_peft_lora_images_match_diffusers_cold_and_hot(diffusers_repo, peft_lora
     assert np.array_equal(pixels(generate()), pixels(base))
 
 
-def test_peft_saved_layout_loads_like_the_diffusers_file(diffusers_repo, peft_lora):
+def test_kohya_file_matches_diffusers_own_conversion(diffusers_repo, peft_lora, ours, tmp_path):
+    """diffusers converts kohya keys (alpha / rank) itself: an independent check of the scaling."""
+    from diffusers import QwenImagePipeline
+
+    _, reference = diffusers_repo
+    path = save_lora(tmp_path / "kohya.safetensors", peft_lora[2], "kohya", scale=2.0)
+    diffusers_pipe = QwenImagePipeline(**{**reference.components,
+                                          "transformer": copy.deepcopy(reference.transformer)})
+    diffusers_pipe.load_lora_weights(str(path), adapter_name="kohya")
+    diffusers_pipe.set_adapters(["kohya"], [0.5])
+    expected = diffusers_pipe(IMAGE["prompt"], negative_prompt=" ", true_cfg_scale=4.0, height=64, width=96,
+                              num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    ours.load_lora(ours.dit, path, alpha=0.5)
+    try:
+        assert_same_image(ours(**IMAGE, cfg_scale=4.0, seed=5, progress_bar=False), expected)
+    finally:
+        ours.clear_lora()
+
+
+def test_peft_saved_layout_loads_like_the_diffusers_file(peft_lora, ours):
     path, peft_dir, _ = peft_lora
-    dit = ours_from(diffusers_repo[0]).dit
+    dit = ours.dit
     load_lora(dit, path, alpha=0.7)
     expected = snapshot(dit)
     clear_lora(dit)
     handle = load_lora(dit, peft_dir, alpha=0.7)  # adapter_config.json: lora_alpha 8 / r 4
     assert handle.prepared.format == "peft"
     assert_same_weights(dit, expected)
+    clear_lora(dit)
 
 
 # ============================================================================ formats
@@ -193,6 +213,10 @@ def test_state_dict_and_model_config_sources(dit, tmp_path):
     clear_lora(dit)
     load_lora(dit, ModelConfig(model_id=tmp_path.name, origin_file_pattern="*.safetensors",
                                local_model_path=tmp_path.parent))
+    assert_same_weights(dit, expected)
+    clear_lora(dit)
+    torch.save(lora_state_dict(layers, "diffsynth"), tmp_path / "l.pt")
+    load_lora(dit, tmp_path / "l.pt")
     assert_same_weights(dit, expected)
 
 
@@ -281,8 +305,8 @@ def test_alpha_change_in_place_equals_a_fresh_load(dit, lora_file, tmp_path):
         clear_lora(dit)
 
 
-def test_pipeline_clear_lora_covers_all_models(diffusers_repo):
-    pipe = ours_from(diffusers_repo[0])
+def test_pipeline_clear_lora_covers_all_models(ours):
+    pipe = ours
     base = snapshot(pipe.dit)
     layers = random_lora(shapes_of(pipe.dit), seed=2)
     pipe.load_lora(pipe.dit, lora_state_dict(layers, "diffusers"), alpha=1.0)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import mmap
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,10 +33,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the fix."""
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
 @dataclass
 class CheckpointFile:
     path: Path
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # on-disk key -> shape
+    # safetensors only: key -> (dtype, absolute byte offset, byte length)
+    layout: dict[str, tuple[torch.dtype, int, int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- files and headers
@@ -107,10 +118,12 @@ def _check_index_shards_present(index: Path) -> None:
 
 def read_header(path: Path) -> CheckpointFile:
     """Key names and shapes, without reading tensor data (safetensors) or with mmap (torch)."""
+    layout = {}
     try:
         if path.suffix in SAFETENSORS_SUFFIXES:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:  # validates header and file size
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            layout = _safetensors_layout(path)
         else:
             shapes = {k: tuple(t.shape) for k, t in _torch_state_dict(path).items()}
     except CheckpointError:
@@ -122,7 +135,23 @@ def read_header(path: Path) -> CheckpointFile:
         ) from error
     if not shapes:
         raise CheckpointError(f"{path}: the checkpoint holds no tensor.")
-    return CheckpointFile(path, shapes)
+    return CheckpointFile(path, shapes, layout)
+
+
+def _safetensors_layout(path: Path) -> dict[str, tuple[torch.dtype, int, int]]:
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    start = 8 + header_len
+    layout = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which this loader cannot read.")
+        begin, end = entry["data_offsets"]
+        layout[key] = (SAFETENSORS_DTYPES[entry["dtype"]], start + begin, end - begin)
+    return layout
 
 
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -134,16 +163,36 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _iter_tensors(path: Path, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _release_pages(mapped: mmap.mmap, offset: int, length: int) -> None:
+    # only whole pages; nothing was written yet, so a later touch would re-read the file
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _iter_tensors(file: CheckpointFile, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor, Callable[[], None]]]:
+    """(key, tensor, release): tensors backed by a private (copy-on-write) memory map of the
+    file, so nothing is copied until the caller casts or moves them, and writes never reach
+    the file. `release()` drops the tensor's pages from this process once it has been copied
+    elsewhere (they stay in the page cache), keeping resident memory to one copy."""
+    path = file.path
     try:
-        if path.suffix in SAFETENSORS_SUFFIXES:
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
-                    yield key, f.get_tensor(key)
+        if file.layout:
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            for key in keys:
+                dtype, offset, length = file.layout[key]
+                if length == 0:
+                    yield key, torch.empty(file.shapes[key], dtype=dtype), lambda: None
+                    continue
+                count = length // torch.empty((), dtype=dtype).element_size()
+                flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
+                yield key, flat.view(file.shapes[key]), partial(_release_pages, mapped, offset, length)
         else:
             state = _torch_state_dict(path)
             for key in keys:
-                yield key, state[key]
+                yield key, state[key], lambda: None
     except Exception as error:
         raise CheckpointError(
             f"{path}: reading tensor data failed ({type(error).__name__}: {error}). The file is "
@@ -262,15 +311,16 @@ def load_model(
     _check_against_module(model, plan, files[0].path.parent)
 
     device = torch.device(device)
-    by_file: dict[Path, list[str]] = {}
-    for key, (file, _) in plan.items():
-        by_file.setdefault(file.path, []).append(key)
     with tqdm(total=len(plan), desc=f"Loading {model_class.__name__}", unit="tensor",
               disable=len(plan) < 200) as bar:
-        for path, keys in by_file.items():
-            for key, tensor in _iter_tensors(path, keys):
-                dtype = torch_dtype if tensor.is_floating_point() else tensor.dtype
-                _assign(model, plan[key][1], tensor.to(device=device, dtype=dtype))
+        for file in files:
+            keys = [key for key, (owner, _) in plan.items() if owner is file]
+            for key, stored, release in _iter_tensors(file, keys):
+                dtype = torch_dtype if stored.is_floating_point() else stored.dtype
+                tensor = stored.to(device=device, dtype=dtype)
+                if tensor.data_ptr() != stored.data_ptr():
+                    release()
+                _assign(model, plan[key][1], tensor)
                 bar.update()
     for module in model.modules():  # buffers were built on the CPU
         for name, buffer in module._buffers.items():

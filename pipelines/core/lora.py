@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from .download import resolve_files
-from .loader import CheckpointError, SAFETENSORS_SUFFIXES, _iter_tensors, expand_checkpoint_paths, read_header
+from .loader import SAFETENSORS_SUFFIXES, CheckpointError, expand_checkpoint_paths, read_header
 from .model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -125,20 +125,37 @@ def read_lora(source: LoraSource) -> LoraFile:
 
     files = [read_header(p) for p in expand_checkpoint_paths(paths)]
     shapes: dict[str, tuple[int, ...]] = {}
-    where: dict[str, Path] = {}
-    for file in files:
+    where: dict[str, int] = {}  # key -> index of its file
+    for i, file in enumerate(files):
         for key, shape in file.shapes.items():
             if key in shapes:
                 raise CheckpointError(f"{file.path}: LoRA key {key!r} appears twice across the files.")
-            shapes[key], where[key] = shape, file.path
+            shapes[key], where[key] = shape, i
 
     def read(keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[Path, list[str]] = {}
+        by_file: dict[int, list[str]] = {}
         for key in keys:
             by_file.setdefault(where[key], []).append(key)
-        return {k: t for path, ks in by_file.items() for k, t in _iter_tensors(path, ks)}
+        return {k: t for i, ks in by_file.items() for k, t in _read_tensors(files[i].path, ks).items()}
 
     return LoraFile(shapes, read, origin, _adapter_config([f.path for f in files]))
+
+
+def _read_tensors(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named tensors as owned CPU tensors (a LoRA is small; it is kept for re-fusing)."""
+    try:
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            with safe_open(str(path), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in keys}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        return {key: state[key] for key in keys}
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: reading the LoRA's tensors failed ({type(error).__name__}: {error}). The file is "
+            "truncated or corrupt: delete it and fetch it again."
+        ) from error
 
 
 def _adapter_config(paths: Sequence[Path]) -> dict[str, Any] | None:
@@ -521,8 +538,10 @@ def clear_lora(module: nn.Module) -> int:
 def _fuse(weight: torch.Tensor, layer: LoraLayer, alpha: float) -> None:
     A = layer.A.to(device=weight.device, dtype=torch.float32)
     B = layer.B.to(device=weight.device, dtype=torch.float32)
-    fused = torch.addmm(weight.float(), B, A, alpha=alpha * layer.scale)
-    weight.copy_(fused)
+    if weight.dtype == torch.float32:  # in place: no temporary the size of the layer
+        weight.addmm_(B, A, alpha=alpha * layer.scale)
+    else:
+        weight.copy_(torch.addmm(weight.float(), B, A, alpha=alpha * layer.scale))
 
 
 def _refuse(module: nn.Module, state: _ModuleLoras, names: set[str]) -> None:
