@@ -69,17 +69,19 @@ def model_overrides(name: str) -> list[str]:
             f"sampler.steps={steps}", "sampler.cfg_scale=4.0", f"prompt={PROMPT}", "progress_bar=false"]
 
 
-def baseline(models_dir: Path, name: str, jobs: int) -> list[float]:
+def baseline(models_dir: Path, name: str, jobs: int, device: str) -> list[float]:
     """Plain library calls, in this process: load once, warm up, time `jobs` images."""
     import torch
     from pipelines.qwen_image import ModelConfig, QwenImagePipeline
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # the runner's dtype=auto
 
     model_id, size, steps = MODELS[name]
     os.environ["DIFFSYNTH_MODEL_BASE_PATH"] = str(models_dir)
     patterns = ["transformer/diffusion_pytorch_model*.safetensors", "text_encoder/model*.safetensors",
                 "vae/diffusion_pytorch_model.safetensors"]
     pipe = QwenImagePipeline.from_pretrained(
-        torch_dtype=torch.float32, device="cpu",
+        torch_dtype=dtype, device=device,
         model_configs=[ModelConfig(model_id=model_id, origin_file_pattern=p) for p in patterns],
         tokenizer_config=ModelConfig(model_id=model_id, origin_file_pattern="tokenizer/"))
     kw = dict(height=size, width=size, num_inference_steps=steps, cfg_scale=4.0, progress_bar=False)
@@ -89,6 +91,7 @@ def baseline(models_dir: Path, name: str, jobs: int) -> list[float]:
         t = time.perf_counter()
         pipe(PROMPT, seed=seed, **kw)
         times.append(time.perf_counter() - t)
+    del pipe
     return times
 
 
@@ -151,6 +154,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=12)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "runner-bench")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (dtype as the runner's auto)")
     args = parser.parse_args()
     names = args.models.split(",")
     models_dir = args.work / "models"
@@ -162,16 +166,18 @@ def main() -> None:
     seeds = "seed=" + ",".join(str(s) for s in range(args.jobs))
     results = {}
     for name in names:
-        r = {"baseline_s": baseline(models_dir, name, args.jobs)}
-        r["none"] = sweep(models_dir, args.work, name, [seeds, "tracking=none"], "none")
-        r["mlflow"] = sweep(models_dir, args.work, name, [seeds], "mlflow")
+        dev = f"device={args.device}"
+        r = {"device": args.device, "baseline_s": baseline(models_dir, name, args.jobs, args.device)}
+        r["none"] = sweep(models_dir, args.work, name, [seeds, dev, "tracking=none"], "none")
+        r["mlflow"] = sweep(models_dir, args.work, name, [seeds, dev], "mlflow")
         if has_lora:
             lora = tiny_lora(models_dir, name, args.work / f"{name}-lora.safetensors")
             alphas = "lora.alpha=" + ",".join(f"{a / args.jobs:g}" for a in range(1, args.jobs + 1))
-            r["lora"] = sweep(models_dir, args.work, name, ["lora=file", f"lora.path={lora}", alphas], "lora")
+            r["lora"] = sweep(models_dir, args.work, name, ["lora=file", f"lora.path={lora}", alphas, dev], "lora")
         results[name] = r
 
-    print(f"\n{'model':6} {'mode':7} {'inference/job':>14} {'overhead/job (median)':>22} {'overhead %':>11} {'alpha switch':>13}")
+    print(f"\ndevice {args.device}, {os.cpu_count()} CPU cores")
+    print(f"{'model':6} {'mode':7} {'inference/job':>14} {'overhead/job (median)':>22} {'overhead %':>11} {'alpha switch':>13}")
     for name, r in results.items():
         base = statistics.median(r["baseline_s"])
         print(f"{name:6} {'library':7} {base:13.3f}s {'-':>22} {'-':>11} {'-':>13}")

@@ -31,7 +31,7 @@ def cli() -> int:
         return 130
     except SystemExit as e:  # Hydra's exit on a config error, or ours
         code = e.code if isinstance(e.code, int) else 1
-        abort(FAILED if code else KILLED)
+        abort(FAILED)
         if code:
             return code
     abort(FAILED)  # no-op unless something was left open

@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import build
-from .report import METRICS, JobRecord, contact_sheet, label_of, save_png, swept_keys, write_table
+from .report import METRICS, JobRecord, contact_sheet, save_png, swept_keys, write_table
 from .spec import ConfigError, RunSpec, TrackingBackend, TrackingSpec, check_keys, register_configs, to_spec, validate
 from .tracking import (
     CONFIG_HASH_TAG,
@@ -58,7 +58,27 @@ class Sweep:
     tracker: Optional[Tracker]
     parent_id: Optional[str]
     tracking: TrackingSpec
+    swept: list[str] = field(default_factory=list)  # keys with several values (seed, lora.alpha)
     records: list[JobRecord] = field(default_factory=list)
+
+    def label(self, overrides: list[str], num: int) -> str:
+        """A job's name: its values of the swept keys (`seed=1 lora.alpha=0.5`)."""
+        mine = [o for o in overrides if _override_key(o) in self.swept]
+        return " ".join(mine) or f"job {num}"
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _swept_keys(overrides: list[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        return [o.key_or_group for o in parsed if o.is_sweep_override()]
+    except Exception:  # noqa: BLE001 - a naming nicety only
+        return [_override_key(o) for o in overrides if "," in o.partition("=")[2]]
 
 
 @dataclass
@@ -127,9 +147,9 @@ def start_sweep(config: DictConfig) -> Sweep:
         tags = {"runner.kind": "sweep", "runner.sweep_dir": str(sweep_dir.resolve()), "runner.overrides": " ".join(overrides)}
         tags.update({k: v for k, v in provenance_tags("cpu").items() if not k.startswith("device.")})
         parent_id = tracker.start_run(name, tags)
-        tracker.log_params(parent_id, {k.lstrip("+~"): v for k, _, v in (o.partition("=") for o in overrides)})
+        tracker.log_params(parent_id, {_override_key(o): o.partition("=")[2] for o in overrides})
         logger.info("Sweep %s: MLflow parent run %s in %s (experiment %r)", sweep_dir, parent_id, tracker.uri, experiment)
-    STATE.sweep = Sweep(sweep_dir, overrides, tracker, parent_id, tracking)
+    STATE.sweep = Sweep(sweep_dir, overrides, tracker, parent_id, tracking, swept=_swept_keys(overrides))
     return STATE.sweep
 
 
@@ -237,7 +257,7 @@ def run_job(cfg: DictConfig) -> JobRecord:
     if sweep is not None:
         sweep.records.append(record)
     started = time.perf_counter()
-    label = " ".join(overrides) or "defaults"
+    label = sweep.label(overrides, num) if sweep is not None else (" ".join(overrides) or "defaults")
     tracker: Optional[Tracker] = None
     run_id: Optional[str] = None
     resolved = _plain(cfg)
@@ -266,7 +286,8 @@ def run_job(cfg: DictConfig) -> JobRecord:
                 return _skip(record, tracker, previous, label)
 
         if tracker is not None:
-            name = (spec.run_name if spec is not None else None) or label
+            run_name = spec.run_name if spec is not None else None
+            name = (f"{run_name} {label}" if sweep is not None else run_name) if run_name else label
             tags = {"runner.kind": "job", "runner.job_num": num, "runner.overrides": " ".join(overrides),
                     "runner.job_dir": str(job_dir.resolve()), CONFIG_HASH_TAG: chash}
             run_id = tracker.start_run(name, tags, parent_id=sweep.parent_id if sweep else None)
@@ -338,14 +359,12 @@ def _generate_and_log(spec: RunSpec, rt: build.Runtime, record: JobRecord, track
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     record.metrics, record.image_path = metrics, png
     if tracker is not None and run_id is not None:
-        tracker.log_metrics(run_id, metrics)
-        if spec.seed is None:
-            tracker.log_params(run_id, {"runtime.seed": seed})
-        tracker.log_image(run_id, image, key=spec.tracking.image_key)
-        tracker.log_file(run_id, png)
         tags = provenance_tags(rt.device)
         tags.update(_fingerprints(entry, spec))
-        tracker.set_tags(run_id, tags)
+        tracker.log_batch(run_id, metrics=metrics, tags=tags,
+                          params={"runtime.seed": seed} if spec.seed is None else None)
+        tracker.log_image(run_id, image, key=spec.tracking.image_key)
+        tracker.log_file(run_id, png)
         tracker.end_run(run_id, FINISHED)
     record.status = FINISHED
     logger.info(

@@ -5,9 +5,10 @@ change seed, steps, size, prompt, cfg or LoRAs reuse it. A different key drops t
 pipeline first (two 20B models do not fit side by side), so order a sweep with the model
 override first (`python -m runner -m model=a,b seed=0,1`) to load each model once.
 
-LoRAs are applied per job on top of the cached base model: when the wanted set (files and
-alphas) differs from what is applied, `clear_lora()` then `load_lora()` for each; the base
-weights are never reloaded and no LoRA of an earlier job stays applied.
+LoRAs are applied per job on top of the cached base model: when only alphas change, each
+LoRA handle's `set_alpha` (re-fused from the original weights by the library); when the set
+of LoRAs changes, `clear_lora()` then `load_lora()` for each. The base weights are never
+reloaded and no LoRA of an earlier job stays applied.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import fcntl
 import importlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ class LoadedPipeline:
     lora_state: Optional[tuple] = ()
     fingerprint: Optional[dict] = None
     lora_tensors: dict = field(default_factory=dict)  # source -> state dict, current set only
+    lora_handles: list = field(default_factory=list)  # what load_lora returned, in order
 
 
 _CACHE: dict[str, LoadedPipeline] = {}
@@ -246,24 +247,38 @@ def _source_key(item: LoraItem) -> str:
 
 
 def apply_loras(entry: LoadedPipeline, spec: RunSpec) -> float:
-    """Make the pipeline carry exactly this job's LoRAs; returns the seconds it took."""
+    """Make the pipeline carry exactly this job's LoRAs; returns the seconds it took.
+
+    Same LoRAs, other alphas: each handle's `set_alpha` (the library re-fuses from the
+    original weights: the same result as a fresh load). Another set: `clear_lora()`, then
+    `load_lora()` for each, from tensors read once. The base model is never reloaded."""
     items = [(label, item) for label, _, item in spec.lora.items()]
-    wanted = tuple((label, _source_key(item), float(item.alpha)) for label, item in items if item.alpha != 0.0)
-    if wanted == entry.lora_state:
+    wanted = tuple((label, _source_key(item), float(item.alpha)) for label, item in items)
+    state = entry.lora_state
+    if state == wanted:
         return 0.0
     started = time.perf_counter()
     pipe = entry.pipe
-    if entry.lora_state != ():
+    same_set = state is not None and [s[:2] for s in state] == [w[:2] for w in wanted]
+    if same_set and entry.lora_handles and all(hasattr(h, "set_alpha") for h in entry.lora_handles):
+        entry.lora_state = None  # unknown until every alpha is set
+        for handle, (label, _, alpha) in zip(entry.lora_handles, wanted):
+            logger.info("LoRA %s: alpha %g", label, alpha)
+            handle.set_alpha(alpha)
+        entry.lora_state = wanted
+        return time.perf_counter() - started
+    if state != ():
         pipe.clear_lora()
-    entry.lora_state = None  # unknown until every load succeeded
+    entry.lora_state, entry.lora_handles = None, []
     keep = {}
-    for (label, item), (_, key, alpha) in zip([(l, i) for l, i in items if i.alpha != 0.0], wanted):
+    for (label, item), (_, key, alpha) in zip(items, wanted):
         tensors = entry.lora_tensors.get(key)
         if tensors is None:
             tensors = _read_lora(item, spec)
         keep[key] = tensors
         logger.info("Applying LoRA %s (alpha %g)", label, alpha)
-        pipe.load_lora(pipe.dit, dict(tensors) if isinstance(tensors, dict) else tensors, alpha=alpha)
+        handle = pipe.load_lora(pipe.dit, dict(tensors) if isinstance(tensors, dict) else tensors, alpha=alpha)
+        entry.lora_handles.append(handle)
     entry.lora_tensors = keep
     entry.lora_state = wanted
     return time.perf_counter() - started
@@ -331,5 +346,3 @@ def checkpoint_files(entry: LoadedPipeline) -> list[Path]:
     return files
 
 
-def models_folder() -> Path:
-    return Path(os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models"))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 METRICS = ("load_s", "lora_s", "encode_s", "denoise_s", "s_per_step", "decode_s", "total_s", "peak_mem_mb")
@@ -108,8 +108,7 @@ def contact_sheet(records: Sequence[JobRecord], thumb: int = 256) -> Image.Image
         image = None
         if record.image_path is not None and Path(record.image_path).is_file():
             with Image.open(record.image_path) as im:
-                image = im.convert("RGB")
-                image.thumbnail((thumb, thumb))
+                image = ImageOps.contain(im.convert("RGB"), (thumb, thumb))
         if image is None:
             draw.rectangle([x0, y0, x0 + thumb - 1, y0 + thumb - 1], fill=(200, 200, 200))
             draw.text((x0 + 8, y0 + thumb // 2 - line_h), record.status, fill=(160, 0, 0), font=font)

@@ -214,19 +214,6 @@ def test_from_checkpoint_errors():
         QwenImageDiT.from_checkpoint(shapes, dict(TINY, guidance_embeds=True))
     with pytest.raises(ValueError, match="sums to"):
         QwenImageDiT.from_checkpoint(shapes, dict(TINY, axes_dims_rope=(4, 14, 16)))
-    bad = dict(shapes)
-    bad["transformer_blocks.1.attn.to_k.weight"] = (64, 63)
-    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.attn\.to_k\.weight"):
-        QwenImageDiT.from_checkpoint(bad, None)
-    # config.json wins over the shapes, and a disagreement names the key that shows it.
-    with pytest.raises(ValueError, match=r"attn\.norm_q\.weight.*configuration implies"):
-        QwenImageDiT.from_checkpoint(
-            shapes, dict(TINY, num_attention_heads=4, attention_head_dim=16, axes_dims_rope=(4, 6, 6)))
-    missing = {k: v for k, v in shapes.items() if k != "transformer_blocks.0.img_mlp.net.2.bias"}
-    with pytest.raises(ValueError, match=r"img_mlp\.net\.2\.bias"):
-        QwenImageDiT.from_checkpoint(missing, None)
-    with pytest.raises(ValueError, match="unexpected"):
-        QwenImageDiT.from_checkpoint(dict(shapes, **{"pos_embed.extra": (3,)}), None)
     assert not QwenImageDiT.owns_checkpoint_key("encoder.conv_in.weight")
     assert not QwenImageDiT.owns_checkpoint_key("model.layers.0.mlp.up_proj.weight")
 

@@ -177,6 +177,11 @@ def test_peft_saved_layout_loads_like_the_diffusers_file(peft_lora, ours):
     assert handle.prepared.format == "peft"
     assert_same_weights(dit, expected)
     clear_lora(dit)
+    held = lora_module.read_lora(path).in_memory()  # keeps diffusers' metadata (lora_alpha / r = 2)
+    assert held.adapter_config["lora_alpha"] == 8
+    load_lora(dit, held, alpha=0.7)
+    assert_same_weights(dit, expected)
+    clear_lora(dit)
 
 
 # ============================================================================ formats
@@ -385,18 +390,19 @@ def test_corrupt_and_missing_files(dit, lora_file, tmp_path):
     assert loaded_loras(dit) == []
 
 
-def test_a_failure_while_fusing_leaves_the_earlier_loras(dit, lora_file, tmp_path, monkeypatch):
-    load_lora(dit, lora_file, alpha=0.5)
+def test_a_failure_while_fusing_leaves_the_earlier_loras(dit, tmp_path, monkeypatch):
+    first = random_lora(shapes_of(dit), seed=13, targets=["attn.to_q", "img_mlp.net.2", "img_in"])
+    load_lora(dit, lora_state_dict(first, "lightx2v"), alpha=0.5)  # some layers: others are first touched below
     before = snapshot(dit)
     second = save_lora(tmp_path / "s.safetensors", random_lora(shapes_of(dit), seed=12), "diffusers")
     calls = []
     original = lora_module._fuse
 
-    def failing(weight, layer, alpha):
+    def failing(weight, source, layer, alpha):
         calls.append(layer.name)
         if len(calls) == 20:
             raise RuntimeError("simulated out of memory")
-        original(weight, layer, alpha)
+        original(weight, source, layer, alpha)
 
     monkeypatch.setattr(lora_module, "_fuse", failing)
     with pytest.raises(RuntimeError, match="simulated"):

@@ -21,7 +21,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
-         "progress_bar=false", "prompt=a red fox in the snow"]
+         "progress_bar=false", "prompt=a red fox in the snow", "device=cpu"]
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
 
 pytestmark = pytest.mark.slow
@@ -172,11 +172,13 @@ def test_sweep_of_seeds_and_lora_alphas_loads_weights_once(env, tiny_repo):
     parents, children = split(runs_of(c, "lora_sweep"))
     [parent] = parents
     assert parent.info.status == "FINISHED" and len(children) == 4
-    assert parent.data.params == {"lora.alpha": "1,0", "seed": "0,1"}
+    assert parent.data.params["lora.alpha"] == "1,0" and parent.data.params["seed"] == "0,1"  # the sweep
+    assert parent.data.params["lora"] == "file" and parent.data.params["sampler.steps"] == "2"
     assert all(ch.data.tags["mlflow.parentRunId"] == parent.info.run_id for ch in children)
     assert all(ch.info.status == "FINISHED" for ch in children)
     by = {(ch.data.params["lora.alpha"], ch.data.params["seed"]): ch for ch in children}
     assert set(by) == {("1.0", "0"), ("1.0", "1"), ("0.0", "0"), ("0.0", "1")}
+    assert {ch.info.run_name for ch in children} == {f"lora.alpha={a} seed={s}" for a in (1, 0) for s in (0, 1)}
     loads = [ch.data.metrics["load_s"] for ch in sorted(children, key=lambda r: int(r.data.tags["runner.job_num"]))]
     assert loads[0] > 0 and loads[1:] == [0.0, 0.0, 0.0]  # weights loaded once
     assert all("lora.file.sha256" in ch.data.tags for ch in children)

@@ -21,10 +21,19 @@ from runner.tracking import FAILED, FINISHED, KILLED, Tracker, default_artifact_
 register_configs()
 
 
+class FakeHandle:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def set_alpha(self, alpha):
+        self.calls.append(("set_alpha", alpha))
+
+
 class FakePipeline:
     """Records what the runner asks of a pipeline."""
 
     loads = 0
+    with_handles = False
 
     def __init__(self):
         self.calls: list[tuple] = []
@@ -41,6 +50,7 @@ class FakePipeline:
     def load_lora(self, module, lora, alpha=1.0):
         assert module is self.dit
         self.calls.append(("load", type(lora).__name__, alpha))
+        return FakeHandle(self.calls) if self.with_handles else None
 
     def clear_lora(self):
         self.calls.append(("clear",))
@@ -63,18 +73,23 @@ def spec_for(*overrides: str):
     return to_spec(cfg)
 
 
-def test_weights_load_once_and_lora_changes_never_reload_nor_linger(lora_file):
+@pytest.mark.parametrize("with_handles", [False, True])
+def test_weights_load_once_and_lora_changes_never_reload_nor_linger(lora_file, with_handles, monkeypatch):
     build.release()
     FakePipeline.loads = 0
+    monkeypatch.setattr(FakePipeline, "with_handles", with_handles)
     rt = build.Runtime("cpu", "float32")
+    lora = [f"lora.path={lora_file}", "lora=file"]
+    # without handles every change is clear + load; with handles an alpha change is set_alpha
+    change = (lambda a: [("set_alpha", a)]) if with_handles else (lambda a: [("clear",), ("load", "dict", a)])
     sequence = [
         ([], []),
-        ([f"lora.path={lora_file}", "lora=file", "lora.alpha=1"], [("load", "dict", 1.0)]),
-        ([f"lora.path={lora_file}", "lora=file", "lora.alpha=1", "seed=3", "sampler.steps=2"], []),  # same LoRA: nothing
-        ([f"lora.path={lora_file}", "lora=file", "lora.alpha=0.5"], [("clear",), ("load", "dict", 0.5)]),
-        ([f"lora.path={lora_file}", "lora=file", "lora.alpha=0"], [("clear",)]),  # alpha 0 = no LoRA
-        ([], []),
-        ([f"lora.path={lora_file}", "lora=file", "lora.alpha=2"], [("load", "dict", 2.0)]),
+        ([*lora, "lora.alpha=1"], [("load", "dict", 1.0)]),
+        ([*lora, "lora.alpha=1", "seed=3", "sampler.steps=2"], []),  # same LoRA: nothing
+        ([*lora, "lora.alpha=0.5"], change(0.5)),
+        ([*lora, "lora.alpha=0"], change(0.0)),
+        ([], [("clear",)]),
+        ([*lora, "lora.alpha=2"], [("load", "dict", 2.0)]),
         (["sampler.height=64"], [("clear",)]),
     ]
     pipe = None

@@ -22,9 +22,11 @@ carries its adapter config (diffusers' `lora_adapter_metadata` safetensors metad
 peft's `adapter_config.json` beside the file); else 1.
 
 Cold: `W <- cast(float32(W) + alpha * scale * B @ A)`. The first LoRA that touches a layer
-keeps a copy of its original weight (on the CPU), so `clear_lora` restores it bit for bit and
-an alpha change re-fuses from the original (the result is the same as a fresh load at the new
-alpha). Hot: a forward hook on each layer adds `alpha * scale * (x @ A.T) @ B.T` to its output;
+keeps its original weight: on the CPU the original tensor itself (the fused weight goes into a
+new tensor, so nothing is copied and the restore swaps it back), on an accelerator a copy in
+CPU memory (device memory stays free). Either way `clear_lora` restores the weights bit for
+bit, and an alpha change re-fuses from the originals (the same bits as a fresh load at the new
+alpha). Memory: the touched weights are held twice (fused + original). Hot: a forward hook on each layer adds `alpha * scale * (x @ A.T) @ B.T` to its output;
 the model's code, module names and state dict are untouched, an alpha change is a float
 assignment. Cold and hot LoRAs stack in the order loaded.
 
@@ -94,6 +96,13 @@ class LoraFile:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.read(list(self.shapes))
+
+    def in_memory(self) -> "LoraFile":
+        """The same LoRA with its tensors read once and held (a sweep re-applies it without
+        reading the file again; unlike a plain state dict it keeps the file's scaling config)."""
+        state = self.state_dict()
+        return LoraFile(dict(self.shapes), lambda keys: {k: state[k] for k in keys}, self.origin,
+                        self.adapter_config)
 
 
 def read_lora(source: LoraSource) -> LoraFile:
@@ -427,9 +436,17 @@ class _HotEntry:
 
 
 @dataclass
+class _Original:
+    tensor: torch.Tensor
+    swapped: bool  # True: `tensor` was the parameter's data; False: a CPU copy of it
+
+
+@dataclass
 class _ModuleLoras:
     handles: list["LoraHandle"] = field(default_factory=list)
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> weight before any cold LoRA
+    # layer -> its weight before any cold LoRA: the very tensor (CPU weights, swapped out so
+    # the fused weight lives in a new one) or a CPU copy (weights on an accelerator)
+    originals: dict[str, _Original] = field(default_factory=dict)
     hot: dict[str, list[_HotEntry]] = field(default_factory=dict)
     hooks: dict[str, Any] = field(default_factory=dict)
 
@@ -468,7 +485,7 @@ class LoraHandle:
         self._alpha = alpha
         if not self.hot:
             module = self._module()
-            _refuse(module, _STATE[module], {layer.name for layer in self.prepared.layers})
+            _rebuild(module, _STATE[module], self.layers)
 
     def __repr__(self) -> str:
         mode = "hot" if self.hot else "cold"
@@ -495,15 +512,11 @@ def load_lora(module: nn.Module, lora: LoraSource, alpha: float = 1.0, hot: bool
         try:
             for layer in prepared.layers:
                 weight = targets[layer.name].weight
-                if layer.name not in state.originals:
-                    state.originals[layer.name] = weight.detach().to("cpu", copy=True)
+                source = _keep_original(weight, state, layer.name)
                 touched.append(layer.name)
-                _fuse(weight, layer, handle.alpha)
+                _fuse(weight, source, layer, handle.alpha)
         except BaseException:  # all or nothing, even on an out-of-memory error
-            _refuse(module, state, set(touched))  # original + the LoRAs loaded before this one
-            needed = {n for h in state.handles if not h.hot for n in h.layers}
-            for name_ in set(touched) - needed:
-                del state.originals[name_]
+            _rebuild(module, state, touched)  # the original + the LoRAs loaded before this one
             raise
     state.handles.append(handle)
     logger.info("LoRA %s (%s, %s) applied %s to %d layer(s) of %s at alpha %g", name, prepared.origin,
@@ -525,9 +538,8 @@ def clear_lora(module: nn.Module) -> int:
     for hook in state.hooks.values():
         hook.remove()
     targets = linear_layers(module)
-    with torch.no_grad():
-        for layer, original in state.originals.items():
-            targets[layer].weight.copy_(original)
+    for name in list(state.originals):
+        _restore(targets[name].weight, state, name)
     for handle in state.handles:
         handle.active = False
     logger.info("Cleared %d LoRA(s) from %s", len(state.handles), type(module).__name__)
@@ -535,26 +547,64 @@ def clear_lora(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _fuse(weight: torch.Tensor, layer: LoraLayer, alpha: float) -> None:
+def _keep_original(weight: torch.Tensor, state: _ModuleLoras, name: str) -> torch.Tensor:
+    """Keep the layer's weight before its first cold LoRA; returns what to fuse onto. A CPU
+    weight is swapped out whole (no copy: the fused weight goes into a new tensor, and the
+    restore swaps back); a weight elsewhere is copied to the CPU, keeping device memory free."""
+    if name in state.originals:
+        return weight.data
+    if weight.device.type == "cpu":
+        original = weight.data
+        state.originals[name] = _Original(original, swapped=True)
+        weight.data = torch.empty_like(original)
+        return original
+    state.originals[name] = _Original(weight.detach().to("cpu", copy=True), swapped=False)
+    return weight.data
+
+
+@torch.no_grad()
+def _fuse(weight: torch.Tensor, source: torch.Tensor, layer: LoraLayer, alpha: float) -> None:
+    """weight <- cast(float32(source) + alpha * scale * B @ A); `source` may be `weight` itself."""
     A = layer.A.to(device=weight.device, dtype=torch.float32)
     B = layer.B.to(device=weight.device, dtype=torch.float32)
-    if weight.dtype == torch.float32:  # in place: no temporary the size of the layer
-        weight.addmm_(B, A, alpha=alpha * layer.scale)
+    s = alpha * layer.scale
+    target = weight.data
+    if target.dtype == torch.float32 and source.device == target.device:  # no temporary
+        if source.data_ptr() == target.data_ptr():
+            target.addmm_(B, A, alpha=s)
+        else:
+            torch.addmm(source, B, A, alpha=s, out=target)
     else:
-        weight.copy_(torch.addmm(weight.float(), B, A, alpha=alpha * layer.scale))
+        target.copy_(torch.addmm(source.to(target.device, torch.float32), B, A, alpha=s))
 
 
-def _refuse(module: nn.Module, state: _ModuleLoras, names: set[str]) -> None:
-    """Rebuild the named layers: original weight, then every cold LoRA in load order."""
+@torch.no_grad()
+def _restore(weight: torch.Tensor, state: _ModuleLoras, name: str) -> None:
+    original = state.originals.pop(name)
+    if original.swapped:
+        weight.data = original.tensor
+    else:
+        weight.data.copy_(original.tensor)
+
+
+def _rebuild(module: nn.Module, state: _ModuleLoras, names: Sequence[str]) -> None:
+    """Recompute the named layers from their originals with the cold LoRAs now registered, in
+    load order (the same bits as loading them afresh); a layer none of them touches is restored."""
     targets = linear_layers(module)
-    with torch.no_grad():
-        for name in names:
-            targets[name].weight.copy_(state.originals[name])
-    for handle in state.handles:
-        if not handle.hot:
-            for layer in handle.prepared.layers:
-                if layer.name in names:
-                    _fuse(targets[layer.name].weight, layer, handle.alpha)
+    cold = [{layer.name: layer for layer in h.prepared.layers} for h in state.handles if not h.hot]
+    alphas = [h.alpha for h in state.handles if not h.hot]
+    for name in dict.fromkeys(names):
+        if name not in state.originals:
+            continue
+        weight = targets[name].weight
+        fuses = [(layers[name], alpha) for layers, alpha in zip(cold, alphas) if name in layers]
+        if not fuses:
+            _restore(weight, state, name)
+            continue
+        source = state.originals[name].tensor
+        for layer, alpha in fuses:
+            _fuse(weight, source, layer, alpha)
+            source = weight.data
 
 
 def _attach_hot(targets: Mapping[str, nn.Module], state: _ModuleLoras, handle: LoraHandle) -> None:
