@@ -183,3 +183,20 @@ def test_config_json_that_disagrees_with_the_weights(tiny_repo, tmp_path):
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: '.*' has shape \[.*\] "
                                               r"but QwenImageVAE expects .*config\.json"):
         load([folder])
+
+
+def test_stray_key_in_a_text_encoder_checkpoint_is_named(tiny_repo, tmp_path):
+    state = {}
+    for shard in sorted((tiny_repo / "text_encoder").glob("*.safetensors")):
+        state.update(load_file(shard))
+    state["rotary.cache"] = torch.ones(2)
+    save_file(state, str(tmp_path / "te.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 key\(s\) do not belong to QwenImageTextEncoder: rotary\.cache"):
+        load([tmp_path / "te.safetensors"])
+
+
+def test_legacy_torch_pickle(tiny_repo, tmp_path):
+    state = load_file(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")
+    torch.save(state, tmp_path / "vae.pt", _use_new_zipfile_serialization=False)
+    model = load([tmp_path / "vae.pt"])
+    assert torch.equal(model.state_dict()["decoder.conv_out.bias"], state["decoder.conv_out.bias"])

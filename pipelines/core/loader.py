@@ -155,7 +155,10 @@ def _safetensors_layout(path: Path) -> dict[str, tuple[torch.dtype, int, int]]:
 
 
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files from before torch's zip format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -231,7 +234,8 @@ def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[Checkpo
             "Give each model its own ModelConfig."
         )
     model_class = all_owners.pop()
-    converted = {model_class.convert_checkpoint_key(k) for f in files for k in f.shapes}
+    converted = {model_class.convert_checkpoint_key(k) for f in files for k in f.shapes
+                 if model_class.owns_checkpoint_key(k)}
     absent = [k for k in model_class.CHECKPOINT_REQUIRED_KEYS if k not in converted]
     if absent:
         raise CheckpointError(
