@@ -17,6 +17,13 @@ LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
 
 
+@pytest.fixture(autouse=True)
+def no_hub_access(monkeypatch):
+    """Tests load by model_id from local folders: never query a real hub (test_download.py
+    sets its own variables against a loopback hub)."""
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "True")
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
     from pipelines.testing.tokenizer import build_qwen_tokenizer

@@ -61,6 +61,8 @@ def expand_checkpoint_paths(paths: Sequence[Path]) -> list[Path]:
             files.extend(_files_of_index(path))
         elif path.suffix in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
             files.append(path)
+        elif path.name == "config.json":
+            continue  # read from beside the weights by read_config
         else:
             raise CheckpointError(
                 f"{path}: not a checkpoint file (expected .safetensors, .bin, .pt, .pth, .ckpt, "

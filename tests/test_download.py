@@ -1,0 +1,465 @@
+"""Model download against a hub on loopback (pipelines.testing.hub_server): the real
+`modelscope` and `huggingface_hub` clients fetch the tiny Qwen-Image repo from it, with faults
+injected; no network beyond 127.0.0.1."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipelines.core import download
+from pipelines.core.download import (CorruptModelFileError, DownloadError, MissingModelFilesError, download_source,
+                                     fetch, matches, model_base_path, resolve_files, skip_download)
+from pipelines.core.hubs import HuggingFaceHub, ModelScopeHub
+from pipelines.core.model_config import ModelConfig
+from pipelines.testing.hub_server import Fault, HubServer
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ID = "Qwen/Qwen-Image-Tiny"
+SOURCES = ("modelscope", "huggingface")
+TE1 = "text_encoder/model-00001-of-00002.safetensors"  # 19.5 MB
+DIT1, DIT2 = (f"transformer/diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2))
+VAE = "vae/diffusion_pytorch_model.safetensors"
+TOKENIZER_FILES = {f"tokenizer/{n}" for n in ("added_tokens.json", "merges.txt", "special_tokens_map.json",
+                                              "tokenizer.json", "tokenizer_config.json", "vocab.json")}
+VARIABLES = ("DIFFSYNTH_SKIP_DOWNLOAD", "DIFFSYNTH_DOWNLOAD_SOURCE", "DIFFSYNTH_MODEL_BASE_PATH",
+             "MODELSCOPE_DOMAIN", "MODELSCOPE_ENDPOINT", "HF_ENDPOINT")
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_repo):
+    with HubServer({MODEL_ID: tiny_repo}) as server:
+        yield server
+
+
+@pytest.fixture
+def env(hub, tmp_path, monkeypatch):
+    """Both clients pointed at the hub, models under tmp_path, quick retries."""
+    hub.clear_faults()
+    hub.clear_requests()
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    base = tmp_path / "models"
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope_cache"))
+    monkeypatch.setattr(download, "RETRY_WAIT_S", 0.05)
+    # the ModelScope client's own backoff (5 retries up to 16 s apart): keep a persistent fault short
+    import modelscope_hub._download as ms_download
+
+    monkeypatch.setattr(ms_download, "DOWNLOAD_RETRY_TIMES", 1, raising=False)
+    monkeypatch.setattr(ms_download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01, raising=False)
+    yield SimpleNamespace(hub=hub, base=base, root=base / MODEL_ID, tmp=tmp_path)
+    hub.clear_faults()
+
+
+def config(pattern, **kwargs) -> ModelConfig:
+    return ModelConfig(model_id=MODEL_ID, origin_file_pattern=pattern, **kwargs)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_clean(env) -> set[str]:
+    """Every file under the model folder is complete and right (no partial or foreign file under
+    a final name); returns their repo paths."""
+    repo = env.hub.repo(MODEL_ID)
+    found = set()
+    if env.root.exists():
+        for path in env.root.rglob("*"):
+            if path.is_file():
+                rel = path.relative_to(env.root).as_posix()
+                assert rel in repo.files, f"{rel} is not a file of the repo (a partial or temporary file?)"
+                assert sha256(path) == repo.files[rel].sha256, f"{rel} under its final name differs from the hub's"
+                found.add(rel)
+    return found
+
+
+def assert_names_everything(message: str, pattern: str, source: str, root: Path, model_id: str = MODEL_ID) -> None:
+    for part in (model_id, pattern, source, str(root.absolute())):
+        assert part in message, f"{part!r} missing from the error: {message}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- the server speaks both protocols
+
+
+def test_the_real_clients_fetch_from_the_test_hub(env, tiny_repo):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import snapshot_download as hf_snapshot_download
+    from modelscope.hub.snapshot_download import snapshot_download as ms_snapshot_download
+
+    ms_dir = Path(ms_snapshot_download(MODEL_ID, local_dir=str(env.tmp / "ms"), allow_patterns=["transformer/*"]))
+    hf_cache = str(env.tmp / "hf_cache")  # not the user's ~/.cache
+    hf_dir = Path(hf_snapshot_download(MODEL_ID, local_dir=str(env.tmp / "hf"), allow_patterns=["transformer/*"],
+                                       endpoint=env.hub.url, cache_dir=hf_cache))
+    one = Path(hf_hub_download(MODEL_ID, "vae/config.json", local_dir=str(env.tmp / "one"), endpoint=env.hub.url,
+                               cache_dir=hf_cache))
+    expected = sorted(p.relative_to(tiny_repo).as_posix() for p in (tiny_repo / "transformer").iterdir())
+    for folder in (ms_dir, hf_dir):
+        got = sorted(p.relative_to(folder).as_posix() for p in (folder / "transformer").iterdir())
+        assert got == expected
+        assert all(sha256(folder / p) == sha256(tiny_repo / p) for p in got)
+    assert one.read_bytes() == (tiny_repo / "vae" / "config.json").read_bytes()
+    assert {r.protocol for r in env.hub.requests if r.kind != "unknown"} == {"modelscope", "huggingface"}
+
+
+# ---------------------------------------------------------------------- fetch, then load and generate
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_fetch_then_load_and_generate(env, source, monkeypatch):
+    from pipelines.qwen_image import QwenImagePipeline
+
+    if source == "huggingface":
+        monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "huggingface")  # else ModelScope, the default
+    configs = [config("transformer/diffusion_pytorch_model*.safetensors"), config("text_encoder/model*.safetensors"),
+               config("vae/diffusion_pytorch_model.safetensors")]
+    # the tiny model's sizes are not the real ones: its config.json files sit beside the weights
+    configs_json = {"transformer/config.json", "text_encoder/config.json", "vae/config.json"}
+    assert fetch([config("**/config.json")]).fetched_bytes > 0
+    pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
+                                             tokenizer_config=config("tokenizer/"))
+    image = pipe("a red fox in the snow", height=64, width=64, seed=0, num_inference_steps=2, progress_bar=False)
+    assert image.size == (64, 64)
+
+    wanted = {DIT1, DIT2, TE1, "text_encoder/model-00002-of-00002.safetensors", VAE} | TOKENIZER_FILES | configs_json
+    assert {r.path for r in env.hub.file_requests()} == wanted  # only what the patterns match, once each
+    assert len(env.hub.file_requests()) == len(wanted)
+    assert {r.protocol for r in env.hub.requests if r.kind != "unknown"} == {source}
+    assert assert_clean(env) == wanted
+    assert not (env.base / ".diffsynth" / "staging").exists() or not any((env.base / ".diffsynth" / "staging").rglob("*"))
+
+    env.hub.clear_requests()  # the next load asks the hub, and fetches nothing again
+    for c in configs:
+        resolve_files(c)
+    assert env.hub.file_requests() == []
+    assert any(r.kind == "listing" for r in env.hub.requests)
+
+
+# ---------------------------------------------------------------------- patterns
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("transformer/*.json", {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors.index.json"}),
+    (["scheduler/", "model_index.json"], {"scheduler/scheduler_config.json", "model_index.json"}),
+    ("**/config.json", {"transformer/config.json", "text_encoder/config.json", "vae/config.json"}),
+    ("*.json", {"model_index.json"}),  # `*` stays in one folder, as in Path.glob
+])
+def test_only_the_files_matching_the_patterns_are_fetched(env, pattern, expected):
+    files = resolve_files(config(pattern))
+    assert {r.path for r in env.hub.file_requests()} == expected
+    assert assert_clean(env) == expected
+    if "scheduler/" in pattern:  # a folder pattern resolves to the folder
+        assert env.root / "scheduler" in files
+    else:
+        assert sorted(files) == sorted(env.root / p for p in expected)
+
+
+def test_pattern_semantics():
+    assert matches("vae/x.safetensors", "vae/*.safetensors")
+    assert not matches("vae/sub/x.safetensors", "vae/*.safetensors")
+    assert matches("vae/sub/x.safetensors", "vae/**/*.safetensors") and matches("vae/x.safetensors", "vae/**/*.safetensors")
+    assert matches("tokenizer/vocab.json", "tokenizer/") and matches("tokenizer/a/b.txt", "tokenizer/")
+    assert not matches("tokenizer2/vocab.json", "tokenizer/")
+    assert matches("model-00001-of-00002.safetensors", "model-0000[12]-of-*.safetensors")
+
+
+def test_fetch_lists_each_model_once_and_summarises(env, caplog):
+    configs = [config(DIT1, download_source="huggingface"),
+               config("transformer/*.safetensors", download_source="huggingface"), None, ModelConfig(path=str(env.tmp))]
+    with caplog.at_level(logging.INFO, logger="pipelines.core.download"):
+        summary = fetch(configs)
+    assert sorted(f.path for f in summary.fetched) == [DIT1, DIT2] and summary.present == 0
+    assert len([r for r in env.hub.requests if r.kind == "listing"]) == 1
+    assert "fetched 2 file(s)" in caplog.text and DIT2 in caplog.text
+    again = fetch(configs)
+    assert again.fetched == [] and again.present == 2
+
+
+# ---------------------------------------------------------------------- variables, fields, precedence
+
+
+def test_precedence_of_fields_variables_and_defaults(monkeypatch, tmp_path):
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    plain = ModelConfig(model_id="a/b")
+    assert (model_base_path(plain), download_source(plain), skip_download(plain)) == (Path("./models"), "modelscope", False)
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path / "variable"))
+    monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "HuggingFace")
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "True")
+    assert (model_base_path(plain), download_source(plain), skip_download(plain)) == (tmp_path / "variable", "huggingface", True)
+
+    fields = ModelConfig(model_id="a/b", local_model_path=tmp_path / "field", download_source="modelscope", skip_download=False)
+    assert (model_base_path(fields), download_source(fields), skip_download(fields)) == (tmp_path / "field", "modelscope", False)
+
+    for word, value in (("1", True), ("yes", True), ("false", False), ("0", False), ("", False)):
+        monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", word)
+        assert skip_download(plain) is value
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "maybe")
+    with pytest.raises(ValueError, match="DIFFSYNTH_SKIP_DOWNLOAD='maybe'"):
+        skip_download(plain)
+    monkeypatch.delenv("DIFFSYNTH_SKIP_DOWNLOAD")
+
+    with pytest.raises(ValueError, match=r"download_source='github'.*allowed: modelscope, huggingface"):
+        download_source(ModelConfig(model_id="a/b", download_source="github"))
+    monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "s3")
+    with pytest.raises(ValueError, match=r"DIFFSYNTH_DOWNLOAD_SOURCE='s3'.*allowed: modelscope, huggingface"):
+        resolve_files(plain)
+
+    # endpoints follow each client's own variables, read at each call
+    monkeypatch.setenv("HF_ENDPOINT", "http://hf-mirror.example:8080/")
+    assert HuggingFaceHub().endpoint == "http://hf-mirror.example:8080"
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://ms-mirror.example:9000")
+    assert ModelScopeHub().endpoint == "http://ms-mirror.example:9000"
+    monkeypatch.delenv("MODELSCOPE_ENDPOINT")
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", "ms-domain.example")  # deprecated, https only
+    with pytest.warns(FutureWarning, match="MODELSCOPE_DOMAIN"):
+        assert ModelScopeHub().endpoint == "https://ms-domain.example"
+
+
+def test_fields_win_over_variables_when_fetching(env, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope")
+    field_base = env.tmp / "field_base"
+    files = resolve_files(config(DIT1, download_source="huggingface", local_model_path=field_base))
+    assert files == [field_base / MODEL_ID / DIT1]
+    assert {r.protocol for r in env.hub.requests if r.kind != "unknown"} == {"huggingface"}
+    assert not env.root.exists()
+
+
+# ---------------------------------------------------------------------- skip download, no server
+
+
+class _NoHub(dict):
+    def __getitem__(self, key):
+        raise AssertionError("skip-download must not touch any hub")
+
+
+def test_skip_download_makes_no_network_call(env, monkeypatch):
+    resolve_files(config("transformer/*.safetensors"))
+    env.hub.clear_requests()
+    monkeypatch.setattr(download, "HUBS", _NoHub())
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "True")
+    assert resolve_files(config("transformer/*.safetensors")) == [env.root / DIT1, env.root / DIT2]
+
+    (env.root / DIT2).unlink()  # the last listing (kept beside the models) names what is missing
+    with pytest.raises(MissingModelFilesError) as error:
+        resolve_files(config("transformer/*.safetensors"))
+    message = str(error.value)
+    listed = message.split(f"{env.root}: ", 1)[1].split(" (model_id=")[0]
+    assert listed == DIT2 and "DIFFSYNTH_SKIP_DOWNLOAD" in message
+    assert_names_everything(message, "transformer/*.safetensors", "modelscope", env.root)
+
+    monkeypatch.delenv("DIFFSYNTH_SKIP_DOWNLOAD")  # the field alone, for a model never listed
+    with pytest.raises(MissingModelFilesError, match="anything matching 'vae/'") as error:
+        resolve_files(ModelConfig(model_id="other/model", origin_file_pattern="vae/", skip_download=True))
+    assert_names_everything(str(error.value), "vae/", "modelscope", env.base / "other/model", "other/model")
+    assert env.hub.requests == []
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_no_server_at_all(env, source, monkeypatch, caplog):
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", dead)
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    c = config("transformer/*.safetensors", download_source=source)
+    with pytest.raises(MissingModelFilesError) as error:
+        resolve_files(c)
+    message = str(error.value)
+    assert "cannot connect" in message and dead in message
+    assert_names_everything(message, "transformer/*.safetensors", source, env.root)
+    assert assert_clean(env) == set()
+
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", env.hub.url)  # the hub is back: a later run succeeds
+    monkeypatch.setenv("HF_ENDPOINT", env.hub.url)
+    assert len(resolve_files(c)) == 2
+
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", dead)  # gone again, but every file is local: a warning
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    with caplog.at_level(logging.WARNING, logger="pipelines.core.download"):
+        assert resolve_files(c) == [env.root / DIT1, env.root / DIT2]
+    assert "Could not ask" in caplog.text and "going on" in caplog.text
+
+
+def test_a_pattern_or_model_the_hub_does_not_have(env):
+    with pytest.raises(MissingModelFilesError) as error:
+        resolve_files(config("transformer/*.bin"))
+    assert_names_everything(str(error.value), "transformer/*.bin", "modelscope", env.root)
+    with pytest.raises(MissingModelFilesError, match="RepositoryNotFound|404"):
+        resolve_files(ModelConfig(model_id="nobody/nothing", origin_file_pattern="*.safetensors",
+                                  download_source="huggingface"))
+
+
+# ---------------------------------------------------------------------- faults
+
+
+FAULTS = {
+    # past the HuggingFace client's 10 MB read chunk, so that it has bytes to resume from
+    "connection dropped mid-file": (Fault("drop", TE1, after_bytes=12 << 20), True),
+    "HTTP 500 then success": (Fault("status", TE1), False),
+    "HTTP 500 on the listing then success": (Fault("status", on="listing"), False),
+    "wrong size": (Fault("short", TE1), False),
+    "wrong hash": (Fault("corrupt", TE1), False),
+}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("name", FAULTS)
+def test_a_transient_fault_ends_in_recovery(env, source, name):
+    fault, resumes = FAULTS[name]
+    env.hub.add_fault(dataclasses.replace(fault, hits=0))
+    assert resolve_files(config(TE1, download_source=source)) == [env.root / TE1]
+    assert assert_clean(env) == {TE1}
+    gets = env.hub.file_requests(TE1)
+    if fault.on == "listing":
+        assert any(r.fault for r in env.hub.requests) and len(gets) == 1
+    else:
+        assert gets[0].fault == fault.kind and len(gets) >= 2
+    if resumes:  # the second request asked for the rest only
+        assert gets[1].range_start and gets[1].range_start > 0
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("kind", ["status", "short", "corrupt"])
+def test_a_persistent_fault_is_a_clear_error_and_a_later_run_succeeds(env, source, kind):
+    env.hub.add_fault(Fault(kind, DIT1, times=None))
+    c = config("transformer/*.safetensors", download_source=source)
+    with pytest.raises(DownloadError) as error:
+        resolve_files(c)
+    message = str(error.value)
+    assert DIT1 in message and "Load again" in message
+    assert_names_everything(message, "transformer/*.safetensors", source, env.root)
+    assert assert_clean(env) <= {DIT2} and not (env.root / DIT1).exists()
+
+    env.hub.clear_faults()
+    assert resolve_files(c) == [env.root / DIT1, env.root / DIT2]
+    assert assert_clean(env) == {DIT1, DIT2}
+
+
+def test_a_corrupt_local_file_is_detected_before_loading(env, monkeypatch):
+    c = config(VAE)
+    [path] = resolve_files(c)
+    good = path.read_bytes()
+    path.write_bytes(good[:-1000])  # truncated
+    with pytest.raises(CorruptModelFileError) as error:
+        resolve_files(c)  # online: the size differs from the hub's listing
+    message = str(error.value)
+    assert str(path) in message and "Delete it and load again" in message
+    assert_names_everything(message, VAE, "modelscope", env.root)
+
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "True")  # offline: the kept listing says the same
+    with pytest.raises(CorruptModelFileError, match="bytes but the hub listed"):
+        resolve_files(c)
+    for manifest in (env.base / ".diffsynth" / "manifests").rglob("*.json"):
+        manifest.unlink()
+    with pytest.raises(CorruptModelFileError, match="cannot read it"):  # no listing: the header check
+        resolve_files(c)
+
+    monkeypatch.delenv("DIFFSYNTH_SKIP_DOWNLOAD")
+    path.write_bytes(b"\xff" * 8 + good[8:])  # right size, broken header
+    with pytest.raises(CorruptModelFileError, match="cannot read it"):
+        resolve_files(c)
+    path.unlink()  # what the message says to do: the next load fetches it again
+    assert resolve_files(c) == [path] and path.read_bytes() == good
+
+
+# ---------------------------------------------------------------------- processes
+
+
+FETCH_SCRIPT = """
+import json, logging, os, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from pipelines.core.download import fetch
+from pipelines.core.model_config import ModelConfig
+ready, go, deadline = os.environ.get("READY_FILE"), os.environ.get("GO_FILE"), time.monotonic() + 60
+if ready:
+    open(ready, "w").close()
+while go and not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.02)
+summary = fetch([ModelConfig(model_id=sys.argv[1], origin_file_pattern=p, download_source=sys.argv[2])
+                 for p in sys.argv[3:]])
+print(json.dumps({"fetched": sorted(f.path for f in summary.fetched), "present": summary.present}))
+"""
+
+
+def start_fetch(env, source: str, *patterns: str, name: str | None = None) -> subprocess.Popen:
+    """`python -c FETCH_SCRIPT`; with a name, it imports, touches <tmp>/<name>.ready and waits for <tmp>/<name>.go."""
+    e = dict(os.environ)
+    if name is not None:
+        e["READY_FILE"], e["GO_FILE"] = str(env.tmp / f"{name}.ready"), str(env.tmp / f"{name}.go")
+    return subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, MODEL_ID, source, *patterns], cwd=REPO, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_two_processes_fetch_the_same_model_at_once(env):
+    env.hub.add_fault(Fault("slow", VAE, times=None, delay=0.03))  # ~5 s for the VAE file
+    patterns = ("transformer/*.safetensors", VAE)
+    first = start_fetch(env, "modelscope", *patterns, name="first")
+    second = start_fetch(env, "modelscope", *patterns, name="second")
+    try:
+        wait_until(lambda: all((env.tmp / f"{n}.ready").exists() for n in ("first", "second")), "the imports")
+        (env.tmp / "first.go").touch()
+        wait_until(lambda: env.hub.bytes_sent(VAE) > 0 or first.poll() is not None, "the first fetch to start")
+        (env.tmp / "second.go").touch()  # the second lists the model and finds the first still fetching it
+        outputs = [p.communicate(timeout=120) for p in (first, second)]
+    finally:
+        for p in (first, second):
+            p.kill()
+    for p, (out, err) in zip((first, second), outputs):
+        assert p.returncode == 0, err
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results[0] == {"fetched": [DIT1, DIT2, VAE], "present": 0}
+    assert results[1] == {"fetched": [], "present": 3}
+    assert "Another process is fetching" in outputs[1][1]
+    for path in (DIT1, DIT2, VAE):
+        assert len(env.hub.file_requests(path)) == 1, f"{path} was downloaded more than once"
+    assert assert_clean(env) == {DIT1, DIT2, VAE}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_an_interrupted_download_is_picked_up_by_a_later_run(env, source):
+    env.hub.add_fault(Fault("slow", TE1, times=None, delay=0.02))
+    process = start_fetch(env, source, TE1)
+    try:
+        wait_until(lambda: env.hub.bytes_sent(TE1) > 8 << 20 or process.poll() is not None, "bytes to flow")
+    finally:
+        process.kill()  # as a power cut would
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == -9, f"the fetch ended before it was killed: {err}"
+    assert not (env.root / TE1).exists() and assert_clean(env) == set()
+
+    env.hub.clear_faults()
+    env.hub.clear_requests()
+    assert resolve_files(config(TE1, download_source=source)) == [env.root / TE1]
+    assert assert_clean(env) == {TE1}
+    if source == "modelscope":  # its partial file waited in the staging folder: only the rest is fetched
+        assert env.hub.file_requests(TE1)[0].range_start > 0
+    assert not any((env.base / ".diffsynth" / "staging").rglob("*.incomplete"))
