@@ -10,8 +10,8 @@ For each model (random weights in the hub layout, built once under --work):
      minus that job's own encode + denoise + decode time (from the sweep's jobs.csv), is
      the runner's overhead: Hydra's per-job composition and folders, the LoRA check, the PNG,
      MLflow logging. The first job (it loads the weights) is left out;
-  3. LoRA: a sweep over lora.alpha (a tiny peft-format LoRA): the `lora_s` of jobs 1.. is the
-     time to switch alpha (clear_lora + load_lora from tensors kept in memory).
+  3. LoRA: a sweep over lora.alpha (a tiny peft-format LoRA, tracking=none): the `lora_s` of
+     jobs 1.. is the time to switch alpha (the LoRA handle's set_alpha).
 The goal: overhead per job <= 5% of the inference time + a few tens of milliseconds.
 Prints a table and writes --out (JSON). Times depend on this machine's load: compare the
 ratios, rerun when the CPU is shared.
@@ -43,22 +43,30 @@ PROMPT = "a lighthouse on a cliff at sunset"
 
 
 def build_models(models_dir: Path, names: list[str]) -> None:
-    from pipelines.testing import tiny
-    from pipelines.models.qwen_image_dit import QwenImageDiTParams
+    """The tiny repo from the library's builder; the mid-size one is the tiny repo with a
+    bigger transformer (~40M parameters: 6 layers of width 512), same text encoder and VAE."""
+    import shutil
 
-    for name in names:
-        target = models_dir / MODELS[name][0]
-        if target.exists():
-            continue
-        saved = tiny.DIT
-        if name == "mid":  # ~40M-parameter DiT: 6 layers of width 512, the tiny text encoder and VAE
-            tiny.DIT = QwenImageDiTParams(num_layers=6, attention_head_dim=64, num_attention_heads=8,
-                                          joint_attention_dim=tiny.TEXT_HIDDEN, axes_dims_rope=(8, 28, 28))
-        try:
-            print(f"building {name} into {target}", flush=True)
-            tiny.build_tiny_repo(target)
-        finally:
-            tiny.DIT = saved
+    from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
+    from pipelines.testing import tiny
+    from pipelines.testing.checkpoints import random_state_dict, save_sharded, write_json
+
+    tiny_dir = models_dir / MODELS["tiny"][0]
+    if not tiny_dir.exists():
+        print(f"building tiny into {tiny_dir}", flush=True)
+        tiny.build_tiny_repo(tiny_dir)
+    mid_dir = models_dir / MODELS["mid"][0]
+    if "mid" in names and not mid_dir.exists():
+        print(f"building mid into {mid_dir}", flush=True)
+        params = QwenImageDiTParams(num_layers=6, attention_head_dim=64, num_attention_heads=8,
+                                    joint_attention_dim=tiny.TEXT_HIDDEN, axes_dims_rope=(8, 28, 28))
+        staging = mid_dir.with_name(mid_dir.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(tiny_dir, staging, ignore=shutil.ignore_patterns("transformer"))
+        shapes = tiny._shapes(lambda: QwenImageDiT(params))
+        save_sharded(random_state_dict(shapes, 0), staging / "transformer", "diffusion_pytorch_model", 2)
+        write_json(staging / "transformer" / "config.json", tiny.dit_config(params))
+        staging.rename(mid_dir)
 
 
 def model_overrides(name: str) -> list[str]:
@@ -82,8 +90,8 @@ def baseline(models_dir: Path, name: str, jobs: int, device: str) -> list[float]
                 "vae/diffusion_pytorch_model.safetensors"]
     pipe = QwenImagePipeline.from_pretrained(
         torch_dtype=dtype, device=device,
-        model_configs=[ModelConfig(model_id=model_id, origin_file_pattern=p) for p in patterns],
-        tokenizer_config=ModelConfig(model_id=model_id, origin_file_pattern="tokenizer/"))
+        model_configs=[ModelConfig(model_id=model_id, origin_file_pattern=p, skip_download=True) for p in patterns],
+        tokenizer_config=ModelConfig(model_id=model_id, origin_file_pattern="tokenizer/", skip_download=True))
     kw = dict(height=size, width=size, num_inference_steps=steps, cfg_scale=4.0, progress_bar=False)
     pipe(PROMPT, seed=0, **kw)
     times = []
@@ -102,7 +110,8 @@ def sweep(models_dir: Path, work: Path, name: str, extra: list[str], label: str)
     """Run one multirun in a subprocess; per-job overhead from Hydra's launch times and the
     jobs' own inference times (jobs.csv)."""
     sweep_dir = work / f"{name}-{label}"
-    env = dict(os.environ, DIFFSYNTH_MODEL_BASE_PATH=str(models_dir), PYTHONPATH=str(REPO))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, DIFFSYNTH_MODEL_BASE_PATH=str(models_dir), PYTHONPATH=path)
     argv = [sys.executable, "-m", "runner", "-m", *model_overrides(name), *extra,
             f"tracking.store_dir={work / 'store'}", f"experiment=bench-{name}-{label}",
             f"hydra.sweep.dir={sweep_dir}"]
@@ -155,6 +164,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "runner-bench")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (dtype as the runner's auto)")
+    parser.add_argument("--modes", default="none,mlflow,lora", help="which sweeps to run")
     args = parser.parse_args()
     names = args.models.split(",")
     models_dir = args.work / "models"
@@ -168,12 +178,16 @@ def main() -> None:
     for name in names:
         dev = f"device={args.device}"
         r = {"device": args.device, "baseline_s": baseline(models_dir, name, args.jobs, args.device)}
-        r["none"] = sweep(models_dir, args.work, name, [seeds, dev, "tracking=none"], "none")
-        r["mlflow"] = sweep(models_dir, args.work, name, [seeds, dev], "mlflow")
-        if has_lora:
+        modes = args.modes.split(",")
+        if "none" in modes:
+            r["none"] = sweep(models_dir, args.work, name, [seeds, dev, "tracking=none"], "none")
+        if "mlflow" in modes:
+            r["mlflow"] = sweep(models_dir, args.work, name, [seeds, dev], "mlflow")
+        if has_lora and "lora" in modes:
             lora = tiny_lora(models_dir, name, args.work / f"{name}-lora.safetensors")
             alphas = "lora.alpha=" + ",".join(f"{a / args.jobs:g}" for a in range(1, args.jobs + 1))
-            r["lora"] = sweep(models_dir, args.work, name, ["lora=file", f"lora.path={lora}", alphas, dev], "lora")
+            r["lora"] = sweep(models_dir, args.work, name,
+                              ["lora=file", f"lora.path={lora}", alphas, dev, "tracking=none"], "lora")
         results[name] = r
 
     print(f"\ndevice {args.device}, {os.cpu_count()} CPU cores")

@@ -1,6 +1,7 @@
 """QwenImagePipeline: Qwen-Image text-to-image and image-to-image (REFERENCE.md section 1)."""
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .core import vram
 from .core.download import resolve_files
 from .core.flow_match import FlowMatchScheduler, euler_step
 from .core.loader import load_model
@@ -38,7 +40,20 @@ SIZE_MULTIPLE = 16  # 8x VAE compression times the 2x2 latent packing
 COMPONENTS = {"dit": QwenImageDiT, "text_encoder": QwenImageTextEncoder, "vae": QwenImageVAE}
 
 
+def _offload_when_done(call):
+    """Every VRAM-managed model goes back to its offload storage when a call ends (or fails)."""
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            vram.use_stage(self.vram, None)
+    return wrapper
+
+
 class QwenImagePipeline:
+    supports_vram_management = True
+
     def __init__(self, torch_dtype: torch.dtype, device: str | torch.device):
         self.torch_dtype = torch_dtype
         self.device = torch.device(device)
@@ -49,6 +64,7 @@ class QwenImagePipeline:
         self.scheduler = FlowMatchScheduler()
         self.timings: dict[str, float] = {}
         self._template_prefix_tokens: int | None = None
+        self.vram: dict[str, vram.VramManager] = {}  # component name -> its VRAM manager
 
     # ------------------------------------------------------------------ loading
 
@@ -59,26 +75,30 @@ class QwenImagePipeline:
         device: str | torch.device = "cuda",
         model_configs: Sequence[ModelConfig] = (),
         tokenizer_config: ModelConfig | None = None,
-        vram_limit: float | None = None,
+        vram_limit: float | str | None = None,
     ) -> "QwenImagePipeline":
         """Load the models named by `model_configs` (recognised from their keys) and the
-        tokenizer. `torch_dtype`/`device` are the computation precision and device."""
+        tokenizer. `torch_dtype`/`device` are the computation precision and device.
+        A ModelConfig with offload_dtype/offload_device gets VRAM management
+        (`pipelines.core.vram`); `vram_limit`: GiB of device memory below which layers stay
+        on the preparing device, None for no limit, "auto" for the total minus a margin."""
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 f"device={str(device)!r} but CUDA is not available on this machine: pass device='cpu' "
                 "(and torch_dtype=torch.float32 for speed on a CPU)."
             )
-        managed = [c.describe() for c in model_configs if c.vram_managed]
-        if managed or vram_limit is not None:
-            raise NotImplementedError(
-                "VRAM management (offload_*/onload_*/preparing_*/computation_* keys, vram_limit) is "
-                f"not implemented yet; asked for by: {', '.join(managed) or f'vram_limit={vram_limit}'}. "
-                "Remove those settings to load every model resident on the device."
-            )
+        vram_limit = vram.resolve_vram_limit(vram_limit, device)
+        settings = [vram.settings_for(c, torch_dtype, device, vram_limit) for c in model_configs]  # checked first
+        if vram_limit is not None and not any(settings):
+            logger.warning("vram_limit=%s has no effect: no ModelConfig enables VRAM management (offload_*).",
+                           vram_limit)
         pipe = cls(torch_dtype, device)
-        for config in model_configs:
-            model = load_model(resolve_files(config), tuple(COMPONENTS.values()), torch_dtype, device)
+        for config, managed in zip(model_configs, settings):
+            if managed is None:
+                model = load_model(resolve_files(config), tuple(COMPONENTS.values()), torch_dtype, device)
+            else:
+                model = vram.load_managed(resolve_files(config), tuple(COMPONENTS.values()), managed)
             name = next(n for n, c in COMPONENTS.items() if isinstance(model, c))
             if getattr(pipe, name) is not None:
                 raise ValueError(
@@ -86,6 +106,8 @@ class QwenImagePipeline:
                     "Give each component once."
                 )
             setattr(pipe, name, model)
+            if managed is not None:
+                pipe.vram[name] = vram.manager_of(model)
         if tokenizer_config is not None:
             pipe.tokenizer = load_tokenizer(resolve_files(tokenizer_config))
         return pipe
@@ -93,6 +115,7 @@ class QwenImagePipeline:
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
+    @_offload_when_done
     def __call__(
         self,
         prompt: str,
@@ -112,11 +135,14 @@ class QwenImagePipeline:
         progress_bar: bool = True,
         scheduler: FlowMatchScheduler | None = None,
         cfg_norm_rescale: bool = True,
+        cfg_batch: bool = False,
     ) -> Image.Image:
         """Generate one image. `cfg_scale` != 1 runs true CFG against `negative_prompt`;
         `cfg_norm_rescale` rescales the guided prediction to the conditional one's norm per
         token, as the reference pipeline does. `input_image` + `denoising_strength` < 1 is
-        image-to-image: the first (1 - strength) of the steps are skipped."""
+        image-to-image: the first (1 - strength) of the steps are skipped. `cfg_batch` runs the
+        two CFG branches as one batch-2 forward (prompts padded to one length with a mask):
+        the weights are read once per step, which pays when they stream (VRAM management)."""
         self._require("dit", "text_encoder", "vae", "tokenizer")
         if not 0.0 < denoising_strength <= 1.0:
             raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}.")
@@ -139,6 +165,7 @@ class QwenImagePipeline:
         sigmas = scheduler.sigmas(num_inference_steps, h * w, exponential_shift_mu)
         generator = torch.Generator(rand_device).manual_seed(seed)
         if input_image is not None:
+            vram.use_stage(self.vram, "vae")
             # the posterior sample draws from the generator before the noise, as in diffusers
             image_latents = pack_latents(self.vae.encode(
                 image_to_tensor(input_image, height, width).to(self.device), tiled=tiled,
@@ -150,17 +177,26 @@ class QwenImagePipeline:
             sigmas = sigmas[first_step:]
             latents = sigmas[0] * latents + (1.0 - sigmas[0]) * image_latents
 
+        if do_cfg and cfg_batch:
+            both_texts, both_masks = stack_texts([(text, text_mask), (negative_text, negative_mask)])
+        vram.use_stage(self.vram, "dit")
         steps = tqdm(range(len(sigmas) - 1), desc="Denoising", disable=not progress_bar)
         for i in steps:
             timestep = sigmas[i : i + 1].to(self.device)
-            velocity = self.dit(latents, timestep, text, text_mask, h, w).float()
+            if do_cfg and cfg_batch:
+                both = self.dit(torch.cat([latents, latents]), timestep, both_texts, both_masks, h, w).float()
+                velocity, negative = both.chunk(2)
+            else:
+                velocity = self.dit(latents, timestep, text, text_mask, h, w).float()
+                if do_cfg:
+                    negative = self.dit(latents, timestep, negative_text, negative_mask, h, w).float()
             if do_cfg:
-                negative = self.dit(latents, timestep, negative_text, negative_mask, h, w).float()
                 velocity = guide(velocity, negative, cfg_scale, cfg_norm_rescale)
             latents = euler_step(latents, velocity, sigmas[i].item(), sigmas[i + 1].item())
         self.timings["denoise_s"] = self._now() - start
 
         start = self._now()
+        vram.use_stage(self.vram, "vae")
         image = self.vae.decode(unpack_latents(latents, h, w), tiled=tiled, tile_size=tile_size,
                                 tile_stride=tile_stride)
         self.timings["decode_s"] = self._now() - start
@@ -170,6 +206,7 @@ class QwenImagePipeline:
         """Prompt -> (1, L, hidden) embeddings of the prompt tokens (the template prefix
         dropped) and their mask (None: no padding at batch 1)."""
         self._require("text_encoder", "tokenizer")
+        vram.use_stage(self.vram, "text_encoder")
         drop = self.template_prefix_tokens
         ids = self.tokenizer(PROMPT_TEMPLATE.format(prompt), return_tensors="pt").input_ids
         if ids.shape[1] > MAX_PROMPT_TOKENS + drop:
@@ -217,21 +254,23 @@ class QwenImagePipeline:
                   strict: bool = True) -> LoraHandle:
         """Apply a LoRA to `module` (e.g. `pipe.dit`). `lora`: a ModelConfig, a path, or a state
         dict, in any format of `pipelines.core.lora`. Cold (fused, no speed cost) unless
-        `hotload=True` (kept apart, added in the forward). Returns a handle whose alpha can be
+        `hotload=True` (kept apart, added in the forward); the default (None) is hot for a
+        VRAM-managed model. Returns a handle whose alpha can be
         changed in place: `handle.set_alpha(0.5)`. `pipe.clear_lora()` removes it exactly."""
         if module is None or not isinstance(module, torch.nn.Module):
             raise TypeError(f"load_lora: `module` must be a loaded model such as pipe.dit, got {module!r}.")
         if hotload is None:
-            # VRAM seam: hot loading becomes the default for VRAM-managed models once VRAM
-            # management exists; until then every model is resident and cold loading is free.
-            hotload = False
-        return apply_lora(module, lora, alpha=alpha, hot=hotload, strict=strict)
+            # hot for VRAM-managed models: their weights have several copies (or stay on disk)
+            hotload = vram.manager_of(module) is not None
+        with vram.lora_context(module, hot=hotload):
+            return apply_lora(module, lora, alpha=alpha, hot=hotload, strict=strict)
 
     def clear_lora(self) -> None:
         """Remove every LoRA (cold or hot) from every model: the base weights come back bit for bit."""
         for name in COMPONENTS:
             model = getattr(self, name)
             if model is not None:
+                vram.offload_model(model)  # a cold LoRA was fused into the offload storage
                 remove_loras(model)
 
 
@@ -246,6 +285,20 @@ def load_tokenizer(paths: Sequence[Path]):
             f"{folder}: cannot load a tokenizer from this folder ({type(error).__name__}: {error}). "
             "It should hold Qwen-Image's tokenizer/ files (vocab.json, merges.txt, tokenizer_config.json)."
         ) from error
+
+
+def stack_texts(texts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(1, L_i, D) prompt embeddings with their masks -> (N, max L_i, D) zero-padded and the
+    (N, max L_i) mask of real tokens (None when nothing is padded)."""
+    length = max(t.shape[1] for t, _ in texts)
+    rows, masks = [], []
+    for t, m in texts:
+        pad = length - t.shape[1]
+        rows.append(torch.nn.functional.pad(t, (0, 0, 0, pad)))
+        m = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if m is None else m.bool()
+        masks.append(torch.nn.functional.pad(m, (0, pad), value=False))
+    mask = torch.cat(masks)
+    return torch.cat(rows), None if bool(mask.all()) else mask
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, norm_rescale: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`python -m runner [overrides]` / `python -m runner -m [sweep overrides]`.
+"""`python -m runner [overrides]` / `python -m runner -m [sweep overrides]` /
+`python -m runner download [overrides]` (fetch the files a run needs, run nothing).
 
 Exit status: 0 when every job finished (or was skipped by resume=true), 1 when a job
 failed (the failed jobs are listed), 130 on Ctrl-C / SIGTERM, Hydra's own status for a
@@ -10,7 +11,7 @@ import logging
 import signal
 import sys
 
-from .app import STATE, abort, main
+from .app import STATE, abort, finish_sweep, main
 from .tracking import FAILED, KILLED
 
 logger = logging.getLogger("runner")
@@ -21,6 +22,10 @@ def _sigterm(signum, frame):  # noqa: ARG001
 
 
 def cli() -> int:
+    if sys.argv[1:2] == ["download"]:
+        from .download import download
+
+        return download(sys.argv[2:])
     signal.signal(signal.SIGTERM, _sigterm)
     code = 0
     try:
@@ -34,6 +39,7 @@ def cli() -> int:
         abort(FAILED)
         if code:
             return code
+    finish_sweep()  # done by the sweep callback's on_multirun_end; here if it was removed
     abort(FAILED)  # no-op unless something was left open
     if STATE.failed:
         listing = "\n".join(f"  job {r.num} [{' '.join(r.overrides) or 'defaults'}]: {r.error}" for r in STATE.failed)

@@ -323,8 +323,9 @@ def run_job(cfg: DictConfig) -> JobRecord:
         if tracker is not None and run_id is not None:
             try:
                 tracker.set_tags(run_id, {"runner.error": record.error})
-            finally:
                 tracker.end_run(run_id, FAILED)
+            except Exception:  # noqa: BLE001 - the store is unreachable: the exit path retries
+                logger.exception("Could not record job %d as FAILED in MLflow", num)
     return record
 
 
@@ -385,7 +386,10 @@ def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
         entry.fingerprint = cache.describe(build.checkpoint_files(entry))
     tags = fingerprint_tags("checkpoint", entry.fingerprint)
     for label, _, item in spec.lora.items():
-        tags.update(fingerprint_tags(f"lora.{label}", cache.describe(build.lora_files(item, spec))))
+        key = build.lora_state_key(item)
+        if key not in entry.lora_fingerprints:
+            entry.lora_fingerprints[key] = cache.describe(build.lora_files(item, spec, download=False))
+        tags.update(fingerprint_tags(f"lora.{label}", entry.lora_fingerprints[key]))
     return tags
 
 

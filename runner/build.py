@@ -47,7 +47,7 @@ class LoadedPipeline:
     # a failure) -> cleared before the next job
     lora_state: Optional[tuple] = ()
     fingerprint: Optional[dict] = None
-    lora_tensors: dict = field(default_factory=dict)  # source -> state dict, current set only
+    lora_fingerprints: dict = field(default_factory=dict)  # source -> fingerprint
     lora_handles: list = field(default_factory=list)  # what load_lora returned, in order
 
 
@@ -234,15 +234,16 @@ def lora_source(item: LoraItem, spec: RunSpec) -> Any:
     )
 
 
-def lora_files(item: LoraItem, spec: RunSpec) -> list[Path]:
+def lora_files(item: LoraItem, spec: RunSpec, download: Optional[bool] = None) -> list[Path]:
+    """The LoRA's local files (fetched first if missing, unless download=False)."""
     if item.path is not None:
         return [Path(item.path)]
     from pipelines.core.download import resolve_files
 
-    return list(resolve_files(lora_source(item, spec)))
+    return list(resolve_files(lora_source(item, spec), download=download))
 
 
-def _source_key(item: LoraItem) -> str:
+def lora_state_key(item: LoraItem) -> str:
     return item.path if item.path is not None else f"{item.model_id}::{item.origin_file_pattern}"
 
 
@@ -251,9 +252,9 @@ def apply_loras(entry: LoadedPipeline, spec: RunSpec) -> float:
 
     Same LoRAs, other alphas: each handle's `set_alpha` (the library re-fuses from the
     original weights: the same result as a fresh load). Another set: `clear_lora()`, then
-    `load_lora()` for each, from tensors read once. The base model is never reloaded."""
+    `load_lora()` for each. The base model is never reloaded."""
     items = [(label, item) for label, _, item in spec.lora.items()]
-    wanted = tuple((label, _source_key(item), float(item.alpha)) for label, item in items)
+    wanted = tuple((label, lora_state_key(item), float(item.alpha)) for label, item in items)
     state = entry.lora_state
     if state == wanted:
         return 0.0
@@ -270,29 +271,12 @@ def apply_loras(entry: LoadedPipeline, spec: RunSpec) -> float:
     if state != ():
         pipe.clear_lora()
     entry.lora_state, entry.lora_handles = None, []
-    keep = {}
-    for (label, item), (_, key, alpha) in zip(items, wanted):
-        tensors = entry.lora_tensors.get(key)
-        if tensors is None:
-            tensors = _read_lora(item, spec)
-        keep[key] = tensors
-        logger.info("Applying LoRA %s (alpha %g)", label, alpha)
-        handle = pipe.load_lora(pipe.dit, dict(tensors) if isinstance(tensors, dict) else tensors, alpha=alpha)
-        entry.lora_handles.append(handle)
-    entry.lora_tensors = keep
+    for label, item in items:
+        logger.info("Applying LoRA %s (alpha %g)", label, item.alpha)
+        # the source itself (path or ModelConfig), so the library's messages name the file
+        entry.lora_handles.append(pipe.load_lora(pipe.dit, lora_source(item, spec), alpha=float(item.alpha)))
     entry.lora_state = wanted
     return time.perf_counter() - started
-
-
-def _read_lora(item: LoraItem, spec: RunSpec) -> Any:
-    """The LoRA's tensors, read once per sweep (an alpha change reuses them); a source the
-    runner cannot read itself goes to load_lora as it is."""
-    files = lora_files(item, spec)
-    if len(files) == 1 and files[0].suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(files[0]))
-    return lora_source(item, spec)
 
 
 def forget_lora_state(entry: Optional[LoadedPipeline]) -> None:
@@ -338,11 +322,12 @@ def generate(entry: LoadedPipeline, spec: RunSpec, rt: Runtime, seed: int):
 
 
 def checkpoint_files(entry: LoadedPipeline) -> list[Path]:
+    """The files the pipeline was loaded from (local: no hub query)."""
     from pipelines.core.download import resolve_files
 
     files: list[Path] = []
     for config in entry.model_configs + ([entry.tokenizer_config] if entry.tokenizer_config else []):
-        files.extend(resolve_files(config))
+        files.extend(resolve_files(config, download=False))
     return files
 
 

@@ -94,8 +94,8 @@ class VramSpec:
 
     A dtype is `float32 | bfloat16 | float16 | float8_e4m3fn | float8_e5m2 | disk`, a device
     `cpu | cuda | cuda:N | disk`; the value `auto` means the run's computation dtype/device.
-    Keys left null fall back to the computation values in the library. All null = no
-    VRAM management.
+    Keys left null fall back to the computation values in the library (leave computation_*
+    null: the pipeline computes on the run's device). All null = no VRAM management.
     """
 
     name: str = "none"
@@ -107,8 +107,9 @@ class VramSpec:
     preparing_device: Optional[str] = None
     computation_dtype: Optional[str] = None
     computation_device: Optional[str] = None
-    # GB of device memory below which layers stay on the preparing device; null = no limit
-    vram_limit: Optional[float] = None
+    # GiB of device memory below which layers stay on the preparing device: a number, `auto`
+    # (the GPU's memory minus a margin) or null (no limit)
+    vram_limit: Any = None
     # tiled VAE encode/decode
     tiled: bool = False
     tile_size: int = 128
@@ -362,6 +363,9 @@ def validate(spec: RunSpec) -> None:
     if m.download_source not in (None, "modelscope", "huggingface"):
         raise ConfigError("model.download_source", f"unknown source {m.download_source!r}", "use modelscope or huggingface")
 
+    limit = spec.vram.vram_limit
+    if limit is not None and limit != "auto" and not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= 0):
+        raise ConfigError("vram.vram_limit", f"must be GiB (a number >= 0), auto or null, got {limit!r}", "e.g. vram.vram_limit=12")
     for key in VRAM_KEYS:
         v = getattr(spec.vram, key)
         if v is None:

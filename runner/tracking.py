@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from .spec import TrackingSpec
 
@@ -210,7 +210,3 @@ def fingerprint_tags(prefix: str, description: Mapping[str, Any]) -> dict[str, s
         f"{prefix}.bytes": str(description["bytes"]),
         f"{prefix}.files": files,
     }
-
-
-def runs_of(tracker: Tracker, run_ids: Iterable[str]) -> list[Any]:
-    return [tracker.client.get_run(r) for r in run_ids]

@@ -183,10 +183,10 @@ def test_missing_component_and_vram_settings_are_clear_errors(diffusers_repo):
                                              model_configs=[ModelConfig(path=root / "vae")])
     with pytest.raises(RuntimeError, match="no dit, text_encoder, tokenizer"):
         pipe("a cat")
-    with pytest.raises(NotImplementedError, match="VRAM management"):
+    with pytest.raises(ValueError, match="offload_device='gpu' is not a device"):  # more in test_vram.py
         QwenImagePipeline.from_pretrained(
             torch_dtype=torch.float32, device="cpu",
-            model_configs=[ModelConfig(path=root / "vae", offload_device="cpu", offload_dtype=torch.float32)])
+            model_configs=[ModelConfig(path=root / "vae", offload_device="gpu", offload_dtype=torch.float32)])
     with pytest.raises(ValueError, match="Two model configs hold the vae"):
         QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
                                           model_configs=[ModelConfig(path=root / "vae")] * 2)

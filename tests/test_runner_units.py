@@ -81,15 +81,15 @@ def test_weights_load_once_and_lora_changes_never_reload_nor_linger(lora_file, w
     rt = build.Runtime("cpu", "float32")
     lora = [f"lora.path={lora_file}", "lora=file"]
     # without handles every change is clear + load; with handles an alpha change is set_alpha
-    change = (lambda a: [("set_alpha", a)]) if with_handles else (lambda a: [("clear",), ("load", "dict", a)])
+    change = (lambda a: [("set_alpha", a)]) if with_handles else (lambda a: [("clear",), ("load", "str", a)])
     sequence = [
         ([], []),
-        ([*lora, "lora.alpha=1"], [("load", "dict", 1.0)]),
+        ([*lora, "lora.alpha=1"], [("load", "str", 1.0)]),
         ([*lora, "lora.alpha=1", "seed=3", "sampler.steps=2"], []),  # same LoRA: nothing
         ([*lora, "lora.alpha=0.5"], change(0.5)),
         ([*lora, "lora.alpha=0"], change(0.0)),
         ([], [("clear",)]),
-        ([*lora, "lora.alpha=2"], [("load", "dict", 2.0)]),
+        ([*lora, "lora.alpha=2"], [("load", "str", 2.0)]),
         (["sampler.height=64"], [("clear",)]),
     ]
     pipe = None
@@ -137,10 +137,22 @@ def test_vram_presets_map_auto_to_the_runtime():
     configs, tokenizer = build.model_configs(spec, build.Runtime("cuda", "bfloat16"))
     c = configs[0]
     assert c.offload_dtype is torch.float8_e4m3fn and c.offload_device == "cpu"
-    assert c.computation_dtype is torch.bfloat16 and c.computation_device == "cuda"
+    assert c.onload_device == "cuda" and c.preparing_dtype is torch.float8_e4m3fn
+    assert c.computation_dtype is None and c.computation_device is None  # the pipeline's own
     assert not tokenizer.vram_managed
     c = build.model_configs(spec_for("vram=disk"), build.Runtime("cuda", "bfloat16"))[0][0]
     assert (c.offload_dtype, c.offload_device, c.onload_device) == ("disk", "disk", "cpu")
+
+
+@pytest.mark.parametrize("preset", ["cpu_offload", "fp8", "low_vram", "disk"])
+def test_vram_presets_are_refused_at_once_by_a_pipeline_without_vram_management(preset):
+    from runner.spec import ConfigError
+
+    assert not hasattr(FakePipeline, "supports_vram_management")
+    with pytest.raises(ConfigError, match="vram=none") as err:
+        build.preflight(spec_for(f"vram={preset}"))
+    assert err.value.key == "vram" and preset in str(err.value)
+    build.preflight(spec_for("vram=none"))
 
 
 def test_ensure_built_builds_once_under_a_lock(tmp_path, monkeypatch):

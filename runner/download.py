@@ -1,0 +1,39 @@
+"""`python -m runner download [overrides]`: fetch every file a run config needs (model,
+tokenizer, hub LoRAs) without generating anything; the same overrides as a run."""
+from __future__ import annotations
+
+import logging
+
+from . import build
+from .spec import ConfigError, to_spec, validate
+
+logger = logging.getLogger("runner")
+
+
+def download(overrides: list[str]) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from pipelines.core.download import DownloadError, fetch
+
+    from .app import CONF_DIR
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            spec = to_spec(compose("config", overrides=overrides))
+        validate(spec)
+    except ConfigError as error:
+        logger.error("%s", error)
+        return 2
+    build.ensure_built(spec)
+    configs, tokenizer = build.model_configs(spec, build.resolve_runtime(spec))
+    loras = [build.lora_source(item, spec) for _, _, item in spec.lora.items()]
+    hub_loras = [lora for lora in loras if not isinstance(lora, str)]
+    try:  # a config with skip_download (the built demo model) is only checked on disk
+        summary = fetch([*configs, tokenizer, *hub_loras])
+    except DownloadError as error:
+        logger.error("%s", error)
+        return 1
+    for line in summary.lines():
+        logger.info("%s", line)
+    return 0

@@ -1,0 +1,474 @@
+"""VRAM management on the CPU: every preset and a table of key combinations give the unmanaged
+pipeline's image (bit for bit when every dtype is the computation dtype; within a stated
+tolerance with float8 or bfloat16 storage), the weights are where the keys say after each
+stage, hot LoRA works on wrapped layers, disk offload keeps host memory bounded, bad keys
+get clear errors. The CPU stands in for the GPU: the places differ by dtype and by "disk"
+(weights left in the file show as meta tensors on the module); the vram_limit stand-in counts
+the bytes prepared on the device."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.core import lora as lora_module
+from pipelines.core import vram
+from pipelines.core.vram import VramConfigError, VramSettings
+from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
+from pipelines.qwen_image import ModelConfig, QwenImagePipeline, load_tokenizer
+from pipelines.testing.checkpoints import random_state_dict, save_sharded
+from pipelines.testing.lora import random_lora, save_lora
+
+FOLDERS = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
+GEN = dict(prompt="A red fox sitting in fresh snow, soft morning light", negative_prompt="blurry", cfg_scale=4.0,
+           seed=3, height=64, width=64, num_inference_steps=2, progress_bar=False)
+FP8 = "float8_e4m3fn"
+# FP8 storage with float32 compute, measured on the tiny model: mean |diff| ~ 4, max ~ 26 (of 255).
+FP8_MEAN, FP8_MAX = 8.0, 48
+BF16_MEAN, BF16_MAX = 1.0, 6  # bfloat16 storage: mean ~ 0.25, max 2
+
+# The presets of conf/vram/*.yaml with `auto` resolved as the runner does on a CPU run
+# (dtype float32, device cpu); on a GPU run `auto` is bfloat16 / cuda.
+AUTO_DTYPE, AUTO_DEVICE = "float32", "cpu"
+PRESETS = {
+    "none": ({}, None),
+    "cpu_offload": (dict(offload_dtype=AUTO_DTYPE, offload_device="cpu", onload_dtype=AUTO_DTYPE,
+                         onload_device=AUTO_DEVICE, preparing_dtype=AUTO_DTYPE, preparing_device=AUTO_DEVICE,
+                         computation_dtype=AUTO_DTYPE, computation_device=AUTO_DEVICE), None),
+    "fp8": (dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8, onload_device=AUTO_DEVICE,
+                 preparing_dtype=FP8, preparing_device=AUTO_DEVICE, computation_dtype=AUTO_DTYPE,
+                 computation_device=AUTO_DEVICE), None),
+    "low_vram": (dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8, onload_device="cpu",
+                      preparing_dtype=FP8, preparing_device=AUTO_DEVICE, computation_dtype=AUTO_DTYPE,
+                      computation_device=AUTO_DEVICE), "auto"),
+    "disk": (dict(offload_dtype="disk", offload_device="disk", onload_dtype=FP8, onload_device="cpu",
+                  preparing_dtype=FP8, preparing_device=AUTO_DEVICE, computation_dtype=AUTO_DTYPE,
+                  computation_device=AUTO_DEVICE), "auto"),
+}
+
+
+# ============================================================================ helpers
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_repo):
+    return load_tokenizer([tiny_repo / "tokenizer"])
+
+
+def build(repo: Path, tokenizer, keys: dict | None = None, per_model: dict | None = None,
+          vram_limit=None) -> QwenImagePipeline:
+    configs = [ModelConfig(path=repo / folder, **((per_model or {}).get(name, keys) or {}))
+               for name, folder in FOLDERS.items()]
+    pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
+                                             vram_limit=vram_limit)
+    pipe.tokenizer = tokenizer
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def unmanaged(tiny_repo, tokenizer):
+    return build(tiny_repo, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference(unmanaged):
+    return pixels(unmanaged(**GEN))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def assert_close_image(image: np.ndarray, expected: np.ndarray, exact: bool, mean: float = FP8_MEAN,
+                       worst: int = FP8_MAX) -> None:
+    assert ((expected > 2) & (expected < 253)).mean() > 0.5 and expected.std() > 5  # a real image
+    diff = np.abs(image - expected)
+    if exact:
+        assert diff.max() == 0, f"max pixel difference {diff.max()}, expected none"
+    else:
+        assert diff.mean() <= mean and diff.max() <= worst, f"mean {diff.mean():.2f}, max {diff.max()}"
+
+
+class StageRecorder:
+    """Wraps vram.use_stage: records (stage, placements before, placements after) per call, with
+    the actual storage of every managed layer's largest parameter (read from the module)."""
+
+    def __init__(self, pipe: QwenImagePipeline, monkeypatch):
+        self.pipe, self.calls = pipe, []
+        original = vram.use_stage
+
+        def recording(managers, active):
+            if managers is not pipe.vram:  # another pipeline
+                return original(managers, active)
+            before = self.snapshot()
+            original(managers, active)
+            self.calls.append((active, before, self.snapshot()))
+
+        monkeypatch.setattr(vram, "use_stage", recording)
+
+    def snapshot(self) -> dict:
+        out = {}
+        for name, manager in self.pipe.vram.items():
+            model = getattr(self.pipe, name)
+            states = manager.placements()
+            layers = {}
+            for layer, (state, where) in states.items():
+                module = model.get_submodule(layer)
+                param = max((p for p in module._parameters.values() if p is not None), key=torch.Tensor.numel)
+                layers[layer] = (state, where, param.dtype, param.device.type, param.ndim)
+            out[name] = layers
+        return out
+
+
+def storage_of(place: vram.Place, computation: vram.Place, ndim: int) -> tuple[str, torch.dtype | None]:
+    """(device type, dtype) a layer's largest tensor has in `place` (dtype None: the file's)."""
+    if place.is_disk:
+        return "meta", None
+    dtype = place.dtype
+    if dtype in vram.FLOAT8 and ndim < 2:
+        dtype = computation.dtype
+    return place.device.type, dtype
+
+
+def check_layers(pipe, snapshot: dict, active: str | None, states: set[str]) -> None:
+    """Every managed model but `active` is offloaded; `active` is in one of `states`; each
+    layer's weights are stored as its settings say."""
+    for name, layers in snapshot.items():
+        settings = pipe.vram[name].settings
+        allowed = states if name == active else {"offload"}
+        for layer, (state, where, dtype, device, ndim) in layers.items():
+            assert state in allowed, f"{name}.{layer} is {state}, expected {allowed} (stage {active})"
+            place = {"offload": settings.offload, "onload": settings.onload, "preparing": settings.preparing}[state]
+            want_device, want_dtype = storage_of(place, settings.computation, ndim)
+            assert device == want_device, f"{name}.{layer} ({state}) on {device}, expected {want_device}"
+            if want_dtype is not None:
+                assert dtype == want_dtype, f"{name}.{layer} ({state}) in {dtype}, expected {want_dtype}"
+            assert where == str(place) or (place.dtype in vram.FLOAT8 and ndim < 2) or place.is_disk and where == "disk"
+
+
+def check_stages(pipe, recorder: StageRecorder) -> None:
+    """Text encoder, then DiT, then VAE, then everything offloaded; placements at each step."""
+    assert [c[0] for c in recorder.calls] == ["text_encoder", "text_encoder", "dit", "vae", None]
+    after_encode = recorder.calls[0][2]
+    check_layers(pipe, after_encode, "text_encoder", {"onload"})
+    end_of_encode = recorder.calls[2][1]  # just before the DiT stage: layers may have been prepared
+    check_layers(pipe, end_of_encode, "text_encoder", {"onload", "preparing"})
+    check_layers(pipe, recorder.calls[2][2], "dit", {"onload"})
+    end_of_denoise = recorder.calls[3][1]
+    check_layers(pipe, end_of_denoise, "dit", {"onload", "preparing"})
+    check_layers(pipe, recorder.calls[4][1], "vae", {"onload", "preparing"})
+    check_layers(pipe, recorder.calls[4][2], None, set())
+    for manager in pipe.vram.values():
+        assert manager.state == vram.OFFLOAD
+
+
+def prepared(snapshot: dict, name: str) -> int:
+    return sum(state == "preparing" for state, *_ in snapshot[name].values())
+
+
+# ============================================================================ presets and combinations
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_give_the_unmanaged_image(preset, tiny_repo, tokenizer, reference, monkeypatch):
+    keys, vram_limit = PRESETS[preset]
+    pipe = build(tiny_repo, tokenizer, keys, vram_limit=vram_limit)
+    assert set(pipe.vram) == (set() if preset == "none" else set(FOLDERS))
+    recorder = StageRecorder(pipe, monkeypatch)
+    image = pixels(pipe(**GEN))
+    assert_close_image(image, reference, exact=preset in ("none", "cpu_offload"))
+    if preset != "none":
+        check_stages(pipe, recorder)
+    if preset == "disk":  # nothing of the weights stays in memory between calls
+        assert all(p.device.type == "meta" for p in pipe.dit.parameters())
+
+
+@pytest.fixture(scope="module")
+def model_bytes(unmanaged):
+    return {name: sum(p.numel() * 4 for p in getattr(unmanaged, name).parameters()) for name in FOLDERS}
+
+
+# (id, keys for every model, vram_limit as a fraction of the DiT's float32 bytes, exact (True), within
+# the FP8 tolerance (False) or the bfloat16 one ("bf16"), how many DiT layers are prepared at the end
+# of the denoising: "all", "none" or "some")
+COMBINATIONS = [
+    ("offload_device only", dict(offload_device="cpu"), None, True, "none"),
+    ("offload bf16, rest computation", dict(offload_dtype="bfloat16", offload_device="cpu"), None, "bf16", "none"),
+    ("disk, read per layer", dict(offload_dtype="disk", offload_device="disk", onload_dtype="disk",
+                                  onload_device="disk"), None, True, "all"),
+    ("disk, onload cpu", dict(offload_dtype="disk", offload_device="disk", onload_device="cpu"), None, True, "none"),
+    ("disk per layer, limit", dict(offload_device="disk", onload_device="disk", preparing_device="cpu"), 0.5, True,
+     "some"),
+    ("fp8 onload, fp32 preparing, no limit", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8,
+                                                   preparing_dtype="float32"), None, False, "all"),
+    ("fp8 onload, fp32 preparing, limit 0", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8,
+                                                  preparing_dtype="float32"), 0.0, False, "none"),
+    ("bf16 onload, fp32 preparing, limit", dict(offload_dtype="float32", offload_device="cpu",
+                                                 onload_dtype="bfloat16", preparing_dtype="float32"), 0.4, "bf16",
+     "some"),
+    ("fp8 offload, fp32 onload", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype="float32"), None, False,
+     "none"),
+    ("disk, fp8 onload, fp32 preparing, limit", dict(offload_device="disk", onload_dtype=FP8, onload_device="cpu",
+                                                      preparing_dtype=torch.float32), 0.6, False, "some"),
+]
+
+
+@pytest.mark.parametrize("name,keys,limit,exact,dit_prepared", COMBINATIONS, ids=[c[0] for c in COMBINATIONS])
+def test_key_combinations_give_the_unmanaged_image(name, keys, limit, exact, dit_prepared, tiny_repo, tokenizer,
+                                                    reference, model_bytes, monkeypatch):
+    vram_limit = None if limit is None else limit * model_bytes["dit"] / vram.GiB
+    pipe = build(tiny_repo, tokenizer, keys, vram_limit=vram_limit)
+    recorder = StageRecorder(pipe, monkeypatch)
+    image = pixels(pipe(**GEN))
+    if exact == "bf16":
+        assert_close_image(image, reference, exact=False, mean=BF16_MEAN, worst=BF16_MAX)
+    else:
+        assert_close_image(image, reference, exact=exact)
+    check_stages(pipe, recorder)
+    end_of_denoise = recorder.calls[3][1]
+    count = prepared(end_of_denoise, "dit")
+    total = sum(layer.preparable for layer in pipe.vram["dit"].layers)  # norms stay float32 under float8 keys
+    expected = {"all": total, "none": 0}.get(dit_prepared)
+    if expected is not None:
+        assert count == expected, f"{count} of {total} DiT layers prepared, expected {dit_prepared}"
+    else:
+        assert 0 < count < total
+        prepared_bytes = sum(pipe.vram["dit"].layers[i].nbytes[vram.PREPARED] for i, (state, *_) in
+                             enumerate(end_of_denoise["dit"].values()) if state == "preparing")
+        assert prepared_bytes <= vram_limit * vram.GiB
+    assert not any(vram._PREPARED.values()), "prepared bytes not given back at the end of the call"
+
+
+def test_models_with_different_settings_and_image_to_image(tiny_repo, tokenizer, unmanaged, monkeypatch):
+    from PIL import Image
+
+    per_model = {"dit": dict(offload_device="disk", onload_device="disk"),
+                 "text_encoder": dict(offload_device="cpu", offload_dtype="float32", onload_dtype="float32"),
+                 "vae": dict(offload_device="disk", onload_device="cpu")}
+    pipe = build(tiny_repo, tokenizer, per_model=per_model)
+    start = Image.fromarray(np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8))
+    args = dict(GEN, input_image=start, denoising_strength=0.6, num_inference_steps=4)
+    recorder = StageRecorder(pipe, monkeypatch)
+    image = pixels(pipe(**args))
+    assert_close_image(image, pixels(unmanaged(**args)), exact=True)
+    assert [c[0] for c in recorder.calls] == ["text_encoder", "text_encoder", "vae", "dit", "vae", None]
+    check_layers(pipe, recorder.calls[3][2], "dit", {"onload"})  # the VAE went back after encoding the image
+    assert pipe.dit.img_in.weight.device.type == "meta" and pipe.vae.decoder.conv_in.weight.device.type == "meta"
+    assert pipe.text_encoder.model.embed_tokens.weight.device.type == "cpu"
+
+
+def test_encode_prompt_alone_onloads_the_text_encoder_and_a_failed_call_offloads(tiny_repo, tokenizer):
+    pipe = build(tiny_repo, tokenizer, PRESETS["fp8"][0])
+    hidden, _ = pipe.encode_prompt("a cat")
+    assert pipe.vram["text_encoder"].state == vram.ONLOAD and pipe.vram["dit"].state == vram.OFFLOAD
+
+    def broken(*args, **kwargs):
+        assert pipe.vram["vae"].state == vram.ONLOAD
+        raise RuntimeError("decode failed")
+
+    pipe.vae.decode = broken
+    with pytest.raises(RuntimeError, match="decode failed"):
+        pipe(**GEN)
+    assert all(m.state == vram.OFFLOAD for m in pipe.vram.values())
+
+
+# ============================================================================ options
+
+
+def test_batched_cfg_matches_two_forwards(tiny_repo, tokenizer, unmanaged, reference):
+    # the negative prompt is shorter: the batch pads it and masks the padding
+    batched = pixels(unmanaged(**GEN, cfg_batch=True))
+    assert np.abs(batched - reference).max() <= 1
+    pipe = build(tiny_repo, tokenizer, PRESETS["disk"][0])
+    fp8_two = pixels(pipe(**GEN))
+    assert np.abs(pixels(pipe(**GEN, cfg_batch=True)) - fp8_two).max() <= 1
+
+
+def test_prefetch_bookkeeping_on_the_cpu(tiny_repo, tokenizer, monkeypatch):
+    """The CUDA prefetch logic, with synchronous copies: same image, copies used, a layer run out
+    of order makes it record again."""
+    keys = dict(offload_device="disk", onload_device="disk")  # vram_limit 0: every layer read at every use
+    plain = build(tiny_repo, tokenizer, keys, vram_limit=0)
+    expected = pixels(plain(**GEN, tiled=True, tile_size=4, tile_stride=2))
+    pipe = build(tiny_repo, tokenizer, keys, vram_limit=0)
+    for manager in pipe.vram.values():
+        manager.set_prefetch(True, prefetch_bytes=64 << 10)
+    assert np.array_equal(pixels(pipe(**GEN, tiled=True, tile_size=4, tile_stride=2)), expected)
+    dit, vae = pipe.vram["dit"].stats(), pipe.vram["vae"].stats()
+    # 2 steps x 2 forwards: the first forward records the order, the later ones are prefetched
+    assert dit["prefetch_hits"] > 2 * len(pipe.vram["dit"].layers) and dit["prefetch_resets"] == 0
+    assert vae["prefetch_hits"] > 0  # the VAE has no root forward: its cycle is one tile's layers
+    # out of order: a layer called alone
+    pipe.vram["dit"].onload()
+    pipe.dit.proj_out(torch.zeros(1, pipe.dit.params.inner_dim))
+    pipe.vram["dit"].offload()
+    assert np.array_equal(pixels(pipe(**GEN, tiled=True, tile_size=4, tile_stride=2)), expected)
+    assert pipe.vram["dit"].stats()["prefetch_resets"] >= 1
+
+
+def test_host_arenas_hold_the_same_weights(tiny_repo, tokenizer, reference, monkeypatch):
+    """The page-locked arena path (CUDA), without the page locking."""
+    monkeypatch.setattr(vram, "_ARENAS_WITHOUT_CUDA", True)
+    keys = dict(offload_dtype="float32", offload_device="cpu", onload_dtype="bfloat16", onload_device="cpu")
+    pipe = build(tiny_repo, tokenizer, keys)
+    storages = {p.untyped_storage().data_ptr() for p in pipe.dit.parameters()}
+    assert len(storages) == 1  # one buffer for the model
+    recorder = StageRecorder(pipe, monkeypatch)
+    assert_close_image(pixels(pipe(**GEN)), reference, exact=False, mean=BF16_MEAN, worst=BF16_MAX)
+    onloaded = recorder.calls[2][2]["dit"]
+    assert all(dtype == torch.bfloat16 for _, _, dtype, _, _ in onloaded.values())
+
+
+# ============================================================================ LoRA
+
+
+def test_hot_lora_on_wrapped_layers(tiny_repo, tokenizer, unmanaged, reference, tmp_path):
+    shapes = {k: tuple(v.shape) for k, v in unmanaged.dit.state_dict().items()}
+    path = save_lora(tmp_path / "lora.safetensors", random_lora(shapes, rank=4, seed=7), "kohya", 2.0)
+    handle = unmanaged.load_lora(unmanaged.dit, str(path), hotload=True)
+    expected = pixels(unmanaged(**GEN))
+    unmanaged.clear_lora()
+    assert np.abs(expected - reference).mean() > 3  # the LoRA shows
+
+    disk = build(tiny_repo, tokenizer, dict(offload_device="disk", onload_device="disk"))
+    handle = disk.load_lora(disk.dit, str(path))
+    assert handle.hot  # the default for a VRAM-managed model
+    assert np.array_equal(pixels(disk(**GEN)), expected)
+    with pytest.raises(VramConfigError, match="cold LoRA"):
+        disk.load_lora(disk.dit, str(path), hotload=False)
+    disk.clear_lora()
+    assert np.array_equal(pixels(disk(**GEN)), reference)
+
+    fp8 = build(tiny_repo, tokenizer, PRESETS["fp8"][0])
+    fp8.load_lora(fp8.dit, str(path), alpha=1.0)
+    entry = next(iter(lora_module._STATE[fp8.dit].hot.values()))[0]
+    assert entry.A.dtype == torch.float32 and entry.A.device.type == "cpu"  # computation, not float8 storage
+    assert_close_image(pixels(fp8(**GEN)), expected, exact=False)
+
+
+def test_cold_lora_fuses_into_the_offload_storage(tiny_repo, tokenizer, unmanaged, reference, tmp_path):
+    shapes = {k: tuple(v.shape) for k, v in unmanaged.dit.state_dict().items()}
+    path = save_lora(tmp_path / "lora.safetensors", random_lora(shapes, rank=4, seed=8), "kohya", 2.0)
+    unmanaged.load_lora(unmanaged.dit, str(path))
+    expected = pixels(unmanaged(**GEN))
+    unmanaged.clear_lora()
+
+    keys = dict(offload_device="cpu", offload_dtype="float32", onload_dtype="bfloat16", preparing_dtype="float32")
+    pipe = build(tiny_repo, tokenizer, keys)
+    base = pixels(pipe(**GEN))
+    pipe.vram["dit"].onload()  # a cold LoRA goes into the offload storage, whatever the state
+    handle = pipe.load_lora(pipe.dit, str(path), hotload=False)
+    assert not handle.hot and pipe.vram["dit"].state == vram.OFFLOAD
+    image = pixels(pipe(**GEN))
+    assert_close_image(image, expected, exact=False, mean=BF16_MEAN, worst=BF16_MAX)
+    assert np.abs(image - base).mean() > 3
+    pipe.clear_lora()
+    assert np.array_equal(pixels(pipe(**GEN)), base)
+
+
+# ============================================================================ errors
+
+
+@pytest.mark.parametrize("keys,match", [
+    (dict(offload_device="gpu"), "offload_device='gpu' is not a device"),
+    (dict(offload_device="cpu", offload_dtype="bf17"), "offload_dtype='bf17' is not a dtype"),
+    (dict(offload_device="cuda"), "CUDA is not available"),
+    (dict(offload_device="meta"), "meta device holds no data"),
+    (dict(offload_device="cpu", computation_dtype=FP8), "float8 is a storage dtype"),
+    (dict(offload_device="cpu", preparing_device="disk"), "preparing_\\* cannot be 'disk'"),
+    (dict(offload_device="cpu", onload_device="disk"), "onload 'disk' needs offload 'disk'"),
+    (dict(offload_device="disk", offload_dtype="bfloat16"), "set both offload_dtype and offload_device to 'disk'"),
+    (dict(onload_device="cpu"), "neither offload_dtype nor offload_device"),
+])
+def test_bad_keys_are_clear_errors(keys, match, tiny_repo, tokenizer):
+    with pytest.raises(VramConfigError, match=match) as info:
+        build(tiny_repo, tokenizer, per_model={"dit": keys})
+    assert "ModelConfig(path=" in str(info.value)  # says which model
+
+
+def test_more_errors(tiny_repo, tokenizer, tmp_path, monkeypatch):
+    with pytest.raises(VramConfigError, match="vram_limit=-1"):
+        build(tiny_repo, tokenizer, dict(offload_device="cpu"), vram_limit=-1)
+    with pytest.raises(VramConfigError, match="vram_limit='lots'"):
+        build(tiny_repo, tokenizer, dict(offload_device="cpu"), vram_limit="lots")
+    assert vram.resolve_vram_limit("auto", "cpu") is None
+    # float8 where the device cannot store it (as on MPS): the probe fails
+    def refuse(dtype, device):
+        raise TypeError(f"{device} does not support {dtype}")
+    monkeypatch.setattr(vram, "_probe_float8", refuse)
+    with pytest.raises(VramConfigError, match="cannot store float8"):
+        build(tiny_repo, tokenizer, per_model={"vae": dict(offload_device="cpu", offload_dtype=FP8)})
+    monkeypatch.undo()
+    # disk offload of a file that is not safetensors: refused before anything is loaded
+    from safetensors.torch import load_file
+    folder = tmp_path / "vae_bin"
+    folder.mkdir()
+    torch.save(load_file(str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")), folder / "vae.bin")
+    with pytest.raises(VramConfigError, match="disk offload needs .safetensors files.*vae.bin"):
+        QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+            ModelConfig(path=folder / "vae.bin", offload_device="disk")])
+    pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+        ModelConfig(path=folder / "vae.bin", offload_device="cpu", offload_dtype="bfloat16")])  # cpu offload is fine
+    assert pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    with pytest.raises(VramConfigError, match="computation_dtype/device cannot be 'disk'"):
+        VramSettings.from_keys(dict(computation_device="disk"), torch.float32, "cpu")
+
+
+# ============================================================================ host memory with disk offload
+
+
+def _rss(collect: bool = False) -> int:
+    import psutil
+
+    if collect:
+        gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+@pytest.fixture(scope="module")
+def mid_dit_file(tmp_path_factory) -> tuple[Path, int]:
+    """A mid-size DiT (57 M parameters, 228 MB in float32) as one safetensors file."""
+    params = QwenImageDiTParams(num_layers=6, attention_head_dim=64, num_attention_heads=8, joint_attention_dim=64,
+                                axes_dims_rope=(8, 28, 28))
+    from pipelines.core.loader import parameters_on_meta
+    with parameters_on_meta():
+        shapes = {k: tuple(v.shape) for k, v in QwenImageDiT(params).state_dict().items()}
+    folder = tmp_path_factory.mktemp("mid_dit")
+    state = random_state_dict(shapes, seed=0)
+    save_sharded(state, folder, "diffusion_pytorch_model", 1)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    del state
+    return folder, nbytes
+
+
+@pytest.mark.parametrize("onload", ["disk", "cpu"])
+def test_disk_offload_keeps_host_memory_bounded(onload, mid_dit_file):
+    folder, nbytes = mid_dit_file
+    from pipelines.core.loader import load_model
+
+    # vram_limit 0: no layer stays resident (preparing falls back to the computation place, the cpu)
+    dit = vram.load_managed([folder], [QwenImageDiT], VramSettings.from_keys(
+        dict(offload_device="disk", onload_device=onload), torch.float32, "cpu", vram_limit=0))
+    manager = vram.manager_of(dit)
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 4, 64, generator=g)
+    rss = [_rss(collect=True)]
+    manager.onload()
+    with torch.inference_mode():
+        outputs = []
+        for step in range(12):
+            outputs.append(dit(latents, torch.tensor([1.0 - step / 12]), text, None, 4, 4))
+            rss.append(_rss())
+    manager.offload()
+    rss.append(_rss(collect=True))
+    growth = [(r - rss[0]) / nbytes for r in rss]
+    if onload == "disk":  # read per layer, every step: the whole file went through 12 times
+        assert max(growth) < 0.25, f"host memory grew by {max(growth):.0%} of the weights: {growth}"
+    else:  # one copy at onload, none over the steps, none after the offload
+        assert max(growth[2:-1]) - growth[1] < 0.05 and growth[-1] < 0.25, growth
+    reference = load_model([folder], [QwenImageDiT], torch.float32, "cpu")
+    with torch.inference_mode():
+        assert torch.equal(outputs[3], reference(latents, torch.tensor([1.0 - 3 / 12]), text, None, 4, 4))
