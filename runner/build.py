@@ -168,8 +168,8 @@ def cache_key(spec: RunSpec, rt: Runtime) -> str:
 
 
 def _vram_load_keys(spec: RunSpec) -> dict:
-    # tiling is a call argument, not a property of the loaded weights
-    return {k: v for k, v in dataclasses.asdict(spec.vram).items() if k not in ("name", "tiled", "tile_size", "tile_stride")}
+    # tiling and batched CFG are call arguments, not a property of the loaded weights
+    return {k: v for k, v in dataclasses.asdict(spec.vram).items() if k not in ("name", "cfg_batch", "tiled", "tile_size", "tile_stride")}
 
 
 def get_pipeline(spec: RunSpec, rt: Runtime) -> tuple[LoadedPipeline, float]:
@@ -305,6 +305,7 @@ def generate(entry: LoadedPipeline, spec: RunSpec, rt: Runtime, seed: int):
         num_inference_steps=s.steps,
         exponential_shift_mu=s.shift_mu,
         denoising_strength=s.denoising_strength,
+        cfg_batch=spec.vram.cfg_batch,
         tiled=spec.vram.tiled,
         tile_size=spec.vram.tile_size,
         tile_stride=spec.vram.tile_stride,

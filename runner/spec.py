@@ -110,6 +110,9 @@ class VramSpec:
     # GiB of device memory below which layers stay on the preparing device: a number, `auto`
     # (the GPU's memory minus a margin) or null (no limit)
     vram_limit: Any = None
+    # both CFG branches in one batched forward (halves weight traffic when layers stream;
+    # measured no faster on an H100 with low_vram, so off in every preset)
+    cfg_batch: bool = False
     # tiled VAE encode/decode
     tiled: bool = False
     tile_size: int = 128
