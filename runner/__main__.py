@@ -2,8 +2,9 @@
 `python -m runner download [overrides]` (fetch the files a run needs, run nothing).
 
 Exit status: 0 when every job finished (or was skipped by resume=true), 1 when a job
-failed (the failed jobs are listed), 130 on Ctrl-C / SIGTERM, Hydra's own status for a
-config that does not compose. Every MLflow run this process opened is ended first.
+failed (the failed jobs are listed) or a download failed, 2 for a sweep or download
+refused on its configuration before any job, 130 on Ctrl-C / SIGTERM, Hydra's own status
+for a config that does not compose. Every MLflow run this process opened is ended first.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def cli() -> int:
         abort(FAILED)
         if code:
             return code
+    except BaseException:  # HYDRA_FULL_ERROR=1 or a debugger re-raises instead of exiting
+        abort(FAILED)
+        raise
     finish_sweep()  # done by the sweep callback's on_multirun_end; here if it was removed
     abort(FAILED)  # no-op unless something was left open
     if STATE.failed:

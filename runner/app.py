@@ -131,14 +131,18 @@ def start_sweep(config: DictConfig) -> Sweep:
     plain = config.copy()
     with open_dict(plain):
         plain.pop("hydra", None)
+    overrides = [str(o) for o in config.hydra.overrides.task]
     try:
         check_keys(plain, RunSpec)  # a misspelt `+key` fails the sweep before any job
         tracking = OmegaConf.to_object(config.tracking)
+        for key in _swept_keys(overrides):
+            if key == "experiment" or key.startswith("tracking"):  # one parent run holds the jobs
+                raise ConfigError(key, "cannot be swept: every job of a sweep logs under the sweep's parent run",
+                                  f"run one sweep per value of {key}")
     except ConfigError as e:
         logger.error("%s", e)
         raise SystemExit(2) from None
     sweep_dir = Path(config.hydra.sweep.dir)
-    overrides = [str(o) for o in config.hydra.overrides.task]
     experiment = str(config.experiment)
     tracker = get_tracker(tracking, experiment)
     parent_id = None

@@ -119,7 +119,7 @@ def model_configs(spec: RunSpec, rt: Runtime) -> tuple[list, Any]:
     vram = {k: v for k, v in vram.items() if v is not None}
 
     def make(f: FileSpec, with_vram: bool) -> Any:
-        kwargs: dict[str, Any] = dict(download_source=spec.model.download_source, skip_download=spec.model.skip_download or None)
+        kwargs: dict[str, Any] = dict(download_source=spec.model.download_source, skip_download=spec.model.skip_download)
         if f.path is not None:
             kwargs["path"] = list(f.path) if isinstance(f.path, (list, tuple)) else f.path
         else:
@@ -230,7 +230,7 @@ def lora_source(item: LoraItem, spec: RunSpec) -> Any:
         model_id=item.model_id,
         origin_file_pattern=item.origin_file_pattern,
         download_source=spec.model.download_source,
-        skip_download=spec.model.skip_download or None,
+        skip_download=spec.model.skip_download,
     )
 
 

@@ -12,8 +12,9 @@ logger = logging.getLogger("runner")
 
 def download(overrides: list[str]) -> int:
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
-    from pipelines.core.download import DownloadError, fetch
+    from pipelines.core.download import fetch
 
     from .app import CONF_DIR
 
@@ -22,18 +23,18 @@ def download(overrides: list[str]) -> int:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             spec = to_spec(compose("config", overrides=overrides))
         validate(spec)
-    except ConfigError as error:
+    except (ConfigError, HydraException) as error:
         logger.error("%s", error)
         return 2
-    build.ensure_built(spec)
-    configs, tokenizer = build.model_configs(spec, build.resolve_runtime(spec))
-    loras = [build.lora_source(item, spec) for _, _, item in spec.lora.items()]
-    hub_loras = [lora for lora in loras if not isinstance(lora, str)]
-    try:  # a config with skip_download (the built demo model) is only checked on disk
-        summary = fetch([*configs, tokenizer, *hub_loras])
-    except DownloadError as error:
+    try:
+        build.ensure_built(spec)
+        configs, tokenizer = build.model_configs(spec, build.resolve_runtime(spec))
+        loras = [build.lora_source(item, spec) for _, _, item in spec.lora.items()]
+        hub_loras = [lora for lora in loras if not isinstance(lora, str)]
+        # a config with skip_download (the built demo model) is only checked on disk;
+        # fetch logs its own summary
+        fetch([*configs, tokenizer, *hub_loras])
+    except (OSError, ValueError) as error:  # DownloadError, a corrupt file, a bad variable
         logger.error("%s", error)
         return 1
-    for line in summary.lines():
-        logger.info("%s", line)
     return 0

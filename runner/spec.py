@@ -67,7 +67,7 @@ class ModelSpec:
     # modelscope | huggingface; null = the library's default (DIFFSYNTH_DOWNLOAD_SOURCE)
     download_source: Optional[str] = None
     # true = load from the models folder only, never ask the hub
-    skip_download: bool = False
+    skip_download: Optional[bool] = None  # null: DIFFSYNTH_SKIP_DOWNLOAD decides
     # `module.function(out_dir) -> Path` that writes the checkpoint into
     # <models folder>/<model_id> when it is missing (the embedded demo model); null = none
     build: Optional[str] = None

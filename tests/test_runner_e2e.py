@@ -155,13 +155,6 @@ def tiny_repo(env) -> Path:
     return target
 
 
-def _has_lora() -> bool:
-    from pipelines.qwen_image import QwenImagePipeline
-
-    return hasattr(QwenImagePipeline, "load_lora") and hasattr(QwenImagePipeline, "clear_lora")
-
-
-@pytest.mark.skipif(not _has_lora(), reason="waits on the LoRA issue: QwenImagePipeline.load_lora / clear_lora")
 def test_sweep_of_seeds_and_lora_alphas_loads_weights_once(env, tiny_repo):
     lora = _tiny_lora(env["models"], env["root"] / "tiny_lora.safetensors")
     # alpha 1 first, so the alpha-0 jobs run on a pipeline that carried the LoRA before
@@ -358,3 +351,10 @@ def test_download_command(env, tmp_path):
     bad = download("model=qwen_image", "sampler.height=100")
     assert_done(bad, code=2)
     assert "config `sampler.height`" in bad.stderr
+
+
+def test_sweeping_the_experiment_is_refused_before_any_job(env):
+    proc = runner(env, "-m", *SMALL, "experiment=a,b", name="swept_experiment")
+    assert_done(proc, code=2)
+    assert "config `experiment`: cannot be swept" in proc.stdout + proc.stderr
+    assert not (env["root"] / "swept_experiment" / "sweep" / "0").exists()

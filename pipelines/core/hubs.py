@@ -267,8 +267,13 @@ class HuggingFaceHub(Hub):
                 return short_error(error)
             return None
 
-        with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(paths))) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(paths)))
+        try:
             results = list(pool.map(one, paths))
+        except BaseException:  # Ctrl-C: do not wait for the other multi-GB files in flight
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return {path: error for path, error in zip(paths, results) if error is not None}
 
 
