@@ -62,7 +62,7 @@ def test_defaults(hydra_ctx):
         "vae/diffusion_pytorch_model.safetensors",
     ]
     assert spec.model.tokenizer.origin_file_pattern == "tokenizer/"
-    assert spec.model.download_source == "modelscope"
+    assert spec.model.download_source is None  # the library's default, ModelScope, unless the variable says otherwise
     assert (spec.sampler.steps, spec.sampler.cfg_scale, spec.sampler.height, spec.sampler.width) == (30, 4.0, 1328, 1328)
     assert spec.sampler.shift_mu is None and spec.sampler.schedule is Schedule.model
     assert spec.vram.name == "none" and not spec.vram.enabled()

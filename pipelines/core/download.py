@@ -96,6 +96,12 @@ def download_source(config: ModelConfig) -> str:
     return source
 
 
+def _switch_source(source: str) -> str:
+    other = _other(source)
+    return (f"ModelConfig(download_source={other!r}) (runner: model.download_source={other}), or "
+            f"DIFFSYNTH_DOWNLOAD_SOURCE={other} where that field is unset")
+
+
 def skip_download(config: ModelConfig) -> bool:
     if config.skip_download is not None:
         return bool(config.skip_download)
@@ -104,7 +110,8 @@ def skip_download(config: ModelConfig) -> bool:
         return True
     if raw.strip().lower() in FALSE_WORDS:
         return False
-    raise ValueError(f"DIFFSYNTH_SKIP_DOWNLOAD={raw!r}: use True or False.")
+    raise ValueError(f"DIFFSYNTH_SKIP_DOWNLOAD={raw!r} is not a yes/no value: set it to true or false "
+                     "(1/0, yes/no, on/off), or unset it.")
 
 
 def patterns_of(config: ModelConfig) -> list[str]:
@@ -403,7 +410,7 @@ def _fetch(request: _Request, hub: Hub, listing: Listing, missing: list[RemoteFi
             + "; ".join(f"{f.path}: {problems.get(f.path)}" for f in remaining)
             + ". Nothing incomplete was left under a final name; the files already fetched stay. Load again "
             f"to fetch the rest (a partial file in {staging} is resumed where the client supports it), or try "
-            f"the other source with DIFFSYNTH_DOWNLOAD_SOURCE={_other(request.source)}."
+            f"the other source: {_switch_source(request.source)}."
         )
     shutil.rmtree(staging, ignore_errors=True)
     for parent in staging.parents:  # drop the emptied <owner>/ and <source>/ folders too
@@ -474,7 +481,7 @@ def _from_disk(request: _Request, patterns: list[str], unreachable: str | None,
             reason = ""
         else:
             how = ("Check the network and the endpoint (MODELSCOPE_ENDPOINT / HF_ENDPOINT), or try the other source "
-                   f"with DIFFSYNTH_DOWNLOAD_SOURCE={_other(request.source)}, then load again; or put the files there.")
+                   f"({_switch_source(request.source)}), then load again; or put the files there.")
             reason = f" The hub could not be asked ({unreachable})."
         pattern = patterns[0] if len(patterns) == 1 else patterns
         raise MissingModelFilesError(
