@@ -94,17 +94,19 @@ class QwenImagePipeline:
             logger.warning("vram_limit=%s has no effect: no ModelConfig enables VRAM management (offload_*).",
                            vram_limit)
         pipe = cls(torch_dtype, device)
+        origins: dict[str, ModelConfig] = {}  # component -> the config that gave it
         for config, managed in zip(model_configs, settings):
             if managed is None:
                 model = load_model(resolve_files(config), tuple(COMPONENTS.values()), torch_dtype, device)
             else:
                 model = vram.load_managed(resolve_files(config), tuple(COMPONENTS.values()), managed)
             name = next(n for n, c in COMPONENTS.items() if isinstance(model, c))
-            if getattr(pipe, name) is not None:
+            if name in origins:
                 raise ValueError(
-                    f"Two model configs hold the {name}: the second is {config.describe()}. "
-                    "Give each component once."
+                    f"Two model configs hold the {name}: {origins[name].describe()} and {config.describe()}. "
+                    "Give each component once: drop one of them from model_configs."
                 )
+            origins[name] = config
             setattr(pipe, name, model)
             if managed is not None:
                 pipe.vram[name] = vram.manager_of(model)
@@ -262,15 +264,13 @@ class QwenImagePipeline:
         if hotload is None:
             # hot for VRAM-managed models: their weights have several copies (or stay on disk)
             hotload = vram.manager_of(module) is not None
-        with vram.lora_context(module, hot=hotload):
-            return apply_lora(module, lora, alpha=alpha, hot=hotload, strict=strict)
+        return apply_lora(module, lora, alpha=alpha, hot=hotload, strict=strict)
 
     def clear_lora(self) -> None:
         """Remove every LoRA (cold or hot) from every model: the base weights come back bit for bit."""
         for name in COMPONENTS:
             model = getattr(self, name)
             if model is not None:
-                vram.offload_model(model)  # a cold LoRA was fused into the offload storage
                 remove_loras(model)
 
 

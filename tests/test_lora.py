@@ -424,3 +424,22 @@ def test_prepare_reads_nothing_when_shapes_do_not_fit(dit):
     with pytest.raises(LoraError, match="'txt_in'"):
         prepare_lora(dit, source)
     assert reads == []
+
+
+def test_a_failure_while_changing_alpha_keeps_the_old_alpha(dit, lora_file, monkeypatch):
+    handle = load_lora(dit, lora_file, alpha=0.5)
+    before = snapshot(dit)
+    calls = []
+    original = lora_module._fuse
+
+    def failing(weight, source, layer, alpha):
+        calls.append(layer.name)
+        if len(calls) == 5:
+            raise RuntimeError("simulated out of memory")
+        original(weight, source, layer, alpha)
+
+    monkeypatch.setattr(lora_module, "_fuse", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        handle.set_alpha(0.9)
+    assert handle.alpha == 0.5
+    assert_same_weights(dit, before)

@@ -472,3 +472,105 @@ def test_disk_offload_keeps_host_memory_bounded(onload, mid_dit_file):
     reference = load_model([folder], [QwenImageDiT], torch.float32, "cpu")
     with torch.inference_mode():
         assert torch.equal(outputs[3], reference(latents, torch.tensor([1.0 - 3 / 12]), text, None, 4, 4))
+
+
+# ============================================================================ failures midway (regressions)
+
+
+def managed_mlp(keys: dict, seed: int = 0) -> tuple[torch.nn.Module, vram.VramManager]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    return model, vram.enable_vram_management(model, VramSettings.from_keys(keys, torch.float32, "cpu"))
+
+
+BF16_ONLOAD = dict(offload_dtype="float32", offload_device="cpu", onload_dtype="bfloat16", preparing_dtype="bfloat16")
+
+
+def test_a_failed_onload_offloads_every_layer(monkeypatch):
+    model, manager = managed_mlp(BF16_ONLOAD)
+    offloaded = dict(model.named_parameters())
+    arenas = len(manager._arenas)
+    original = vram._Layer.onload
+
+    def failing(layer, arena):
+        if layer.name == "2":
+            raise RuntimeError("simulated out of memory")
+        original(layer, arena)
+
+    monkeypatch.setattr(vram._Layer, "onload", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        manager.onload()
+    assert manager.state == vram.OFFLOAD and all(layer.state == vram.OFFLOAD for layer in manager.layers)
+    assert all(p is offloaded[n] for n, p in model.named_parameters())
+    assert manager._onload_arena is None and len(manager._arenas) == arenas  # the onload buffer was let go
+    monkeypatch.setattr(vram._Layer, "onload", original)
+    manager.onload()
+    assert model[0].weight.dtype == torch.bfloat16
+    manager.offload()
+    assert all(p is offloaded[n] for n, p in model.named_parameters())
+
+
+def test_a_failed_swap_in_the_forward_restores_the_stored_parameters(monkeypatch):
+    model, manager = managed_mlp(BF16_ONLOAD)
+    manager.onload()
+    stored = {n: p for n, p in model[0]._parameters.items()}
+    original, calls = vram._convert, []
+
+    def failing(t, dtype, device):
+        calls.append(t)
+        if len(calls) == 2:  # the bias, after the weight was swapped
+            raise RuntimeError("simulated out of memory")
+        return original(t, dtype, device)
+
+    monkeypatch.setattr(vram, "_convert", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model(torch.zeros(1, 8))
+    assert all(model[0]._parameters[n] is p for n, p in stored.items())
+    monkeypatch.setattr(vram, "_convert", original)
+    assert model(torch.zeros(1, 8)).dtype == torch.float32
+    manager.offload()
+
+
+def test_a_failed_init_closes_the_host_buffer(monkeypatch):
+    monkeypatch.setattr(vram, "_ARENAS_WITHOUT_CUDA", True)
+    closed = []
+    monkeypatch.setattr(vram._HostArena, "close", lambda arena: closed.append(arena))
+
+    def failing(layer, arena):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(vram._Layer, "init_offload", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        managed_mlp(BF16_ONLOAD)
+    assert len(closed) == 1
+
+
+def mlp_lora(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"{name}.lora_{ab}.weight": torch.randn(shape, generator=g)
+            for name in ("0", "2") for ab, shape in (("A", (2, 8)), ("B", (8, 2)))}
+
+
+def test_core_lora_api_on_a_managed_model():
+    fp8, _ = managed_mlp(dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8, preparing_dtype=FP8))
+    lora_module.load_lora(fp8, mlp_lora(), hot=True)
+    entry = lora_module._STATE[fp8].hot["0"][0]
+    assert entry.A.dtype == torch.float32 and entry.A.device.type == "cpu"  # computation, not float8 storage
+
+    meta = torch.nn.Sequential(torch.nn.Linear(8, 8, device="meta"))  # weights left on disk show as meta tensors
+    lora_module.load_lora(meta, {"0.lora_A.weight": torch.ones(2, 8), "0.lora_B.weight": torch.ones(8, 2)}, hot=True)
+    assert lora_module._STATE[meta].hot["0"][0].A.device.type == "cpu"
+
+    model, manager = managed_mlp(BF16_ONLOAD)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fresh, _ = managed_mlp(BF16_ONLOAD)
+    lora_module.load_lora(fresh, mlp_lora(), alpha=0.5)
+    handle = lora_module.load_lora(model, mlp_lora(), alpha=1.0)
+    manager.onload()
+    handle.set_alpha(0.5)  # into the offload storage, not the temporary onload copy
+    manager.offload()
+    assert all(torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in model.named_parameters())
+    manager.onload()
+    lora_module.clear_lora(model)
+    manager.offload()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())

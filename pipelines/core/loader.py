@@ -168,12 +168,33 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _release_pages(mapped: mmap.mmap, offset: int, length: int) -> None:
-    # only whole pages; nothing was written yet, so a later touch would re-read the file
-    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+class MappedFile:
+    """A private (copy-on-write) memory map of one file, opened on first use: tensors over it
+    copy nothing until cast or moved, and writes never reach the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._map: mmap.mmap | None = None
+
+    def view(self, dtype: torch.dtype, offset: int, length: int, shape: Sequence[int]) -> torch.Tensor:
+        """A CPU tensor over bytes [offset, offset + length) (pages are read as they are touched)."""
+        if length == 0:
+            return torch.empty(tuple(shape), dtype=dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = length // dtype.itemsize
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).view(tuple(shape))
+
+    def release(self, offset: int, length: int) -> None:
+        """Hand the pages of [offset, offset + length) back (they stay in the page cache; a
+        later read faults them in again). Only whole pages; neighbours may share the edges."""
+        if self._map is None:
+            return
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _iter_tensors(file: CheckpointFile, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor, Callable[[], None]]]:
@@ -184,16 +205,10 @@ def _iter_tensors(file: CheckpointFile, keys: Sequence[str]) -> Iterator[tuple[s
     path = file.path
     try:
         if file.layout:
-            with open(path, "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            mapped = MappedFile(path)
             for key in keys:
                 dtype, offset, length = file.layout[key]
-                if length == 0:
-                    yield key, torch.empty(file.shapes[key], dtype=dtype), lambda: None
-                    continue
-                count = length // torch.empty((), dtype=dtype).element_size()
-                flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
-                yield key, flat.view(file.shapes[key]), partial(_release_pages, mapped, offset, length)
+                yield key, mapped.view(dtype, offset, length, file.shapes[key]), partial(mapped.release, offset, length)
         else:
             state = _torch_state_dict(path)
             for key in keys:

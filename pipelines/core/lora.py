@@ -35,13 +35,14 @@ Nothing is applied unless the whole LoRA fits: every key must name a linear laye
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
 import math
 import re
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -54,12 +55,13 @@ from safetensors import safe_open
 from .download import resolve_files
 from .loader import SAFETENSORS_SUFFIXES, CheckpointError, expand_checkpoint_paths, read_header
 from .model_config import ModelConfig
+from .vram import COMPUTE_DTYPES, VramConfigError, manager_of
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LoraError", "LoraFile", "LoraHandle", "LoraLayer", "PreparedLora",
-    "read_lora", "prepare_lora", "load_lora", "clear_lora", "loaded_loras", "lora_format",
+    "read_lora", "prepare_lora", "load_lora", "clear_lora", "loaded_loras", "lora_format", "lora_context",
 ]
 
 LoraSource = Union[str, Path, ModelConfig, Mapping[str, torch.Tensor], "LoraFile"]
@@ -482,10 +484,16 @@ class LoraHandle:
         alpha = float(alpha)
         if alpha == self._alpha:
             return
-        self._alpha = alpha
+        old, self._alpha = self._alpha, alpha
         if not self.hot:
             module = self._module()
-            _rebuild(module, _STATE[module], self.layers)
+            with lora_context(module, hot=False):
+                try:
+                    _rebuild(module, _STATE[module], self.layers)
+                except BaseException:  # back to the old alpha everywhere, then report
+                    self._alpha = old
+                    _rebuild(module, _STATE[module], self.layers)
+                    raise
 
     def __repr__(self) -> str:
         mode = "hot" if self.hot else "cold"
@@ -498,6 +506,12 @@ def load_lora(module: nn.Module, lora: LoraSource, alpha: float = 1.0, hot: bool
     """Apply a LoRA to `module` (for example `pipe.dit`); see the module docstring."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"load_lora: `module` must be a loaded model (e.g. pipe.dit), got {module!r}.")
+    with lora_context(module, hot):
+        return _apply(module, lora, alpha, hot, strict, name)
+
+
+def _apply(module: nn.Module, lora: LoraSource, alpha: float, hot: bool, strict: bool,
+           name: str | None) -> LoraHandle:
     prepared = prepare_lora(module, lora, strict=strict)
     state = _STATE.setdefault(module, _ModuleLoras())
     if name is None:
@@ -532,18 +546,43 @@ def loaded_loras(module: nn.Module) -> list[LoraHandle]:
 def clear_lora(module: nn.Module) -> int:
     """Remove every LoRA from `module`: hooks detached, fused layers restored bit for bit.
     Returns how many LoRAs were removed."""
-    state = _STATE.pop(module, None)
+    state = _STATE.get(module)
     if state is None:
         return 0
-    for hook in state.hooks.values():
-        hook.remove()
-    targets = linear_layers(module)
-    for name in list(state.originals):
-        _restore(targets[name].weight, state, name)
+    # a cold LoRA was fused into the offload storage of a VRAM-managed model
+    with lora_context(module, hot=False) if state.originals else contextlib.nullcontext():
+        del _STATE[module]
+        for hook in state.hooks.values():
+            hook.remove()
+        targets = linear_layers(module)
+        for name in list(state.originals):
+            _restore(targets[name].weight, state, name)
     for handle in state.handles:
         handle.active = False
     logger.info("Cleared %d LoRA(s) from %s", len(state.handles), type(module).__name__)
     return len(state.handles)
+
+
+@contextlib.contextmanager
+def lora_context(model: nn.Module, hot: bool) -> Iterator[None]:
+    """Around applying or changing a LoRA on `model`: for a VRAM-managed model, a hot LoRA
+    sees the weights in the computation dtype on the computation device (so A and B go there);
+    a cold one is fused into the offload storage (the model is offloaded first, so no change
+    lands in a temporary onload copy), which is impossible when that storage is the file."""
+    manager = manager_of(model)
+    if manager is None:
+        yield
+    elif hot:
+        with manager.computation_view():
+            yield
+    else:
+        if manager.settings.uses_disk:
+            raise VramConfigError(
+                f"{manager.model_name} is offloaded to disk: a cold LoRA cannot be fused into weights that stay "
+                "in their file. Load it hot (hot=True; the pipeline's hotload=None picks it for VRAM-managed "
+                "models).")
+        manager.offload()
+        yield
 
 
 @torch.no_grad()
@@ -611,9 +650,11 @@ def _attach_hot(targets: Mapping[str, nn.Module], state: _ModuleLoras, handle: L
     entries = []
     for layer in handle.prepared.layers:
         weight = targets[layer.name].weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        entries.append((layer.name, _HotEntry(layer.A.to(weight.device, dtype).contiguous(),
-                                              layer.B.to(weight.device, dtype).contiguous(), layer.scale, handle)))
+        # A and B where the weight computes: not in a storage dtype (float8) nor on meta (disk)
+        dtype = weight.dtype if weight.dtype in COMPUTE_DTYPES else torch.float32
+        device = torch.device("cpu") if weight.device.type == "meta" else weight.device
+        entries.append((layer.name, _HotEntry(layer.A.to(device, dtype).contiguous(),
+                                              layer.B.to(device, dtype).contiguous(), layer.scale, handle)))
     for name, entry in entries:  # nothing above changed the model; from here nothing can fail
         if name not in state.hooks:
             state.hot[name] = []

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -55,7 +54,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .loader import SAFETENSORS_SUFFIXES, expand_checkpoint_paths, load_model, read_header
+from .loader import SAFETENSORS_SUFFIXES, MappedFile, expand_checkpoint_paths, load_model, read_header
 from .model_config import VRAM_KEYS
 
 logger = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DISK", "GiB", "VramConfigError", "Place", "VramSettings", "VramManager", "DiskSource",
     "parse_dtype", "parse_device", "settings_for", "resolve_vram_limit", "load_managed",
-    "enable_vram_management", "manager_of", "use_stage", "offload_model", "lora_context",
+    "enable_vram_management", "manager_of", "use_stage", "offload_model",
 ]
 
 DISK = "disk"
@@ -128,7 +127,9 @@ def parse_device(value: Any, key: str = "device") -> torch.device | str:
             raise VramConfigError(f"{key}={value!r} but CUDA is not available on this machine: use cpu or disk.")
         index = torch.cuda.current_device() if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise VramConfigError(f"{key}={value!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+            count = torch.cuda.device_count()
+            raise VramConfigError(f"{key}={value!r}: this machine has {count} CUDA device(s); use one of cpu, disk, "
+                                  f"cuda, {', '.join(f'cuda:{i}' for i in range(count))}.")
         return torch.device("cuda", index)
     if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise VramConfigError(f"{key}={value!r} but MPS is not available on this machine.")
@@ -242,7 +243,8 @@ def _check_limit(vram_limit: Any) -> float | None:
         return None
     if isinstance(vram_limit, bool) or not isinstance(vram_limit, (int, float)) or vram_limit < 0:
         raise VramConfigError(f"vram_limit={vram_limit!r}: give GiB of device memory (a number >= 0), "
-                              "'auto', or None for no limit.")
+                              "'auto', or None for no limit, in from_pretrained(vram_limit=...) or the config key "
+                              "`vram.vram_limit`.")
     return float(vram_limit)
 
 
@@ -251,7 +253,8 @@ def resolve_vram_limit(vram_limit: Any, device: Any, margin_gib: float = AUTO_MA
     minus `margin_gib` (None on a device without memory statistics, e.g. the cpu)."""
     if isinstance(vram_limit, str):
         if vram_limit.strip().lower() != "auto":
-            raise VramConfigError(f"vram_limit={vram_limit!r}: give GiB (a number), 'auto' or None.")
+            raise VramConfigError(f"vram_limit={vram_limit!r}: give GiB (a number), 'auto' or None, in "
+                                  "from_pretrained(vram_limit=...) or the config key `vram.vram_limit`.")
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
             logger.info("vram_limit='auto' on %s: no limit (only CUDA devices report their memory)", device)
@@ -287,36 +290,9 @@ def settings_for(config: Any, torch_dtype: torch.dtype, device: Any, vram_limit:
 # ============================================================================ disk
 
 
-class _MappedFile:
-    """A private (copy-on-write) memory map of one safetensors file, opened on first use."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._map: mmap.mmap | None = None
-
-    def view(self, dtype: torch.dtype, offset: int, length: int, shape: tuple[int, ...]) -> torch.Tensor:
-        if length == 0:
-            return torch.empty(shape, dtype=dtype)
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        count = length // torch.empty((), dtype=dtype).element_size()
-        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).view(shape)
-
-    def release(self, offset: int, length: int) -> None:
-        """Hand the pages of [offset, offset + length) back (they stay in the page cache; a
-        later read faults them in again). Only whole pages; neighbours may share the edges."""
-        if self._map is None:
-            return
-        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
 @dataclass(frozen=True)
 class DiskTensor:
-    file: _MappedFile
+    file: MappedFile
     dtype: torch.dtype
     offset: int
     length: int
@@ -342,7 +318,7 @@ class DiskSource:
         check_safetensors(files)
         tensors: dict[str, DiskTensor] = {}
         for header in (read_header(p) for p in files):
-            mapped = _MappedFile(header.path)
+            mapped = MappedFile(header.path)
             for key, (dtype, offset, length) in header.layout.items():
                 target = model_class.convert_checkpoint_key(key)
                 if target is not None:
@@ -385,15 +361,21 @@ class _HostArena:
                     _PINNED_BYTES += nbytes
                     self.nbytes = nbytes
                 else:
+                    _reset_cuda_error()
                     logger.warning("cudaHostRegister of %.1f GiB failed (error %d): copies to the GPU will be "
                                    "slower.", nbytes / GiB, code)
 
-    def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def take(self, shape: Sequence[int], dtype: torch.dtype, what: str = "a tensor") -> torch.Tensor:
+        """Room for `what` (its name, for the error message)."""
         size = _nbytes(shape, dtype)
         start = -(-self.used // ARENA_ALIGN) * ARENA_ALIGN
         self.used = start + size
         if self.used > self.buffer.numel():
-            raise RuntimeError("internal: host arena overflow")
+            raise RuntimeError(
+                f"internal error: the host buffer ({self.buffer.numel()} bytes) has no room for {what} "
+                f"({list(shape)}, {str(dtype).removeprefix('torch.')}); its size was computed for other storage. "
+                "This is a bug: please report it with the model's VRAM settings. Offloading that model to the "
+                "GPU or to disk avoids the buffer.")
         return self.buffer[start:start + size].view(dtype).view(tuple(shape))
 
     def close(self) -> None:
@@ -410,6 +392,15 @@ class _HostArena:
                 pass
 
 
+def _reset_cuda_error() -> None:
+    """A failed CUDA runtime call stays this thread's "last error", which PyTorch's check after
+    its next kernel launch would raise in unrelated code. torch exposes no cudaGetLastError
+    (and a ctypes handle may reach another copy of the runtime), so launch a tiny kernel: its
+    check reads the error, which resets it, and raises it here, where it is expected."""
+    with contextlib.suppress(RuntimeError):
+        torch.zeros(1, device="cuda")
+
+
 def _physical_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -421,7 +412,7 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
         n *= int(s)
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def _arena_size(items: Sequence[tuple[Sequence[int], torch.dtype]]) -> int:
@@ -520,7 +511,7 @@ class _Layer:
             from_disk = current[n][1] is None
             src = self._source(n)
             if arena is not None and device.type == "cpu":
-                out = arena.take(src.shape, dtype)
+                out = arena.take(src.shape, dtype, self._what(n))
                 out.copy_(src)
             else:
                 out = _convert(src.detach(), dtype, device)
@@ -530,6 +521,9 @@ class _Layer:
                 self.disk[n].release()
             new[n] = out
         self._set(new)
+
+    def _what(self, n: str) -> str:
+        return f"{self.manager.model_name} parameter {f'{self.name}.{n}' if self.name else n!r}"
 
     def _placeholder(self, n: str) -> nn.Parameter:
         if self.placeholders is None:
@@ -553,7 +547,7 @@ class _Layer:
                 continue  # zero-copy (e.g. the loader's memory map of the file)
             src = self.disk[n].read() if self.disk is not None else current
             if arena is not None and device.type == "cpu":
-                out = arena.take(src.shape, dtype)
+                out = arena.take(src.shape, dtype, self._what(n))
                 out.copy_(src)
             else:
                 out = _convert(src, dtype, device)
@@ -633,6 +627,7 @@ class _Layer:
         comp = self.targets[COMPUTE]
         params = self.module._parameters
         self.read_disk = False
+        self.swapped = True  # before the first swap: exit() restores whatever was swapped
         for n in self.names:
             dtype, device = comp[n]
             if staged is not None and n in staged:
@@ -642,7 +637,6 @@ class _Layer:
                 if self.targets[self.state][n][1] is None:
                     self.read_disk = True
             params[n] = _convert(t, dtype, device)
-        self.swapped = True
 
     def exit(self) -> None:
         if not self.swapped:
@@ -678,8 +672,8 @@ def _install(layer: _Layer) -> None:
     def forward(*args: Any, **kwargs: Any) -> Any:
         if layer.ready:
             return original(*args, **kwargs)
-        layer.enter()
         try:
+            layer.enter()
             return original(*args, **kwargs)
         finally:
             layer.exit()
@@ -797,7 +791,9 @@ class VramManager:
     def __init__(self, model: nn.Module, settings: VramSettings, source: DiskSource | None = None,
                  prefetch: bool | None = None, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES):
         if model in _MANAGERS:
-            raise ValueError(f"{type(model).__name__} is already VRAM-managed.")
+            raise ValueError(f"{type(model).__name__} is already VRAM-managed: change its settings by loading it "
+                             "again with the new ones (from_pretrained / load_managed); use vram.manager_of(model) "
+                             "to reach its manager.")
         if settings.uses_disk and source is None:
             raise VramConfigError(f"{type(model).__name__}: disk offload needs the model loaded from safetensors "
                                   "files (from_pretrained / load_managed), not a model in memory.")
@@ -805,11 +801,12 @@ class VramManager:
         self.model_name = type(model).__name__
         comp = settings.computation.device
         self.cuda = comp.type == "cuda"
-        self.state = OFFLOAD
         self.full = False  # a layer found no room below vram_limit during this stage
         self.external = 0  # CUDA bytes held outside this process's allocator, measured at onload
         self._onload_arena: _HostArena | None = None
         self._arenas: list[_HostArena] = []
+        # registered before any arena exists: a pinned buffer is unregistered however init ends
+        self._close = weakref.finalize(self, _close_arenas, self._arenas)
         self.layers: list[_Layer] = []
         seen: dict[int, str] = {}
         for name, module in model.named_modules():
@@ -819,7 +816,9 @@ class VramManager:
             for n, p in own:
                 if id(p) in seen:
                     raise ValueError(f"{self.model_name}: parameter {name}.{n} is shared with {seen[id(p)]}; "
-                                     "VRAM management needs every parameter to belong to one module.")
+                                     "VRAM management needs every parameter to belong to one module. Untie them "
+                                     f"(give {name}.{n} its own copy: nn.Parameter(p.clone())) before enabling VRAM "
+                                     "management, or load this model without offload_*.")
                 seen[id(p)] = f"{name}.{n}"
             disk = None
             if source is not None:
@@ -829,16 +828,22 @@ class VramManager:
                     if key not in source.tensors:
                         if settings.uses_disk:
                             raise VramConfigError(f"{self.model_name}: parameter {key!r} is not in the safetensors "
-                                                  "files, so it cannot stay on disk.")
+                                                  "files, so it cannot stay on disk. Offload to the cpu instead "
+                                                  "(offload_device='cpu', no 'disk' in onload_*), or use a "
+                                                  "checkpoint that holds every parameter.")
                         disk = None
                         break
                     disk[n] = source.tensors[key]
             self.layers.append(_Layer(self, name, module, disk))
 
         with torch.no_grad(), _normal_mode():
-            arena = self._arena_for(OFFLOAD, persistent=True)
-            for layer in self.layers:
-                layer.init_offload(arena)
+            try:
+                arena = self._arena_for(OFFLOAD, persistent=True)
+                for layer in self.layers:
+                    layer.init_offload(arena)
+            except BaseException:
+                self._close()
+                raise
             for module in model.modules():  # buffers (RoPE tables...) are small: they live where we compute
                 for key, buffer in module._buffers.items():
                     if buffer is not None and buffer.device != comp:
@@ -852,21 +857,30 @@ class VramManager:
         for layer in self.layers:
             _install(layer)
         _MANAGERS[model] = self
-        weakref.finalize(self, _close_arenas, self._arenas)
         logger.info("VRAM management of %s (%d layers): %s", self.model_name, len(self.layers), settings.describe())
 
     # -- stages -------------------------------------------------------------------------
 
+    @property
+    def state(self) -> int:
+        """ONLOAD while any layer is out of its offload storage, else OFFLOAD (read from the
+        layers, so it cannot disagree with them)."""
+        return ONLOAD if any(layer.state != OFFLOAD for layer in self.layers) else OFFLOAD
+
     @torch.no_grad()
     def onload(self) -> None:
-        """The stage that uses this model begins: layers to their onload storage."""
+        """The stage that uses this model begins: layers to their onload storage. On an error
+        midway every layer goes back to its offload storage before the error propagates."""
         if self.state == ONLOAD:
             return
-        with _normal_mode():
-            self._onload_arena = self._arena_for(ONLOAD, persistent=False)
-            for layer in self.layers:
-                layer.onload(self._onload_arena)
-        self.state = ONLOAD
+        try:
+            with _normal_mode():
+                self._onload_arena = self._arena_for(ONLOAD, persistent=False)
+                for layer in self.layers:
+                    layer.onload(self._onload_arena)
+        except BaseException:
+            self.offload()
+            raise
         self.full = False
         if self.cuda:
             device = self.settings.computation.device
@@ -875,9 +889,8 @@ class VramManager:
 
     @torch.no_grad()
     def offload(self) -> None:
-        """The stage is over: layers back to their offload storage (prepared copies dropped)."""
-        if self.state == OFFLOAD:
-            return
+        """The stage is over: layers back to their offload storage (prepared copies dropped).
+        Every layer is visited (offloading one is idempotent), so a half-done onload is undone."""
         if self.prefetcher is not None:
             self.prefetcher.drop()
         with _normal_mode():
@@ -887,7 +900,6 @@ class VramManager:
             self._onload_arena.close()
             self._arenas.remove(self._onload_arena)
             self._onload_arena = None
-        self.state = OFFLOAD
 
     def _arena_for(self, state: int, persistent: bool) -> _HostArena | None:
         """One buffer for the host storage of `state`: page-locked when it feeds a CUDA
@@ -1022,24 +1034,3 @@ def offload_model(model: Any) -> None:
     manager = manager_of(model)
     if manager is not None:
         manager.offload()
-
-
-@contextlib.contextmanager
-def lora_context(model: nn.Module, hot: bool) -> Iterator[None]:
-    """Around applying a LoRA to `model`: for a managed model, a hot LoRA keeps A and B in the
-    computation dtype on the computation device; a cold one is fused into the offload storage
-    (the model is offloaded first), which is impossible when that storage is the file."""
-    manager = manager_of(model)
-    if manager is None:
-        yield
-        return
-    if hot:
-        with manager.computation_view():
-            yield
-        return
-    if manager.settings.uses_disk:
-        raise VramConfigError(f"{manager.model_name} is offloaded to disk: a cold LoRA cannot be fused into weights "
-                              "that stay in their file. Load it hot (hotload=True, the default for VRAM-managed "
-                              "models).")
-    manager.offload()
-    yield
