@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
+from pipelines.core.model_config import VRAM_KEYS  # the eight keys VramSpec mirrors
+
 
 class ConfigError(ValueError):
     """A run spec that cannot be run: the message names the config path and the fix."""
@@ -74,18 +76,6 @@ class ModelSpec:
 
 
 # ----------------------------------------------------------------------------- vram
-
-
-VRAM_KEYS = (
-    "offload_dtype",
-    "offload_device",
-    "onload_dtype",
-    "onload_device",
-    "preparing_dtype",
-    "preparing_device",
-    "computation_dtype",
-    "computation_device",
-)
 
 
 @dataclass

@@ -173,3 +173,12 @@ def test_vram_none_passes_preflight(hydra_ctx):
 
 def test_conf_dir_is_the_repository_conf():
     assert CONF_DIR == Path(__file__).resolve().parent.parent / "conf"
+
+
+def test_vram_spec_mirrors_every_model_config_key():
+    from dataclasses import fields
+
+    from pipelines.core.model_config import VRAM_KEYS
+    from runner.spec import VramSpec
+
+    assert set(VRAM_KEYS) <= {f.name for f in fields(VramSpec)}
