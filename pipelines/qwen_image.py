@@ -196,6 +196,7 @@ class QwenImagePipeline:
                 velocity = guide(velocity, negative, cfg_scale, cfg_norm_rescale)
             latents = euler_step(latents, velocity, sigmas[i].item(), sigmas[i + 1].item())
         self.timings["denoise_s"] = self._now() - start
+        self.timings["denoise_steps"] = len(sigmas) - 1  # fewer than asked in image-to-image
 
         start = self._now()
         vram.use_stage(self.vram, "vae")

@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import build
-from .report import METRICS, JobRecord, contact_sheet, save_png, swept_keys, write_table
+from .report import METRICS, JobRecord, atomic_write, contact_sheet, save_png, swept_keys, write_table
 from .spec import ConfigError, RunSpec, TrackingBackend, TrackingSpec, check_keys, register_configs, to_spec, validate
 from .tracking import (
     CONFIG_HASH_TAG,
@@ -172,7 +172,7 @@ def finish_sweep(status: Optional[str] = None) -> None:
             sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
             sheet = contact_sheet(records, sweep.tracking.contact_sheet_thumb)
             sheet_path = sweep.sweep_dir / "contact_sheet.png"
-            sheet.save(sheet_path)
+            atomic_write(sheet_path, lambda tmp: sheet.save(tmp, format="PNG"))
             table_path = write_table(records, sweep.sweep_dir / "jobs.csv")
             logger.info("Sweep %s: contact sheet %s, table %s", status, sheet_path, table_path)
             if sweep.tracker is not None and sweep.parent_id is not None:
@@ -356,7 +356,8 @@ def _generate_and_log(spec: RunSpec, rt: build.Runtime, record: JobRecord, track
     metrics = {
         "load_s": load_s, "lora_s": lora_s,
         "encode_s": timings.get("encode_s"), "denoise_s": denoise_s,
-        "s_per_step": denoise_s / spec.sampler.steps if denoise_s is not None else None,
+        "s_per_step": (denoise_s / (timings.get("denoise_steps") or spec.sampler.steps)
+                       if denoise_s is not None else None),
         "decode_s": timings.get("decode_s"),
         "total_s": time.perf_counter() - started,
         "peak_mem_mb": _peak_memory_mb(rt.device),

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .report import atomic_write
+
 logger = logging.getLogger(__name__)
 
 PACKAGES = (
@@ -141,9 +143,8 @@ class FingerprintCache:
                 with _locked(self.cache_file):
                     stored = self._load()
                     stored[key] = stored_value
-                    tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
-                    tmp.write_text(json.dumps(stored, indent=0, sort_keys=True))
-                    os.replace(tmp, self.cache_file)
+                    text = json.dumps(stored, indent=0, sort_keys=True)
+                    atomic_write(self.cache_file, lambda tmp: tmp.write_text(text))
             self._memory[key] = stored_value
         else:
             self._memory[key] = stored[key]

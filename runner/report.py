@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
@@ -31,17 +31,25 @@ def parameters_text(gen: dict[str, Any]) -> str:
     )
 
 
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` beside `path`, then rename: a crash never leaves a truncated file under
+    the final name, and a failed write leaves no temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_png(image: Image.Image, path: Path, gen: dict[str, Any]) -> Path:
-    """Save with two text chunks: `parameters` (human-readable) and `generation` (JSON).
-    Written beside and renamed, so a crash never leaves a truncated image."""
+    """Save with two text chunks: `parameters` (human-readable) and `generation` (JSON)."""
     info = PngInfo()
     info.add_text("parameters", parameters_text(gen))
     info.add_text("generation", json.dumps(gen, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_generation(path: Path) -> dict[str, Any]:
@@ -142,18 +150,20 @@ def write_table(records: Sequence[JobRecord], path: Path) -> Path:
     image, error."""
     keys = swept_keys(records)
     header = ["job", "status", "run_id", *keys, "overrides", *METRICS, "image", "error"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for r in records:
-            wanted = dict(_split(o) for o in r.overrides)
-            writer.writerow(
-                [r.num, r.status, r.run_id or "", *(wanted.get(k, "") for k in keys), " ".join(r.overrides)]
-                + [_fmt(r.metrics.get(m)) for m in METRICS]
-                + [str(r.image_path or ""), r.error]
-            )
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for r in records:
+                wanted = dict(_split(o) for o in r.overrides)
+                writer.writerow(
+                    [r.num, r.status, r.run_id or "", *(wanted.get(k, "") for k in keys), " ".join(r.overrides)]
+                    + [_fmt(r.metrics.get(m)) for m in METRICS]
+                    + [str(r.image_path or ""), r.error]
+                )
+
+    return atomic_write(path, write)
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -115,7 +115,8 @@ def test_text_to_image_matches_diffusers(pipes, cfg_scale):
                          generator=torch.Generator("cpu").manual_seed(7)).images[0]
     assert image.size == (96, 128)
     assert_same_image(image, expected)
-    assert set(ours.timings) == {"encode_s", "denoise_s", "decode_s"}
+    assert set(ours.timings) == {"encode_s", "denoise_s", "denoise_steps", "decode_s"}
+    assert ours.timings["denoise_steps"] == 4
 
 
 def test_image_to_image_matches_diffusers(pipes, diffusers_repo):
@@ -131,6 +132,7 @@ def test_image_to_image_matches_diffusers(pipes, diffusers_repo):
                          height=128, width=128, num_inference_steps=5,
                          generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert_same_image(image, expected)
+    assert ours.timings["denoise_steps"] == 3  # strength 0.6 of 5 steps
 
 
 def test_seed_reproducible_and_sizes_rounded(pipes, caplog):

@@ -301,3 +301,17 @@ def test_contact_sheet_config_json_roundtrip(tmp_path):
     path = save_png(Image.new("RGB", (16, 16)), tmp_path / "i.png", gen)
     assert read_generation(path)["prompt"] == "猫 — café"
     assert json.loads(Image.open(path).text["generation"])["schedule"] == "lightning"
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
+    from runner.report import atomic_write
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "jobs.csv", broken)
+    assert list(tmp_path.iterdir()) == []
+    atomic_write(tmp_path / "jobs.csv", lambda tmp: tmp.write_text("ok"))
+    assert [p.name for p in tmp_path.iterdir()] == ["jobs.csv"] and (tmp_path / "jobs.csv").read_text() == "ok"
