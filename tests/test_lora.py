@@ -2,6 +2,8 @@
 and a clear error (with the model unchanged) for every bad input."""
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import logging
 
@@ -107,6 +109,24 @@ def ours(diffusers_repo):
 
 IMAGE = dict(prompt=PROMPT, negative_prompt=" ", height=64, width=96, num_inference_steps=3)
 
+
+
+@contextlib.contextmanager
+def fuse_failing_at(call: int, monkeypatch):
+    """Make the `call`-th layer fuse raise, as an out-of-memory midway would; restored after."""
+    original, calls = lora_module._fuse, []
+
+    def failing(weight, source, layer, alpha):
+        calls.append(layer.name)
+        if len(calls) == call:
+            raise RuntimeError("simulated out of memory")
+        original(weight, source, layer, alpha)
+
+    monkeypatch.setattr(lora_module, "_fuse", failing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(lora_module, "_fuse", original)
 
 def test_peft_lora_images_match_diffusers_cold_and_hot(diffusers_repo, peft_lora, ours):
     from diffusers import QwenImagePipeline
@@ -395,19 +415,8 @@ def test_a_failure_while_fusing_leaves_the_earlier_loras(dit, tmp_path, monkeypa
     load_lora(dit, lora_state_dict(first, "lightx2v"), alpha=0.5)  # some layers: others are first touched below
     before = snapshot(dit)
     second = save_lora(tmp_path / "s.safetensors", random_lora(shapes_of(dit), seed=12), "diffusers")
-    calls = []
-    original = lora_module._fuse
-
-    def failing(weight, source, layer, alpha):
-        calls.append(layer.name)
-        if len(calls) == 20:
-            raise RuntimeError("simulated out of memory")
-        original(weight, source, layer, alpha)
-
-    monkeypatch.setattr(lora_module, "_fuse", failing)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with fuse_failing_at(20, monkeypatch), pytest.raises(RuntimeError, match="simulated"):
         load_lora(dit, second)
-    monkeypatch.setattr(lora_module, "_fuse", original)
     assert_same_weights(dit, before)
     assert len(loaded_loras(dit)) == 1
     base = tiny_dit().state_dict()
@@ -429,17 +438,7 @@ def test_prepare_reads_nothing_when_shapes_do_not_fit(dit):
 def test_a_failure_while_changing_alpha_keeps_the_old_alpha(dit, lora_file, monkeypatch):
     handle = load_lora(dit, lora_file, alpha=0.5)
     before = snapshot(dit)
-    calls = []
-    original = lora_module._fuse
-
-    def failing(weight, source, layer, alpha):
-        calls.append(layer.name)
-        if len(calls) == 5:
-            raise RuntimeError("simulated out of memory")
-        original(weight, source, layer, alpha)
-
-    monkeypatch.setattr(lora_module, "_fuse", failing)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with fuse_failing_at(5, monkeypatch), pytest.raises(RuntimeError, match="simulated"):
         handle.set_alpha(0.9)
     assert handle.alpha == 0.5
     assert_same_weights(dit, before)
