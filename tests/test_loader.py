@@ -200,3 +200,34 @@ def test_legacy_torch_pickle(tiny_repo, tmp_path):
     torch.save(state, tmp_path / "vae.pt", _use_new_zipfile_serialization=False)
     model = load([tmp_path / "vae.pt"])
     assert torch.equal(model.state_dict()["decoder.conv_out.bias"], state["decoder.conv_out.bias"])
+
+
+def test_loaded_and_managed_weights_are_host_aligned(tiny_repo, monkeypatch):
+    """safetensors puts tensors wherever its header ends (8-byte steps); CPU GEMM kernels pick
+    their code path by operand alignment, so weights computed from in place would differ in the
+    last bits from the same weights in ordinary memory (seen as ~3e-6 on a fresh machine)."""
+    from pipelines.core import vram
+    from pipelines.core.loader import HOST_ALIGNMENT, _safetensors_layout
+
+    file = next((tiny_repo / "transformer").glob("*.safetensors"))
+    offsets = [offset for _, offset, _ in _safetensors_layout(file).values()]
+    assert any(o % HOST_ALIGNMENT for o in offsets)  # the file really holds misaligned tensors
+    model = load([tiny_repo / "transformer"])
+    assert all(p.data_ptr() % HOST_ALIGNMENT == 0 for p in model.parameters())
+    settings = vram.VramSettings.from_keys(dict(offload_device="disk", onload_device="disk"), torch.float32, "cpu")
+    managed = vram.load_managed([tiny_repo / "transformer"], CANDIDATES, settings)
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def recording(x, weight, bias=None):
+        seen.append(weight)
+        return linear(x, weight, bias)
+
+    vram.manager_of(managed).onload()
+    monkeypatch.setattr(torch.nn.modules.linear.F, "linear", recording)
+    try:
+        managed.img_in(torch.zeros(1, managed.params.in_channels))  # read from the file for this forward
+    finally:
+        monkeypatch.undo()
+        vram.manager_of(managed).offload()
+    assert len(seen) == 1 and seen[0].device.type == "cpu" and seen[0].data_ptr() % HOST_ALIGNMENT == 0

@@ -1,6 +1,7 @@
 """VRAM management on the CPU: every preset and a table of key combinations give the unmanaged
-pipeline's image (bit for bit when every dtype is the computation dtype; within a stated
-tolerance with float8 or bfloat16 storage), the weights are where the keys say after each
+pipeline's image (bit for bit when every dtype is the computation dtype: the same kernels
+run on the same values, since every host weight starts on loader.HOST_ALIGNMENT whether it
+was read in place, copied or cast; within a stated tolerance with float8 or bfloat16 storage), the weights are where the keys say after each
 stage, hot LoRA works on wrapped layers, disk offload keeps host memory bounded, bad keys
 get clear errors. The CPU stands in for the GPU: the places differ by dtype and by "disk"
 (weights left in the file show as meta tensors on the module); the vram_limit stand-in counts

@@ -26,6 +26,11 @@ from .checkpoint import CheckpointModel
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
+# CPU kernels (MKL/oneDNN GEMMs) choose their code path, and so their rounding order, by the
+# address alignment of the operands: weights read in place from a file sit wherever the file
+# put them, so the same weights would give other last bits than in ordinary memory. Every host
+# tensor a model stores or computes with starts on this boundary (PyTorch's allocator's own).
+HOST_ALIGNMENT = 64
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -168,6 +173,14 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def host_aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself when its data starts on HOST_ALIGNMENT (or it is not in host memory),
+    else a copy in freshly allocated, aligned memory."""
+    if tensor.device.type != "cpu" or tensor.data_ptr() % HOST_ALIGNMENT == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 class MappedFile:
     """A private (copy-on-write) memory map of one file, opened on first use: tensors over it
     copy nothing until cast or moved, and writes never reach the file."""
@@ -295,10 +308,12 @@ def read_config(files: Sequence[CheckpointFile]) -> dict | None:
 def load_model(
     paths: Sequence[Path],
     candidates: Sequence[type[CheckpointModel]],
-    torch_dtype: torch.dtype,
+    torch_dtype: torch.dtype | None,
     device: str | torch.device,
 ) -> nn.Module:
-    """Recognise, build on meta, check every key and shape, then assign tensors one by one."""
+    """Recognise, build on meta, check every key and shape, then assign tensors one by one.
+    `torch_dtype=None` keeps each tensor as stored, as a view over the file where possible:
+    for VRAM management, which moves every tensor on to its storage itself."""
     files = [read_header(p) for p in expand_checkpoint_paths(paths)]
     model_class = recognise(files, candidates)
 
@@ -339,6 +354,8 @@ def load_model(
             for key, stored, release in _iter_tensors(file, keys):
                 dtype = torch_dtype if stored.is_floating_point() else stored.dtype
                 tensor = stored.to(device=device, dtype=dtype)
+                if torch_dtype is not None:
+                    tensor = host_aligned(tensor)
                 if tensor.data_ptr() != stored.data_ptr():
                     release()
                 _assign(model, plan[key][1], tensor)

@@ -54,7 +54,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .loader import SAFETENSORS_SUFFIXES, MappedFile, expand_checkpoint_paths, load_model, read_header
+from .loader import (SAFETENSORS_SUFFIXES, MappedFile, expand_checkpoint_paths, host_aligned, load_model,
+                     read_header)
 from .model_config import VRAM_KEYS
 
 logger = logging.getLogger(__name__)
@@ -425,16 +426,17 @@ def _arena_size(items: Sequence[tuple[Sequence[int], torch.dtype]]) -> int:
 def _convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`t` in `dtype` on `device`, the cast done on the GPU side of a host/GPU copy (fewer bytes
     over PCIe when storage is narrower, and GPU casts are fast). Returns `t` itself when it is
-    already there. Host-to-device copies are asynchronous (safe: pageable sources are staged
-    before the call returns, pinned ones are never freed while in use)."""
+    already there (a host tensor only when aligned: see loader.HOST_ALIGNMENT). Host-to-device
+    copies are asynchronous (safe: pageable sources are staged before the call returns, pinned
+    ones are never freed while in use)."""
     if t.device == device:
-        return t if t.dtype == dtype else t.to(dtype)
+        return host_aligned(t if t.dtype == dtype else t.to(dtype))
     if device.type == "cuda" and t.device.type == "cpu":
         t = t.to(device, non_blocking=True)
         return t if t.dtype == dtype else t.to(dtype)
     if t.device.type == "cuda" and device.type == "cpu":
         return (t if t.dtype == dtype else t.to(dtype)).to(device)
-    return t.to(device=device, dtype=dtype)
+    return host_aligned(t.to(device=device, dtype=dtype))
 
 
 @contextlib.contextmanager
@@ -543,7 +545,8 @@ class _Layer:
                 new[n] = self._placeholder(n)
                 continue
             current = self.stored[n].detach()
-            if arena is None and current.device == device and current.dtype == dtype:
+            if arena is None and current.device == device and current.dtype == dtype \
+                    and host_aligned(current) is current:
                 continue  # zero-copy (e.g. the loader's memory map of the file)
             src = self.disk[n].read() if self.disk is not None else current
             if arena is not None and device.type == "cpu":
