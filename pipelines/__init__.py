@@ -1,0 +1,62 @@
+"""The inference library: the one public surface users and the runner import.
+
+    from pipelines import QwenImagePipeline, ModelConfig
+    pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=[...])
+
+Names are imported on first use, so `import pipelines` costs nothing until a model is needed.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # pipelines
+    "Pipeline": "pipelines.core.pipeline",
+    "QwenImagePipeline": "pipelines.qwen_image",
+    # loading and files
+    "ModelConfig": "pipelines.core.model_config",
+    "VRAM_KEYS": "pipelines.core.model_config",
+    "fetch": "pipelines.core.download",
+    "resolve_files": "pipelines.core.download",
+    "model_base_path": "pipelines.core.download",
+    "model_folder": "pipelines.core.download",
+    "check_repo_path": "pipelines.core.download",
+    "parse_download_source": "pipelines.core.download",
+    # values
+    "parse_dtype": "pipelines.core.parse",
+    "parse_compute_dtype": "pipelines.core.parse",
+    "parse_device": "pipelines.core.parse",
+    "finite": "pipelines.core.parse",
+    "check_seed": "pipelines.core.parse",
+    # sampling
+    "FlowMatchScheduler": "pipelines.core.sampling",
+    # LoRA and VRAM
+    "LoraHandle": "pipelines.core.lora",
+    "VramSettings": "pipelines.core.vram",
+    "check_vram_limit": "pipelines.core.vram.settings",
+    # errors
+    "SettingError": "pipelines.core.parse",
+    "CheckpointError": "pipelines.core.loader",
+    "DownloadError": "pipelines.core.download",
+    "UnsafePathError": "pipelines.core.download",
+    "MissingModelFilesError": "pipelines.core.download",
+    "LoraError": "pipelines.core.lora",
+    "VramConfigError": "pipelines.core.vram",
+    "NonFiniteError": "pipelines.core.sampling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,26 +1,39 @@
-"""QwenImagePipeline: Qwen-Image text-to-image and image-to-image (REFERENCE.md section 1)."""
+"""QwenImagePipeline: the Qwen-Image family: text-to-image, image-to-image, and editing
+(Qwen-Image-Edit, -2509, -2511) with pictures, as DiffSynth-Studio's pipeline of the same name.
+
+    pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda",
+                                             model_configs=[...], tokenizer_config=...)
+    image = pipe("a red fox in the snow", seed=0, num_inference_steps=40)
+    # with processor_config=ModelConfig(model_id="Qwen/Qwen-Image-Edit", origin_file_pattern="processor/"):
+    image = pipe("make it winter", edit_image=[picture], seed=1)
+
+Editing follows diffusers' QwenImageEditPlusPipeline when `edit_image` is a list (2509, 2511:
+"Picture N:" prompts, pictures to the vision-language encoder at ~384x384 and to the VAE at
+~1024x1024) and its QwenImageEditPipeline for a single picture (the original Edit).
+
+The family declares its components, its LoRA target and its call; loading, stage offload,
+LoRA and timings are `pipelines.core.pipeline`'s, the denoising loop `core.sampling.denoise`.
+"""
 from __future__ import annotations
 
-import functools
 import logging
 import random
-import time
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from .core import vram
-from .core.download import resolve_files
-from .core.flow_match import FlowMatchScheduler, euler_step
-from .core.loader import load_model
-from .core.lora import LoraHandle, clear_lora as remove_loras, load_lora as apply_lora
+from .core.images import ImageInput, image_to_tensor, open_image, pack_latents, tensor_to_image, unpack_latents
 from .core.model_config import ModelConfig
+from .core.parse import SettingError, check_seed, finite
+from .core.pipeline import Pipeline, generation
+from .core.sampling import FlowMatchScheduler, denoise
 from .models.qwen_image_dit import QwenImageDiT
-from .models.qwen_image_text_encoder import QwenImageTextEncoder
+from .models.qwen_image_text_encoder import QwenImageTextEncoder, QwenImageVLEncoder
 from .models.qwen_image_vae import QwenImageVAE
 
 __all__ = ["QwenImagePipeline", "ModelConfig", "FlowMatchScheduler"]
@@ -35,102 +48,100 @@ PROMPT_TEMPLATE = (
 MAX_PROMPT_TOKENS = 1024  # tokenizer limit after the template prefix
 MAX_TEXT_EMBEDDINGS = 512  # the DiT sees at most this many prompt tokens
 SIZE_MULTIPLE = 16  # 8x VAE compression times the 2x2 latent packing
+MAX_PIXELS = 4096 * 4096  # beyond, latents and attention outgrow any device; `max_pixels` raises it
+DEFAULT_SIZE = 1328
 
-# pipeline attribute -> model class; the loader recognises which one a checkpoint holds
-COMPONENTS = {"dit": QwenImageDiT, "text_encoder": QwenImageTextEncoder, "vae": QwenImageVAE}
+EDIT_SYSTEM = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n"
+)
+EDIT_TEMPLATE = EDIT_SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n"  # 2509, 2511
+SINGLE_EDIT_TEMPLATE = EDIT_SYSTEM + "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+PICTURE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+EDIT_PREFIX_TOKENS = 64  # the edit template's system part, dropped from the embeddings
+CONDITION_AREA = 384 * 384  # pictures as the vision-language encoder sees them (2509, 2511)
+REFERENCE_AREA = 1024 * 1024  # pictures as the VAE encodes them
+OUTPUT_AREA = 1024 * 1024  # the default output size of an edit, with the last picture's aspect
 
 
-def _offload_when_done(call):
-    """Every VRAM-managed model goes back to its offload storage when a call ends (or fails)."""
-    @functools.wraps(call)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return call(self, *args, **kwargs)
-        finally:
-            vram.use_stage(self.vram, None)
-    return wrapper
+@dataclass
+class EditInput:
+    """The pictures of an edit: `multi` (a list was given) selects 2509/2511's semantics."""
+
+    pictures: list[Image.Image]
+    multi: bool
 
 
-class QwenImagePipeline:
-    supports_vram_management = True
+class QwenImagePipeline(Pipeline):
+    components = {"dit": QwenImageDiT, "text_encoder": QwenImageTextEncoder, "vae": QwenImageVAE}
+    lora_target = "dit"
+    image_arguments = ("input_image", "edit_image")
 
     def __init__(self, torch_dtype: torch.dtype, device: str | torch.device):
-        self.torch_dtype = torch_dtype
-        self.device = torch.device(device)
-        self.dit: QwenImageDiT | None = None
-        self.text_encoder: QwenImageTextEncoder | None = None
-        self.vae: QwenImageVAE | None = None
-        self.tokenizer = None
+        super().__init__(torch_dtype, device)
         self.scheduler = FlowMatchScheduler()
-        self.timings: dict[str, float] = {}
         self._template_prefix_tokens: int | None = None
-        self.vram: dict[str, vram.VramManager] = {}  # component name -> its VRAM manager
-
-    # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(
-        cls,
-        torch_dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cuda",
-        model_configs: Sequence[ModelConfig] = (),
-        tokenizer_config: ModelConfig | None = None,
-        vram_limit: float | str | None = None,
-    ) -> "QwenImagePipeline":
-        """Load the models named by `model_configs` (recognised from their keys) and the
-        tokenizer. `torch_dtype`/`device` are the computation precision and device.
-        A ModelConfig with offload_dtype/offload_device gets VRAM management
-        (`pipelines.core.vram`); `vram_limit`: GiB of device memory below which layers stay
-        on the preparing device, None for no limit, "auto" for the total minus a margin."""
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device={str(device)!r} but CUDA is not available on this machine: pass device='cpu' "
-                "(and torch_dtype=torch.float32 for speed on a CPU)."
-            )
-        vram_limit = vram.resolve_vram_limit(vram_limit, device)
-        settings = [vram.settings_for(c, torch_dtype, device, vram_limit) for c in model_configs]  # checked first
-        if vram_limit is not None and not any(settings):
-            logger.warning("vram_limit=%s has no effect: no ModelConfig enables VRAM management (offload_*).",
-                           vram_limit)
-        pipe = cls(torch_dtype, device)
-        origins: dict[str, ModelConfig] = {}  # component -> the config that gave it
-        for config, managed in zip(model_configs, settings):
-            if managed is None:
-                model = load_model(resolve_files(config), tuple(COMPONENTS.values()), torch_dtype, device)
-            else:
-                model = vram.load_managed(resolve_files(config), tuple(COMPONENTS.values()), managed)
-            name = next(n for n, c in COMPONENTS.items() if isinstance(model, c))
-            if name in origins:
+    def component_classes(cls, with_processor: bool) -> dict[str, type]:
+        """With a processor (edit models) the text encoder is loaded with its vision tower."""
+        classes = dict(cls.components)
+        if with_processor:
+            classes["text_encoder"] = QwenImageVLEncoder
+        return classes
+
+    @classmethod
+    def load_tokenizer(cls, paths: Sequence[Path]):
+        return load_tokenizer(paths)
+
+    @classmethod
+    def load_processor(cls, paths: Sequence[Path]):
+        from .models.qwen_image_vision import QwenVLProcessor
+
+        return QwenVLProcessor.from_folder(paths[0] if paths[0].is_dir() else paths[0].parent)
+
+    def on_loaded(self) -> None:
+        """The DiT reads the text encoder's hidden states and the VAE's packed latents; an edit
+        model's processor carries the tokenizer when no tokenizer_config is given."""
+        if self.tokenizer is None and self.processor is not None:
+            self.tokenizer = self.processor.tokenizer
+        dit = self.dit.params if self.dit is not None else None
+        if dit is not None and self.text_encoder is not None:
+            hidden = self.text_encoder.params.hidden_size
+            if hidden != dit.joint_attention_dim:
                 raise ValueError(
-                    f"Two model configs hold the {name}: {origins[name].describe()} and {config.describe()}. "
-                    "Give each component once: drop one of them from model_configs."
-                )
-            origins[name] = config
-            setattr(pipe, name, model)
-            if managed is not None:
-                pipe.vram[name] = vram.manager_of(model)
-        if tokenizer_config is not None:
-            pipe.tokenizer = load_tokenizer(resolve_files(tokenizer_config))
-        return pipe
+                    f"The text encoder's hidden size is {hidden} but the DiT reads text of width "
+                    f"{dit.joint_attention_dim} (joint_attention_dim): they belong to different models. Load the "
+                    "text encoder of the same model as the DiT.")
+        if dit is not None and self.vae is not None:
+            z = self.vae.params.z_dim
+            if dit.in_channels != 4 * z or dit.out_channels != z:
+                raise ValueError(
+                    f"The VAE has {z} latent channels but the DiT takes {dit.in_channels} packed channels (4 x "
+                    f"{dit.in_channels // 4}) and predicts {dit.out_channels}: they belong to different models. Load "
+                    "the VAE of the same model as the DiT.")
 
     # ------------------------------------------------------------------ generation
 
-    @torch.inference_mode()
-    @_offload_when_done
+    @generation
     def __call__(
         self,
         prompt: str,
         negative_prompt: str = "",
         cfg_scale: float = 4.0,
-        height: int = 1328,
-        width: int = 1328,
+        height: int | None = None,
+        width: int | None = None,
         seed: int | None = None,
         rand_device: str = "cpu",
         num_inference_steps: int = 30,
         exponential_shift_mu: float | None = None,
-        input_image: Image.Image | None = None,
+        input_image: ImageInput | None = None,
         denoising_strength: float = 1.0,
+        edit_image: ImageInput | Sequence[ImageInput] | None = None,
+        edit_image_auto_resize: bool = True,
+        zero_cond_t: bool | None = None,
         tiled: bool = False,
         tile_size: int = 128,
         tile_stride: int = 64,
@@ -138,95 +149,167 @@ class QwenImagePipeline:
         scheduler: FlowMatchScheduler | None = None,
         cfg_norm_rescale: bool = True,
         cfg_batch: bool = False,
+        max_pixels: int = MAX_PIXELS,
     ) -> Image.Image:
         """Generate one image. `cfg_scale` != 1 runs true CFG against `negative_prompt`;
         `cfg_norm_rescale` rescales the guided prediction to the conditional one's norm per
-        token, as the reference pipeline does. `input_image` + `denoising_strength` < 1 is
-        image-to-image: the first (1 - strength) of the steps are skipped. `cfg_batch` runs the
-        two CFG branches as one batch-2 forward (prompts padded to one length with a mask):
-        the weights are read once per step, which pays when they stream (VRAM management)."""
-        self._require("dit", "text_encoder", "vae", "tokenizer")
-        if not 0.0 < denoising_strength <= 1.0:
-            raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}.")
-        height, width = _round_size(height), _round_size(width)
-        if seed is None:
-            seed = random.randrange(2**31)
-            logger.info("No seed given: using seed %d", seed)
-        self.timings = {}
-
-        start = self._now()
-        text, text_mask = self.encode_prompt(prompt)
-        do_cfg = cfg_scale != 1.0
-        if do_cfg:
-            negative_text, negative_mask = self.encode_prompt(negative_prompt)
-        self.timings["encode_s"] = self._now() - start
-
-        start = self._now()
-        h, w = height // SIZE_MULTIPLE, width // SIZE_MULTIPLE
-        scheduler = scheduler or self.scheduler
-        sigmas = scheduler.sigmas(num_inference_steps, h * w, exponential_shift_mu)
-        generator = torch.Generator(rand_device).manual_seed(seed)
-        if input_image is not None:
-            vram.use_stage(self.vram, "vae")
-            # the posterior sample draws from the generator before the noise, as in diffusers
-            image_latents = pack_latents(self.vae.encode(
-                image_to_tensor(input_image, height, width).to(self.device), tiled=tiled,
-                tile_size=tile_size, tile_stride=tile_stride, generator=generator))
-        noise = torch.randn((1, 16, 2 * h, 2 * w), generator=generator, device=rand_device, dtype=torch.float32)
-        latents = pack_latents(noise.to(self.device))
-        if input_image is not None:
-            first_step = int(max(num_inference_steps - num_inference_steps * denoising_strength, 0))
-            sigmas = sigmas[first_step:]
-            latents = sigmas[0] * latents + (1.0 - sigmas[0]) * image_latents
-
-        if do_cfg and cfg_batch:
-            both_texts, both_masks = stack_texts([(text, text_mask), (negative_text, negative_mask)])
-        vram.use_stage(self.vram, "dit")
-        steps = tqdm(range(len(sigmas) - 1), desc="Denoising", disable=not progress_bar)
-        for i in steps:
-            timestep = sigmas[i : i + 1].to(self.device)
-            if do_cfg and cfg_batch:
-                both = self.dit(torch.cat([latents, latents]), timestep, both_texts, both_masks, h, w).float()
-                velocity, negative = both.chunk(2)
-            else:
-                velocity = self.dit(latents, timestep, text, text_mask, h, w).float()
-                if do_cfg:
-                    negative = self.dit(latents, timestep, negative_text, negative_mask, h, w).float()
-            if do_cfg:
-                velocity = guide(velocity, negative, cfg_scale, cfg_norm_rescale)
-            latents = euler_step(latents, velocity, sigmas[i].item(), sigmas[i + 1].item())
-        self.timings["denoise_s"] = self._now() - start
+        token, as the reference pipeline does. `input_image` (a picture or its path) +
+        `denoising_strength` < 1 is image-to-image: the first (1 - strength) of the steps are
+        skipped. `edit_image` (pictures or paths; needs a processor_config) edits: a list is
+        2509/2511's multi-picture edit, a single picture the original Edit's; the pictures are
+        resized to ~1024x1024 for the VAE unless `edit_image_auto_resize=False`. `zero_cond_t`
+        (2511) modulates the pictures' tokens as at t = 0; None reads the DiT's config.json.
+        `height`/`width` default to 1328, or with pictures to the last picture's aspect at
+        ~1024x1024; they round to multiples of 16, and above `max_pixels` pixels the call is
+        refused before any work. `cfg_batch` runs the two CFG branches as one batch-2 forward
+        (prompts padded to one length with a mask): the weights are read once per step, which
+        pays when they stream (VRAM management)."""
+        a = self.check_arguments({k: v for k, v in locals().items() if k != "self"})
+        edit: EditInput | None = a["edit_image"]
+        self._require("dit", "text_encoder", "vae", "tokenizer", *(("processor",) if edit else ()))
+        tiling = dict(tiled=a["tiled"], tile_size=a["tile_size"], tile_stride=a["tile_stride"])
+        with self.timed("encode_s"):
+            texts = [self.encode_prompt(a["prompt"], edit)]
+            if a["cfg_scale"] != 1.0:
+                texts.append(self.encode_prompt(a["negative_prompt"], edit))
+        with self.timed("denoise_s"):
+            h, w = a["height"] // SIZE_MULTIPLE, a["width"] // SIZE_MULTIPLE
+            sigmas = (a["scheduler"] or self.scheduler).sigmas(a["num_inference_steps"], h * w,
+                                                               a["exponential_shift_mu"])
+            generator = torch.Generator(a["rand_device"]).manual_seed(a["seed"])
+            references = self._encode_references(edit, a["edit_image_auto_resize"], tiling)
+            latents, sigmas = self._initial_latents(generator, a["rand_device"], h, w, sigmas, a["input_image"],
+                                                    a["denoising_strength"], tiling)
+            self.use_stage("dit")
+            velocity = self._velocity(texts, h, w, a["cfg_batch"], references, a["zero_cond_t"])
+            latents = denoise(velocity, latents, sigmas, self.device, a["cfg_scale"], a["cfg_norm_rescale"],
+                              a["progress_bar"])
         self.timings["denoise_steps"] = len(sigmas) - 1  # fewer than asked in image-to-image
-
-        start = self._now()
-        vram.use_stage(self.vram, "vae")
-        image = self.vae.decode(unpack_latents(latents, h, w), tiled=tiled, tile_size=tile_size,
-                                tile_stride=tile_stride)
-        self.timings["decode_s"] = self._now() - start
+        with self.timed("decode_s"):
+            self.use_stage("vae")
+            image = self.vae.decode(unpack_latents(latents, h, w), **tiling)
         return tensor_to_image(image[0])
 
-    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt -> (1, L, hidden) embeddings of the prompt tokens (the template prefix
-        dropped) and their mask (None: no padding at batch 1)."""
+    @classmethod
+    def check_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Every call argument checked before any work (the runner calls this before loading):
+        finite numbers, sizes within `max_pixels`, a seed in range (None: a random one, logged),
+        readable pictures (opened here; `edit_image` becomes an EditInput)."""
+        a = super().check_arguments(arguments)
+        if not isinstance(a["prompt"], str) or not isinstance(a["negative_prompt"], str):
+            raise SettingError("prompt and negative_prompt must be strings.")
+        for key in ("cfg_scale", "denoising_strength"):
+            a[key] = finite(a[key], key)
+        if a["exponential_shift_mu"] is not None:
+            a["exponential_shift_mu"] = finite(a["exponential_shift_mu"], "exponential_shift_mu")
+        if not 0.0 < a["denoising_strength"] <= 1.0:
+            raise SettingError(f"denoising_strength must be in (0, 1], got {a['denoising_strength']}.")
+        steps = a["num_inference_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise SettingError(f"num_inference_steps must be an integer >= 1, got {steps!r}.")
+        check_tiling(a["tile_size"], a["tile_stride"])
+        a["seed"] = random_seed() if a["seed"] is None else check_seed(a["seed"])
+        if a["input_image"] is not None:
+            a["input_image"] = open_image(a["input_image"], "input_image")
+        a["edit_image"] = edit_input(a["edit_image"])
+        a["height"], a["width"] = check_size(*default_size(a["height"], a["width"], a["edit_image"]),
+                                             a["max_pixels"])
+        return a
+
+    def _encode_references(self, edit: EditInput | None, auto_resize: bool,
+                           tiling: dict) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None:
+        """The pictures as packed VAE latents (posterior means), concatenated, and their token grids."""
+        if edit is None:
+            return None
+        self.use_stage("vae")
+        latents, grids = [], []
+        for picture in edit.pictures:
+            width, height = reference_size(picture, auto_resize)
+            encoded = self.vae.encode(image_to_tensor(picture, height, width).to(self.device), **tiling)
+            latents.append(pack_latents(encoded))
+            grids.append((height // SIZE_MULTIPLE, width // SIZE_MULTIPLE))
+        return torch.cat(latents, dim=1), tuple(grids)
+
+    def _initial_latents(self, generator: torch.Generator, rand_device: str, h: int, w: int, sigmas: torch.Tensor,
+                         source: Image.Image | None, strength: float, tiling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise (and for image-to-image the encoded picture mixed in at the first kept step)."""
+        if source is not None:
+            self.use_stage("vae")
+            # the posterior sample draws from the generator before the noise, as in diffusers
+            image_latents = pack_latents(self.vae.encode(
+                image_to_tensor(source, h * SIZE_MULTIPLE, w * SIZE_MULTIPLE).to(self.device),
+                generator=generator, **tiling))
+        noise = torch.randn((1, 16, 2 * h, 2 * w), generator=generator, device=rand_device, dtype=torch.float32)
+        latents = pack_latents(noise.to(self.device))
+        if source is None:
+            return latents, sigmas
+        steps = len(sigmas) - 1
+        sigmas = sigmas[int(max(steps - steps * strength, 0)):]
+        return sigmas[0] * latents + (1.0 - sigmas[0]) * image_latents, sigmas
+
+    def _velocity(self, texts: list[tuple[torch.Tensor, torch.Tensor | None]], h: int, w: int, cfg_batch: bool,
+                  references: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None, zero_cond_t: bool | None):
+        """The DiT as `denoise` calls it: (latents, timestep) -> (conditional, unconditional or
+        None); the pictures' latents ride after the generated ones."""
+        ref_latents, grids = references if references is not None else (None, ())
+
+        def dit(latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None):
+            if ref_latents is not None:
+                latents = torch.cat([latents, ref_latents.expand(latents.shape[0], -1, -1)], dim=1)
+            return self.dit(latents, timestep, text, mask, h, w, grids, zero_cond_t)
+
+        if len(texts) == 2 and cfg_batch:
+            both_texts, both_masks = stack_texts(texts)
+            return lambda latents, timestep: dit(torch.cat([latents, latents]), timestep, both_texts,
+                                                 both_masks).chunk(2)
+
+        def separate(latents: torch.Tensor, timestep: torch.Tensor):
+            outputs = [dit(latents, timestep, text, mask) for text, mask in texts]
+            return outputs[0], outputs[1] if len(outputs) == 2 else None
+        return separate
+
+    def encode_prompt(self, prompt: str, edit: EditInput | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt (with the edit's pictures) -> (1, L, hidden) embeddings of the prompt tokens,
+        the template prefix dropped, and their mask (None: no padding at batch 1)."""
+        if edit is not None:
+            return self._encode_edit_prompt(prompt, edit), None
         self._require("text_encoder", "tokenizer")
-        vram.use_stage(self.vram, "text_encoder")
+        self.use_stage("text_encoder")
         drop = self.template_prefix_tokens
         ids = self.tokenizer(PROMPT_TEMPLATE.format(prompt), return_tensors="pt").input_ids
         if ids.shape[1] > MAX_PROMPT_TOKENS + drop:
-            logger.warning(
-                "The prompt has %d tokens; the tokenizer keeps the first %d.",
-                ids.shape[1] - drop, MAX_PROMPT_TOKENS,
-            )
+            logger.warning("The prompt has %d tokens; the tokenizer keeps the first %d.",
+                           ids.shape[1] - drop, MAX_PROMPT_TOKENS)
             ids = ids[:, : MAX_PROMPT_TOKENS + drop]
         ids = ids.to(self.device)
         hidden = self.text_encoder(ids, torch.ones_like(ids))[:, drop:]
         if hidden.shape[1] > MAX_TEXT_EMBEDDINGS:
-            logger.warning(
-                "The prompt has %d tokens after the template; Qwen-Image uses the first %d, "
-                "the rest is ignored.", hidden.shape[1], MAX_TEXT_EMBEDDINGS,
-            )
+            logger.warning("The prompt has %d tokens after the template; Qwen-Image uses the first %d, the rest is "
+                           "ignored.", hidden.shape[1], MAX_TEXT_EMBEDDINGS)
             hidden = hidden[:, :MAX_TEXT_EMBEDDINGS]
         return hidden, None
+
+    def _encode_edit_prompt(self, prompt: str, edit: EditInput) -> torch.Tensor:
+        """The edit template with the pictures: each as the vision-language encoder sees it
+        (2509/2511: ~384x384 area, "Picture N:" before it; the original Edit: the ~1024x1024
+        picture the VAE encodes), the system part dropped."""
+        self._require("text_encoder", "processor")
+        if not isinstance(self.text_encoder, QwenImageVLEncoder):
+            raise RuntimeError("Editing needs the text encoder's vision tower, which is loaded when a processor is "
+                               "given: pass processor_config=ModelConfig(..., origin_file_pattern='processor/') to "
+                               "from_pretrained.")
+        self.use_stage("text_encoder")
+        if edit.multi:
+            numbered = "".join(PICTURE_PROMPT.format(i + 1) for i in range(len(edit.pictures)))
+            text = EDIT_TEMPLATE.format(numbered + prompt)
+            seen = [resized(p, *fit_area(p, CONDITION_AREA)) for p in edit.pictures]
+        else:
+            text = SINGLE_EDIT_TEMPLATE.format(prompt)
+            seen = [resized(p, *fit_area(p, REFERENCE_AREA)) for p in edit.pictures]
+        inputs = self.processor([text], images=seen).to(self.device)
+        hidden = self.text_encoder(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                   inputs["image_grid_thw"])
+        return hidden[:, EDIT_PREFIX_TOKENS:]
 
     @property
     def template_prefix_tokens(self) -> int:
@@ -235,44 +318,6 @@ class QwenImagePipeline:
             prefix = PROMPT_TEMPLATE.split("{}")[0]
             self._template_prefix_tokens = len(self.tokenizer(prefix).input_ids)
         return self._template_prefix_tokens
-
-    # ------------------------------------------------------------------ helpers
-
-    def _require(self, *names: str) -> None:
-        missing = [n for n in names if getattr(self, n) is None]
-        if missing:
-            raise RuntimeError(
-                f"The pipeline has no {', '.join(missing)}: add a ModelConfig for "
-                f"{' and '.join(missing)} to from_pretrained (tokenizer: tokenizer_config=...)."
-            )
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    # ------------------------------------------------------------------ LoRA
-
-    def load_lora(self, module: torch.nn.Module, lora, alpha: float = 1.0, hotload: bool | None = None,
-                  strict: bool = True) -> LoraHandle:
-        """Apply a LoRA to `module` (e.g. `pipe.dit`). `lora`: a ModelConfig, a path, or a state
-        dict, in any format of `pipelines.core.lora`. Cold (fused, no speed cost) unless
-        `hotload=True` (kept apart, added in the forward); the default (None) is hot for a
-        VRAM-managed model. Returns a handle whose alpha can be
-        changed in place: `handle.set_alpha(0.5)`. `pipe.clear_lora()` removes it exactly."""
-        if module is None or not isinstance(module, torch.nn.Module):
-            raise TypeError(f"load_lora: `module` must be a loaded model such as pipe.dit, got {module!r}.")
-        if hotload is None:
-            # hot for VRAM-managed models: their weights have several copies (or stay on disk)
-            hotload = vram.manager_of(module) is not None
-        return apply_lora(module, lora, alpha=alpha, hot=hotload, strict=strict)
-
-    def clear_lora(self) -> None:
-        """Remove every LoRA (cold or hot) from every model: the base weights come back bit for bit."""
-        for name in COMPONENTS:
-            model = getattr(self, name)
-            if model is not None:
-                remove_loras(model)
 
 
 def load_tokenizer(paths: Sequence[Path]):
@@ -302,45 +347,86 @@ def stack_texts(texts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tu
     return torch.cat(rows), None if bool(mask.all()) else mask
 
 
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, norm_rescale: bool) -> torch.Tensor:
-    """True classifier-free guidance; optionally keep the conditional prediction's norm per token."""
-    guided = uncond + scale * (cond - uncond)
-    if norm_rescale:
-        guided = guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
-    return guided
+def random_seed() -> int:
+    seed = random.randrange(2**31)
+    logger.info("No seed given: using seed %d", seed)
+    return seed
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, 2h, 2w) -> (B, h*w, C*4), channel index c*4 + dy*2 + dx."""
-    b, c, hh, ww = latents.shape
-    x = latents.view(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (hh // 2) * (ww // 2), c * 4)
-
-
-def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h*w, C*4) -> (B, C, 2h, 2w), the inverse of pack_latents."""
-    b, _, cp = latents.shape
-    x = latents.view(b, h, w, cp // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, cp // 4, 2 * h, 2 * w)
-
-
-def _round_size(size: int) -> int:
+def round_size(size: int) -> int:
     rounded = max(SIZE_MULTIPLE, int(round(size / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
     if rounded != size:
         logger.warning("Image size %d is not a multiple of %d: using %d.", size, SIZE_MULTIPLE, rounded)
     return rounded
 
 
-def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos) to the generation size."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+def check_size(height: int, width: int, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Positive integer sizes, rounded to multiples of 16, at most `max_pixels` pixels."""
+    for key, value in (("height", height), ("width", width), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise SettingError(f"{key} must be a positive integer (pixels), got {value!r}.")
+    height, width = round_size(height), round_size(width)
+    if height * width > max_pixels:
+        raise SettingError(
+            f"height={height}, width={width}: {height * width:,} pixels, above max_pixels={max_pixels:,} (4096x4096 by "
+            "default): "
+            "its latents and attention would not fit in memory. Give a smaller size, or raise max_pixels if you "
+            "have the memory.")
+    return height, width
 
 
-def tensor_to_image(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> PIL image."""
-    array = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+def check_tiling(tile_size: int, tile_stride: int) -> None:
+    for key, value in (("tile_size", tile_size), ("tile_stride", tile_stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SettingError(f"{key} must be a positive integer (latent pixels), got {value!r}.")
+    if tile_stride > tile_size:
+        raise SettingError(f"tile_stride ({tile_stride}) must not exceed tile_size ({tile_size}): tiles would leave "
+                           "gaps. Use e.g. tile_size=128 tile_stride=64.")
+
+
+def edit_input(value: Any) -> EditInput | None:
+    """`edit_image` as given (a picture, a path, or a list of them) -> EditInput."""
+    if value is None:
+        return None
+    if isinstance(value, EditInput):
+        return value
+    if isinstance(value, (Image.Image, str, Path)):
+        return EditInput([open_image(value, "edit_image")], multi=False)
+    if not isinstance(value, Sequence) or not value:
+        raise SettingError(f"edit_image must be a picture, a path, or a non-empty list of them, got {value!r}.")
+    return EditInput([open_image(v, f"edit_image[{i}]") for i, v in enumerate(value)], multi=True)
+
+
+def fit_area(picture: Image.Image, area: int) -> tuple[int, int]:
+    """(width, height) with the picture's aspect ratio and about `area` pixels, multiples of 32
+    (diffusers' calculate_dimensions)."""
+    ratio = picture.width / picture.height
+    width = math.sqrt(area * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
+def resized(picture: Image.Image, width: int, height: int) -> Image.Image:
+    return picture if picture.size == (width, height) else picture.resize((width, height), Image.LANCZOS)
+
+
+def reference_size(picture: Image.Image, auto_resize: bool) -> tuple[int, int]:
+    """(width, height) a picture is VAE-encoded at: ~1024x1024 with its aspect, or with
+    `auto_resize=False` its own size rounded down to multiples of 16."""
+    if auto_resize:
+        return fit_area(picture, REFERENCE_AREA)
+    size = (max(SIZE_MULTIPLE, picture.width // SIZE_MULTIPLE * SIZE_MULTIPLE),
+            max(SIZE_MULTIPLE, picture.height // SIZE_MULTIPLE * SIZE_MULTIPLE))
+    if size != picture.size:
+        logger.warning("edit_image of %dx%d is not a multiple of %d: encoded at %dx%d.", *picture.size, SIZE_MULTIPLE,
+                       *size)
+    return size
+
+
+def default_size(height: int | None, width: int | None, edit: EditInput | None) -> tuple[int, int]:
+    """1328x1328, or with pictures the last one's aspect at ~1024x1024 (multiples of 16 below)."""
+    if edit is None:
+        return (DEFAULT_SIZE if height is None else height), (DEFAULT_SIZE if width is None else width)
+    fit_width, fit_height = fit_area(edit.pictures[-1], OUTPUT_AREA)
+    height = fit_height if height is None else height
+    width = fit_width if width is None else width
+    return height // SIZE_MULTIPLE * SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE

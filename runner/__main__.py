@@ -23,6 +23,10 @@ def _sigterm(signum, frame):  # noqa: ARG001
 
 
 def cli() -> int:
+    if sys.argv[1:2] == ["report"]:
+        from .compare import report_main
+
+        return report_main(sys.argv[2:])
     if sys.argv[1:2] == ["download"]:
         from .download import download
 

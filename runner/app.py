@@ -60,6 +60,7 @@ class Sweep:
     tracking: TrackingSpec
     swept: list[str] = field(default_factory=list)  # keys with several values (seed, lora.alpha)
     records: list[JobRecord] = field(default_factory=list)
+    logged_inputs: set[str] = field(default_factory=set)  # sha256 of the input pictures on the parent run
 
     def label(self, overrides: list[str], num: int) -> str:
         """A job's name: its values of the swept keys (`seed=1 lora.alpha=0.5`)."""
@@ -305,8 +306,9 @@ def run_job(cfg: DictConfig) -> JobRecord:
         if spec_error is not None:
             raise spec_error
         assert spec is not None
-        build.preflight(spec)
-        _generate_and_log(spec, rt, record, tracker, run_id, job_dir, label)
+        seed = spec.seed if spec.seed is not None else random.randrange(2**31)
+        arguments = build.preflight(spec, seed)
+        _generate_and_log(spec, rt, arguments, record, tracker, run_id, job_dir, label)
     except KeyboardInterrupt:
         record.status, record.error = KILLED, "interrupted"
         build.forget_lora_state(build.current())
@@ -333,23 +335,24 @@ def run_job(cfg: DictConfig) -> JobRecord:
     return record
 
 
-def _generate_and_log(spec: RunSpec, rt: build.Runtime, record: JobRecord, tracker: Optional[Tracker],
-                      run_id: Optional[str], job_dir: Path, label: str) -> None:
+def _generate_and_log(spec: RunSpec, rt: build.Runtime, arguments: dict[str, Any], record: JobRecord,
+                      tracker: Optional[Tracker], run_id: Optional[str], job_dir: Path, label: str) -> None:
     started = time.perf_counter()  # the job's own time: load + LoRA + generate + save
     _reset_peak_memory(rt.device)
     entry, load_s = build.get_pipeline(spec, rt)
     lora_s = build.apply_loras(entry, spec)
-    seed = spec.seed if spec.seed is not None else random.randrange(2**31)
-    image = build.generate(entry, spec, rt, seed)
+    seed = arguments["seed"]
+    image = build.generate(entry, arguments)
     timings = dict(getattr(entry.pipe, "timings", {}) or {})
     loras = [(lbl, float(item.alpha)) for lbl, _, item in spec.lora.items()]
+    inputs = _input_pictures(entry, spec, arguments)
     gen = {
         "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": seed,
         "steps": spec.sampler.steps, "cfg_scale": spec.sampler.cfg_scale,
-        "height": spec.sampler.height, "width": spec.sampler.width,
-        "schedule": spec.sampler.schedule.value, "shift_mu": spec.sampler.shift_mu,
-        "denoising_strength": spec.sampler.denoising_strength, "model": spec.model.name,
+        "height": image.height, "width": image.width, "sampler": spec.sampler.name,
+        "scheduler": spec.sampler.scheduler, "call": dict(spec.call), "model": spec.model.name,
         "loras": loras, "dtype": rt.dtype, "device": rt.device,
+        "inputs": {arg: [{"file": p.name, "sha256": h} for p, h in files] for arg, files in inputs.items()},
     }
     png = save_png(image, job_dir / "image.png", gen)
     denoise_s = timings.get("denoise_s")
@@ -367,10 +370,13 @@ def _generate_and_log(spec: RunSpec, rt: build.Runtime, record: JobRecord, track
     if tracker is not None and run_id is not None:
         tags = provenance_tags(rt.device)
         tags.update(_fingerprints(entry, spec))
-        tracker.log_batch(run_id, metrics=metrics, tags=tags,
-                          params={"runtime.seed": seed} if spec.seed is None else None)
+        params = {f"inputs.{arg}.{i}.sha256": h for arg, files in inputs.items() for i, (_, h) in enumerate(files)}
+        if spec.seed is None:
+            params["runtime.seed"] = seed
+        tracker.log_batch(run_id, metrics=metrics, tags=tags, params=params)
         tracker.log_image(run_id, image, key=spec.tracking.image_key)
         tracker.log_file(run_id, png)
+        _log_input_pictures(tracker, run_id, inputs)
         tracker.end_run(run_id, FINISHED)
     record.status = FINISHED
     logger.info(
@@ -396,6 +402,37 @@ def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
             entry.lora_fingerprints[key] = cache.describe(build.lora_files(item, spec, download=False))
         tags.update(fingerprint_tags(f"lora.{label}", entry.lora_fingerprints[key]))
     return tags
+
+
+def _input_pictures(entry: build.LoadedPipeline, spec: RunSpec,
+                    arguments: dict[str, Any]) -> dict[str, list[tuple[Path, str]]]:
+    """The picture files the call read (the pipeline's image arguments given as paths), with
+    their sha256, through the fingerprint cache."""
+    from .provenance import FingerprintCache
+
+    cache = FingerprintCache(Path(spec.tracking.store_dir) / "fingerprints.json")
+    found = {}
+    for arg in getattr(entry.pipe, "image_arguments", ()):
+        value = arguments.get(arg)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        paths = [Path(v) for v in values if isinstance(v, (str, Path))]
+        if paths:
+            found[arg] = [(p, cache.sha256(p)) for p in paths]
+    return found
+
+
+def _log_input_pictures(tracker: Tracker, run_id: str, inputs: dict[str, list[tuple[Path, str]]]) -> None:
+    """The input pictures as artifacts under `inputs/`: on the sweep's parent run once per
+    picture, on the run itself for a single run."""
+    sweep = STATE.sweep
+    target = sweep.parent_id if sweep is not None and sweep.parent_id else run_id
+    for files in inputs.values():
+        for path, digest in files:
+            if sweep is not None and digest in sweep.logged_inputs:
+                continue
+            tracker.log_file(target, path, "inputs")
+            if sweep is not None:
+                sweep.logged_inputs.add(digest)
 
 
 def _skip(record: JobRecord, tracker: Tracker, previous: Any, label: str) -> JobRecord:

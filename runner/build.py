@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .spec import VRAM_KEYS, ConfigError, DType, FileSpec, LoraItem, RunSpec
+from .spec import RUN_ARGUMENTS, SAMPLER_ARGUMENTS, VRAM_KEYS, ConfigError, DType, FileSpec, LoraItem, RunSpec
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class LoadedPipeline:
     key: str
     pipe: Any
     model_configs: list
-    tokenizer_config: Any
+    other_configs: list  # tokenizer, processor
     load_s: float
     # what LoRAs are applied now: a tuple of (label, source, alpha); None = unknown (after
     # a failure) -> cleared before the next job
@@ -74,13 +74,19 @@ def import_object(dotted: str, where: str) -> Any:
         raise ConfigError(where, f"cannot import {dotted!r} ({e})", "give an importable `module.name`") from None
 
 
-def preflight(spec: RunSpec) -> None:
-    """What can be refused before any weight is read."""
+def pipeline_class(spec: RunSpec) -> Any:
     cls = import_object(spec.model.pipeline, "model.pipeline")
-    for method in ("from_pretrained", "load_lora", "clear_lora"):
-        if spec.lora.items() or method == "from_pretrained":
-            if not hasattr(cls, method):
-                raise ConfigError("model.pipeline", f"{spec.model.pipeline} has no `{method}`", "name a pipeline class of `pipelines`")
+    missing = [m for m in ("from_pretrained", "check_arguments", "load_lora", "clear_lora") if not hasattr(cls, m)]
+    if missing:
+        raise ConfigError("model.pipeline", f"{spec.model.pipeline} has no `{missing[0]}`",
+                          "name a pipeline class of `pipelines` (a pipelines.Pipeline)")
+    return cls
+
+
+def preflight(spec: RunSpec, seed: Optional[int] = None) -> dict[str, Any]:
+    """What can be refused before any weight is read: the pipeline, the VRAM preset it must
+    support, and every call argument, checked by the pipeline itself. Returns the arguments."""
+    cls = pipeline_class(spec)
     if spec.vram.enabled() and not getattr(cls, "supports_vram_management", False):
         raise ConfigError(
             "vram",
@@ -88,6 +94,67 @@ def preflight(spec: RunSpec) -> None:
             f"which {spec.model.pipeline} does not implement yet",
             "use vram=none (every model resident on the device)",
         )
+    arguments = call_arguments(spec, cls, seed)
+    try:
+        cls.check_arguments(arguments)
+    except ValueError as error:  # SettingError, or a picture that cannot be read
+        key = config_key_of(str(error), arguments)
+        raise ConfigError(key, str(error).rstrip("."), f"change `{key}`") from None
+    except FileNotFoundError as error:
+        key = config_key_of(str(error), arguments)
+        raise ConfigError(key, str(error).rstrip("."), "give an existing file") from None
+    return arguments
+
+
+def call_arguments(spec: RunSpec, cls: Any, seed: Optional[int] = None) -> dict[str, Any]:
+    """The pipeline call of this spec: the run keys, the sampler's (under the pipeline's names)
+    and `call.*`, every name checked against the pipeline's signature."""
+    parameters = cls.call_parameters()
+    arguments: dict[str, Any] = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
+                                 "seed": spec.seed if seed is None else seed, "progress_bar": spec.progress_bar}
+    for key, name in SAMPLER_ARGUMENTS.items():
+        value = getattr(spec.sampler, key)
+        arguments[name] = instantiate_scheduler(value) if key == "scheduler" and value is not None else value
+    for name, value in spec.call.items():
+        if name in arguments:
+            owner = next((f"sampler.{k}" for k, n in SAMPLER_ARGUMENTS.items() if n == name), name)
+            raise ConfigError(f"call.{name}", f"{name} is set by `{owner}`", f"use {owner}=... instead")
+        arguments[name] = value
+    missing = [name for name in arguments if name not in parameters]
+    if missing:
+        import difflib
+
+        name = missing[0]
+        close = difflib.get_close_matches(name, list(parameters), n=1)
+        hint = f"did you mean `call.{close[0]}`?" if close else f"its arguments are {', '.join(parameters)}"
+        raise ConfigError(config_key(name), f"{cls.__name__} takes no argument {name!r}", hint)
+    return arguments
+
+
+def instantiate_scheduler(node: Any) -> Any:
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except Exception as error:  # noqa: BLE001 - hydra wraps import and argument errors
+        raise ConfigError("sampler.scheduler", f"cannot build the scheduler ({error})",
+                          "give `_target_: pipelines.FlowMatchScheduler` and its fields, or null") from None
+
+
+def config_key(argument: str) -> str:
+    """The config path that sets a call argument."""
+    sampler = {name: key for key, name in SAMPLER_ARGUMENTS.items()}
+    if argument in sampler:
+        return f"sampler.{sampler[argument]}"
+    return argument if argument in RUN_ARGUMENTS else f"call.{argument}"
+
+
+def config_key_of(message: str, arguments: dict[str, Any]) -> str:
+    """The config path of the argument an error message names first."""
+    import re
+
+    found = [(m.start(), name) for name in arguments if (m := re.search(rf"\b{re.escape(name)}\b", message))]
+    return config_key(min(found)[1]) if found else "call"
 
 
 # ------------------------------------------------------------------ model configs
@@ -112,8 +179,9 @@ def _vram_value(key: str, value: Optional[str], rt: Runtime):
     return value
 
 
-def model_configs(spec: RunSpec, rt: Runtime) -> tuple[list, Any]:
-    from pipelines.core.model_config import ModelConfig
+def model_configs(spec: RunSpec, rt: Runtime) -> tuple[list, Any, Any]:
+    """The ModelConfigs of the model files (with the VRAM keys), the tokenizer and the processor."""
+    from pipelines import ModelConfig
 
     vram = {k: _vram_value(k, getattr(spec.vram, k), rt) for k in VRAM_KEYS}
     vram = {k: v for k, v in vram.items() if v is not None}
@@ -130,7 +198,8 @@ def model_configs(spec: RunSpec, rt: Runtime) -> tuple[list, Any]:
 
     configs = [make(f, True) for f in spec.model.files]
     tokenizer = make(spec.model.tokenizer, False) if spec.model.tokenizer else None
-    return configs, tokenizer
+    processor = make(spec.model.processor, False) if spec.model.processor else None
+    return configs, tokenizer, processor
 
 
 def ensure_built(spec: RunSpec) -> None:
@@ -139,13 +208,12 @@ def ensure_built(spec: RunSpec) -> None:
     into place, so a reader never sees a half-written one."""
     if spec.model.build is None:
         return
-    from pipelines.core.download import model_base_path
-    from pipelines.core.model_config import ModelConfig
+    from pipelines import ModelConfig, model_folder
 
     builder = import_object(spec.model.build, "model.build")
-    model_ids = sorted({f.model_id for f in spec.model.files + [spec.model.tokenizer] if f and f.model_id})
-    for model_id in model_ids:
-        target = model_base_path(ModelConfig(model_id=model_id)) / model_id
+    files = spec.model.files + [spec.model.tokenizer, spec.model.processor]
+    for model_id in sorted({f.model_id for f in files if f and f.model_id}):
+        target = model_folder(ModelConfig(model_id=model_id))  # refuses ids that leave the models folder
         if target.is_dir() and any(target.iterdir()):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -161,15 +229,11 @@ def ensure_built(spec: RunSpec) -> None:
 
 def cache_key(spec: RunSpec, rt: Runtime) -> str:
     return json.dumps(
-        {"model": dataclasses.asdict(spec.model), "vram": _vram_load_keys(spec), "dtype": rt.dtype, "device": rt.device},
+        {"model": dataclasses.asdict(spec.model), "vram": dataclasses.asdict(spec.vram), "dtype": rt.dtype,
+         "device": rt.device},
         sort_keys=True,
         default=str,
     )
-
-
-def _vram_load_keys(spec: RunSpec) -> dict:
-    # tiling and batched CFG are call arguments, not a property of the loaded weights
-    return {k: v for k, v in dataclasses.asdict(spec.vram).items() if k not in ("name", "cfg_batch", "tiled", "tile_size", "tile_stride")}
 
 
 def get_pipeline(spec: RunSpec, rt: Runtime) -> tuple[LoadedPipeline, float]:
@@ -183,19 +247,21 @@ def get_pipeline(spec: RunSpec, rt: Runtime) -> tuple[LoadedPipeline, float]:
     started = time.perf_counter()
     ensure_built(spec)
     cls = import_object(spec.model.pipeline, "model.pipeline")
-    configs, tokenizer = model_configs(spec, rt)
+    configs, tokenizer, processor = model_configs(spec, rt)
     logger.info("Loading %s on %s in %s", spec.model.name, rt.device, rt.dtype)
     pipe = cls.from_pretrained(
         torch_dtype=_torch_dtype(rt.dtype),
         device=rt.device,
         model_configs=configs,
         tokenizer_config=tokenizer,
+        **({"processor_config": processor} if processor is not None else {}),
         vram_limit=spec.vram.vram_limit,
     )
     load_s = time.perf_counter() - started
     LOAD_COUNT += 1
     logger.info("Loaded %s in %.2f s", spec.model.name, load_s)
-    entry = LoadedPipeline(key=key, pipe=pipe, model_configs=configs, tokenizer_config=tokenizer, load_s=load_s)
+    entry = LoadedPipeline(key=key, pipe=pipe, model_configs=configs,
+                           other_configs=[c for c in (tokenizer, processor) if c is not None], load_s=load_s)
     _CACHE[key] = entry
     return entry, load_s
 
@@ -224,7 +290,7 @@ def lora_source(item: LoraItem, spec: RunSpec) -> Any:
     """What `load_lora` gets: a path, or a ModelConfig for a hub file."""
     if item.path is not None:
         return str(item.path)
-    from pipelines.core.model_config import ModelConfig
+    from pipelines import ModelConfig
 
     return ModelConfig(
         model_id=item.model_id,
@@ -238,7 +304,7 @@ def lora_files(item: LoraItem, spec: RunSpec, download: Optional[bool] = None) -
     """The LoRA's local files (fetched first if missing, unless download=False)."""
     if item.path is not None:
         return [Path(item.path)]
-    from pipelines.core.download import resolve_files
+    from pipelines import resolve_files
 
     return list(resolve_files(lora_source(item, spec), download=download))
 
@@ -274,7 +340,7 @@ def apply_loras(entry: LoadedPipeline, spec: RunSpec) -> float:
     for label, item in items:
         logger.info("Applying LoRA %s (alpha %g)", label, item.alpha)
         # the source itself (path or ModelConfig), so the library's messages name the file
-        entry.lora_handles.append(pipe.load_lora(pipe.dit, lora_source(item, spec), alpha=float(item.alpha)))
+        entry.lora_handles.append(pipe.load_lora(pipe.lora_module, lora_source(item, spec), alpha=float(item.alpha)))
     entry.lora_state = wanted
     return time.perf_counter() - started
 
@@ -292,42 +358,17 @@ def current() -> Optional[LoadedPipeline]:
 # -------------------------------------------------------------------------- generate
 
 
-def generate(entry: LoadedPipeline, spec: RunSpec, rt: Runtime, seed: int):
-    """One image; the call the README shows in plain Python, with the spec's values."""
-    s = spec.sampler
-    kwargs: dict[str, Any] = dict(
-        negative_prompt=spec.negative_prompt,
-        cfg_scale=s.cfg_scale,
-        height=s.height,
-        width=s.width,
-        seed=seed,
-        rand_device="cpu",
-        num_inference_steps=s.steps,
-        exponential_shift_mu=s.shift_mu,
-        denoising_strength=s.denoising_strength,
-        cfg_batch=spec.vram.cfg_batch,
-        tiled=spec.vram.tiled,
-        tile_size=spec.vram.tile_size,
-        tile_stride=spec.vram.tile_stride,
-        progress_bar=spec.progress_bar,
-    )
-    if s.input_image is not None:
-        from PIL import Image
-
-        kwargs["input_image"] = Image.open(s.input_image).convert("RGB")
-    if s.schedule.value == "lightning":
-        from pipelines.core.flow_match import FlowMatchScheduler
-
-        kwargs["scheduler"] = FlowMatchScheduler.lightning()
-    return entry.pipe(spec.prompt, **kwargs)
+def generate(entry: LoadedPipeline, arguments: dict[str, Any]):
+    """One image: the call the README shows in plain Python, with the spec's arguments."""
+    return entry.pipe(**arguments)
 
 
 def checkpoint_files(entry: LoadedPipeline) -> list[Path]:
     """The files the pipeline was loaded from (local: no hub query)."""
-    from pipelines.core.download import resolve_files
+    from pipelines import resolve_files
 
     files: list[Path] = []
-    for config in entry.model_configs + ([entry.tokenizer_config] if entry.tokenizer_config else []):
+    for config in entry.model_configs + entry.other_configs:
         files.extend(resolve_files(config, download=False))
     return files
 

@@ -14,7 +14,7 @@ def download(overrides: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from pipelines.core.download import fetch
+    from pipelines import fetch
 
     from .app import CONF_DIR
 
@@ -23,17 +23,18 @@ def download(overrides: list[str]) -> int:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             spec = to_spec(compose("config", overrides=overrides))
         validate(spec)
+        build.preflight(spec)
     except (ConfigError, HydraException) as error:
         logger.error("%s", error)
         return 2
     try:
         build.ensure_built(spec)
-        configs, tokenizer = build.model_configs(spec, build.resolve_runtime(spec))
+        configs, tokenizer, processor = build.model_configs(spec, build.resolve_runtime(spec))
         loras = [build.lora_source(item, spec) for _, _, item in spec.lora.items()]
         hub_loras = [lora for lora in loras if not isinstance(lora, str)]
         # a config with skip_download (the built demo model) is only checked on disk;
         # fetch logs its own summary
-        fetch([*configs, tokenizer, *hub_loras])
+        fetch([*configs, tokenizer, processor, *hub_loras])
     except (OSError, ValueError) as error:  # DownloadError, a corrupt file, a bad variable
         logger.error("%s", error)
         return 1

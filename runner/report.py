@@ -26,7 +26,7 @@ def parameters_text(gen: dict[str, Any]) -> str:
         f"{gen['prompt']}\n"
         f"Negative prompt: {gen['negative_prompt']}\n"
         f"Steps: {gen['steps']}, CFG scale: {gen['cfg_scale']}, Seed: {gen['seed']}, "
-        f"Size: {gen['width']}x{gen['height']}, Schedule: {gen['schedule']}, Model: {gen['model']}, "
+        f"Size: {gen['width']}x{gen['height']}, Sampler: {gen.get('sampler')}, Model: {gen['model']}, "
         f"LoRAs: {loras}"
     )
 

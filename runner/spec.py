@@ -3,13 +3,13 @@
 Hydra merges the YAML files of `conf/` onto these dataclasses (registered in its
 ConfigStore as `schema`), so a misspelt key or a value of the wrong type fails at
 composition time, before any weight is loaded, with the config path in the message
-(`full_key: sampler.steps`). What types cannot express (sizes that are multiples of 16,
-a LoRA file that exists, a VRAM preset the library supports) is checked by `validate`,
-which raises `ConfigError` naming the config path and the fix.
+(`full_key: sampler.steps`). What types cannot express (a LoRA file that exists, a device
+this machine has, a finite number) is checked by `validate` with the library's own parsers,
+and the call arguments by `build.preflight` against the pipeline's signature; both raise
+`ConfigError` naming the config path and the fix.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
-from pipelines.core.model_config import VRAM_KEYS  # the eight keys VramSpec mirrors
+from pipelines import VRAM_KEYS  # the eight keys VramSpec mirrors
 
 
 class ConfigError(ValueError):
@@ -33,11 +33,6 @@ class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
-
-
-class Schedule(str, Enum):
-    model = "model"  # the checkpoint's own flow-match schedule (dynamic shift)
-    lightning = "lightning"  # FlowMatchScheduler.lightning(): mu = ln 3, no terminal stretch
 
 
 class TrackingBackend(str, Enum):
@@ -61,11 +56,12 @@ class FileSpec:
 @dataclass
 class ModelSpec:
     name: str = MISSING
-    # the pipeline class, as `module.Class`; it must offer from_pretrained / __call__ /
-    # load_lora / clear_lora as in REFERENCE.md section 1
-    pipeline: str = "pipelines.qwen_image.QwenImagePipeline"
+    # the pipeline class, as `module.Class` (a `pipelines.core.pipeline.Pipeline`)
+    pipeline: str = "pipelines.QwenImagePipeline"
     files: List[FileSpec] = field(default_factory=list)
     tokenizer: Optional[FileSpec] = None
+    # the processor folder of models that read pictures (Qwen-Image-Edit: `processor/`)
+    processor: Optional[FileSpec] = None
     # modelscope | huggingface; null = the library's default (DIFFSYNTH_DOWNLOAD_SOURCE)
     download_source: Optional[str] = None
     # true = load from the models folder only, never ask the hub
@@ -80,12 +76,12 @@ class ModelSpec:
 
 @dataclass
 class VramSpec:
-    """The VRAM-management keys of every model's ModelConfig (REFERENCE.md section 1).
-
-    A dtype is `float32 | bfloat16 | float16 | float8_e4m3fn | float8_e5m2 | disk`, a device
-    `cpu | cuda | cuda:N | disk`; the value `auto` means the run's computation dtype/device.
+    """How the weights are stored while loaded: the VRAM-management keys of every model's
+    ModelConfig. A dtype is `float32 | bfloat16 | float16 | float8_e4m3fn | float8_e5m2 | disk`,
+    a device `cpu | cuda | cuda:N | disk`; `auto` means the run's computation dtype/device.
     Keys left null fall back to the computation values in the library (leave computation_*
     null: the pipeline computes on the run's device). All null = no VRAM management.
+    (Call-time options such as tiling and batched CFG are `call.*` keys.)
     """
 
     name: str = "none"
@@ -100,13 +96,6 @@ class VramSpec:
     # GiB of device memory below which layers stay on the preparing device: a number, `auto`
     # (the GPU's memory minus a margin) or null (no limit)
     vram_limit: Any = None
-    # both CFG branches in one batched forward (halves weight traffic when layers stream;
-    # measured no faster on an H100 with low_vram, so off in every preset)
-    cfg_batch: bool = False
-    # tiled VAE encode/decode
-    tiled: bool = False
-    tile_size: int = 128
-    tile_stride: int = 64
 
     def enabled(self) -> bool:
         return any(getattr(self, k) is not None for k in VRAM_KEYS) or self.vram_limit is not None
@@ -155,18 +144,23 @@ class LoraSpec:
 
 @dataclass
 class SamplerSpec:
+    """The call arguments every pipeline of the house takes (see docs/adding-a-model.md)."""
+
     name: str = "default"
-    steps: int = 30
+    steps: int = 30  # num_inference_steps
     cfg_scale: float = 4.0
-    height: int = 1328
-    width: int = 1328
-    # override of the schedule's exponential shift mu (exponential_shift_mu); null = from
-    # the image size (model schedule) or fixed (lightning)
-    shift_mu: Optional[float] = None
-    schedule: Schedule = Schedule.model
-    # img2img: an input image and how much of it to redo (1.0 = text-to-image)
-    input_image: Optional[str] = None
-    denoising_strength: float = 1.0
+    # pixels; null = the pipeline's own default (an edit model: from the last input picture)
+    height: Optional[int] = 1328
+    width: Optional[int] = 1328
+    # the sigma schedule: null = the model's own; or `_target_: pipelines.FlowMatchScheduler`
+    # with its fields (conf/sampler/lightning.yaml)
+    scheduler: Optional[Dict[str, Any]] = None
+
+
+# map of sampler keys onto call arguments
+SAMPLER_ARGUMENTS = {"steps": "num_inference_steps", "cfg_scale": "cfg_scale", "height": "height",
+                     "width": "width", "scheduler": "scheduler"}
+RUN_ARGUMENTS = ("prompt", "negative_prompt", "seed", "progress_bar")  # top-level keys that are call arguments
 
 
 # ------------------------------------------------------------------------- tracking
@@ -199,6 +193,9 @@ class RunSpec:
     lora: LoraSpec = MISSING
     sampler: SamplerSpec = MISSING
     tracking: TrackingSpec = MISSING
+    # any other argument of the pipeline's __call__ (`call.input_image=cat.png`,
+    # `call.tiled=true`, `call.cfg_batch=true`); names are checked against the pipeline
+    call: Dict[str, Any] = field(default_factory=dict)
     prompt: str = MISSING
     negative_prompt: str = ""
     # null = a random seed, drawn per job and logged
@@ -216,17 +213,18 @@ class RunSpec:
 
 
 def register_configs() -> None:
-    """Put the schema into Hydra's ConfigStore (idempotent)."""
+    """Put the schema into Hydra's ConfigStore (idempotent). `call` takes any key without a
+    `+` (the pipeline's signature, not the schema, says which are valid)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="schema", node=RunSpec)
+    node = OmegaConf.structured(RunSpec)
+    OmegaConf.set_struct(node.call, False)
+    ConfigStore.instance().store(name="schema", node=node)
 
 
 # --------------------------------------------------------------------------- checks
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_VRAM_DTYPES = {"auto", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "disk"}
-_VRAM_DEVICE_RE = re.compile(r"^(auto|cpu|disk|cuda(:\d+)?)$")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 
 def check_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> None:
@@ -319,59 +317,96 @@ def _lora_item(value: Any, where: str) -> LoraItem:
 
 
 def validate(spec: RunSpec) -> None:
-    """Checks the types cannot express; raises ConfigError naming the path and the fix."""
-    if not _DEVICE_RE.match(spec.device):
-        raise ConfigError("device", f"unknown device {spec.device!r}", "use auto, cpu, cuda or cuda:N")
-    s = spec.sampler
-    if s.steps < 1:
-        raise ConfigError("sampler.steps", f"must be >= 1, got {s.steps}", "give a positive step count")
-    for key in ("height", "width"):
-        v = getattr(s, key)
-        if v < 16 or v % 16:
-            raise ConfigError(
-                f"sampler.{key}",
-                f"must be a positive multiple of 16, got {v}",
-                f"use {max(16, round(v / 16) * 16)}",
-            )
-    if s.cfg_scale < 0:
-        raise ConfigError("sampler.cfg_scale", f"must be >= 0, got {s.cfg_scale}", "use 1.0 for no CFG")
-    if not 0.0 < s.denoising_strength <= 1.0:
-        raise ConfigError(
-            "sampler.denoising_strength", f"must be in (0, 1], got {s.denoising_strength}", "use 1.0 for text-to-image"
-        )
-    if s.input_image is not None and not Path(s.input_image).is_file():
-        raise ConfigError("sampler.input_image", f"file not found: {s.input_image}", "give an existing image file")
+    """What the schema's types cannot express, checked with the library's own parsers (so the
+    runner and the library accept the same values); raises ConfigError naming the path and the
+    fix. The pipeline's call arguments are checked by `build.preflight` against the pipeline."""
+    _check_run(spec)
+    _check_model(spec.model)
+    _check_vram(spec.vram)
+    _check_loras(spec.lora)
+    _check_tracking(spec)
 
-    m = spec.model
+
+def _setting(key: str, check: Any, *args: Any, fix: str) -> Any:
+    """`check(*args)` from the library, its error as a ConfigError at `key`."""
+    from pipelines import SettingError
+
+    try:
+        return check(*args)
+    except SettingError as error:
+        raise ConfigError(key, str(error).rstrip("."), fix) from None
+
+
+def _check_run(spec: RunSpec) -> None:
+    from pipelines import check_seed, parse_device
+
+    if spec.device != "auto":
+        _setting("device", parse_device, spec.device, "device", fix="use auto, cpu, cuda, cuda:N or mps")
+    if spec.seed is not None:
+        _setting("seed", check_seed, spec.seed, "seed", fix="give a seed in [0, 2**64), or null for a random one")
+    if not isinstance(spec.call, dict):
+        raise ConfigError("call", f"must be a mapping of call arguments, got {spec.call!r}", "use call.NAME=value")
+
+
+def _check_model(m: ModelSpec) -> None:
     if not m.files:
         raise ConfigError("model.files", "the model lists no files", "list its checkpoint files in conf/model/<name>.yaml")
-    for i, f in enumerate(m.files + ([m.tokenizer] if m.tokenizer else [])):
-        where = f"model.files.{i}" if i < len(m.files) else "model.tokenizer"
+    named = [(f"model.files.{i}", f) for i, f in enumerate(m.files)]
+    named += [(key, f) for key, f in (("model.tokenizer", m.tokenizer), ("model.processor", m.processor)) if f]
+    for where, f in named:
+        _check_repo_paths(where, f.model_id, f.origin_file_pattern)
         if (f.path is None) == (f.model_id is None):
             raise ConfigError(where, "give exactly one of `model_id` (+ origin_file_pattern) or `path`", "set one of them")
         if f.path is not None and not (
             isinstance(f.path, str) or (isinstance(f.path, list) and all(isinstance(p, str) for p in f.path))
         ):
             raise ConfigError(f"{where}.path", f"must be a file path or a list of them, got {f.path!r}", "give path strings")
-    if m.download_source not in (None, "modelscope", "huggingface"):
-        raise ConfigError("model.download_source", f"unknown source {m.download_source!r}", "use modelscope or huggingface")
+    if m.download_source is not None:
+        from pipelines import parse_download_source
 
-    limit = spec.vram.vram_limit
-    if limit is not None and limit != "auto" and not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= 0):
-        raise ConfigError("vram.vram_limit", f"must be GiB (a number >= 0), auto or null, got {limit!r}", "e.g. vram.vram_limit=12")
+        try:
+            parse_download_source(m.download_source, "model.download_source")
+        except ValueError as error:
+            raise ConfigError("model.download_source", str(error).rstrip("."), "use modelscope or huggingface") from None
+
+
+def _check_repo_paths(where: str, model_id: Optional[str], pattern: Optional[str]) -> None:
+    """Ids and patterns that would resolve outside the models folder are refused before any file access."""
+    from pipelines import check_repo_path
+
+    for key, value, what in (("model_id", model_id, "model_id"), ("origin_file_pattern", pattern, "pattern")):
+        if value is not None:
+            _setting(f"{where}.{key}", check_repo_path, value, what, fix="give a hub id `owner/name` and a pattern "
+                     "relative to the repo (no `..`, leading `/` or `~`, drive letter or backslash)")
+
+
+def _check_vram(v: VramSpec) -> None:
+    from pipelines import parse_device, parse_dtype
+    from pipelines import check_vram_limit
+
+    limit = v.vram_limit
+    if limit is not None and limit != "auto":
+        _setting("vram.vram_limit", check_vram_limit, limit, fix="e.g. vram.vram_limit=12 (GiB), auto, or null")
     for key in VRAM_KEYS:
-        v = getattr(spec.vram, key)
-        if v is None:
+        value = getattr(v, key)
+        if value is None or value == "auto":
             continue
-        ok = v in _VRAM_DTYPES if key.endswith("_dtype") else bool(_VRAM_DEVICE_RE.match(v))
-        if not ok:
-            raise ConfigError(f"vram.{key}", f"unknown value {v!r}", "see the VramSpec docstring in runner/spec.py")
+        parse = parse_dtype if key.endswith("_dtype") else parse_device
+        _setting(f"vram.{key}", parse, value, key, True,
+                 fix="a dtype float32|bfloat16|float16|float8_e4m3fn|float8_e5m2|disk|auto, a device cpu|cuda|cuda:N|"
+                     "disk|auto (see docs/vram.md)")
+
+
+def _check_loras(lora: LoraSpec) -> None:
+    from pipelines import finite
 
     labels = set()
-    for label, where, item in spec.lora.items():
+    for label, where, item in lora.items():
         if label in labels:
             raise ConfigError(where, f"two LoRAs are labelled {label!r}", "rename one stack entry")
         labels.add(label)
+        _setting(f"{where}.alpha", finite, item.alpha, f"{where}.alpha", fix="give a finite strength, e.g. 0.8")
+        _check_repo_paths(where, item.model_id, item.origin_file_pattern)
         if item.path is None and item.model_id is None:
             raise ConfigError(f"{where}.path", f"the LoRA {label!r} names no file", f"set {where}.path=/path/to/lora.safetensors")
         if item.path is not None and item.model_id is not None:
@@ -379,5 +414,12 @@ def validate(spec: RunSpec) -> None:
         if item.path is not None and not Path(item.path).is_file():
             raise ConfigError(f"{where}.path", f"LoRA file not found: {item.path}", "give an existing .safetensors file")
 
+
+def _check_tracking(spec: RunSpec) -> None:
     if spec.resume and spec.tracking.backend is TrackingBackend.none:
         raise ConfigError("resume", "resume looks up finished runs in MLflow, but tracking=none", "use tracking=mlflow")
+    uri = spec.tracking.uri
+    if uri is not None and uri.partition(":")[0].split("+")[0].lower() not in TRACKING_SCHEMES:
+        raise ConfigError("tracking.uri", f"{uri!r} is not an MLflow tracking URI this runner can use",
+                          "use http://HOST:PORT for a tracking server, sqlite:////abs/path.db, or null for the "
+                          "embedded store under tracking.store_dir")

@@ -174,6 +174,42 @@ def test_state_dict_matches_diffusers_at_full_size():
     assert again.params == QwenImageDiTParams()
 
 
+def test_edit_2511_checkpoint_at_full_size_on_meta():
+    """Qwen-Image-Edit-2511's transformer: the same tensors as Qwen-Image's; only its
+    config.json's zero_cond_t differs, and it reaches the params."""
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        ref = QwenImageTransformer2DModel(zero_cond_t=True)
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    config = {k: v for k, v in ref.config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ours = QwenImageDiT.from_checkpoint(shapes, config)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == shapes
+    assert ours.params == QwenImageDiTParams(zero_cond_t=True)
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True])
+def test_parity_with_reference_pictures(tmp_path, zero_cond_t):
+    """Edit models: the generated tokens then each picture's in one sequence, RoPE frame i for
+    picture i, the text after the largest grid; 2511 modulates the pictures' tokens at t = 0."""
+    ref, folder = _save_diffusers(tmp_path, dict(TINY, zero_cond_t=zero_cond_t), seed=3)
+    ours = _load_ours(folder)
+    assert ours.params.zero_cond_t == zero_cond_t
+    grids = [(3, 4), (2, 5), (6, 3)]  # generated, then two pictures (the last one the tallest)
+    gen = torch.Generator().manual_seed(4)
+    latents = torch.randn(1, sum(h * w for h, w in grids), TINY["in_channels"], generator=gen)
+    text = torch.randn(1, 7, TINY["joint_attention_dim"], generator=gen)
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        out = ours(latents, sigma, text, None, 3, 4, references=grids[1:])
+        expected = ref(hidden_states=latents, encoder_hidden_states=text, timestep=sigma,
+                       img_shapes=[[(1, h, w) for h, w in grids]], return_dict=False)[0][:, :12]
+        other = ours(latents, sigma, text, None, 3, 4, references=grids[1:], zero_cond_t=not zero_cond_t)
+    _assert_close(out, expected)
+    assert (other - out).abs().max() > 1e-3  # the flag changes the result
+
+
 def test_from_checkpoint_infers_params_without_config(tmp_path, tiny):
     ref, _ = tiny
     folder = tmp_path / "transformer"
@@ -221,7 +257,7 @@ def test_from_checkpoint_errors():
 def test_forward_rejects_bad_shapes(tiny):
     _, ours = tiny
     latents, sigma, text = _inputs(1, 3, 4, 5)
-    with pytest.raises(ValueError, match="12 image tokens.*3 x width 5"):
+    with pytest.raises(ValueError, match="12 image tokens.*3x5 make 15"):
         ours(latents, sigma, text, None, 3, 5)
     with pytest.raises(ValueError, match="latents must be"):
         ours(latents[..., :8], sigma, text, None, 3, 4)

@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from pipelines.core import download
 from pipelines.core.download import (CorruptModelFileError, DownloadError, MissingModelFilesError, download_source,
-                                     fetch, matches, model_base_path, resolve_files, skip_download)
-from pipelines.core.hubs import HuggingFaceHub, ModelScopeHub
+                                     fetch, matches, model_base_path, parse_download_source, resolve_files,
+                                     skip_download)
+from pipelines.core.hubs import HuggingFaceHub, ModelScopeHub, RemoteUnavailable, classify
 from pipelines.core.model_config import ModelConfig
 from pipelines.testing.hub_server import Fault, HubServer
 
@@ -31,6 +33,7 @@ SOURCES = ("modelscope", "huggingface")
 TE1 = "text_encoder/model-00001-of-00002.safetensors"  # 19.5 MB
 DIT1, DIT2 = (f"transformer/diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2))
 VAE = "vae/diffusion_pytorch_model.safetensors"
+DIT_CONFIG, TE_CONFIG, VAE_CONFIG = "transformer/config.json", "text_encoder/config.json", "vae/config.json"
 TOKENIZER_FILES = {f"tokenizer/{n}" for n in ("added_tokens.json", "merges.txt", "special_tokens_map.json",
                                               "tokenizer.json", "tokenizer_config.json", "vocab.json")}
 VARIABLES = ("DIFFSYNTH_SKIP_DOWNLOAD", "DIFFSYNTH_DOWNLOAD_SOURCE", "DIFFSYNTH_MODEL_BASE_PATH",
@@ -64,6 +67,7 @@ def env(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(ms_download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01, raising=False)
     yield SimpleNamespace(hub=hub, base=base, root=base / MODEL_ID, tmp=tmp_path)
     hub.clear_faults()
+    hub.gate(MODEL_ID, None)
 
 
 def config(pattern, **kwargs) -> ModelConfig:
@@ -127,33 +131,81 @@ def test_the_real_clients_fetch_from_the_test_hub(env, tiny_repo):
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_fetch_then_load_and_generate(env, source, monkeypatch):
+def test_fetch_then_load_and_generate(env, source, monkeypatch, tiny_repo):
     from pipelines.qwen_image import QwenImagePipeline
 
     if source == "huggingface":
         monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "huggingface")  # else ModelScope, the default
-    configs = [config("transformer/diffusion_pytorch_model*.safetensors"), config("text_encoder/model*.safetensors"),
-               config("vae/diffusion_pytorch_model.safetensors")]
-    # the tiny model's sizes are not the real ones: its config.json files sit beside the weights
-    configs_json = {"transformer/config.json", "text_encoder/config.json", "vae/config.json"}
-    assert fetch([config("**/config.json")]).fetched_bytes > 0
-    pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
+    weights = ["transformer/diffusion_pytorch_model*.safetensors", "text_encoder/model*.safetensors",
+               "vae/diffusion_pytorch_model.safetensors"]
+    # the tiny model's sizes are not the real ones: only the config.json beside the weights (fetched
+    # with them, though no pattern names it) has them
+    pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                             model_configs=[config(p) for p in weights],
                                              tokenizer_config=config("tokenizer/"))
-    image = pipe("a red fox in the snow", height=64, width=64, seed=0, num_inference_steps=2, progress_bar=False)
+    args = dict(height=64, width=64, seed=0, num_inference_steps=2, progress_bar=False)
+    image = pipe("a red fox in the snow", **args)
     assert image.size == (64, 64)
 
+    configs_json = {DIT_CONFIG, TE_CONFIG, VAE_CONFIG}
     wanted = {DIT1, DIT2, TE1, "text_encoder/model-00002-of-00002.safetensors", VAE} | TOKENIZER_FILES | configs_json
-    assert {r.path for r in env.hub.file_requests()} == wanted  # only what the patterns match, once each
+    assert {r.path for r in env.hub.file_requests()} == wanted  # only what the patterns need, once each
     assert len(env.hub.file_requests()) == len(wanted)
     assert {r.protocol for r in env.hub.requests if r.kind != "unknown"} == {source}
     assert assert_clean(env) == wanted
     assert not (env.base / ".diffsynth" / "staging").exists() or not any((env.base / ".diffsynth" / "staging").rglob("*"))
 
+    # the same model loaded from a full local folder: the same files beside the weights, the same image
+    full = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[ModelConfig(model_id="tiny/Qwen-Image-Tiny", origin_file_pattern=p, skip_download=True,
+                                   local_model_path=tiny_repo.parent.parent) for p in weights],
+        tokenizer_config=ModelConfig(model_id="tiny/Qwen-Image-Tiny", origin_file_pattern="tokenizer/",
+                                     skip_download=True, local_model_path=tiny_repo.parent.parent))
+    for folder in ("transformer", "text_encoder", "vae"):
+        assert sorted(p.name for p in (env.root / folder).iterdir()) == sorted(
+            p.name for p in (tiny_repo / folder).iterdir() if p.suffix != ".json" or p.name == "config.json")
+    assert (np.asarray(full("a red fox in the snow", **args)) == np.asarray(image)).all()
+
     env.hub.clear_requests()  # the next load asks the hub, and fetches nothing again
-    for c in configs:
-        resolve_files(c)
+    for p in weights:
+        files = resolve_files(config(p))
+        assert files and all(f.suffix == ".safetensors" for f in files)  # config.json is not handed back
     assert env.hub.file_requests() == []
     assert any(r.kind == "listing" for r in env.hub.requests)
+
+
+def test_the_config_json_beside_the_weights_comes_with_them(env, monkeypatch):
+    c = config("transformer/diffusion_pytorch_model*.safetensors")
+    summary = fetch([c])
+    assert sorted(f.path for f in summary.fetched) == sorted([DIT1, DIT2, DIT_CONFIG])
+    assert resolve_files(c) == [env.root / DIT1, env.root / DIT2]  # the weights only, as before
+    assert assert_clean(env) == {DIT1, DIT2, DIT_CONFIG}
+    # a pattern that names no weight brings no config.json; a root pattern finds no root config.json
+    assert resolve_files(config("transformer/*.index.json")) == [
+        env.root / "transformer/diffusion_pytorch_model.safetensors.index.json"]
+    assert resolve_files(config("tokenizer/vocab.json")) == [env.root / "tokenizer/vocab.json"]
+    assert assert_clean(env) == {DIT1, DIT2, DIT_CONFIG, "transformer/diffusion_pytorch_model.safetensors.index.json",
+                                 "tokenizer/vocab.json"}
+
+    # a config.json deleted locally is fetched again; offline, its absence is no error
+    (env.root / DIT_CONFIG).unlink()
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "True")
+    assert resolve_files(c) == [env.root / DIT1, env.root / DIT2]
+    assert not (env.root / DIT_CONFIG).exists()
+    monkeypatch.delenv("DIFFSYNTH_SKIP_DOWNLOAD")
+    env.hub.clear_requests()
+    assert resolve_files(c) == [env.root / DIT1, env.root / DIT2]
+    assert [r.path for r in env.hub.file_requests()] == [DIT_CONFIG]
+    assert sha256(env.root / DIT_CONFIG) == env.hub.repo(MODEL_ID).files[DIT_CONFIG].sha256
+
+    # it is checked like any file: one of the wrong size is an error, online and offline
+    (env.root / DIT_CONFIG).write_text("{}")
+    with pytest.raises(CorruptModelFileError, match="config.json"):
+        resolve_files(c)
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "True")
+    with pytest.raises(CorruptModelFileError, match="config.json"):
+        resolve_files(c)
 
 
 # ---------------------------------------------------------------------- patterns
@@ -189,11 +241,11 @@ def test_fetch_lists_each_model_once_and_summarises(env, caplog):
                config("transformer/*.safetensors", download_source="huggingface"), None, ModelConfig(path=str(env.tmp))]
     with caplog.at_level(logging.INFO, logger="pipelines.core.download"):
         summary = fetch(configs)
-    assert sorted(f.path for f in summary.fetched) == [DIT1, DIT2] and summary.present == 0
+    assert sorted(f.path for f in summary.fetched) == sorted([DIT1, DIT2, DIT_CONFIG]) and summary.present == 0
     assert len([r for r in env.hub.requests if r.kind == "listing"]) == 1
-    assert "fetched 2 file(s)" in caplog.text and DIT2 in caplog.text
+    assert "fetched 3 file(s)" in caplog.text and DIT2 in caplog.text
     again = fetch(configs)
-    assert again.fetched == [] and again.present == 2
+    assert again.fetched == [] and again.present == 3
 
 
 # ---------------------------------------------------------------------- variables, fields, precedence
@@ -223,6 +275,12 @@ def test_precedence_of_fields_variables_and_defaults(monkeypatch, tmp_path):
 
     with pytest.raises(ValueError, match=r"download_source='github'.*allowed: modelscope, huggingface"):
         download_source(ModelConfig(model_id="a/b", download_source="github"))
+    assert download_source(ModelConfig(model_id="a/b", download_source=" ModelScope ")) == "modelscope"
+    assert parse_download_source("HuggingFace", "model.download_source") == "huggingface"
+    for bad in ("github", "", None, 3, "hugging face"):
+        with pytest.raises(ValueError, match=r"^model\.download_source=.* is not a download source; allowed: "
+                                             r"modelscope, huggingface"):
+            parse_download_source(bad, "model.download_source")
     monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "s3")
     with pytest.raises(ValueError, match=r"DIFFSYNTH_DOWNLOAD_SOURCE='s3'.*allowed: modelscope, huggingface"):
         resolve_files(plain)
@@ -287,7 +345,8 @@ def test_no_server_at_all(env, source, monkeypatch, caplog):
     with pytest.raises(MissingModelFilesError) as error:
         resolve_files(c)
     message = str(error.value)
-    assert "cannot connect" in message and dead in message
+    assert "cannot connect" in message and dead in message and error.value.kind == "unreachable"
+    assert "Check the network" in message
     assert_names_everything(message, "transformer/*.safetensors", source, env.root)
     assert assert_clean(env) == set()
 
@@ -302,13 +361,119 @@ def test_no_server_at_all(env, source, monkeypatch, caplog):
     assert "Could not ask" in caplog.text and "going on" in caplog.text
 
 
-def test_a_pattern_or_model_the_hub_does_not_have(env):
+def test_a_pattern_the_hub_does_not_have(env):
     with pytest.raises(MissingModelFilesError) as error:
         resolve_files(config("transformer/*.bin"))
     assert_names_everything(str(error.value), "transformer/*.bin", "modelscope", env.root)
-    with pytest.raises(MissingModelFilesError, match="RepositoryNotFound|404"):
-        resolve_files(ModelConfig(model_id="nobody/nothing", origin_file_pattern="*.safetensors",
-                                  download_source="huggingface"))
+
+
+# ---------------------------------------------------------------------- what the hub answered
+
+
+def hub_requests(env) -> list:
+    """The requests of either protocol (not the client's own side requests)."""
+    return [r for r in env.hub.requests if r.protocol != "other"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_model_the_hub_does_not_have_is_named_as_such(env, source, caplog):
+    other = next(s for s in SOURCES if s != source)
+    c = ModelConfig(model_id="nobody/nothing", origin_file_pattern="*.safetensors", download_source=source)
+    with pytest.raises(MissingModelFilesError) as error:
+        resolve_files(c)
+    message = str(error.value)
+    assert error.value.kind == "not_found"
+    for part in ("has no model 'nobody/nothing'", "HTTP 404", "Check model_id", f"download_source={other!r}",
+                 env.hub.url):
+        assert part in message, f"{part!r} missing from: {message}"
+    assert "network" not in message
+    assert_names_everything(message, "*.safetensors", source, env.base / "nobody/nothing", "nobody/nothing")
+    assert [r.status for r in hub_requests(env)] == [404]  # asked once: a 404 is not retried
+
+    # every needed file already on disk (a model removed or renamed on the hub): a warning
+    folder = env.base / "nobody" / "nothing"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(env.hub.repo(MODEL_ID).files[VAE].local.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="pipelines.core.download"):
+        summary = fetch([c])
+    assert resolve_files(c) == [folder / "model.safetensors"]
+    assert "has no model 'nobody/nothing'" in caplog.text and "going on with them" in caplog.text
+    assert summary.offline and "not_found" in summary.offline[0]
+
+
+def assert_says_log_in(message: str, source: str) -> None:
+    assert "gated or private" in message and "licence" in message and "network" not in message
+    if source == "huggingface":
+        assert "HF_TOKEN" in message and "hf auth login" in message and "huggingface-cli login" in message
+    else:
+        assert "MODELSCOPE_API_TOKEN" in message and "modelscope login" in message
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_gated_or_private_repo_says_log_in(env, source, status, caplog, monkeypatch):
+    env.hub.gate(MODEL_ID, status, token="hf_test_token")
+    c = config(VAE, download_source=source)
+    with pytest.raises(MissingModelFilesError) as error:
+        resolve_files(c)
+    message = str(error.value)
+    assert error.value.kind == "unauthorized" and f"HTTP {status}" in message
+    assert_says_log_in(message, source)
+    assert_names_everything(message, VAE, source, env.root)
+    assert [r.status for r in hub_requests(env)] == [status]  # asked once: never retried
+    assert assert_clean(env) == set()
+
+    # with the token the hub wants, it goes through
+    monkeypatch.setenv("HF_TOKEN" if source == "huggingface" else "MODELSCOPE_API_TOKEN", "hf_test_token")
+    assert resolve_files(c) == [env.root / VAE]
+    monkeypatch.delenv("HF_TOKEN" if source == "huggingface" else "MODELSCOPE_API_TOKEN")
+
+    # every needed file on disk: a warning that says what the hub answered
+    with caplog.at_level(logging.WARNING, logger="pipelines.core.download"):
+        summary = fetch([c])
+    assert summary.offline and "unauthorized" in summary.offline[0] and summary.present == 1
+    assert "refused access" in caplog.text and "going on with them" in caplog.text
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_gated_repo_with_a_public_listing_says_log_in(env, source):
+    env.hub.gate(MODEL_ID, 403, files_only=True)  # as huggingface.co serves a gated repo
+    with pytest.raises(DownloadError) as error:
+        resolve_files(config("vae/*", download_source=source))
+    message = str(error.value)
+    assert error.value.kind == "unauthorized" and "after 1 attempt(s)" in message  # not retried
+    assert_says_log_in(message, source)
+    assert_names_everything(message, "vae/*", source, env.root)
+    assert all(r.status == 403 for r in env.hub.requests if r.kind in ("file", "head"))
+    assert assert_clean(env) == set()
+
+
+def test_a_server_error_is_named_as_such(env):
+    env.hub.add_fault(Fault("status", on="listing", times=None, status=503))
+    with pytest.raises(MissingModelFilesError) as error:
+        resolve_files(config(VAE, download_source="huggingface"))
+    message = str(error.value)
+    assert error.value.kind == "server_error" and "server error" in message and "load again later" in message
+    assert "network" not in message
+    assert len(hub_requests(env)) == download.RETRIES + 1  # a 5xx is retried
+
+
+def test_classify_what_the_clients_raise():
+    import httpx
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        try:
+            raise httpx.ConnectError("connection refused")
+        except httpx.ConnectError as cause:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache") from cause
+    except LocalEntryNotFoundError as error:
+        assert classify(error) == ("unreachable", None)  # a "not found" in name only
+    assert classify(TimeoutError("timed out")) == ("unreachable", None)
+    assert classify(ValueError("not JSON")) == ("other", None)
+    assert RemoteUnavailable("x", True, "not_found", 404).retryable is False
+    with pytest.raises(ValueError, match="kind"):
+        RemoteUnavailable("x", kind="nope")
 
 
 # ---------------------------------------------------------------------- faults
@@ -330,7 +495,7 @@ def test_a_transient_fault_ends_in_recovery(env, source, name):
     fault, resumes = FAULTS[name]
     env.hub.add_fault(dataclasses.replace(fault, hits=0))
     assert resolve_files(config(TE1, download_source=source)) == [env.root / TE1]
-    assert assert_clean(env) == {TE1}
+    assert assert_clean(env) == {TE1, TE_CONFIG}
     gets = env.hub.file_requests(TE1)
     if fault.on == "listing":
         assert any(r.fault for r in env.hub.requests) and len(gets) == 1
@@ -350,11 +515,12 @@ def test_a_persistent_fault_is_a_clear_error_and_a_later_run_succeeds(env, sourc
     message = str(error.value)
     assert DIT1 in message and "Load again" in message
     assert_names_everything(message, "transformer/*.safetensors", source, env.root)
-    assert assert_clean(env) <= {DIT2} and not (env.root / DIT1).exists()
+    assert assert_clean(env) <= {DIT2, DIT_CONFIG} and not (env.root / DIT1).exists()
+    assert error.value.kind == ("server_error" if kind == "status" else "other")  # other: wrong size or hash
 
     env.hub.clear_faults()
     assert resolve_files(c) == [env.root / DIT1, env.root / DIT2]
-    assert assert_clean(env) == {DIT1, DIT2}
+    assert assert_clean(env) == {DIT1, DIT2, DIT_CONFIG}
 
 
 def test_a_corrupt_local_file_is_detected_before_loading(env, monkeypatch):
@@ -436,12 +602,12 @@ def test_two_processes_fetch_the_same_model_at_once(env):
     for p, (out, err) in zip((first, second), outputs):
         assert p.returncode == 0, err
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    assert results[0] == {"fetched": [DIT1, DIT2, VAE], "present": 0}
-    assert results[1] == {"fetched": [], "present": 3}
+    assert results[0] == {"fetched": sorted([DIT1, DIT2, VAE, DIT_CONFIG, VAE_CONFIG]), "present": 0}
+    assert results[1] == {"fetched": [], "present": 5}
     assert "Another process is fetching" in outputs[1][1]
     for path in (DIT1, DIT2, VAE):
         assert len(env.hub.file_requests(path)) == 1, f"{path} was downloaded more than once"
-    assert assert_clean(env) == {DIT1, DIT2, VAE}
+    assert assert_clean(env) == {DIT1, DIT2, VAE, DIT_CONFIG, VAE_CONFIG}
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -459,7 +625,7 @@ def test_an_interrupted_download_is_picked_up_by_a_later_run(env, source):
     env.hub.clear_faults()
     env.hub.clear_requests()
     assert resolve_files(config(TE1, download_source=source)) == [env.root / TE1]
-    assert assert_clean(env) == {TE1}
+    assert assert_clean(env) == {TE1, TE_CONFIG}
     if source == "modelscope":  # its partial file waited in the staging folder: only the rest is fetched
         assert env.hub.file_requests(TE1)[0].range_start > 0
     assert not any((env.base / ".diffsynth" / "staging").rglob("*.incomplete"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipelines.core import lora as lora_module
+from pipelines.core.lora import apply as lora_apply
 from pipelines.core.loader import CheckpointError
 from pipelines.core.lora import LoraError, clear_lora, load_lora, loaded_loras, prepare_lora
 from pipelines.core.model_config import ModelConfig
@@ -114,7 +115,7 @@ IMAGE = dict(prompt=PROMPT, negative_prompt=" ", height=64, width=96, num_infere
 @contextlib.contextmanager
 def fuse_failing_at(call: int, monkeypatch):
     """Make the `call`-th layer fuse raise, as an out-of-memory midway would; restored after."""
-    original, calls = lora_module._fuse, []
+    original, calls = lora_apply._fuse, []
 
     def failing(weight, source, layer, alpha):
         calls.append(layer.name)
@@ -122,11 +123,11 @@ def fuse_failing_at(call: int, monkeypatch):
             raise RuntimeError("simulated out of memory")
         original(weight, source, layer, alpha)
 
-    monkeypatch.setattr(lora_module, "_fuse", failing)
+    monkeypatch.setattr(lora_apply, "_fuse", failing)
     try:
         yield
     finally:
-        monkeypatch.setattr(lora_module, "_fuse", original)
+        monkeypatch.setattr(lora_apply, "_fuse", original)
 
 def test_peft_lora_images_match_diffusers_cold_and_hot(diffusers_repo, peft_lora, ours):
     from diffusers import QwenImagePipeline

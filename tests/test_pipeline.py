@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -58,6 +59,23 @@ def test_sigmas_match_diffusers_scheduler(steps, seq_len):
     torch.testing.assert_close(sigmas, reference.sigmas, atol=1e-6, rtol=0)
     torch.testing.assert_close(sigmas[:-1] * 1000, reference.timesteps, atol=1e-3, rtol=0)
     assert sigmas[-1] == 0 and sigmas[-2] == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+@pytest.mark.parametrize("seq_len", [64, 4096, 6889, 9216])
+def test_lightning_schedule_matches_the_published_scheduler(steps, seq_len):
+    """lightx2v's published FlowMatchEulerDiscreteScheduler config for the Lightning LoRAs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    config = dict(base_image_seq_len=256, base_shift=math.log(3), max_image_seq_len=8192, max_shift=math.log(3),
+                  num_train_timesteps=1000, shift=1.0, shift_terminal=None, time_shift_type="exponential",
+                  use_dynamic_shifting=True)
+    reference = FlowMatchEulerDiscreteScheduler(**config)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq_len, 256, 8192,
+                                                                                           math.log(3), math.log(3)))
+    for ours in (FlowMatchScheduler.lightning(), FlowMatchScheduler.from_config(config)):
+        torch.testing.assert_close(ours.sigmas(steps, seq_len), reference.sigmas, atol=1e-6, rtol=0)
 
 
 def test_mu_override_and_lightning_schedule():
@@ -210,8 +228,8 @@ def test_cfg_rescale_switch_changes_the_result(pipes):
 
 
 def test_sizes_of_the_real_aspect_table_are_kept():
-    from pipelines.qwen_image import _round_size
+    from pipelines.qwen_image import round_size
 
     for size in (1328, 1664, 928, 1472, 1104, 1584, 1056):
-        assert _round_size(size) == size
-    assert _round_size(1004) == 1008 and _round_size(1000) == 992 and _round_size(5) == 16
+        assert round_size(size) == size
+    assert round_size(1004) == 1008 and round_size(1000) == 992 and round_size(5) == 16

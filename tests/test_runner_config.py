@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 from runner.app import CONF_DIR
 from runner.build import preflight
-from runner.spec import ConfigError, RunSpec, Schedule, TrackingBackend, register_configs, to_spec, validate
+from runner.spec import ConfigError, RunSpec, TrackingBackend, register_configs, to_spec, validate
 
 register_configs()
 
@@ -64,16 +64,25 @@ def test_defaults(hydra_ctx):
     assert spec.model.tokenizer.origin_file_pattern == "tokenizer/"
     assert spec.model.download_source is None  # the library's default, ModelScope, unless the variable says otherwise
     assert (spec.sampler.steps, spec.sampler.cfg_scale, spec.sampler.height, spec.sampler.width) == (30, 4.0, 1328, 1328)
-    assert spec.sampler.shift_mu is None and spec.sampler.schedule is Schedule.model
+    assert spec.sampler.scheduler is None and spec.call == {}
     assert spec.vram.name == "none" and not spec.vram.enabled()
     assert spec.lora.items() == []
     assert spec.tracking.backend is TrackingBackend.mlflow and spec.tracking.uri is None
     assert (spec.device, spec.dtype.value, spec.resume) == ("auto", "auto", False)
 
 
-def test_lightning_sampler(hydra_ctx):
-    s = spec_of("sampler=lightning").sampler
-    assert (s.steps, s.cfg_scale, s.schedule) == (8, 1.0, Schedule.lightning)
+def test_lightning_sampler_builds_the_lightning_schedule(hydra_ctx):
+    import math
+
+    from pipelines import FlowMatchScheduler
+
+    spec = spec_of("sampler=lightning")
+    s = spec.sampler
+    assert (s.steps, s.cfg_scale) == (8, 1.0)
+    arguments = preflight(spec)
+    assert arguments["num_inference_steps"] == 8 and arguments["cfg_scale"] == 1.0
+    assert arguments["scheduler"] == FlowMatchScheduler.lightning()
+    assert arguments["scheduler"].base_shift == math.log(3)
 
 
 def test_single_lora_strength_is_lora_alpha(hydra_ctx):
@@ -108,7 +117,7 @@ def test_tiny_model_builds_on_first_use(hydra_ctx):
     [
         ("sampler.stepz=3", "sampler.stepz"),  # misspelt key
         ("sampler.steps=many", "sampler.steps"),  # wrong type
-        ("sampler.schedule=turbo", "sampler.schedule"),  # not an allowed value
+        ("sampler.scheduler=turbo", "sampler.scheduler"),  # not a mapping
         ("dtype=float7", "dtype"),
         ("lora.alpha=strong", "lora.alpha"),
         ("model=qwen_imag", "model"),  # no such preset
@@ -146,10 +155,6 @@ def test_added_keys_are_checked_against_the_schema(hydra_ctx, overrides, key, fi
 @pytest.mark.parametrize(
     "overrides,key",
     [
-        (["sampler.height=100"], "sampler.height"),
-        (["sampler.steps=0"], "sampler.steps"),
-        (["sampler.denoising_strength=1.5"], "sampler.denoising_strength"),
-        (["sampler.input_image=/no/such.png"], "sampler.input_image"),
         (["device=gpu"], "device"),
         (["lora=file"], "lora.path"),
         (["lora=file", "lora.path=/no/such.safetensors"], "lora.path"),
@@ -165,6 +170,29 @@ def test_bad_values_fail_validation_naming_path_and_fix(hydra_ctx, overrides, ke
         validate(spec_of(*overrides))
     assert err.value.key == key
     assert "Fix:" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,key,needle",
+    [
+        (["sampler.height=0"], "sampler.height", "positive integer"),
+        (["sampler.height=100000", "sampler.width=100000"], "sampler.height", "max_pixels"),
+        (["sampler.steps=0"], "sampler.steps", "num_inference_steps"),
+        (["sampler.cfg_scale=nan"], "sampler.cfg_scale", "finite"),
+        (["call.denoising_strength=1.5"], "call.denoising_strength", "(0, 1]"),
+        (["call.exponential_shift_mu=inf"], "call.exponential_shift_mu", "finite"),
+        (["call.input_image=/no/such.png"], "call.input_image", "no such file"),
+        (["call.tile_size=0"], "call.tile_size", "positive"),
+        (["call.denoising_strenght=0.5"], "call.denoising_strenght", "did you mean `call.denoising_strength`"),
+        (["call.num_inference_steps=3"], "call.num_inference_steps", "sampler.steps"),
+    ],
+)
+def test_call_arguments_are_checked_by_the_pipeline_before_loading(hydra_ctx, overrides, key, needle):
+    spec = spec_of("model=qwen_image_tiny", *overrides)
+    validate(spec)
+    with pytest.raises(ConfigError) as err:
+        preflight(spec)
+    assert err.value.key == key and needle in str(err.value)
 
 
 def test_vram_none_passes_preflight(hydra_ctx):

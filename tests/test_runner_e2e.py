@@ -199,7 +199,7 @@ def test_a_failing_job_mid_sweep_is_recorded_and_the_sweep_goes_on(env, tiny_rep
     good = env["root"] / "in.png"
     Image.new("RGB", (64, 64), (200, 40, 40)).save(good)
     missing = env["root"] / "later.png"
-    args = ["-m", *SMALL, "sampler.denoising_strength=0.5", f"sampler.input_image={good},{missing},{good}",
+    args = ["-m", *SMALL, "call.denoising_strength=0.5", f"call.input_image={good},{missing},{good}",
             "seed=0", "experiment=fail"]
     proc = runner(env, *args, name="fail")
     assert_done(proc, 1)
@@ -211,7 +211,7 @@ def test_a_failing_job_mid_sweep_is_recorded_and_the_sweep_goes_on(env, tiny_rep
     [parent] = parents
     assert parent.info.status == "FAILED"
     assert [ch.info.status for ch in children] == ["FINISHED", "FAILED", "FINISHED"]
-    assert "file not found" in children[1].data.tags["runner.error"]
+    assert "no such file" in children[1].data.tags["runner.error"]
     assert {"contact_sheet.png", "jobs.csv"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
     rows = list(csv.DictReader(open(env["root"] / "fail" / "sweep" / "jobs.csv")))
     assert [r["status"] for r in rows] == ["FINISHED", "FAILED", "FINISHED"] and "later.png" in rows[1]["error"]
@@ -258,6 +258,37 @@ def test_ctrl_c_ends_runs_killed_and_resume_finishes_the_sweep(env, tiny_repo):
     new = [ch for ch in children if ch.data.tags["mlflow.parentRunId"] == parents[1].info.run_id]
     assert {ch.data.params["seed"] for ch in new} == {str(s) for s in range(6)} - done
     assert all(ch.info.status == "FINISHED" for ch in new)
+
+
+def test_edit_sweep_records_its_input_pictures(env):
+    import hashlib
+
+    pictures = []
+    for name, color in (("a.png", (200, 40, 40)), ("b.png", (40, 40, 200))):
+        path = env["root"] / name
+        Image.new("RGB", (64, 48), color).save(path)
+        pictures.append(path)
+    proc = runner(env, "-m", "model=qwen_image_edit_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64",
+                  "sampler.steps=2", "progress_bar=false", "device=cpu", f"call.edit_image=[{pictures[0]},{pictures[1]}]",
+                  "call.edit_image_auto_resize=false", "prompt=make it red,two cats on a sofa in an oil painting", "seed=0,1",
+                  "experiment=edit", name="edit", timeout=400)
+    assert_done(proc)
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pictures]
+    c = client(env)
+    [parent], children = split(runs_of(c, "edit"))
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert all(ch.info.status == "FINISHED" for ch in children)
+    for ch in children:
+        assert [ch.data.params[f"inputs.edit_image.{i}.sha256"] for i in range(2)] == digests
+    inputs = {a.path for a in c.list_artifacts(parent.info.run_id, "inputs")}
+    assert inputs == {"inputs/a.png", "inputs/b.png"}  # once for the sweep, not per job
+    from runner.report import read_generation
+
+    sweep = env["root"] / "edit" / "sweep"
+    gens = [read_generation(sweep / str(i) / "image.png") for i in range(4)]
+    assert all([x["sha256"] for x in g["inputs"]["edit_image"]] == digests for g in gens)
+    images = {g["prompt"]: pixels(sweep / str(i) / "image.png") for i, g in enumerate(gens) if g["seed"] == 0}
+    assert not np.array_equal(images["make it red"], images["two cats on a sofa in an oil painting"])
 
 
 def test_vram_presets_run_on_the_library(env, tiny_repo):
@@ -348,7 +379,7 @@ def test_download_command(env, tmp_path):
     assert_done(unreachable, code=1)
     assert "model_id='Qwen/Qwen-Image'" in unreachable.stderr and "127.0.0.1:9" in unreachable.stderr
 
-    bad = download("model=qwen_image", "sampler.height=100")
+    bad = download("model=qwen_image", "sampler.height=0")
     assert_done(bad, code=2)
     assert "config `sampler.height`" in bad.stderr
 

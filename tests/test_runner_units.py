@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from pipelines import Pipeline
 from runner import build
 from runner.app import CONF_DIR
 from runner.provenance import FingerprintCache, git_commit, package_versions
@@ -29,16 +30,22 @@ class FakeHandle:
         self.calls.append(("set_alpha", alpha))
 
 
-class FakePipeline:
+class FakePipeline(Pipeline):
     """Records what the runner asks of a pipeline."""
 
     loads = 0
     with_handles = False
+    lora_target = "dit"
+    supports_vram_management = False
 
     def __init__(self):
         self.calls: list[tuple] = []
         self.dit = object()
         self.timings = {}
+
+    def __call__(self, prompt, negative_prompt="", seed=None, progress_bar=True, num_inference_steps=1, cfg_scale=1.0,
+                 height=64, width=64, scheduler=None):
+        raise AssertionError("not called in these tests")
 
     @classmethod
     def from_pretrained(cls, **kwargs):
@@ -134,7 +141,8 @@ def test_vram_presets_map_auto_to_the_runtime():
     import torch
 
     spec = spec_for("vram=fp8")
-    configs, tokenizer = build.model_configs(spec, build.Runtime("cuda", "bfloat16"))
+    configs, tokenizer, processor = build.model_configs(spec, build.Runtime("cuda", "bfloat16"))
+    assert processor is None
     c = configs[0]
     assert c.offload_dtype is torch.float8_e4m3fn and c.offload_device == "cpu"
     assert c.onload_device == "cuda" and c.preparing_dtype is torch.float8_e4m3fn
@@ -148,7 +156,7 @@ def test_vram_presets_map_auto_to_the_runtime():
 def test_vram_presets_are_refused_at_once_by_a_pipeline_without_vram_management(preset):
     from runner.spec import ConfigError
 
-    assert not hasattr(FakePipeline, "supports_vram_management")
+    assert not FakePipeline.supports_vram_management
     with pytest.raises(ConfigError, match="vram=none") as err:
         build.preflight(spec_for(f"vram={preset}"))
     assert err.value.key == "vram" and preset in str(err.value)
@@ -177,7 +185,7 @@ def test_ensure_built_builds_once_under_a_lock(tmp_path, monkeypatch):
 
 def test_png_keeps_its_generation_parameters(tmp_path):
     gen = {"prompt": "a cat", "negative_prompt": "", "seed": 3, "steps": 4, "cfg_scale": 4.0, "width": 64,
-           "height": 32, "schedule": "model", "model": "qwen_image_tiny", "loras": [["artaug", 0.5]]}
+           "height": 32, "sampler": "tiny", "model": "qwen_image_tiny", "loras": [["artaug", 0.5]]}
     path = save_png(Image.new("RGB", (64, 32), "red"), tmp_path / "job" / "image.png", gen)
     assert read_generation(path) == gen
     with Image.open(path) as im:
@@ -297,10 +305,10 @@ def test_artifact_location_for_a_server_is_left_to_the_server():
 def test_contact_sheet_config_json_roundtrip(tmp_path):
     # the PNG text chunk is JSON: non-ASCII prompts survive
     gen = {"prompt": "猫 — café", "negative_prompt": " ", "seed": 0, "steps": 1, "cfg_scale": 1.0,
-           "width": 16, "height": 16, "schedule": "lightning", "model": "m", "loras": []}
+           "width": 16, "height": 16, "sampler": "lightning", "model": "m", "loras": []}
     path = save_png(Image.new("RGB", (16, 16)), tmp_path / "i.png", gen)
     assert read_generation(path)["prompt"] == "猫 — café"
-    assert json.loads(Image.open(path).text["generation"])["schedule"] == "lightning"
+    assert json.loads(Image.open(path).text["generation"])["sampler"] == "lightning"
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):

@@ -15,8 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.core import lora as lora_module
 from pipelines.core import vram
+from pipelines.core.lora import apply as lora_apply
+from pipelines.core.lora import clear_lora as core_clear_lora
+from pipelines.core.lora import load_lora as core_load_lora
+from pipelines.core.vram import host as vram_host
+from pipelines.core.vram import layer as vram_layer
+from pipelines.core.vram import settings as vram_settings
 from pipelines.core.vram import VramConfigError, VramSettings
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
 from pipelines.qwen_image import ModelConfig, QwenImagePipeline, load_tokenizer
@@ -60,11 +65,11 @@ def tokenizer(tiny_repo):
 
 
 def build(repo: Path, tokenizer, keys: dict | None = None, per_model: dict | None = None,
-          vram_limit=None) -> QwenImagePipeline:
+          vram_limit=None, options: vram.VramOptions | None = None) -> QwenImagePipeline:
     configs = [ModelConfig(path=repo / folder, **((per_model or {}).get(name, keys) or {}))
                for name, folder in FOLDERS.items()]
     pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
-                                             vram_limit=vram_limit)
+                                             vram_limit=vram_limit, vram_options=options)
     pipe.tokenizer = tokenizer
     return pipe
 
@@ -240,7 +245,9 @@ def test_key_combinations_give_the_unmanaged_image(name, keys, limit, exact, dit
         prepared_bytes = sum(pipe.vram["dit"].layers[i].nbytes[vram.PREPARED] for i, (state, *_) in
                              enumerate(end_of_denoise["dit"].values()) if state == "preparing")
         assert prepared_bytes <= vram_limit * vram.GiB
-    assert not any(vram._PREPARED.values()), "prepared bytes not given back at the end of the call"
+    meter = pipe.vram["dit"].meter
+    assert all(m.meter is meter for m in pipe.vram.values())  # one meter for the pipeline's models
+    assert not any(meter.counted.values()), "prepared bytes not given back at the end of the call"
 
 
 def test_models_with_different_settings_and_image_to_image(tiny_repo, tokenizer, unmanaged, monkeypatch):
@@ -312,9 +319,8 @@ def test_prefetch_bookkeeping_on_the_cpu(tiny_repo, tokenizer, monkeypatch):
 
 def test_host_arenas_hold_the_same_weights(tiny_repo, tokenizer, reference, monkeypatch):
     """The page-locked arena path (CUDA), without the page locking."""
-    monkeypatch.setattr(vram, "_ARENAS_WITHOUT_CUDA", True)
     keys = dict(offload_dtype="float32", offload_device="cpu", onload_dtype="bfloat16", onload_device="cpu")
-    pipe = build(tiny_repo, tokenizer, keys)
+    pipe = build(tiny_repo, tokenizer, keys, options=vram.VramOptions(host_arenas=True))
     storages = {p.untyped_storage().data_ptr() for p in pipe.dit.parameters()}
     assert len(storages) == 1  # one buffer for the model
     recorder = StageRecorder(pipe, monkeypatch)
@@ -345,7 +351,7 @@ def test_hot_lora_on_wrapped_layers(tiny_repo, tokenizer, unmanaged, reference, 
 
     fp8 = build(tiny_repo, tokenizer, PRESETS["fp8"][0])
     fp8.load_lora(fp8.dit, str(path), alpha=1.0)
-    entry = next(iter(lora_module._STATE[fp8.dit].hot.values()))[0]
+    entry = next(iter(lora_apply._STATE[fp8.dit].hot.values()))[0]
     assert entry.A.dtype == torch.float32 and entry.A.device.type == "cpu"  # computation, not float8 storage
     assert_close_image(pixels(fp8(**GEN)), expected, exact=False)
 
@@ -399,7 +405,7 @@ def test_more_errors(tiny_repo, tokenizer, tmp_path, monkeypatch):
     # float8 where the device cannot store it (as on MPS): the probe fails
     def refuse(dtype, device):
         raise TypeError(f"{device} does not support {dtype}")
-    monkeypatch.setattr(vram, "_probe_float8", refuse)
+    monkeypatch.setattr(vram_settings, "_probe_float8", refuse)
     with pytest.raises(VramConfigError, match="cannot store float8"):
         build(tiny_repo, tokenizer, per_model={"vae": dict(offload_device="cpu", offload_dtype=FP8)})
     monkeypatch.undo()
@@ -478,10 +484,11 @@ def test_disk_offload_keeps_host_memory_bounded(onload, mid_dit_file):
 # ============================================================================ failures midway (regressions)
 
 
-def managed_mlp(keys: dict, seed: int = 0) -> tuple[torch.nn.Module, vram.VramManager]:
+def managed_mlp(keys: dict, seed: int = 0, options: vram.VramOptions | None = None
+                ) -> tuple[torch.nn.Module, vram.VramManager]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
-    return model, vram.enable_vram_management(model, VramSettings.from_keys(keys, torch.float32, "cpu"))
+    return model, vram.enable_vram_management(model, VramSettings.from_keys(keys, torch.float32, "cpu"), options=options)
 
 
 BF16_ONLOAD = dict(offload_dtype="float32", offload_device="cpu", onload_dtype="bfloat16", preparing_dtype="bfloat16")
@@ -491,20 +498,20 @@ def test_a_failed_onload_offloads_every_layer(monkeypatch):
     model, manager = managed_mlp(BF16_ONLOAD)
     offloaded = dict(model.named_parameters())
     arenas = len(manager._arenas)
-    original = vram._Layer.onload
+    original = vram_layer.Layer.onload
 
     def failing(layer, arena):
         if layer.name == "2":
             raise RuntimeError("simulated out of memory")
         original(layer, arena)
 
-    monkeypatch.setattr(vram._Layer, "onload", failing)
+    monkeypatch.setattr(vram_layer.Layer, "onload", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         manager.onload()
     assert manager.state == vram.OFFLOAD and all(layer.state == vram.OFFLOAD for layer in manager.layers)
     assert all(p is offloaded[n] for n, p in model.named_parameters())
     assert manager._onload_arena is None and len(manager._arenas) == arenas  # the onload buffer was let go
-    monkeypatch.setattr(vram._Layer, "onload", original)
+    monkeypatch.setattr(vram_layer.Layer, "onload", original)
     manager.onload()
     assert model[0].weight.dtype == torch.bfloat16
     manager.offload()
@@ -515,7 +522,7 @@ def test_a_failed_swap_in_the_forward_restores_the_stored_parameters(monkeypatch
     model, manager = managed_mlp(BF16_ONLOAD)
     manager.onload()
     stored = {n: p for n, p in model[0]._parameters.items()}
-    original, calls = vram._convert, []
+    original, calls = vram_layer.convert, []
 
     def failing(t, dtype, device):
         calls.append(t)
@@ -523,26 +530,25 @@ def test_a_failed_swap_in_the_forward_restores_the_stored_parameters(monkeypatch
             raise RuntimeError("simulated out of memory")
         return original(t, dtype, device)
 
-    monkeypatch.setattr(vram, "_convert", failing)
+    monkeypatch.setattr(vram_layer, "convert", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         model(torch.zeros(1, 8))
     assert all(model[0]._parameters[n] is p for n, p in stored.items())
-    monkeypatch.setattr(vram, "_convert", original)
+    monkeypatch.setattr(vram_layer, "convert", original)
     assert model(torch.zeros(1, 8)).dtype == torch.float32
     manager.offload()
 
 
 def test_a_failed_init_closes_the_host_buffer(monkeypatch):
-    monkeypatch.setattr(vram, "_ARENAS_WITHOUT_CUDA", True)
     closed = []
-    monkeypatch.setattr(vram._HostArena, "close", lambda arena: closed.append(arena))
+    monkeypatch.setattr(vram_host.HostArena, "close", lambda arena: closed.append(arena))
 
     def failing(layer, arena):
         raise RuntimeError("simulated")
 
-    monkeypatch.setattr(vram._Layer, "init_offload", failing)
+    monkeypatch.setattr(vram_layer.Layer, "init_offload", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        managed_mlp(BF16_ONLOAD)
+        managed_mlp(BF16_ONLOAD, options=vram.VramOptions(host_arenas=True))
     assert len(closed) == 1
 
 
@@ -554,24 +560,24 @@ def mlp_lora(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_core_lora_api_on_a_managed_model():
     fp8, _ = managed_mlp(dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8, preparing_dtype=FP8))
-    lora_module.load_lora(fp8, mlp_lora(), hot=True)
-    entry = lora_module._STATE[fp8].hot["0"][0]
+    core_load_lora(fp8, mlp_lora(), hot=True)
+    entry = lora_apply._STATE[fp8].hot["0"][0]
     assert entry.A.dtype == torch.float32 and entry.A.device.type == "cpu"  # computation, not float8 storage
 
     meta = torch.nn.Sequential(torch.nn.Linear(8, 8, device="meta"))  # weights left on disk show as meta tensors
-    lora_module.load_lora(meta, {"0.lora_A.weight": torch.ones(2, 8), "0.lora_B.weight": torch.ones(8, 2)}, hot=True)
-    assert lora_module._STATE[meta].hot["0"][0].A.device.type == "cpu"
+    core_load_lora(meta, {"0.lora_A.weight": torch.ones(2, 8), "0.lora_B.weight": torch.ones(8, 2)}, hot=True)
+    assert lora_apply._STATE[meta].hot["0"][0].A.device.type == "cpu"
 
     model, manager = managed_mlp(BF16_ONLOAD)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     fresh, _ = managed_mlp(BF16_ONLOAD)
-    lora_module.load_lora(fresh, mlp_lora(), alpha=0.5)
-    handle = lora_module.load_lora(model, mlp_lora(), alpha=1.0)
+    core_load_lora(fresh, mlp_lora(), alpha=0.5)
+    handle = core_load_lora(model, mlp_lora(), alpha=1.0)
     manager.onload()
     handle.set_alpha(0.5)  # into the offload storage, not the temporary onload copy
     manager.offload()
     assert all(torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in model.named_parameters())
     manager.onload()
-    lora_module.clear_lora(model)
+    core_clear_lora(model)
     manager.offload()
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())

@@ -3,6 +3,9 @@
 Layout: `model_id` + `origin_file_pattern` resolve as `<base>/<model_id>/<path in repo>`.
 Patterns are globs over repo paths (`*` stays inside one folder, `**` crosses folders), a
 trailing `/` names a whole folder (everything under it), and a list of patterns is their union.
+Nothing resolves outside `<base>/<model_id>`: a model id (`owner/name`, or a bare `name`), a
+pattern and every file path a hub lists are refused (`UnsafePathError`) when they hold a `..`
+or `.` segment, start with `/`, `~` or a drive letter, or hold a backslash (`check_repo_path`).
 
 Precedence (the first that is set wins):
 - base folder: `ModelConfig.local_model_path` > `DIFFSYNTH_MODEL_BASE_PATH` > `./models`;
@@ -14,9 +17,13 @@ Precedence (the first that is set wins):
   `MODELSCOPE_DOMAIN`) and `HF_ENDPOINT` (`HF_HUB_DISABLE_XET=1` for a plain-HTTP mirror).
 
 Each load lists the repo on the hub and fetches the matching files that are missing (present
-files are only checked against the listed size, never fetched again). With skip download there
-is no network call at all. When the hub cannot be asked but every needed file is on disk,
-loading goes on with a warning.
+files are only checked against the listed size, never fetched again). A checkpoint's
+`config.json` (the one in the folder of the weights a pattern matches) is fetched with them,
+since the loader reads it beside the weights; it is not added to the returned paths unless the
+pattern matched it. With skip download there is no network call at all. When the hub cannot be
+asked (or answers 404 / 401 / 403) but every needed file is on disk, loading goes on with a
+warning; with files missing, the error says what the hub answered (`RemoteUnavailable.kind`:
+no such model, gated or private, unreachable, a server error) and what to do about it.
 
 Integrity: the client downloads into a staging folder (`<base>/.diffsynth/staging/...`, where
 its partial files wait to be resumed); a file is checked there (size, and sha256 or git blob
@@ -33,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -44,9 +52,11 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from .hubs import HUBS, Hub, Listing, RemoteFile, RemoteUnavailable
-from .loader import CheckpointError, read_header
+from .hubs import (FINAL_KINDS, HUBS, NOT_FOUND, SERVER_ERROR, UNAUTHORIZED, UNREACHABLE, Hub, Listing,
+                   RemoteFile, RemoteUnavailable)
+from .loader import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, CheckpointError, read_header
 from .model_config import ModelConfig
+from .parse import SettingError
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +71,38 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "
 
 
 class DownloadError(OSError):
-    """Files could not be fetched; the message names model id, pattern, source and folder."""
+    """Files could not be fetched; the message names model id, pattern, source and folder.
+    `kind`: what the hub answered (a `RemoteUnavailable.kind`: not_found, unauthorized,
+    unreachable, server_error, other), or None when the hub was not the problem (or not asked)."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class MissingModelFilesError(DownloadError, FileNotFoundError):
-    """Files a config needs are not on disk and could not (or may not) be fetched."""
+    """Files a config needs are not on disk and could not (or may not) be fetched. `kind` as for
+    DownloadError (None: downloading is off, or the hub answered but lacks the files)."""
+
+
+class UnsafePathError(SettingError):
+    """A model id, pattern or hub-listed file path that could resolve outside its folder.
+    `value` is what was refused, `what` which kind of value it is (model_id, pattern, file) and
+    `problem` what is wrong with it."""
+
+    def __init__(self, message: str, value: object, what: str, problem: str) -> None:
+        super().__init__(message)
+        self.value = value
+        self.what = what
+        self.problem = problem
+
+
+class UnsafeListingError(UnsafePathError, DownloadError):
+    """A hub's listing names a file outside the repo (`../x`, `/etc/x`, ...): nothing is fetched."""
+
+    def __init__(self, message: str, value: object, what: str, problem: str) -> None:
+        UnsafePathError.__init__(self, message, value, what, problem)
+        self.kind = None
 
 
 class CorruptModelFileError(CheckpointError):
@@ -81,19 +118,104 @@ def model_base_path(config: ModelConfig) -> Path:
     return Path(os.environ.get("DIFFSYNTH_MODEL_BASE_PATH") or DEFAULT_BASE_PATH)
 
 
+def parse_download_source(value: object, where: str) -> str:
+    """`modelscope` or `huggingface` from `value`, in any case and with surrounding spaces
+    (`HuggingFace` -> `huggingface`). Anything else raises ValueError naming `where` (the field
+    or variable the value came from, e.g. `model.download_source`) and the allowed values."""
+    source = value.strip().lower() if isinstance(value, str) else None
+    if source not in SOURCES:
+        raise ValueError(f"{where}={value!r} is not a download source; allowed: {', '.join(SOURCES)} "
+                         "(in any case).")
+    return source
+
+
 def download_source(config: ModelConfig) -> str:
     if config.download_source is not None:
         value, origin = config.download_source, "ModelConfig.download_source"
     else:
         value, origin = os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE") or DEFAULT_SOURCE, "DIFFSYNTH_DOWNLOAD_SOURCE"
-    source = str(value).strip().lower()
-    if source not in SOURCES:
-        where = f", folder={(model_base_path(config) / config.model_id).absolute()}" if config.model_id else ""
-        raise ValueError(
-            f"{origin}={value!r} is not a download source; allowed: {', '.join(SOURCES)} "
-            f"(for {config.describe()}{where})."
-        )
-    return source
+    try:
+        return parse_download_source(value, origin)
+    except ValueError as error:
+        where = ""
+        if config.model_id:
+            where = f", models folder={model_base_path(config).absolute()}"
+        raise ValueError(f"{error} Set it to one of them, or unset it (for {config.describe()}{where}).") from None
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_WHAT = {"model_id": "model_id", "pattern": "origin_file_pattern", "file": "file path"}
+_FIX = {
+    "model_id": "A model id is the hub's owner/name (e.g. 'Qwen/Qwen-Image'), resolved as "
+                "<models folder>/<owner>/<name>; to use files elsewhere, point ModelConfig.local_model_path / "
+                "DIFFSYNTH_MODEL_BASE_PATH at the folder that holds <owner>/<name>, or give ModelConfig(path=...).",
+    "pattern": "A pattern is a glob relative to the repo root (e.g. 'transformer/*.safetensors', "
+               "'**/config.json', or 'tokenizer/' for a whole folder); to load a file from elsewhere, give "
+               "ModelConfig(path=...).",
+    "file": "Nothing was fetched: the hub (or a mirror or proxy in between) is broken or malicious. Check the "
+            "endpoint (MODELSCOPE_ENDPOINT / HF_ENDPOINT) or use the other source.",
+}
+
+
+def path_problem(value: object, what: str) -> str | None:
+    """What makes `value` unsafe as a `what` (model_id | pattern | file), or None when it is fine.
+    See check_repo_path."""
+    if what not in _FIX:
+        raise ValueError(f"path_problem: what={what!r}; use model_id, pattern or file.")
+    if not isinstance(value, str):
+        return f"is a {type(value).__name__}, not a string"
+    if not value.strip():
+        return "is empty"
+    if _CONTROL.search(value):
+        return "holds a control character"
+    if "\\" in value:
+        return "holds a backslash (use / between folders)"
+    if value.startswith("/"):
+        return "is an absolute path (it starts with /)"
+    if value.startswith("~"):
+        return "starts with ~ (a home folder)"
+    if _DRIVE.match(value):
+        return "starts with a drive letter"
+    parts = value.split("/")
+    if what == "pattern" and len(parts) > 1 and parts[-1] == "":
+        parts = parts[:-1]  # a trailing / names a folder
+    for part in parts:
+        if part == "":
+            return "has an empty folder name (a // or a trailing /)"
+        if part in (".", ".."):
+            return f"has a {part!r} segment"
+    if what == "model_id":
+        if ":" in value:
+            return "holds a ':'"
+        if len(parts) > 2:
+            return f"has {len(parts)} parts (a model id is owner/name)"
+        if parts[0] == STATE_DIR:
+            return f"is under {STATE_DIR}/, the folder where downloads keep their state"
+    return None
+
+
+def check_repo_path(value: object, what: str, where: str = "") -> str:
+    """The one check that keeps everything inside `<base>/<model_id>`, for a model id (`what` =
+    "model_id": `owner/name` or a bare `name`), an `origin_file_pattern` ("pattern": a glob relative
+    to the repo root, a trailing / for a folder) and a path a hub lists ("file"). Refused: a `..` or
+    `.` segment, a leading `/` or `~`, a drive letter (`C:`), a backslash, an empty folder name,
+    a control character; for a model id also a `:`, more than two parts, or `.diffsynth/...`.
+    Returns `value`; raises UnsafePathError saying what is wrong, `where` (appended as given) and
+    how to write it instead."""
+    problem = path_problem(value, what)
+    if problem is None:
+        return value
+    raise UnsafePathError(f"{_WHAT[what]} {value!r} {problem}: refused, since it must name a place inside the "
+                          f"models folder{where}. {_FIX[what]}", value, what, problem)
+
+
+def model_folder(config: ModelConfig) -> Path:
+    """`<base>/<model_id>` of a config, its model id checked (check_repo_path): the folder a
+    builder of generated models (the runner's `model.build`) may write, and nothing outside it."""
+    base = model_base_path(config)
+    check_repo_path(config.model_id, "model_id", f" (models folder={base.absolute()})")
+    return base / config.model_id
 
 
 def _switch_source(source: str) -> str:
@@ -253,7 +375,14 @@ class _Request:
     @classmethod
     def of(cls, config: ModelConfig, download: bool | None) -> "_Request":
         skip = skip_download(config) if download is None else not download
-        return cls(config.model_id, patterns_of(config), download_source(config), model_base_path(config), skip)
+        source, base, patterns = download_source(config), model_base_path(config), patterns_of(config)
+        pattern = patterns[0] if len(patterns) == 1 else patterns
+        where = (f" (model_id={config.model_id!r}, origin_file_pattern={pattern!r}, source={source}, "
+                 f"models folder={base.absolute()})")
+        check_repo_path(config.model_id, "model_id", where)
+        for p in patterns:
+            check_repo_path(p, "pattern", where)
+        return cls(config.model_id, patterns, source, base, skip)
 
     @property
     def root(self) -> Path:
@@ -273,15 +402,17 @@ class _Request:
 
 
 def _ensure(request: _Request, patterns: list[str], summary: FetchSummary) -> dict[str, list[Path]]:
-    """Make every file of `patterns` present and verified; return the local paths per pattern."""
+    """Make every file of `patterns` present and verified (with the config.json beside matched
+    weights); return the local paths per pattern."""
     if request.skip:
-        return _from_disk(request, patterns, None, summary)
+        return _from_disk(request, patterns, None, None, summary)
     hub = HUBS[request.source]()
     endpoint = hub.endpoint
     try:
         listing = _list(hub, request.model_id)
     except RemoteUnavailable as error:
-        return _from_disk(request, patterns, f"{request.source} at {endpoint}: {error.reason}", summary)
+        return _from_disk(request, patterns, error, endpoint, summary)
+    _check_listing(request, listing, patterns, endpoint)
     _save_manifest(request, listing, endpoint)
 
     wanted: dict[str, list[RemoteFile]] = {p: [f for f in listing.files if matches(f.path, p)] for p in patterns}
@@ -292,7 +423,8 @@ def _ensure(request: _Request, patterns: list[str], summary: FetchSummary) -> di
                 f"{request.source} ({len(listing.files)} files there) {request.where([pattern], endpoint)}. "
                 "Check the model id and the pattern (globs over paths in the repo; a trailing / names a folder)."
             )
-    needed = list({f.path: f for files in wanted.values() for f in files}.values())
+    matched = {f.path: f for files in wanted.values() for f in files}
+    needed = list(matched.values()) + [f for f in companions(listing.files, matched.values()) if f.path not in matched]
     already = len(summary.fetched)
     if _missing(request, needed, patterns, endpoint):
         _fetch_locked(request, hub, listing, needed, patterns, endpoint, summary)
@@ -307,6 +439,37 @@ def _ensure(request: _Request, patterns: list[str], summary: FetchSummary) -> di
         result[pattern] = local
     _check_safetensors(request, patterns, result, endpoint)
     return result
+
+
+CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + (".index.json",)
+
+
+def companions(listed: Iterable[RemoteFile], matched: Iterable[RemoteFile]) -> list[RemoteFile]:
+    """The `config.json` files the loader reads beside matched weights: for each folder of the
+    repo (the root included) that holds a matched checkpoint file (.safetensors, .bin, .pt, .pth,
+    .ckpt, *.index.json), its `<folder>/config.json` when the listing has one."""
+    by_path = {f.path: f for f in listed}
+    found: dict[str, RemoteFile] = {}
+    for remote in matched:
+        if not remote.path.endswith(CHECKPOINT_SUFFIXES):
+            continue
+        folder = remote.path.rpartition("/")[0]
+        config = f"{folder}/config.json" if folder else "config.json"
+        if config in by_path:
+            found.setdefault(config, by_path[config])
+    return list(found.values())
+
+
+def _check_listing(request: _Request, listing: Listing, patterns: Sequence[str], endpoint: str) -> None:
+    """Refuse a listing that names any file outside the repo (before anything is fetched or kept)."""
+    for remote in listing.files:
+        problem = path_problem(remote.path, "file")
+        if problem is not None:
+            raise UnsafeListingError(
+                f"The listing of {request.model_id!r} from {request.source} at {endpoint} names the file "
+                f"{remote.path!r}, which {problem}, so it could be written outside {request.root.absolute()} "
+                f"{request.where(patterns, endpoint)}. {_FIX['file']} ({_switch_source(request.source)}).",
+                remote.path, "file", problem)
 
 
 def _list(hub: Hub, model_id: str) -> Listing:
@@ -369,22 +532,31 @@ def _fetch(request: _Request, hub: Hub, listing: Listing, missing: list[RemoteFi
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"{request.model_id} ({len(missing)} files from {request.source})")
     done = 0
-    problems: dict[str, str] = {}
+    problems: dict[str, RemoteUnavailable] = {}
     remaining = list(missing)
+    attempts = 0
     try:
         for attempt in range(RETRIES + 1):
             if attempt:
+                if all(problems[f.path].kind in FINAL_KINDS for f in remaining):
+                    break  # a 404 / 401 / 403 answers the same each time
                 wait = RETRY_WAIT_S * 2 ** (attempt - 1)
                 logger.warning("Retrying %d file(s) of %s in %.1f s (attempt %d of %d): %s", len(remaining),
                                request.model_id, wait, attempt + 1, RETRIES + 1,
-                               "; ".join(f"{p}: {e}" for p, e in problems.items()))
+                               "; ".join(f"{p}: {e.reason}" for p, e in problems.items()))
                 time.sleep(wait)
+            attempts += 1
             errors = hub.download(request.model_id, listing, [f.path for f in remaining], staging, bar.update)
             still = []
             for remote in remaining:
                 staged = staging / remote.path
-                problem = errors.get(remote.path) if not staged.is_file() else _verify(staged, remote)
-                if staged.is_file() and problem is None:
+                if staged.is_file():
+                    why = _verify(staged, remote)
+                    problem = None if why is None else RemoteUnavailable(why, True, "other")
+                else:
+                    problem = errors.get(remote.path) or RemoteUnavailable("the client returned without the file",
+                                                                           True, "other")
+                if problem is None:
                     final = request.root / remote.path
                     final.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(staged, final)
@@ -393,7 +565,7 @@ def _fetch(request: _Request, hub: Hub, listing: Listing, missing: list[RemoteFi
                     continue
                 if staged.is_file():
                     staged.unlink()  # complete in the client's eyes but wrong: never keep it
-                problems[remote.path] = problem or "the client returned without the file"
+                problems[remote.path] = problem
                 still.append(remote)
             problems = {p: e for p, e in problems.items() if p in {f.path for f in still}}
             remaining = still
@@ -404,13 +576,25 @@ def _fetch(request: _Request, hub: Hub, listing: Listing, missing: list[RemoteFi
     finally:
         bar.close()
     if remaining:
+        kinds = {problems[f.path].kind for f in remaining}
+        kind = kinds.pop() if len(kinds) == 1 else None
+        first = problems[remaining[0].path]
+        if kind == UNAUTHORIZED:
+            how = (f"{request.source} refused the files (HTTP {first.status or '401/403'}): the repo is gated or "
+                   f"private. {_hub_advice(request, first, endpoint)}")
+        elif kind == NOT_FOUND:
+            how = (f"{request.source} lists these files but answers 404 for them: the repo may have changed since "
+                   "it was listed. Load again; if it persists, try the other source: "
+                   f"{_switch_source(request.source)}.")
+        else:
+            how = (f"Load again to fetch the rest (a partial file in {staging} is resumed where the client "
+                   f"supports it), or try the other source: {_switch_source(request.source)}.")
         raise DownloadError(
             f"Could not fetch {len(remaining)} of {len(missing)} file(s) of {request.model_id!r} after "
-            f"{RETRIES + 1} attempts {request.where(patterns, endpoint)}: "
-            + "; ".join(f"{f.path}: {problems.get(f.path)}" for f in remaining)
-            + ". Nothing incomplete was left under a final name; the files already fetched stay. Load again "
-            f"to fetch the rest (a partial file in {staging} is resumed where the client supports it), or try "
-            f"the other source: {_switch_source(request.source)}."
+            f"{attempts} attempt(s) {request.where(patterns, endpoint)}: "
+            + "; ".join(f"{f.path}: {problems[f.path].reason.rstrip('.')}" for f in remaining)
+            + f". Nothing incomplete was left under a final name; the files already fetched stay. {how}",
+            kind,
         )
     shutil.rmtree(staging, ignore_errors=True)
     for parent in staging.parents:  # drop the emptied <owner>/ and <source>/ folders too
@@ -449,9 +633,55 @@ def _other(source: str) -> str:
 # ---------------------------------------------------------------------- without the hub
 
 
-def _from_disk(request: _Request, patterns: list[str], unreachable: str | None,
-               summary: FetchSummary) -> dict[str, list[Path]]:
-    """Resolve from disk: skip-download, or the hub could not be asked (`unreachable` says why)."""
+def _hub_said(request: _Request, error: RemoteUnavailable, endpoint: str) -> str:
+    """One sentence: what the hub answered, by kind."""
+    at = f"{request.source} at {endpoint}"
+    if error.kind == NOT_FOUND:
+        return f"{at} has no model {request.model_id!r} (HTTP 404: {error.reason})."
+    if error.kind == UNAUTHORIZED:
+        return (f"{at} refused access to {request.model_id!r} (HTTP {error.status or '401/403'}: {error.reason}); "
+                "the repo is gated or private.")
+    if error.kind == SERVER_ERROR:
+        return f"{at} answered with a server error ({error.reason})."
+    if error.kind == UNREACHABLE:
+        return f"The hub could not be asked ({at}: {error.reason})."
+    return f"{at} gave an answer that could not be used ({error.reason})."
+
+
+def _hub_advice(request: _Request, error: RemoteUnavailable, endpoint: str) -> str:
+    """What to do about a hub's answer, by kind."""
+    other = _other(request.source)
+    if error.kind == NOT_FOUND:
+        return (f"Check model_id (owner/name, as on the model's page on {request.source}; a private repo also "
+                f"answers 404 without a token) and the source: the model may be on {other} only "
+                f"({_switch_source(request.source)}); or put the files there.")
+    if error.kind == UNAUTHORIZED:
+        if request.source == "huggingface":
+            login = ("log in to HuggingFace (set HF_TOKEN, or run `hf auth login`, formerly `huggingface-cli "
+                     f"login`) and accept the licence / request access on {endpoint}/{request.model_id}")
+            if error.status == 401 and not error.gated:
+                login += " (HuggingFace also answers 401 to a client without a token for a repo that does not " \
+                         "exist: check model_id too)"
+        else:
+            login = ("log in to ModelScope (set MODELSCOPE_API_TOKEN, or run `modelscope login --token <token>`) "
+                     f"and accept the licence / request access on {endpoint}/models/{request.model_id}")
+        return (f"The account of your token needs access: {login}; then load again. Or try the other source "
+                f"({_switch_source(request.source)}), or put the files there.")
+    if error.kind == SERVER_ERROR:
+        return (f"This is on the hub's side: load again later, or try the other source "
+                f"({_switch_source(request.source)}); or put the files there.")
+    if error.kind == UNREACHABLE:
+        return ("Check the network and the endpoint (MODELSCOPE_ENDPOINT / HF_ENDPOINT), or try the other source "
+                f"({_switch_source(request.source)}), then load again; or put the files there.")
+    return ("Check that the endpoint (MODELSCOPE_ENDPOINT / HF_ENDPOINT) is a model hub of this kind (a mirror "
+            f"or proxy may answer otherwise), or try the other source ({_switch_source(request.source)}), then "
+            "load again; or put the files there.")
+
+
+def _from_disk(request: _Request, patterns: list[str], hub_error: RemoteUnavailable | None,
+               endpoint: str | None, summary: FetchSummary) -> dict[str, list[Path]]:
+    """Resolve from disk: skip-download (`hub_error` None), or the hub could not be asked or said
+    no (`hub_error` says what it answered)."""
     manifest = _read_manifest(request)
     result: dict[str, list[Path]] = {}
     missing: list[str] = []
@@ -460,37 +690,45 @@ def _from_disk(request: _Request, patterns: list[str], unreachable: str | None,
         if listed:
             absent = [f.path for f in listed if not (request.root / f.path).is_file()]
             missing.extend(p for p in absent if p not in missing)
-            for remote in listed:
-                local = request.root / remote.path
-                if local.is_file() and local.stat().st_size != remote.size:
-                    _raise_corrupt(request, patterns, None, local,
-                                   f"it is {local.stat().st_size} bytes but the hub listed {remote.size} bytes "
-                                   "(truncated, or out of date)")
             result[pattern] = [] if absent else _local_result(request.root, pattern, [f.path for f in listed])
         else:
             result[pattern] = _glob(request.root, pattern)
             if not result[pattern]:
                 literal = not pattern.endswith("/") and not any(c in pattern for c in "*?[")
                 missing.append(pattern if literal else f"anything matching {pattern!r}")
+        # every listed file on disk, and the config.json beside listed weights where present, has
+        # the listed size (a config.json that is absent is fine: nothing can fetch it now)
+        for remote in listed + companions(manifest, listed):
+            local = request.root / remote.path
+            if local.is_file() and local.stat().st_size != remote.size:
+                _raise_corrupt(request, patterns, None, local,
+                               f"it is {local.stat().st_size} bytes but the hub listed {remote.size} bytes "
+                               "(truncated, or out of date)")
     if missing:
         shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-        if unreachable is None:
+        if hub_error is None:
             how = ("Downloading is off (ModelConfig.skip_download / DIFFSYNTH_SKIP_DOWNLOAD=True): turn it off to "
                    "fetch them (or fetch ahead with the runner's download command), put the files there, or point "
                    "DIFFSYNTH_MODEL_BASE_PATH / ModelConfig.local_model_path at the folder that holds them.")
-            reason = ""
+            said = ""
         else:
-            how = ("Check the network and the endpoint (MODELSCOPE_ENDPOINT / HF_ENDPOINT), or try the other source "
-                   f"({_switch_source(request.source)}), then load again; or put the files there.")
-            reason = f" The hub could not be asked ({unreachable})."
+            how = _hub_advice(request, hub_error, endpoint)
+            said = " " + _hub_said(request, hub_error, endpoint)
         pattern = patterns[0] if len(patterns) == 1 else patterns
         raise MissingModelFilesError(
-            f"Missing files for pattern {pattern!r} in {request.root}: {shown} {request.where(patterns)}.{reason} {how}"
+            f"Missing files for pattern {pattern!r} in {request.root}: {shown} {request.where(patterns, endpoint)}."
+            f"{said} {how}", hub_error.kind if hub_error is not None else None,
         )
-    if unreachable is not None:
-        logger.warning("Could not ask %s for %s (%s); every needed file is already in %s, going on with them.",
-                       request.source, request.model_id, unreachable, request.root)
-        summary.offline.append(f"{request.model_id}: {unreachable}")
+    if hub_error is not None:
+        if hub_error.kind in (NOT_FOUND, UNAUTHORIZED):
+            logger.warning("%s Every needed file is already in %s, going on with them; a file missing later cannot "
+                           "be fetched until this is fixed: %s", _hub_said(request, hub_error, endpoint),
+                           request.root, _hub_advice(request, hub_error, endpoint))
+        else:
+            logger.warning("Could not ask %s at %s for %s (%s: %s); every needed file is already in %s, going on "
+                           "with them.", request.source, endpoint, request.model_id, hub_error.kind,
+                           hub_error.reason, request.root)
+        summary.offline.append(f"{request.model_id}: {request.source} {hub_error.kind}: {hub_error.reason}")
     for paths in result.values():
         files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
         summary.present += len(files)
@@ -565,6 +803,11 @@ def _read_manifest(request: _Request) -> list[RemoteFile]:
     path = _manifest_path(request)
     try:
         files = json.loads(path.read_text())["files"]
-        return [RemoteFile(p, int(v["size"]), v.get("sha256"), v.get("git_sha1")) for p, v in files.items()]
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = [RemoteFile(p, int(v["size"]), v.get("sha256"), v.get("git_sha1")) for p, v in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
+    unsafe = [f.path for f in listed if path_problem(f.path, "file") is not None]
+    if unsafe:  # not written by us (listings are checked before they are kept): do not trust it
+        logger.warning("Ignoring the kept listing %s: it names files outside the repo (%s).", path, unsafe[:3])
+        return []
+    return listed

@@ -39,24 +39,95 @@ class Listing:
     files: tuple[RemoteFile, ...]
 
 
-class RemoteUnavailable(Exception):
-    """The hub could not be asked (unreachable, an HTTP error, repo not found): `reason` says why;
-    `retryable` when asking again may help (HTTP 5xx/408/429, a dropped connection)."""
+NOT_FOUND, UNAUTHORIZED, UNREACHABLE, SERVER_ERROR, OTHER = (
+    "not_found", "unauthorized", "unreachable", "server_error", "other")
+KINDS = (NOT_FOUND, UNAUTHORIZED, UNREACHABLE, SERVER_ERROR, OTHER)
+FINAL_KINDS = (NOT_FOUND, UNAUTHORIZED)  # asking again gives the same answer: never retried
 
-    def __init__(self, reason: str, retryable: bool = False) -> None:
+# the clients' exception classes for an answer that names the problem (checked along the cause chain)
+_NOT_FOUND_CLASSES = ("RepositoryNotFoundError", "RevisionNotFoundError", "RemoteEntryNotFoundError",
+                      "NotExistError")
+_UNAUTHORIZED_CLASSES = ("GatedRepoError", "AuthenticationError", "PermissionDeniedError")
+
+
+class RemoteUnavailable(Exception):
+    """The hub could not be asked, or said no. `reason` says why (the client's error, shortened);
+    `kind` what it is: `not_found` (HTTP 404: no such repo, revision or file), `unauthorized`
+    (HTTP 401/403: gated or private, or no access with this token), `unreachable` (no connection,
+    a timeout, a bad endpoint), `server_error` (HTTP 5xx, 408, 429) or `other` (any other answer
+    that cannot be used); `status` the HTTP status when there was one; `retryable` when asking
+    again may help (never for not_found / unauthorized)."""
+
+    def __init__(self, reason: str, retryable: bool = False, kind: str = UNREACHABLE,
+                 status: int | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"RemoteUnavailable kind {kind!r}: use one of {', '.join(KINDS)}.")
         super().__init__(reason)
         self.reason = reason
-        self.retryable = retryable
+        self.kind = kind
+        self.status = status
+        self.retryable = retryable and kind not in FINAL_KINDS
 
     @classmethod
     def from_error(cls, error: BaseException) -> "RemoteUnavailable":
-        return cls(short_error(error), is_transient(error))
+        kind, status = classify(error)
+        return cls(short_error(error), kind in (UNREACHABLE, SERVER_ERROR), kind, status)
+
+    @property
+    def gated(self) -> bool:
+        """HuggingFace said the repo is gated (an access request / licence to accept)."""
+        return "GatedRepo" in self.reason
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    found: list[BaseException] = []
+    while error is not None and error not in found and len(found) < 8:
+        found.append(error)
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status an exception of either client carries (on it, or its response)."""
+    response = getattr(error, "response", None)
+    for status in (getattr(error, "status_code", None), getattr(response, "status_code", None)):
+        if isinstance(status, int) and not isinstance(status, bool):
+            return status
+    return None
+
+
+def classify(error: BaseException) -> tuple[str, int | None]:
+    """(kind, HTTP status or None) of an exception from `modelscope` or `huggingface_hub`: the
+    status where one is known (also on a chained cause: huggingface_hub wraps a failed request in
+    LocalEntryNotFoundError), else the class (NotExistError, GatedRepoError, ...), else a
+    connection or timeout error is `unreachable` and anything else `other`."""
+    chain = _chain(error)
+    for item in chain:
+        status = http_status(item)
+        if status is None:
+            continue
+        if status == 404:
+            return NOT_FOUND, status
+        if status in (401, 403):
+            return UNAUTHORIZED, status
+        if status >= 500 or status in (408, 429):
+            return SERVER_ERROR, status
+        if status >= 400:
+            return OTHER, status
+    for item in chain:
+        names = {t.__name__ for t in type(item).__mro__}
+        if names & set(_UNAUTHORIZED_CLASSES):
+            return UNAUTHORIZED, None
+        if names & set(_NOT_FOUND_CLASSES):
+            return NOT_FOUND, None
+    if any(is_transient(item) for item in chain):
+        return UNREACHABLE, None
+    return OTHER, None
 
 
 def is_transient(error: BaseException) -> bool:
     """An HTTP 5xx/408/429 or a connection or timeout error, from either client."""
-    response = getattr(error, "response", None)
-    status = getattr(error, "status_code", None) or getattr(response, "status_code", None)
+    status = http_status(error)
     if isinstance(status, int):
         return status >= 500 or status in (408, 429)
     names = " ".join(t.__name__ for t in type(error).__mro__)
@@ -79,8 +150,9 @@ class Hub:
         raise NotImplementedError
 
     def download(self, model_id: str, listing: Listing, paths: list[str], folder: Path,
-                 progress: Progress) -> dict[str, str]:
-        """Fetch `paths` into `folder/<path>`; returns {path: error} for the files that failed."""
+                 progress: Progress) -> dict[str, RemoteUnavailable]:
+        """Fetch `paths` into `folder/<path>`; returns {path: error} for the files that failed
+        (each a RemoteUnavailable: its `kind` tells a gated repo from a dropped connection)."""
         raise NotImplementedError
 
     def probe(self) -> None:
@@ -96,20 +168,22 @@ def probe_endpoint(endpoint: str, timeout: float | None = None) -> None:
     parts = urlsplit(endpoint)
     host = parts.hostname
     if not host:
-        raise RemoteUnavailable(f"the endpoint {endpoint!r} is not a URL (expected e.g. https://host)")
+        raise RemoteUnavailable(f"the endpoint {endpoint!r} is not a URL (expected e.g. https://host)",
+                                kind=UNREACHABLE)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     proxies = urllib.request.getproxies()
     if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
         return  # the client goes through the proxy; let it decide
     if _TIMED_OUT.get(endpoint, 0.0) > time.monotonic():
-        raise RemoteUnavailable(f"connecting to {host}:{port} timed out a moment ago")
+        raise RemoteUnavailable(f"connecting to {host}:{port} timed out a moment ago", kind=UNREACHABLE)
     try:
         socket.create_connection((host, port), timeout=timeout or PROBE_TIMEOUT_S).close()
     except socket.timeout:
         _TIMED_OUT[endpoint] = time.monotonic() + 60.0
-        raise RemoteUnavailable(f"connecting to {host}:{port} timed out") from None
+        raise RemoteUnavailable(f"connecting to {host}:{port} timed out", True, UNREACHABLE) from None
     except OSError as error:
-        raise RemoteUnavailable(f"cannot connect to {host}:{port} ({error.strerror or error})") from None
+        raise RemoteUnavailable(f"cannot connect to {host}:{port} ({error.strerror or error})", True,
+                                UNREACHABLE) from None
 
 
 def short_error(error: BaseException) -> str:
@@ -179,7 +253,7 @@ class ModelScopeHub(Hub):
         return Listing(None, tuple(files))
 
     def download(self, model_id: str, listing: Listing, paths: list[str], folder: Path,
-                 progress: Progress) -> dict[str, str]:
+                 progress: Progress) -> dict[str, RemoteUnavailable]:
         from modelscope.hub.callback import ProgressCallback
         from modelscope.hub.snapshot_download import snapshot_download
 
@@ -197,8 +271,9 @@ class ModelScopeHub(Hub):
         except Exception as error:
             failed = getattr(error, "failed_files", None)
             if isinstance(failed, dict) and failed:
-                return {path: short_error(err) for path, err in failed.items()}
-            return {path: short_error(error) for path in paths}
+                return {path: RemoteUnavailable.from_error(err) if isinstance(err, BaseException)
+                        else RemoteUnavailable(str(err), kind=OTHER) for path, err in failed.items()}
+            return {path: RemoteUnavailable.from_error(error) for path in paths}
         return {}
 
 
@@ -243,7 +318,7 @@ class HuggingFaceHub(Hub):
         return Listing(commit, tuple(files))
 
     def download(self, model_id: str, listing: Listing, paths: list[str], folder: Path,
-                 progress: Progress) -> dict[str, str]:
+                 progress: Progress) -> dict[str, RemoteUnavailable]:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -259,12 +334,12 @@ class HuggingFaceHub(Hub):
 
         bars = {"tqdm_class": FileBar} if "tqdm_class" in inspect.signature(hf_hub_download).parameters else {}
 
-        def one(path: str) -> str | None:
+        def one(path: str) -> RemoteUnavailable | None:
             try:
                 hf_hub_download(model_id, path, revision=listing.revision, local_dir=str(folder),
                                 endpoint=self.endpoint, **bars)
             except Exception as error:
-                return short_error(error)
+                return RemoteUnavailable.from_error(error)
             return None
 
         pool = ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(paths)))

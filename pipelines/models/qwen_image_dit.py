@@ -47,6 +47,8 @@ class QwenImageDiTParams:
     mlp_ratio: int = 4
     eps: float = 1e-6
     timestep_channels: int = 256
+    # Qwen-Image-Edit-2511: reference-image tokens are modulated as at t = 0 (config.json)
+    zero_cond_t: bool = False
 
     def __post_init__(self) -> None:
         self.axes_dims_rope = tuple(int(a) for a in self.axes_dims_rope)
@@ -191,21 +193,25 @@ def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def rope_frequencies(axes: tuple[int, int, int], theta: float, height: int, width: int,
+def rope_frequencies(axes: tuple[int, int, int], theta: float, grids: tuple[tuple[int, int], ...],
                      text_len: int, device: torch.device) -> Tensor:
-    """Complex rotations (S, D/2) for the joint sequence [text, image].
+    """Complex rotations (S, D/2) for the joint sequence [text, image 0, image 1, ...].
 
-    Image token (y, x) sits at frame 0, height y - ceil(h/2), width x - ceil(w/2) (centered);
-    text token j sits at max(h//2, w//2) + j on all three axes."""
-    ys = torch.arange(height, device=device) - (height - height // 2)
-    xs = torch.arange(width, device=device) - (width - width // 2)
-    img_pos = torch.stack([
-        torch.zeros(height * width, dtype=torch.long, device=device),
-        ys.repeat_interleave(width),
-        xs.repeat(height),
-    ], dim=-1)  # (Li, 3)
-    txt_pos = (torch.arange(text_len, device=device) + max(height // 2, width // 2))[:, None].expand(-1, 3)
-    pos = torch.cat([txt_pos, img_pos], dim=0)  # (S, 3)
+    Image i's token (y, x) sits at frame i, height y - ceil(h/2), width x - ceil(w/2) (centered);
+    text token j sits at max over the images of max(h//2, w//2), plus j, on all three axes.
+    Image 0 is the one generated; the others are reference pictures (edit models)."""
+    positions = []
+    for frame, (height, width) in enumerate(grids):
+        ys = torch.arange(height, device=device) - (height - height // 2)
+        xs = torch.arange(width, device=device) - (width - width // 2)
+        positions.append(torch.stack([
+            torch.full((height * width,), frame, dtype=torch.long, device=device),
+            ys.repeat_interleave(width),
+            xs.repeat(height),
+        ], dim=-1))  # (Li, 3)
+    text_start = max(max(h // 2, w // 2) for h, w in grids)
+    txt_pos = (torch.arange(text_len, device=device) + text_start)[:, None].expand(-1, 3)
+    pos = torch.cat([txt_pos, *positions], dim=0)  # (S, 3)
 
     angles = []
     for axis, dim in enumerate(axes):
@@ -280,6 +286,23 @@ class JointAttention(nn.Module):
         return apply_rope_(norm(self._heads(proj(x)).float()), freqs)
 
 
+class Segments:
+    """The image stream as consecutive runs of tokens, each with its own adaLN parameters: one
+    run, except with zero_cond_t (Qwen-Image-Edit-2511): the generated tokens, then the
+    reference pictures' tokens modulated as at t = 0. Per-token work (norms, gates) runs per
+    run; the projections and the MLP run once over the whole stream."""
+
+    def __init__(self, lengths: tuple[int, ...], mods: list[tuple[Tensor, ...]]):
+        self.lengths, self.mods = lengths, mods
+
+    def apply(self, fn, *tensors: Tensor) -> Tensor:
+        """`fn(mod, *parts)` on each run, concatenated along the tokens."""
+        if len(self.lengths) == 1:
+            return fn(self.mods[0], *tensors)
+        parts = zip(*(t.split(self.lengths, dim=1) for t in tensors))
+        return torch.cat([fn(mod, *run) for mod, run in zip(self.mods, parts)], dim=1)
+
+
 class DoubleStreamBlock(nn.Module):
     """One MMDiT block: each stream gets its own adaLN modulation and MLP, attention is joint.
     `img_mod.1` / `txt_mod.1` give [shift1, scale1, gate1, shift2, scale2, gate2]."""
@@ -293,22 +316,26 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp = FeedForward(dim, mlp_ratio * dim)
         self.txt_mlp = FeedForward(dim, mlp_ratio * dim)
 
-    def forward(self, img: Tensor, txt: Tensor, temb: Tensor, freqs: Tensor,
-                mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = \
-            self.img_mod(temb).unsqueeze(1).chunk(6, dim=-1)
+    def forward(self, img: Tensor, txt: Tensor, temb: Tensor, freqs: Tensor, mask: Tensor | None,
+                runs: tuple[tuple[int, Tensor], ...] = ()) -> tuple[Tensor, Tensor]:
+        """`runs`: (token count, timestep embedding) of consecutive image-token runs with their
+        own modulation; empty = every image token is modulated with `temb`."""
+        eps = self.eps
+        lengths, tembs = zip(*runs) if runs else ((img.shape[1],), (temb,))
+        seg = Segments(lengths, [self.img_mod(t).unsqueeze(1).chunk(6, dim=-1) for t in tembs])
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = \
             self.txt_mod(temb).unsqueeze(1).chunk(6, dim=-1)
 
         img_attn, txt_attn = self.attn(
-            modulated_layer_norm(img, img_shift1, img_scale1, self.eps),
-            modulated_layer_norm(txt, txt_shift1, txt_scale1, self.eps),
+            seg.apply(lambda m, x: modulated_layer_norm(x, m[0], m[1], eps), img),
+            modulated_layer_norm(txt, txt_shift1, txt_scale1, eps),
             freqs, mask)
-        img = torch.addcmul(img, img_gate1, img_attn)
+        img = seg.apply(lambda m, x, a: torch.addcmul(x, m[2], a), img, img_attn)
         txt = torch.addcmul(txt, txt_gate1, txt_attn)
 
-        img = torch.addcmul(img, img_gate2, self.img_mlp(modulated_layer_norm(img, img_shift2, img_scale2, self.eps)))
-        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulated_layer_norm(txt, txt_shift2, txt_scale2, self.eps)))
+        img_mlp = self.img_mlp(seg.apply(lambda m, x: modulated_layer_norm(x, m[3], m[4], eps), img))
+        img = seg.apply(lambda m, x, y: torch.addcmul(x, m[5], y), img, img_mlp)
+        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulated_layer_norm(txt, txt_shift2, txt_scale2, eps)))
 
         if img.dtype == torch.float16:  # as the reference: keep fp16 activations finite
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
@@ -364,8 +391,8 @@ class QwenImageDiT(nn.Module):
         ])
         self.norm_out = NormOut(dim, p.eps)
         self.proj_out = nn.Linear(dim, p.out_features)
-        # (height, width, text_len, device) -> complex RoPE table; not a buffer on purpose.
-        self._rope_cache: dict[tuple[int, int, int, torch.device], Tensor] = {}
+        # (token grids, text_len, device) -> complex RoPE table; not a buffer on purpose.
+        self._rope_cache: dict[tuple, Tensor] = {}
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -379,48 +406,61 @@ class QwenImageDiT(nn.Module):
         return self.compute_dtype or self.img_in.weight.dtype
 
     def forward(self, latents: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None,
-                height: int, width: int) -> Tensor:
+                height: int, width: int, references: tuple[tuple[int, int], ...] = (),
+                zero_cond_t: bool | None = None) -> Tensor:
         """
-        latents:   (B, Li, in_channels) packed 2x2 latent patches, Li = height * width
+        latents:   (B, Li + sum Lr, in_channels) packed 2x2 latent patches: the generated
+                   image's Li = height * width tokens, then each reference picture's (edit models)
         timestep:  (B,) sigma in [0, 1] (a scalar is broadcast to the batch)
         text:      (B, Lt, joint_attention_dim) text-encoder hidden states
         text_mask: (B, Lt) bool, True = real token; None = all real. Pass None when there is
                    no padding: a mask switches SDPA to slower kernels (and `.all()` syncs).
         height, width: the token grid (image height / 16, width / 16).
-        Returns the velocity (B, Li, patch_size**2 * out_channels) in the weights' dtype.
+        references: the (height, width) token grids of the reference pictures, in order.
+        zero_cond_t: modulate the reference tokens as at t = 0 (Qwen-Image-Edit-2511); None =
+                   the checkpoint's config (`params.zero_cond_t`).
+        Returns the velocity of the generated tokens (B, Li, patch_size**2 * out_channels) in
+        the computation dtype.
         """
-        timestep, text_mask = self._check_inputs(latents, timestep, text, text_mask, height, width)
+        grids = ((height, width), *(tuple(r) for r in references))
+        timestep, text_mask = self._check_inputs(latents, timestep, text, text_mask, grids)
         dtype = self.dtype
         temb = self.time_text_embed(timestep, dtype)
         img = self.img_in(latents.to(dtype))
         txt = self.txt_in(self.txt_norm(text.to(dtype)))
-        freqs = self.rope(height, width, text.shape[1], latents.device)
+        freqs = self.rope(grids, text.shape[1], latents.device)
         mask = joint_attention_mask(text_mask, img.shape[1])
+        target = height * width
+        zero_cond_t = self.params.zero_cond_t if zero_cond_t is None else zero_cond_t
+        runs = ()
+        if zero_cond_t and img.shape[1] > target:
+            runs = ((target, temb), (img.shape[1] - target, self.time_text_embed(torch.zeros_like(timestep), dtype)))
 
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, freqs, mask)
+            img, txt = block(img, txt, temb, freqs, mask, runs)
 
-        return self.proj_out(self.norm_out(img, temb))
+        return self.proj_out(self.norm_out(img[:, :target], temb))
 
-    def rope(self, height: int, width: int, text_len: int, device: torch.device) -> Tensor:
-        key = (height, width, text_len, torch.device(device))
+    def rope(self, grids: tuple[tuple[int, int], ...], text_len: int, device: torch.device) -> Tensor:
+        key = (grids, text_len, torch.device(device))
         if key not in self._rope_cache:
             if len(self._rope_cache) >= 16:
                 self._rope_cache.clear()
-            self._rope_cache[key] = rope_frequencies(
-                self.params.axes_dims_rope, self.params.rope_theta, height, width, text_len, device)
+            self._rope_cache[key] = rope_frequencies(self.params.axes_dims_rope, self.params.rope_theta, grids,
+                                                     text_len, device)
         return self._rope_cache[key]
 
     def _check_inputs(self, latents: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None,
-                      height: int, width: int) -> tuple[Tensor, Tensor | None]:
+                      grids: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor | None]:
         p = self.params
         if latents.ndim != 3 or latents.shape[-1] != p.in_channels:
             raise ValueError(f"QwenImageDiT: latents must be (batch, image_tokens, {p.in_channels}), "
                              f"got {tuple(latents.shape)}")
         batch, image_len, _ = latents.shape
-        if height <= 0 or width <= 0 or image_len != height * width:
-            raise ValueError(f"QwenImageDiT: latents hold {image_len} image tokens but the token grid is "
-                             f"height {height} x width {width} = {height * width}; height/width are the "
+        expected = sum(h * w for h, w in grids)
+        if any(h <= 0 or w <= 0 for h, w in grids) or image_len != expected:
+            raise ValueError(f"QwenImageDiT: latents hold {image_len} image tokens but the token grids "
+                             f"{' + '.join(f'{h}x{w}' for h, w in grids)} make {expected}; height/width are the "
                              f"image size / 16")
         if text.ndim != 3 or text.shape[0] != batch or text.shape[-1] != p.joint_attention_dim:
             raise ValueError(f"QwenImageDiT: text must be (batch={batch}, text_tokens, "
@@ -486,8 +526,6 @@ def params_from_checkpoint(shapes: Mapping[str, tuple[int, ...]], config: dict[s
     for flag, why in _UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise NotImplementedError(f"Qwen-Image DiT: config.json sets {flag}=true: {why} in {__name__}")
-    # zero_cond_t (Qwen-Image-Edit-2511) only changes the modulation of reference-image tokens;
-    # with the noisy latent alone, as here, the model computes exactly the same thing.
 
     blocks = {int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))}
     if not blocks:
@@ -525,4 +563,5 @@ def params_from_checkpoint(shapes: Mapping[str, tuple[int, ...]], config: dict[s
             inferred[name] = tuple(config[name]) if name == "axes_dims_rope" else int(config[name])
     if "axes_dims_rope" not in inferred:
         inferred["axes_dims_rope"] = default_rope_axes(inferred["attention_head_dim"])
+    inferred["zero_cond_t"] = bool(config.get("zero_cond_t", False))
     return QwenImageDiTParams(**inferred)

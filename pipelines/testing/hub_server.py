@@ -20,6 +20,13 @@ Endpoints served (one server speaks both protocols; their paths do not overlap):
   `GET /api/models/{id}/tree/{rev}[/{path}]?recursive=` (listing with git blob ids and LFS sha256),
   `HEAD|GET /{id}/resolve/{rev}/{path}` (X-Repo-Commit, ETag / X-Linked-Etag, X-Linked-Size, Range).
 
+Repos can be gated (`gate(model_id, 401 | 403, token=None, files_only=False)`: every request for it,
+or with `files_only` every file download (as huggingface.co does for a gated repo, whose listing is
+public), is answered with that status and the client's "gated" error; a request with
+`Authorization: Bearer <token>` goes through), and a file can be added under any path, even one
+outside the repo such as `../x` (`add_file`), to play a broken or malicious hub. An unknown repo
+is a 404 in both protocols.
+
 Faults (`Fault`): `drop` closes the connection after `after_bytes` bytes of a file body;
 `status` answers with an HTTP error instead; `short` serves a body `delta` bytes shorter than the
 listing says (a wrong size); `corrupt` serves the right size with altered bytes (a wrong hash);
@@ -66,6 +73,9 @@ class Repo:
     folder: Path
     files: dict[str, RepoFile]
     commit: str
+    gated: int | None = None  # 401 or 403: answered to every request without the token
+    token: str | None = None
+    gated_files_only: bool = False  # the listing stays open, file downloads are refused
 
     @classmethod
     def scan(cls, model_id: str, folder: str | Path) -> "Repo":
@@ -215,6 +225,30 @@ class HubServer:
     def repo(self, model_id: str) -> Repo:
         return self.state.repos[model_id]
 
+    def gate(self, model_id: str, status: int | None = 401, token: str | None = None,
+             files_only: bool = False) -> None:
+        """Answer every request for `model_id` (with `files_only`, every file download) with
+        `status` (401: not logged in, 403: no access, None: open again), unless it carries
+        `Authorization: Bearer <token>`."""
+        if status not in (None, 401, 403):
+            raise ValueError(f"HubServer.gate: status {status!r}; use 401, 403 or None.")
+        with self.state.lock:
+            repo = self.state.repos[model_id]
+            repo.gated, repo.token, repo.gated_files_only = status, token, files_only
+
+    def add_file(self, model_id: str, path: str, data: bytes, folder: str | Path) -> RepoFile:
+        """List and serve `data` as `path` in the repo; `path` is taken as is (`../x` included).
+        The content is written to a new file in `folder` (outside the served repo folder)."""
+        local = Path(folder) / hashlib.sha256(path.encode()).hexdigest()
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(data)
+        file = RepoFile(path, local, len(data), hashlib.sha256(data).hexdigest(), git_blob_sha1(data))
+        with self.state.lock:
+            repo = self.state.repos[model_id]
+            repo.files[path] = file
+            repo.commit = hashlib.sha1(repo.commit.encode() + path.encode() + file.sha256.encode()).hexdigest()
+        return file
+
 
 # ---------------------------------------------------------------------- the handler
 
@@ -257,6 +291,25 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def _gated(self, repo: Repo, protocol: str, file: bool) -> bool:
+        """Answer 401/403 for a gated repo (unless the request has its token); True when answered."""
+        status = repo.gated
+        if status is None or (repo.token and self.headers.get("Authorization") == f"Bearer {repo.token}"):
+            return False
+        if repo.gated_files_only and not file:
+            return False
+        self._record.kind = ("file" if self.command == "GET" else "head") if file else "listing"
+        if protocol == "modelscope":
+            message = ("Unauthorized: log in to access this model" if status == 401 else
+                       f"Forbidden: no permission to access model {repo.model_id!r}")
+            self._ms_error(status, message)
+        else:  # as huggingface.co answers for a gated repo
+            message = (f"Access to model {repo.model_id} is restricted. You must have access to it and be "
+                       "authenticated to access it. Please log in." if status == 401 else
+                       f"Access to model {repo.model_id} is restricted and you are not in the authorized list.")
+            self._hf_error(status, "GatedRepo", message)
+        return True
+
     def _split_repo(self, rest: str) -> tuple[Repo | None, str]:
         for model_id, repo in self.state.repos.items():
             if rest == model_id or rest.startswith(model_id + "/"):
@@ -271,6 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._ms_error(404, f"model {rest.split('/repo')[0]!r} does not exist")
             return
         self._record.model_id = repo.model_id
+        if self._gated(repo, "modelscope", tail == "repo"):
+            return
         revision = query.get("Revision") or "master"
         if revision not in ("master", "main", repo.commit):
             self._ms_error(404, f"revision {revision!r} does not exist")
@@ -327,6 +382,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._hf_error(404, "RepoNotFound", f"Repository {rest!r} not found")
             return
         self._record.model_id = repo.model_id
+        if self._gated(repo, "huggingface", False):
+            return
         if tail == "" or tail.startswith("revision/"):
             self._record.kind = "info"
             revision = tail[len("revision/"):] or "main"
@@ -389,6 +446,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._record.model_id = repo.model_id
         revision, _, path = tail.partition("/")
         self._record.path = path
+        if self._gated(repo, "huggingface", True):
+            return
         if not self._hf_revision_ok(repo, revision):
             return
         file = repo.files.get(path)

@@ -1,11 +1,13 @@
-"""A tiny random-weight Qwen-Image repo in the exact hub layout.
+"""Tiny random-weight Qwen-Image repos in the exact hub layout.
 
-    python -m pipelines.testing.tiny OUT_DIR
+    python -m pipelines.testing.tiny OUT_DIR [--edit]
 
 writes model_index.json, scheduler/, transformer/ (2 shards + index), text_encoder/
 (2 shards + index), vae/diffusion_pytorch_model.safetensors and tokenizer/ (the real Qwen
-vocabulary). Weights are seeded and deterministic; a 128x128 image takes about a second on
-a CPU. Tests, benchmarks and the runner's demo model use it.
+vocabulary). `--edit` writes a Qwen-Image-Edit-2511 look-alike instead: the transformer's
+config.json says `zero_cond_t: true`, the text encoder carries a vision tower (`visual.*`) and
+a `processor/` folder is added. Weights are seeded and deterministic; a 128x128 image takes
+about a second on a CPU. Tests, benchmarks and the runner's demo models use them.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from pathlib import Path
 
 from ..core.loader import parameters_on_meta
 from ..models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
-from ..models.qwen_image_text_encoder import QwenImageTextEncoder, QwenTextEncoderParams
+from ..models.qwen_image_text_encoder import (QwenImageTextEncoder, QwenImageVLEncoder, QwenTextEncoderParams,
+                                              QwenVisionParams)
 from ..models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams
 from .checkpoints import random_state_dict, save_sharded, write_json
 from .tokenizer import build_qwen_tokenizer
+from .vision import build_processor_folder
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ TEXT_ENCODER = QwenTextEncoderParams(hidden_size=TEXT_HIDDEN, intermediate_size=
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                      mrope_section=[2, 3, 3], max_window_layers=2)
 VAE = QwenImageVAEParams(base_dim=16, num_res_blocks=1)
+VISION = QwenVisionParams(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_HIDDEN,
+                          fullatt_block_indexes=[1])
 
 SCHEDULER_CONFIG = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -80,59 +86,91 @@ def _shapes(build) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def build_tiny_repo(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_edit_repo(out_dir: str | Path, seed: int = 0) -> Path:
+    """The tiny edit repo (see the module docstring) into `out_dir`, as build_tiny_repo."""
+    return build_tiny_repo(out_dir, seed, edit=True)
+
+
+def build_tiny_repo(out_dir: str | Path, seed: int = 0, edit: bool = False) -> Path:
     """Write the tiny repo into `out_dir` (created; must not exist or be empty). The folder
-    appears complete or not at all: it is written beside and renamed into place."""
+    appears complete or not at all: it is written beside and renamed into place. A path with a
+    `..` segment is refused (the shape of `<models folder>/<model id>` for an id such as `../x`,
+    which would land outside the models folder): pass a normalised path (os.path.abspath)."""
+    if ".." in Path(out_dir).parts or ".." in str(out_dir).replace("\\", "/").split("/"):
+        raise ValueError(f"build_tiny_repo: the output folder {str(out_dir)!r} has a '..' segment, so it may lie "
+                         "outside the folder it seems to be in (a model id such as '../x' joined to the models "
+                         "folder?); nothing was written. Give a normalised path (os.path.abspath), or a model id "
+                         "of the form owner/name.")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose an empty folder.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        _write_repo(staging, seed)
+        _write_repo(staging, seed, edit)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("Wrote the tiny Qwen-Image repo to %s", out_dir)
+    logger.info("Wrote the tiny Qwen-Image%s repo to %s", "-Edit" if edit else "", out_dir)
     return out_dir
 
 
-def _write_repo(root: Path, seed: int) -> None:
+def _write_repo(root: Path, seed: int, edit: bool) -> None:
     write_json(root / "model_index.json", {
-        "_class_name": "QwenImagePipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "_class_name": "QwenImageEditPlusPipeline" if edit else "QwenImagePipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
         "tokenizer": ["transformers", "Qwen2Tokenizer"],
         "transformer": ["diffusers", "QwenImageTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        **({"processor": ["transformers", "Qwen2VLProcessor"]} if edit else {}),
     })
     write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
 
     dit_shapes = _shapes(lambda: QwenImageDiT(DIT))
     save_sharded(random_state_dict(dit_shapes, seed), root / "transformer", "diffusion_pytorch_model", 2)
-    write_json(root / "transformer" / "config.json", dit_config(DIT))
+    write_json(root / "transformer" / "config.json", {**dit_config(DIT), **({"zero_cond_t": True} if edit else {})})
 
-    te_shapes = _shapes(lambda: QwenImageTextEncoder(TEXT_ENCODER))
+    encoder = (lambda: QwenImageVLEncoder(TEXT_ENCODER, VISION)) if edit else (lambda: QwenImageTextEncoder(TEXT_ENCODER))
+    te_shapes = _shapes(encoder)
     te_shapes["lm_head.weight"] = (TEXT_ENCODER.vocab_size, TEXT_ENCODER.hidden_size)  # on the hub, unused
     save_sharded(random_state_dict(te_shapes, seed + 1), root / "text_encoder", "model", 2)
-    write_json(root / "text_encoder" / "config.json", text_encoder_config(TEXT_ENCODER))
+    te_config = text_encoder_config(TEXT_ENCODER)
+    if edit:
+        te_config["vision_config"] = vision_config(VISION)
+    write_json(root / "text_encoder" / "config.json", te_config)
 
     vae_shapes = _shapes(lambda: QwenImageVAE(VAE))
     save_sharded(random_state_dict(vae_shapes, seed + 2), root / "vae", "diffusion_pytorch_model", 1)
     write_json(root / "vae" / "config.json", vae_config(VAE))
 
     build_qwen_tokenizer(root / "tokenizer")
+    if edit:
+        build_processor_folder(root / "processor")
+
+
+def vision_config(p: QwenVisionParams) -> dict:
+    return {
+        "depth": p.depth, "hidden_size": p.hidden_size, "intermediate_size": p.intermediate_size,
+        "num_heads": p.num_heads, "out_hidden_size": p.out_hidden_size, "in_chans": p.in_channels,
+        "patch_size": p.patch_size, "temporal_patch_size": p.temporal_patch_size,
+        "spatial_merge_size": p.spatial_merge_size, "window_size": p.window_size,
+        "fullatt_block_indexes": list(p.fullatt_block_indexes), "hidden_act": p.hidden_act,
+        "tokens_per_second": p.tokens_per_second,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random-weight Qwen-Image repo.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--edit", action="store_true", help="a Qwen-Image-Edit-2511 look-alike (vision tower, processor)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    build_tiny_repo(args.out_dir, args.seed)
+    build_tiny_repo(os.path.abspath(args.out_dir), args.seed, edit=args.edit)
 
 
 if __name__ == "__main__":
