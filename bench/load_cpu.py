@@ -29,7 +29,7 @@ def rss_mb() -> float:
 def peak_mb() -> float:
     # VmHWM starts afresh at exec, unlike ru_maxrss, which a child inherits from its parent
     with open("/proc/self/status") as f:
-        line = next(l for l in f if l.startswith("VmHWM:"))
+        line = next(row for row in f if row.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
 
 

@@ -25,7 +25,6 @@ from pipelines.core.lora import clear_lora, load_lora
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
 from pipelines.testing.lora import lora_state_dict, random_lora, save_lora
 
-
 DEVICE = torch.device("cpu")
 
 

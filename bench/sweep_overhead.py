@@ -80,6 +80,7 @@ def model_overrides(name: str) -> list[str]:
 def baseline(models_dir: Path, name: str, jobs: int, device: str) -> list[float]:
     """Plain library calls, in this process: load once, warm up, time `jobs` images."""
     import torch
+
     from pipelines.qwen_image import ModelConfig, QwenImagePipeline
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # the runner's dtype=auto
@@ -191,7 +192,8 @@ def main() -> None:
         results[name] = r
 
     print(f"\ndevice {args.device}, {os.cpu_count()} CPU cores")
-    print(f"{'model':6} {'mode':7} {'inference/job':>14} {'overhead/job (median)':>22} {'overhead %':>11} {'alpha switch':>13}")
+    print(f"{'model':6} {'mode':7} {'inference/job':>14} {'overhead/job (median)':>22} {'overhead %':>11} "
+          f"{'alpha switch':>13}")
     for name, r in results.items():
         base = statistics.median(r["baseline_s"])
         print(f"{name:6} {'library':7} {base:13.3f}s {'-':>22} {'-':>11} {'-':>13}")

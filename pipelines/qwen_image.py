@@ -17,8 +17,8 @@ LoRA and timings are `pipelines.core.pipeline`'s, the denoising loop `core.sampl
 from __future__ import annotations
 
 import logging
-import random
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,7 +231,8 @@ class QwenImagePipeline(Pipeline):
         return torch.cat(latents, dim=1), tuple(grids)
 
     def _initial_latents(self, generator: torch.Generator, rand_device: str, h: int, w: int, sigmas: torch.Tensor,
-                         source: Image.Image | None, strength: float, tiling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                         source: Image.Image | None, strength: float,
+                         tiling: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise (and for image-to-image the encoded picture mixed in at the first kept step)."""
         if source is not None:
             self.use_stage("vae")

@@ -149,11 +149,13 @@ def start_sweep(config: DictConfig) -> Sweep:
     parent_id = None
     if tracker is not None:
         name = config.get("run_name") or f"sweep {sweep_dir.parent.name} {sweep_dir.name}"
-        tags = {"runner.kind": "sweep", "runner.sweep_dir": str(sweep_dir.resolve()), "runner.overrides": " ".join(overrides)}
+        tags = {"runner.kind": "sweep", "runner.sweep_dir": str(sweep_dir.resolve()),
+                "runner.overrides": " ".join(overrides)}
         tags.update({k: v for k, v in provenance_tags("cpu").items() if not k.startswith("device.")})
         parent_id = tracker.start_run(name, tags)
         tracker.log_params(parent_id, {_override_key(o): o.partition("=")[2] for o in overrides})
-        logger.info("Sweep %s: MLflow parent run %s in %s (experiment %r)", sweep_dir, parent_id, tracker.uri, experiment)
+        logger.info("Sweep %s: MLflow parent run %s in %s (experiment %r)", sweep_dir, parent_id, tracker.uri,
+                    experiment)
     STATE.sweep = Sweep(sweep_dir, overrides, tracker, parent_id, tracking, swept=_swept_keys(overrides))
     return STATE.sweep
 

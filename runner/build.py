@@ -187,7 +187,8 @@ def model_configs(spec: RunSpec, rt: Runtime) -> tuple[list, Any, Any]:
     vram = {k: v for k, v in vram.items() if v is not None}
 
     def make(f: FileSpec, with_vram: bool) -> Any:
-        kwargs: dict[str, Any] = dict(download_source=spec.model.download_source, skip_download=spec.model.skip_download)
+        kwargs: dict[str, Any] = dict(download_source=spec.model.download_source,
+                                      skip_download=spec.model.skip_download)
         if f.path is not None:
             kwargs["path"] = list(f.path) if isinstance(f.path, (list, tuple)) else f.path
         else:

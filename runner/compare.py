@@ -576,11 +576,13 @@ def render_page(page: GridPage, axes: Axes, thumb: int = 256, images: Optional["
     y_keys = pad + title_h
     if axes.x:
         label = shorten(axes.x, fits(font, grid_w))
-        draw.text((left + (grid_w - draw.textlength(label, font=font)) / 2, y_keys), label, fill=(90, 90, 90), font=font)
+        draw.text((left + (grid_w - draw.textlength(label, font=font)) / 2, y_keys), label, fill=(90, 90, 90),
+                  font=font)
         for j, value in enumerate(page.xs):
             text = shorten(value or "(unset)", fits(font, thumb), page.xs)
             x0 = left + j * (thumb + gap)
-            draw.text((x0 + (thumb - draw.textlength(text, font=font)) / 2, y_keys + key_line), text, fill="black", font=font)
+            draw.text((x0 + (thumb - draw.textlength(text, font=font)) / 2, y_keys + key_line), text, fill="black",
+                      font=font)
     if axes.y:
         draw.text((pad, y_keys + key_line), shorten(axes.y, fits(font, row_w)), fill=(90, 90, 90), font=font)
         for i, value in enumerate(page.ys):
@@ -924,7 +926,8 @@ def report_html(jobs: Sequence[GridJob], axes: Axes, *, keys: Optional[Sequence[
         full = images.image(job)
         if full is None:
             continue
-        shown = full if max(full.size) <= full_max else ImageOps.contain(full, (full_max, full_max), Image.Resampling.LANCZOS)
+        shown = full if max(full.size) <= full_max else ImageOps.contain(full, (full_max, full_max),
+                                                                         Image.Resampling.LANCZOS)
         uri, size = _jpeg_uri(shown, full_quality)
         small = images.thumb(job, thumb, upscale=False, full=full)
         turi, tsize = _jpeg_uri(small, 85)

@@ -301,7 +301,8 @@ def _lora_item(value: Any, where: str) -> LoraItem:
     if isinstance(value, LoraItem):
         return value
     if not isinstance(value, dict):
-        raise ConfigError(where, f"must be a mapping of LoraItem fields, got {value!r}", f"use {where}.path=... {where}.alpha=...")
+        raise ConfigError(where, f"must be a mapping of LoraItem fields, got {value!r}",
+                          f"use {where}.path=... {where}.alpha=...")
     try:
         node = OmegaConf.merge(OmegaConf.structured(LoraItem), value)
     except OmegaConfBaseException as e:
@@ -309,7 +310,8 @@ def _lora_item(value: Any, where: str) -> LoraItem:
         msg = str(e).splitlines()[0]
         from omegaconf.errors import ConfigKeyError
 
-        fix = "the keys are model_id, origin_file_pattern, path, alpha" if isinstance(e, ConfigKeyError) else "give a value of the field's type"
+        fix = "the keys are model_id, origin_file_pattern, path, alpha" if isinstance(e, ConfigKeyError) \
+            else "give a value of the field's type"
         raise ConfigError(f"{where}.{key}" if key else where, msg, fix) from None
     item = OmegaConf.to_object(node)
     assert isinstance(item, LoraItem)
@@ -350,24 +352,28 @@ def _check_run(spec: RunSpec) -> None:
 
 def _check_model(m: ModelSpec) -> None:
     if not m.files:
-        raise ConfigError("model.files", "the model lists no files", "list its checkpoint files in conf/model/<name>.yaml")
+        raise ConfigError("model.files", "the model lists no files",
+                          "list its checkpoint files in conf/model/<name>.yaml")
     named = [(f"model.files.{i}", f) for i, f in enumerate(m.files)]
     named += [(key, f) for key, f in (("model.tokenizer", m.tokenizer), ("model.processor", m.processor)) if f]
     for where, f in named:
         _check_repo_paths(where, f.model_id, f.origin_file_pattern)
         if (f.path is None) == (f.model_id is None):
-            raise ConfigError(where, "give exactly one of `model_id` (+ origin_file_pattern) or `path`", "set one of them")
+            raise ConfigError(where, "give exactly one of `model_id` (+ origin_file_pattern) or `path`",
+                              "set one of them")
         if f.path is not None and not (
             isinstance(f.path, str) or (isinstance(f.path, list) and all(isinstance(p, str) for p in f.path))
         ):
-            raise ConfigError(f"{where}.path", f"must be a file path or a list of them, got {f.path!r}", "give path strings")
+            raise ConfigError(f"{where}.path", f"must be a file path or a list of them, got {f.path!r}",
+                              "give path strings")
     if m.download_source is not None:
         from pipelines import parse_download_source
 
         try:
             parse_download_source(m.download_source, "model.download_source")
         except ValueError as error:
-            raise ConfigError("model.download_source", str(error).rstrip("."), "use modelscope or huggingface") from None
+            raise ConfigError("model.download_source", str(error).rstrip("."),
+                              "use modelscope or huggingface") from None
 
 
 def _check_repo_paths(where: str, model_id: Optional[str], pattern: Optional[str]) -> None:
@@ -381,8 +387,7 @@ def _check_repo_paths(where: str, model_id: Optional[str], pattern: Optional[str
 
 
 def _check_vram(v: VramSpec) -> None:
-    from pipelines import parse_device, parse_dtype
-    from pipelines import check_vram_limit
+    from pipelines import check_vram_limit, parse_device, parse_dtype
 
     limit = v.vram_limit
     if limit is not None and limit != "auto":
@@ -408,11 +413,14 @@ def _check_loras(lora: LoraSpec) -> None:
         _setting(f"{where}.alpha", finite, item.alpha, f"{where}.alpha", fix="give a finite strength, e.g. 0.8")
         _check_repo_paths(where, item.model_id, item.origin_file_pattern)
         if item.path is None and item.model_id is None:
-            raise ConfigError(f"{where}.path", f"the LoRA {label!r} names no file", f"set {where}.path=/path/to/lora.safetensors")
+            raise ConfigError(f"{where}.path", f"the LoRA {label!r} names no file",
+                              f"set {where}.path=/path/to/lora.safetensors")
         if item.path is not None and item.model_id is not None:
-            raise ConfigError(where, "give exactly one of `model_id` (+ origin_file_pattern) or `path`", "set one of them")
+            raise ConfigError(where, "give exactly one of `model_id` (+ origin_file_pattern) or `path`",
+                              "set one of them")
         if item.path is not None and not Path(item.path).is_file():
-            raise ConfigError(f"{where}.path", f"LoRA file not found: {item.path}", "give an existing .safetensors file")
+            raise ConfigError(f"{where}.path", f"LoRA file not found: {item.path}",
+                              "give an existing .safetensors file")
 
 
 def _check_tracking(spec: RunSpec) -> None:

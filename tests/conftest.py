@@ -35,8 +35,12 @@ def qwen_tokenizer_dir(tmp_path_factory) -> Path:
 def diffusers_repo(tmp_path_factory, qwen_tokenizer_dir):
     """(repo folder, diffusers QwenImagePipeline): tiny, every weight random and non-zero,
     written by diffusers/transformers save_pretrained in the hub layout."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from pipelines.testing.checkpoints import randomize_

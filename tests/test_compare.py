@@ -16,9 +16,22 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from runner.compare import (AxisError, GridJob, JobList, choose_axes, grid_pages, jobs_from_mlflow,
-                            jobs_from_records, jobs_from_sweep_dir, render_page, report_html, report_main,
-                            shorten, split_overrides, write_report)
+from runner.compare import (
+    AxisError,
+    GridJob,
+    JobList,
+    choose_axes,
+    grid_pages,
+    jobs_from_mlflow,
+    jobs_from_records,
+    jobs_from_sweep_dir,
+    render_page,
+    report_html,
+    report_main,
+    shorten,
+    split_overrides,
+    write_report,
+)
 from runner.report import JobRecord, save_png, write_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -273,7 +286,8 @@ def test_full_size_copies_are_capped_so_the_report_stays_small(tmp_path, monkeyp
         jobs.append(GridJob(i, {"seed": str(i)}, image_path=path))
     monkeypatch.setattr(compare, "FULL_PIXELS", 3 * 700 * 700)
     text = report_html(jobs, choose_axes(jobs), keys=["seed"], thumb=64)
-    assert re.findall(r'<template id="full-\d"[^>]*><img [^>]*width="(\d+)" height="(\d+)"', text) == [("700", "560")] * 3
+    assert re.findall(r'<template id="full-\d"[^>]*><img [^>]*width="(\d+)" height="(\d+)"', text) == [("700",
+                                                                                                        "560")] * 3
     assert "at most 700 px" in text and "3 images" in text
 
 

@@ -20,9 +20,18 @@ import pytest
 import torch
 
 from pipelines.core import download
-from pipelines.core.download import (CorruptModelFileError, DownloadError, MissingModelFilesError, download_source,
-                                     fetch, matches, model_base_path, parse_download_source, resolve_files,
-                                     skip_download)
+from pipelines.core.download import (
+    CorruptModelFileError,
+    DownloadError,
+    MissingModelFilesError,
+    download_source,
+    fetch,
+    matches,
+    model_base_path,
+    parse_download_source,
+    resolve_files,
+    skip_download,
+)
 from pipelines.core.hubs import HuggingFaceHub, ModelScopeHub, RemoteUnavailable, classify
 from pipelines.core.model_config import ModelConfig
 from pipelines.testing.hub_server import Fault, HubServer
@@ -153,7 +162,8 @@ def test_fetch_then_load_and_generate(env, source, monkeypatch, tiny_repo):
     assert len(env.hub.file_requests()) == len(wanted)
     assert {r.protocol for r in env.hub.requests if r.kind != "unknown"} == {source}
     assert assert_clean(env) == wanted
-    assert not (env.base / ".diffsynth" / "staging").exists() or not any((env.base / ".diffsynth" / "staging").rglob("*"))
+    staging = env.base / ".diffsynth" / "staging"
+    assert not staging.exists() or not any(staging.rglob("*"))
 
     # the same model loaded from a full local folder: the same files beside the weights, the same image
     full = QwenImagePipeline.from_pretrained(
@@ -230,7 +240,8 @@ def test_only_the_files_matching_the_patterns_are_fetched(env, pattern, expected
 def test_pattern_semantics():
     assert matches("vae/x.safetensors", "vae/*.safetensors")
     assert not matches("vae/sub/x.safetensors", "vae/*.safetensors")
-    assert matches("vae/sub/x.safetensors", "vae/**/*.safetensors") and matches("vae/x.safetensors", "vae/**/*.safetensors")
+    assert matches("vae/sub/x.safetensors", "vae/**/*.safetensors") and matches("vae/x.safetensors",
+                                                                                "vae/**/*.safetensors")
     assert matches("tokenizer/vocab.json", "tokenizer/") and matches("tokenizer/a/b.txt", "tokenizer/")
     assert not matches("tokenizer2/vocab.json", "tokenizer/")
     assert matches("model-00001-of-00002.safetensors", "model-0000[12]-of-*.safetensors")
@@ -255,15 +266,19 @@ def test_precedence_of_fields_variables_and_defaults(monkeypatch, tmp_path):
     for name in VARIABLES:
         monkeypatch.delenv(name, raising=False)
     plain = ModelConfig(model_id="a/b")
-    assert (model_base_path(plain), download_source(plain), skip_download(plain)) == (Path("./models"), "modelscope", False)
+    assert (model_base_path(plain), download_source(plain), skip_download(plain)) == (Path("./models"), "modelscope",
+                                                                                      False)
 
     monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path / "variable"))
     monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "HuggingFace")
     monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "True")
-    assert (model_base_path(plain), download_source(plain), skip_download(plain)) == (tmp_path / "variable", "huggingface", True)
+    assert (model_base_path(plain), download_source(plain), skip_download(plain)) == (tmp_path / "variable",
+                                                                                      "huggingface", True)
 
-    fields = ModelConfig(model_id="a/b", local_model_path=tmp_path / "field", download_source="modelscope", skip_download=False)
-    assert (model_base_path(fields), download_source(fields), skip_download(fields)) == (tmp_path / "field", "modelscope", False)
+    fields = ModelConfig(model_id="a/b", local_model_path=tmp_path / "field", download_source="modelscope",
+                         skip_download=False)
+    assert (model_base_path(fields), download_source(fields), skip_download(fields)) == (tmp_path / "field",
+                                                                                         "modelscope", False)
 
     for word, value in (("1", True), ("yes", True), ("false", False), ("0", False), ("", False)):
         monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", word)

@@ -22,7 +22,6 @@ from PIL import Image
 
 import pipelines.qwen_image as qwen_image
 from pipelines import ModelConfig, QwenImagePipeline
-from pipelines.testing.checkpoints import randomize_
 from pipelines.testing.vision import build_processor_folder
 
 from .test_pipeline import PROMPT, assert_same_image
@@ -187,7 +186,8 @@ def test_original_edit_with_one_picture_matches_diffusers(pipes, repo, monkeypat
     pipe = QwenImageEditPipeline(scheduler=reference.scheduler, vae=reference.vae, text_encoder=reference.text_encoder,
                                  tokenizer=reference.tokenizer, processor=None, transformer=reference.transformer)
     expected = pipe(image=source, prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], true_cfg_scale=4.0,
-                    height=64, width=80, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(1)).images[0]
+                    height=64, width=80, num_inference_steps=2,
+                    generator=torch.Generator("cpu").manual_seed(1)).images[0]
     assert_same_image(image, expected)
 
 
@@ -197,7 +197,8 @@ def test_pictures_as_paths_and_text_to_image_with_the_edit_model(pipes, small_ar
     source = picture(96, 64, seed=3)
     source.save(path)
     args = dict(prompt=EDIT, cfg_scale=1.0, seed=2, num_inference_steps=2, height=64, width=64, progress_bar=False)
-    assert np.array_equal(np.asarray(pipe(**args, edit_image=[str(path)])), np.asarray(pipe(**args, edit_image=[source])))
+    assert np.array_equal(np.asarray(pipe(**args, edit_image=[str(path)])), np.asarray(pipe(**args,
+                                                                                            edit_image=[source])))
     plain = pipe(PROMPT, seed=2, num_inference_steps=2, height=64, width=64, progress_bar=False)  # no pictures: t2i
     assert plain.size == (64, 64)
     with pytest.raises(FileNotFoundError, match="no such file"):

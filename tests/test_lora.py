@@ -3,7 +3,6 @@ and a clear error (with the model unchanged) for every bad input."""
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import logging
 
@@ -12,9 +11,9 @@ import pytest
 import torch
 
 from pipelines.core import lora as lora_module
-from pipelines.core.lora import apply as lora_apply
 from pipelines.core.loader import CheckpointError
 from pipelines.core.lora import LoraError, clear_lora, load_lora, loaded_loras, prepare_lora
+from pipelines.core.lora import apply as lora_apply
 from pipelines.core.model_config import ModelConfig
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
 from pipelines.testing.checkpoints import randomize_

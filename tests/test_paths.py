@@ -11,8 +11,15 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines.core import download
-from pipelines.core.download import (UnsafeListingError, UnsafePathError, check_repo_path, fetch, model_folder,
-                                     path_problem, resolve_files)
+from pipelines.core.download import (
+    UnsafeListingError,
+    UnsafePathError,
+    check_repo_path,
+    fetch,
+    model_folder,
+    path_problem,
+    resolve_files,
+)
 from pipelines.core.model_config import ModelConfig
 from pipelines.testing.hub_server import HubServer
 

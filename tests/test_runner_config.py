@@ -63,7 +63,8 @@ def test_defaults(hydra_ctx):
     ]
     assert spec.model.tokenizer.origin_file_pattern == "tokenizer/"
     assert spec.model.download_source is None  # the library's default, ModelScope, unless the variable says otherwise
-    assert (spec.sampler.steps, spec.sampler.cfg_scale, spec.sampler.height, spec.sampler.width) == (30, 4.0, 1328, 1328)
+    assert (spec.sampler.steps, spec.sampler.cfg_scale, spec.sampler.height, spec.sampler.width) == (30, 4.0, 1328,
+                                                                                                     1328)
     assert spec.sampler.scheduler is None and spec.call == {}
     assert spec.vram.name == "none" and not spec.vram.enabled()
     assert spec.lora.items() == []
@@ -96,7 +97,8 @@ def test_single_lora_strength_is_lora_alpha(hydra_ctx):
 def test_several_loras_each_with_its_own_alpha(hydra_ctx, tmp_path):
     extra = tmp_path / "mine.safetensors"
     extra.write_bytes(b"")
-    spec = spec_of("lora=stack", "lora.stack.artaug.alpha=0.3", f"+lora.stack.mine.path={extra}", "+lora.stack.mine.alpha=0.7")
+    spec = spec_of("lora=stack", "lora.stack.artaug.alpha=0.3", f"+lora.stack.mine.path={extra}",
+                   "+lora.stack.mine.alpha=0.7")
     items = {label: item for label, _, item in spec.lora.items()}
     assert items["artaug"].alpha == 0.3 and items["lightning"].alpha == 1.0
     assert items["mine"].path == str(extra) and items["mine"].alpha == 0.7

@@ -224,7 +224,8 @@ def test_ctrl_c_ends_runs_killed_and_resume_finishes_the_sweep(env, tiny_repo):
     cwd = env["root"] / "interrupt"
     cwd.mkdir()
     # 20 steps: each job lasts long enough (0.1 s and up) to be interrupted while the next ones wait
-    args = ["-m", *SMALL, "sampler.steps=20", "seed=0,1,2,3,4,5", "experiment=interrupt", f"tracking.store_dir={env['store']}",
+    args = ["-m", *SMALL, "sampler.steps=20", "seed=0,1,2,3,4,5", "experiment=interrupt",
+            f"tracking.store_dir={env['store']}",
             f"hydra.sweep.dir={cwd}/sweep"]
     proc = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, env=env["env"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -269,8 +270,10 @@ def test_edit_sweep_records_its_input_pictures(env):
         Image.new("RGB", (64, 48), color).save(path)
         pictures.append(path)
     proc = runner(env, "-m", "model=qwen_image_edit_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64",
-                  "sampler.steps=2", "progress_bar=false", "device=cpu", f"call.edit_image=[{pictures[0]},{pictures[1]}]",
-                  "call.edit_image_auto_resize=false", "prompt=make it red,two cats on a sofa in an oil painting", "seed=0,1",
+                  "sampler.steps=2", "progress_bar=false", "device=cpu",
+                  f"call.edit_image=[{pictures[0]},{pictures[1]}]",
+                  "call.edit_image_auto_resize=false", "prompt=make it red,two cats on a sofa in an oil painting",
+                  "seed=0,1",
                   "experiment=edit", name="edit", timeout=400)
     assert_done(proc)
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pictures]
@@ -321,7 +324,8 @@ def mlflow_server(env, tmp_path):
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "art")],
         cwd=tmp_path, env=env["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

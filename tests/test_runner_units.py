@@ -65,8 +65,8 @@ class FakePipeline(Pipeline):
 
 @pytest.fixture()
 def lora_file(tmp_path) -> Path:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     path = tmp_path / "l.safetensors"
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 4)}, str(path))

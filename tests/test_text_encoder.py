@@ -141,7 +141,8 @@ def test_hidden_states_last_is_after_final_norm(checkpoint):
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
     lm = model.model.language_model
     captured = {}
-    handle = lm.layers[-1].register_forward_hook(lambda m, i, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    handle = lm.layers[-1].register_forward_hook(
+        lambda m, i, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
     try:
         last = _reference_hidden(model, ids, torch.ones_like(ids))
     finally:
@@ -204,7 +205,8 @@ def test_lm_head_and_visual_are_recognised_but_not_loaded(checkpoint):
     for key in ("lm_head.weight", "visual.blocks.0.attn.qkv.weight", "model.visual.merger.mlp.0.weight"):
         assert cls.owns_checkpoint_key(key)
         assert cls.convert_checkpoint_key(key) is None
-    assert cls.convert_checkpoint_key("model.language_model.layers.1.mlp.up_proj.weight") == "model.layers.1.mlp.up_proj.weight"
+    assert cls.convert_checkpoint_key("model.language_model.layers.1.mlp.up_proj.weight") == \
+        "model.layers.1.mlp.up_proj.weight"
     assert cls.convert_checkpoint_key("model.layers.1.mlp.up_proj.weight") == "model.layers.1.mlp.up_proj.weight"
     for key in ("transformer_blocks.0.attn.to_q.weight", "decoder.conv_in.weight", "model.foo.weight", "img_in.weight"):
         assert not cls.owns_checkpoint_key(key)

@@ -15,8 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipelines.core.loader import CheckpointError, load_model, parameters_on_meta
-from pipelines.models.qwen_image_text_encoder import (QwenImageTextEncoder, QwenImageVLEncoder,
-                                                      QwenTextEncoderParams, QwenVisionParams)
+from pipelines.models.qwen_image_text_encoder import (
+    QwenImageTextEncoder,
+    QwenImageVLEncoder,
+    QwenTextEncoderParams,
+    QwenVisionParams,
+)
 from pipelines.models.qwen_image_vision import QwenVLImageProcessor, QwenVLProcessor, smart_resize
 from pipelines.testing.vision import QWEN25_VL_PREPROCESSOR_CONFIG, build_processor_folder
 

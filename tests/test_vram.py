@@ -1,11 +1,11 @@
 """VRAM management on the CPU: every preset and a table of key combinations give the unmanaged
 pipeline's image (bit for bit when every dtype is the computation dtype: the same kernels
 run on the same values, since every host weight starts on loader.HOST_ALIGNMENT whether it
-was read in place, copied or cast; within a stated tolerance with float8 or bfloat16 storage), the weights are where the keys say after each
-stage, hot LoRA works on wrapped layers, disk offload keeps host memory bounded, bad keys
-get clear errors. The CPU stands in for the GPU: the places differ by dtype and by "disk"
-(weights left in the file show as meta tensors on the module); the vram_limit stand-in counts
-the bytes prepared on the device."""
+was read in place, copied or cast; within a stated tolerance with float8 or bfloat16
+storage), the weights are where the keys say after each stage, hot LoRA works on wrapped
+layers, disk offload keeps host memory bounded, bad keys get clear errors. The CPU stands in
+for the GPU: the places differ by dtype and by "disk" (weights left in the file show as meta
+tensors on the module); the vram_limit stand-in counts the bytes prepared on the device."""
 from __future__ import annotations
 
 import gc
@@ -19,10 +19,10 @@ from pipelines.core import vram
 from pipelines.core.lora import apply as lora_apply
 from pipelines.core.lora import clear_lora as core_clear_lora
 from pipelines.core.lora import load_lora as core_load_lora
+from pipelines.core.vram import VramConfigError, VramSettings
 from pipelines.core.vram import host as vram_host
 from pipelines.core.vram import layer as vram_layer
 from pipelines.core.vram import settings as vram_settings
-from pipelines.core.vram import VramConfigError, VramSettings
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
 from pipelines.qwen_image import ModelConfig, QwenImagePipeline, load_tokenizer
 from pipelines.testing.checkpoints import random_state_dict, save_sharded
@@ -488,7 +488,8 @@ def managed_mlp(keys: dict, seed: int = 0, options: vram.VramOptions | None = No
                 ) -> tuple[torch.nn.Module, vram.VramManager]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
-    return model, vram.enable_vram_management(model, VramSettings.from_keys(keys, torch.float32, "cpu"), options=options)
+    return model, vram.enable_vram_management(model, VramSettings.from_keys(keys, torch.float32, "cpu"),
+                                              options=options)
 
 
 BF16_ONLOAD = dict(offload_dtype="float32", offload_device="cpu", onload_dtype="bfloat16", preparing_dtype="bfloat16")

@@ -52,8 +52,18 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from .hubs import (FINAL_KINDS, HUBS, NOT_FOUND, SERVER_ERROR, UNAUTHORIZED, UNREACHABLE, Hub, Listing,
-                   RemoteFile, RemoteUnavailable)
+from .hubs import (
+    FINAL_KINDS,
+    HUBS,
+    NOT_FOUND,
+    SERVER_ERROR,
+    UNAUTHORIZED,
+    UNREACHABLE,
+    Hub,
+    Listing,
+    RemoteFile,
+    RemoteUnavailable,
+)
 from .loader import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, CheckpointError, read_header
 from .model_config import ModelConfig
 from .parse import SettingError
@@ -165,18 +175,9 @@ def path_problem(value: object, what: str) -> str | None:
         raise ValueError(f"path_problem: what={what!r}; use model_id, pattern or file.")
     if not isinstance(value, str):
         return f"is a {type(value).__name__}, not a string"
-    if not value.strip():
-        return "is empty"
-    if _CONTROL.search(value):
-        return "holds a control character"
-    if "\\" in value:
-        return "holds a backslash (use / between folders)"
-    if value.startswith("/"):
-        return "is an absolute path (it starts with /)"
-    if value.startswith("~"):
-        return "starts with ~ (a home folder)"
-    if _DRIVE.match(value):
-        return "starts with a drive letter"
+    problem = _text_problem(value)
+    if problem is not None:
+        return problem
     parts = value.split("/")
     if what == "pattern" and len(parts) > 1 and parts[-1] == "":
         parts = parts[:-1]  # a trailing / names a folder
@@ -192,6 +193,23 @@ def path_problem(value: object, what: str) -> str | None:
             return f"has {len(parts)} parts (a model id is owner/name)"
         if parts[0] == STATE_DIR:
             return f"is under {STATE_DIR}/, the folder where downloads keep their state"
+    return None
+
+
+def _text_problem(value: str) -> str | None:
+    """What in the characters of a repo path could leave the repo folder."""
+    if not value.strip():
+        return "is empty"
+    if _CONTROL.search(value):
+        return "holds a control character"
+    if "\\" in value:
+        return "holds a backslash (use / between folders)"
+    if value.startswith("/"):
+        return "is an absolute path (it starts with /)"
+    if value.startswith("~"):
+        return "starts with ~ (a home folder)"
+    if _DRIVE.match(value):
+        return "starts with a drive letter"
     return None
 
 

@@ -40,7 +40,8 @@ def parse_dtype(value: Any, key: str = "dtype", allow_disk: bool = False) -> tor
             return DISK
         if name in DTYPES:
             return DTYPES[name]
-    known = "float32, bfloat16, float16, float8_e4m3fn, float8_e5m2 (or a torch.dtype)" + (", disk" if allow_disk else "")
+    known = "float32, bfloat16, float16, float8_e4m3fn, float8_e5m2 (or a torch.dtype)"
+    known += ", disk" if allow_disk else ""
     raise SettingError(f"{key}={value!r} is not a dtype this library knows: use one of {known}.")
 
 

@@ -104,5 +104,6 @@ def denoise(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, dev
             raise NonFiniteError(
                 f"The latents became NaN or infinite at denoising step {i + 1} of {steps} (sigma "
                 f"{sigmas[i].item():.4f}): the model produced non-finite values. Usual causes: float16 overflow "
-                "(use bfloat16 or float32), a LoRA with extreme weights or alpha, corrupt weights. Nothing was decoded.")
+                "(use bfloat16 or float32), a LoRA with extreme weights or alpha, corrupt weights. Nothing was "
+                "decoded.")
     return latents

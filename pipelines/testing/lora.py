@@ -31,7 +31,8 @@ DIFFSYNTH_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "
 Layers = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def lora_targets(shapes: Mapping[str, Sequence[int]], targets: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
+def lora_targets(shapes: Mapping[str, Sequence[int]], targets: Sequence[str] | None = None) -> dict[str, tuple[int,
+                                                                                                               int]]:
     """Layer name -> (out, in) for the 2-D `.weight` entries of a state-dict shape set whose name
     ends with one of `targets` (None: every linear layer)."""
     found = {}
@@ -47,7 +48,8 @@ def lora_targets(shapes: Mapping[str, Sequence[int]], targets: Sequence[str] | N
 
 
 def random_lora(shapes: Mapping[str, Sequence[int]], rank: int = 4, seed: int = 0,
-                targets: Sequence[str] | None = None, magnitude: float = 0.5) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                targets: Sequence[str] | None = None, magnitude: float = 0.5) -> dict[str, tuple[torch.Tensor,
+                                                                                                 torch.Tensor]]:
     """Random non-zero (A, B) per target layer; `B @ A` changes a unit-scale layer's output by
     about `magnitude` of its own size (with the 1/sqrt(fan-in) weights of `checkpoints`)."""
     generator = torch.Generator().manual_seed(seed)

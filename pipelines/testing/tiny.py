@@ -20,8 +20,12 @@ from pathlib import Path
 
 from ..core.loader import parameters_on_meta
 from ..models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
-from ..models.qwen_image_text_encoder import (QwenImageTextEncoder, QwenImageVLEncoder, QwenTextEncoderParams,
-                                              QwenVisionParams)
+from ..models.qwen_image_text_encoder import (
+    QwenImageTextEncoder,
+    QwenImageVLEncoder,
+    QwenTextEncoderParams,
+    QwenVisionParams,
+)
 from ..models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams
 from .checkpoints import random_state_dict, save_sharded, write_json
 from .tokenizer import build_qwen_tokenizer
@@ -134,7 +138,8 @@ def _write_repo(root: Path, seed: int, edit: bool) -> None:
     save_sharded(random_state_dict(dit_shapes, seed), root / "transformer", "diffusion_pytorch_model", 2)
     write_json(root / "transformer" / "config.json", {**dit_config(DIT), **({"zero_cond_t": True} if edit else {})})
 
-    encoder = (lambda: QwenImageVLEncoder(TEXT_ENCODER, VISION)) if edit else (lambda: QwenImageTextEncoder(TEXT_ENCODER))
+    encoder = (lambda: QwenImageVLEncoder(TEXT_ENCODER,
+                                          VISION)) if edit else (lambda: QwenImageTextEncoder(TEXT_ENCODER))
     te_shapes = _shapes(encoder)
     te_shapes["lm_head.weight"] = (TEXT_ENCODER.vocab_size, TEXT_ENCODER.hidden_size)  # on the hub, unused
     save_sharded(random_state_dict(te_shapes, seed + 1), root / "text_encoder", "model", 2)
@@ -167,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random-weight Qwen-Image repo.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--edit", action="store_true", help="a Qwen-Image-Edit-2511 look-alike (vision tower, processor)")
+    parser.add_argument("--edit", action="store_true",
+                        help="a Qwen-Image-Edit-2511 look-alike (vision tower, processor)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     build_tiny_repo(os.path.abspath(args.out_dir), args.seed, edit=args.edit)

@@ -190,7 +190,8 @@ def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.add_special_tokens(
-        [AddedToken(c, special=s, normalized=False, lstrip=False, rstrip=False, single_word=False) for c, s in ADDED_TOKENS]
+        [AddedToken(c, special=s, normalized=False, lstrip=False, rstrip=False, single_word=False) for c,
+         s in ADDED_TOKENS]
     )
     for content, token_id in SPECIAL_TOKEN_IDS.items():
         if tok.token_to_id(content) != token_id:

@@ -91,7 +91,8 @@ def read_lora(source: LoraSource) -> LoraFile:
     elif isinstance(source, Sequence) and source and all(isinstance(p, (str, Path)) for p in source):
         paths, origin = [Path(p) for p in source], ", ".join(map(str, source))
     else:
-        raise TypeError(f"load_lora: `lora` must be a path, a ModelConfig or a state dict, got {type(source).__name__}.")
+        raise TypeError(f"load_lora: `lora` must be a path, a ModelConfig or a state dict, "
+                        f"got {type(source).__name__}.")
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"LoRA file(s) not found: {', '.join(missing)}. Check the path.")

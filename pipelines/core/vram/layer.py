@@ -126,7 +126,8 @@ class Layer:
         """The stored tensor of `n` (a view over the file when stored on disk)."""
         return self.disk[n].read() if self.on_disk(n) else self.stored[n]
 
-    def _copy(self, n: str, src: torch.Tensor, target: Target, arena: HostArena | None, from_disk: bool) -> torch.Tensor:
+    def _copy(self, n: str, src: torch.Tensor, target: Target, arena: HostArena | None,
+              from_disk: bool) -> torch.Tensor:
         """`src` into the storage `target`, never keeping a view over the file as storage."""
         dtype, device = target
         if arena is not None and device.type == "cpu":

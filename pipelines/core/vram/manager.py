@@ -87,9 +87,11 @@ class VramManager:
         self._arenas: list[HostArena] = []
         # registered before any arena exists: a pinned buffer is unregistered however init ends
         self._close_arenas = weakref.finalize(self, _close_all, self._arenas)
-        self.layers = [Layer(self, name, module, disk) for name, module, disk in _own_parameters(model, settings, source)]
+        self.layers = [Layer(self, name, module, disk) for name, module, disk in _own_parameters(model, settings,
+                                                                                                 source)]
         self._init_storage(model)
-        for attr, value in (("compute_dtype", settings.computation.dtype), ("compute_device", settings.computation.device)):
+        for attr, value in (("compute_dtype", settings.computation.dtype), ("compute_device",
+                                                                            settings.computation.device)):
             if hasattr(model, attr):
                 setattr(model, attr, value)
         prefetch = self.cuda if self.options.prefetch is None else self.options.prefetch
