@@ -593,27 +593,38 @@ def render_page(page: GridPage, axes: Axes, thumb: int = 256, images: Optional["
     for i, yv in enumerate(page.ys):
         for j, xv in enumerate(page.xs):
             x0, y0 = left + j * (thumb + gap), top + i * (thumb + gap)
-            box = (x0, y0, x0 + thumb - 1, y0 + thumb - 1)
             job = page.cells.get((xv, yv))
-            if job is None:  # no job for this combination
-                draw.rectangle(box, outline=MISSING_EDGE)
-                continue
-            page.boxes[job.num] = box
-            im = images.thumb(job, thumb) if job.ok else None
-            if im is not None:
-                draw.rectangle(box, fill=BACKDROP)
-                sheet.paste(im, (x0 + (thumb - im.width) // 2, y0 + (thumb - im.height) // 2))
-                continue
-            draw.rectangle(box, fill=GREY)
-            status = job.status if job.status not in OK_STATUSES else f"{job.status}, no image"
-            colour = STATUS_COLOURS.get(job.status, (70, 70, 70))
-            draw.text((x0 + pad, y0 + pad), shorten(f"{status} (job {job.num})", fits(font, thumb - 2 * pad)),
-                      fill=colour, font=font)
-            small_h = max(11, size - 3) + 4
-            room = max(1, (thumb - 2 * pad - line_h) // small_h)
-            for k, line in enumerate(_wrap(draw, first_line(job.error), small, thumb - 2 * pad, room)):
-                draw.text((x0 + pad, y0 + pad + line_h + k * small_h), line, fill=(40, 40, 40), font=small)
+            if job is not None:
+                page.boxes[job.num] = (x0, y0, x0 + thumb - 1, y0 + thumb - 1)
+            _draw_cell(sheet, draw, job, (x0, y0), thumb, images, (font, small), size, pad, line_h)
     return sheet
+
+
+def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, job: Optional[GridJob], origin: tuple[int, int],
+               thumb: int, images: "_Images", fonts: tuple, size: int, pad: int, line_h: int) -> None:
+    """A job's thumbnail; a grey cell with the status and the error's first line; or an
+    outline where the sweep had no job."""
+    x0, y0 = origin
+    box = (x0, y0, x0 + thumb - 1, y0 + thumb - 1)
+    if job is None:
+        draw.rectangle(box, outline=MISSING_EDGE)
+        return
+    im = images.thumb(job, thumb) if job.ok else None
+    if im is not None:
+        draw.rectangle(box, fill=BACKDROP)
+        sheet.paste(im, (x0 + (thumb - im.width) // 2, y0 + (thumb - im.height) // 2))
+        return
+    font, small = fonts
+    draw.rectangle(box, fill=GREY)
+    status = job.status if job.status not in OK_STATUSES else f"{job.status}, no image"
+    colour = STATUS_COLOURS.get(job.status, (70, 70, 70))
+    width = thumb - 2 * pad
+    draw.text((x0 + pad, y0 + pad), shorten(f"{status} (job {job.num})", lambda t: draw.textlength(t, font=font)
+                                            <= width), fill=colour, font=font)
+    small_h = max(11, size - 3) + 4
+    room = max(1, (thumb - 2 * pad - line_h) // small_h)
+    for k, line in enumerate(_wrap(draw, first_line(job.error), small, width, room)):
+        draw.text((x0 + pad, y0 + pad + line_h + k * small_h), line, fill=(40, 40, 40), font=small)
 
 
 class _Images:
@@ -700,7 +711,8 @@ def _svg_frame(title: str, y_label: str, x_label: str, y_ticks: list[float], yma
         y = ymap(t)
         out.append(f'<line x1="{_ML}" x2="{_W - _MR}" y1="{y:.1f}" y2="{y:.1f}" class="g"/>'
                    f'<text x="{_ML - 6}" y="{y + 4:.1f}" text-anchor="end">{_e(_fmt_tick(t))}</text>')
-    out.append(f'<text transform="translate(14 {(_MT + _H - _MB) / 2:.0f}) rotate(-90)" text-anchor="middle">{_e(y_label)}</text>')
+    out.append(f'<text transform="translate(14 {(_MT + _H - _MB) / 2:.0f}) rotate(-90)" text-anchor="middle">'
+               f'{_e(y_label)}</text>')
     out.append(f'<text x="{(_ML + _W - _MR) / 2:.0f}" y="{_H - 6}" text-anchor="middle">{_e(x_label)}</text>')
     lx = _W - _MR
     for name, colour in reversed(list(legend)):
@@ -815,7 +827,8 @@ nav a{margin-right:1em}
 .scroll{overflow-x:auto;max-width:100%}
 table.grid{border-collapse:separate;border-spacing:4px}
 table.grid th{font-weight:normal;font-size:.88em;vertical-align:bottom;overflow-wrap:anywhere}
-table.grid thead th{text-align:center}table.grid tbody th{text-align:right;vertical-align:middle;max-width:16em;padding-right:6px}
+table.grid thead th{text-align:center}
+table.grid tbody th{text-align:right;vertical-align:middle;max-width:16em;padding-right:6px}
 table.grid th.axis{color:#666;font-style:italic}
 td.cell{width:var(--t);height:var(--t);padding:0;vertical-align:middle;text-align:center;background:#f0f0f0}
 td.missing{background:none;outline:1px dashed #ccc;outline-offset:-1px}
@@ -829,7 +842,8 @@ table.jobs{border-collapse:collapse;font-size:.88em}
 table.jobs th,table.jobs td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 table.jobs td.n{text-align:right;font-variant-numeric:tabular-nums}
 table.jobs th{background:#f5f5f7;cursor:pointer;user-select:none;white-space:nowrap;position:sticky;top:0}
-table.jobs th[aria-sort=ascending]::after{content:" \\25B2"}table.jobs th[aria-sort=descending]::after{content:" \\25BC"}
+table.jobs th[aria-sort=ascending]::after{content:" \\25B2"}
+table.jobs th[aria-sort=descending]::after{content:" \\25BC"}
 table.jobs td.err{min-width:22em;max-width:44em;white-space:pre-wrap;overflow-wrap:anywhere;color:#900}
 tr.FAILED td,tr.KILLED td{background:#fbf1f1}
 button.view{font:inherit;cursor:zoom-in;padding:0 6px}
@@ -845,7 +859,8 @@ svg.plot .bar:hover rect,svg.plot circle:hover{opacity:.7}
 
 _JS = """
 (function(){
-  var viewer=document.getElementById('viewer'),frame=viewer.querySelector('.frame'),cap=viewer.querySelector('figcaption');
+  var viewer=document.getElementById('viewer'),frame=viewer.querySelector('.frame'),
+      cap=viewer.querySelector('figcaption');
   function open(num){
     var t=document.getElementById('full-'+num);
     if(!t)return;
@@ -878,7 +893,9 @@ _JS = """
     Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,i){
       th.tabIndex=0;
       th.addEventListener('click',function(){sortBy(table,th,i);});
-      th.addEventListener('keydown',function(e){if(e.key==='Enter'||e.key===' '){e.preventDefault();sortBy(table,th,i);}});
+      th.addEventListener('keydown',function(e){
+        if(e.key==='Enter'||e.key===' '){e.preventDefault();sortBy(table,th,i);}
+      });
     });
   });
 })();
@@ -910,20 +927,45 @@ def report_html(jobs: Sequence[GridJob], axes: Axes, *, keys: Optional[Sequence[
     images = images or _Images()
     keys = list(keys) if keys is not None else _keys_in_order(jobs)
     title = title or "Sweep report"
-    pages = grid_pages(jobs, axes)
-    budget = max(12, thumb // 7)  # characters of a column header (CSS wraps it onto up to 3 lines)
-    fits_col = lambda s: len(s) <= 3 * budget  # noqa: E731
-    fits_row = lambda s: len(s) <= 60  # noqa: E731
-
     # the full-size images, once each; thumbnails point at them by job number. Their longest
     # side is capped so that all of them stay within FULL_PIXELS (about 50 MB of JPEG)
     n_ok = sum(1 for j in jobs if j.ok)
     full_max = min(full_max, max(512, int(math.sqrt(FULL_PIXELS / max(1, n_ok)))))
-    templates, thumbs, embedded, n_full = [], {}, 0, 0
+    embedded = _embed_images(jobs, keys, images, thumb, full_max, full_quality)
+    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+           f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+           '<meta name="viewport" content="width=device-width,initial-scale=1">',
+           f"<title>{_e(title)}</title>", '<link rel="icon" href="data:,">',
+           f"<style>{_CSS}</style></head>", f'<body style="--t:{thumb}px">']
+    out += _header(jobs, axes, keys, title, overrides)
+    note = _e(f". Click an image for its full size. This file embeds {len(embedded.templates)} images: thumbnails "
+              f"(JPEG, at most {thumb} px) and full-size copies (JPEG quality {full_quality}, at most {full_max} px), "
+              f"{_size(embedded.nbytes)} in all; the lossless PNGs are the jobs' image.png.")
+    out += _grid_section(jobs, axes, keys, thumb, embedded.thumbs, note)
+    svgs = plots(jobs, keys)
+    out.append('<section id="plots"><h2>Plots</h2>'
+               + ("".join(svgs) if svgs else '<p class="note">No timings recorded.</p>')
+               + '<p class="note">Hover a bar or point for its job.</p></section>')
+    out += _jobs_table(jobs, keys, embedded.thumbs)
+    out.append('<figure id="viewer" hidden tabindex="-1" role="dialog" aria-label="full-size image">'
+               '<div class="frame"></div><figcaption></figcaption></figure>')
+    out.extend(embedded.templates)
+    out.append(f"<script>{_JS}</script></body></html>")
+    return "\n".join(out)
+
+
+@dataclass
+class _Embedded:
+    templates: list[str]  # <template> holding each full-size image
+    thumbs: dict[int, tuple[str, int, int]]  # job number -> (data URI, width, height)
+    nbytes: int
+
+
+def _embed_images(jobs: Sequence[GridJob], keys: Sequence[str], images: _Images, thumb: int, full_max: int,
+                  full_quality: int) -> _Embedded:
+    embedded = _Embedded([], {}, 0)
     for job in jobs:
-        if not job.ok:
-            continue
-        full = images.image(job)
+        full = images.image(job) if job.ok else None
         if full is None:
             continue
         shown = full if max(full.size) <= full_max else ImageOps.contain(full, (full_max, full_max),
@@ -931,22 +973,21 @@ def report_html(jobs: Sequence[GridJob], axes: Axes, *, keys: Optional[Sequence[
         uri, size = _jpeg_uri(shown, full_quality)
         small = images.thumb(job, thumb, upscale=False, full=full)
         turi, tsize = _jpeg_uri(small, 85)
-        thumbs[job.num] = (turi, small.width, small.height)
-        embedded += size + tsize
-        n_full += 1
+        embedded.thumbs[job.num] = (turi, small.width, small.height)
+        embedded.nbytes += size + tsize
         caption = f"job {job.num}: {job.label(keys)} ({job.status}, {full.width}x{full.height})"
-        templates.append(f'<template id="full-{job.num}" data-caption="{_e(caption)}">'
-                         f'<img src="{uri}" alt="{_e(caption)}" width="{shown.width}" height="{shown.height}"></template>')
+        embedded.templates.append(
+            f'<template id="full-{job.num}" data-caption="{_e(caption)}">'
+            f'<img src="{uri}" alt="{_e(caption)}" width="{shown.width}" height="{shown.height}"></template>')
+    return embedded
 
-    counts = {}
+
+def _header(jobs: Sequence[GridJob], axes: Axes, keys: Sequence[str], title: str,
+            overrides: Sequence[str]) -> list[str]:
+    counts: dict[str, int] = {}
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
-    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-           f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-           '<meta name="viewport" content="width=device-width,initial-scale=1">',
-           f"<title>{_e(title)}</title>", '<link rel="icon" href="data:,">',
-           f"<style>{_CSS}</style></head>", f'<body style="--t:{thumb}px">',
-           f"<header><h1>{_e(title)}</h1>"]
+    out = [f"<header><h1>{_e(title)}</h1>"]
     if overrides:
         out.append('<p class="meta">Overrides: ' + " ".join(f"<code>{_e(o)}</code>" for o in overrides) + "</p>")
     out.append('<p class="meta">' + _e(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}: "
@@ -956,8 +997,18 @@ def report_html(jobs: Sequence[GridJob], axes: Axes, *, keys: Optional[Sequence[
         out.append('<p class="meta">Swept: ' + " ".join(
             f"<code>{_e(k)}={_e(','.join(axis_values(jobs, k)))}</code>" for k in swept) + "</p>")
     if axes.constants:
+        first = jobs[0].values if jobs else {}
         out.append('<p class="meta">Same in every job: ' + " ".join(
-            f"<code>{_e(k)}={_e(jobs[0].values.get(k, '') if jobs else '')}</code>" for k in axes.constants) + "</p>")
+            f"<code>{_e(k)}={_e(first.get(k, ''))}</code>" for k in axes.constants) + "</p>")
+    common = _common_generation(jobs)
+    if common:
+        out.append('<p class="meta">' + " &nbsp;·&nbsp; ".join(common) + "</p>")
+    out.append('<nav><a href="#grid">Grid</a><a href="#plots">Plots</a><a href="#jobs">Jobs</a></nav></header>')
+    return out
+
+
+def _common_generation(jobs: Sequence[GridJob]) -> list[str]:
+    """The generation parameters every finished job shares (from the PNGs), as HTML snippets."""
     gens = [j.gen() for j in jobs if j.ok]
     common = []
     for name, label in _COMMON_GEN:
@@ -966,91 +1017,94 @@ def report_html(jobs: Sequence[GridJob], axes: Axes, *, keys: Optional[Sequence[
             value = seen.pop()
             if value:
                 common.append(f"<b>{_e(label)}:</b> {_e(value)}")
-    if common:
-        out.append('<p class="meta">' + " &nbsp;·&nbsp; ".join(common) + "</p>")
-    out.append('<nav><a href="#grid">Grid</a><a href="#plots">Plots</a><a href="#jobs">Jobs</a></nav></header>')
+    return common
 
-    # ---- grids
+
+def _grid_section(jobs: Sequence[GridJob], axes: Axes, keys: Sequence[str], thumb: int,
+                  thumbs: dict[int, tuple[str, int, int]], note: str) -> list[str]:
     axis_text = [f"columns: <code>{_e(axes.x)}</code>" if axes.x else "columns: none",
                  f"rows: <code>{_e(axes.y)}</code>" if axes.y else "rows: none"]
     if axes.pages:
         axis_text.append("one grid per " + ", ".join(f"<code>{_e(k)}</code>" for k in axes.pages))
-    out.append('<section id="grid"><h2>Grid</h2><p class="note">' + "; ".join(axis_text)
-               + _e(f". Click an image for its full size. This file embeds {n_full} images: thumbnails "
-                    f"(JPEG, at most {thumb} px) and full-size copies (JPEG quality {full_quality}, "
-                    f"at most {full_max} px), {_size(embedded)} in all; the lossless PNGs are the jobs' image.png.")
-               + "</p>")
-    for page in pages:
+    out = ['<section id="grid"><h2>Grid</h2><p class="note">' + "; ".join(axis_text) + note + "</p>"]
+    for page in grid_pages(jobs, axes):
         if page.values:
             out.append("<h3>" + ", ".join(f"{_e(k)} = {_e(v) or '(unset)'}" for k, v in page.values) + "</h3>")
-        out.append('<div class="scroll"><table class="grid">')
-        if axes.x or axes.y:
-            out.append("<thead>")
-            if axes.x:
-                out.append(f'<tr><th></th><th class="axis" colspan="{len(page.xs)}">{_e(axes.x)}</th></tr>')
-            out.append(f'<tr><th class="axis">{_e(axes.y or "")}</th>' + "".join(
-                f'<th title="{_e(v)}">{_e(shorten(v, fits_col, page.xs)) if v else "(unset)"}</th>'
-                if axes.x else "<th></th>" for v in page.xs) + "</tr></thead>")
-        out.append("<tbody>")
-        for yv in page.ys:
-            row = [f'<th title="{_e(yv)}">{_e(shorten(yv, fits_row, page.ys)) if yv else ("(unset)" if axes.y else "")}</th>']
-            for xv in page.xs:
-                job = page.cells.get((xv, yv))
-                if job is None:
-                    row.append('<td class="cell missing" title="no job for this combination"></td>')
-                elif job.num in thumbs:
-                    uri, w, h = thumbs[job.num]
-                    tip = f"job {job.num}: {job.label(keys)} ({job.status}"
-                    tip += f", {job.metrics['total_s']:.2f} s)" if "total_s" in job.metrics else ")"
-                    row.append(f'<td class="cell ok"><button type="button" class="thumb" data-job="{job.num}" '
-                               f'title="{_e(tip)}"><img src="{uri}" alt="{_e(tip)}" width="{w}" height="{h}">'
-                               f"</button></td>")
-                else:
-                    status = job.status if job.status not in OK_STATUSES else f"{job.status}, no image"
-                    row.append(f'<td class="cell bad"><div class="fail {_e(job.status)}" title="{_e(job.error)}">'
-                               f"<b>{_e(status)} (job {job.num})</b>{_e(first_line(job.error))}</div></td>")
-            out.append("<tr>" + "".join(row) + "</tr>")
-        out.append("</tbody></table></div>")
+        out += _grid_table(page, axes, keys, thumb, thumbs)
     out.append("</section>")
+    return out
 
-    # ---- plots
-    svgs = plots(jobs, keys)
-    out.append('<section id="plots"><h2>Plots</h2>' + ("".join(svgs) if svgs else '<p class="note">No timings recorded.</p>')
-               + '<p class="note">Hover a bar or point for its job.</p></section>')
 
-    # ---- table
+def _grid_table(page: GridPage, axes: Axes, keys: Sequence[str], thumb: int,
+                thumbs: dict[int, tuple[str, int, int]]) -> list[str]:
+    budget = max(12, thumb // 7)  # characters of a column header (CSS wraps it onto up to 3 lines)
+    out = ['<div class="scroll"><table class="grid">']
+    if axes.x or axes.y:
+        out.append("<thead>")
+        if axes.x:
+            out.append(f'<tr><th></th><th class="axis" colspan="{len(page.xs)}">{_e(axes.x)}</th></tr>')
+        out.append(f'<tr><th class="axis">{_e(axes.y or "")}</th>' + "".join(
+            f'<th title="{_e(v)}">{_e(shorten(v, lambda s: len(s) <= 3 * budget, page.xs)) if v else "(unset)"}</th>'
+            if axes.x else "<th></th>" for v in page.xs) + "</tr></thead>")
+    out.append("<tbody>")
+    for yv in page.ys:
+        label = _e(shorten(yv, lambda s: len(s) <= 60, page.ys)) if yv else ("(unset)" if axes.y else "")
+        row = [f'<th title="{_e(yv)}">{label}</th>']
+        row += [_grid_cell(page.cells.get((xv, yv)), keys, thumbs) for xv in page.xs]
+        out.append("<tr>" + "".join(row) + "</tr>")
+    out.append("</tbody></table></div>")
+    return out
+
+
+def _grid_cell(job: Optional[GridJob], keys: Sequence[str], thumbs: dict[int, tuple[str, int, int]]) -> str:
+    if job is None:
+        return '<td class="cell missing" title="no job for this combination"></td>'
+    if job.num in thumbs:
+        uri, w, h = thumbs[job.num]
+        tip = f"job {job.num}: {job.label(keys)} ({job.status}"
+        tip += f", {job.metrics['total_s']:.2f} s)" if "total_s" in job.metrics else ")"
+        return (f'<td class="cell ok"><button type="button" class="thumb" data-job="{job.num}" '
+                f'title="{_e(tip)}"><img src="{uri}" alt="{_e(tip)}" width="{w}" height="{h}"></button></td>')
+    status = job.status if job.status not in OK_STATUSES else f"{job.status}, no image"
+    return (f'<td class="cell bad"><div class="fail {_e(job.status)}" title="{_e(job.error)}">'
+            f"<b>{_e(status)} (job {job.num})</b>{_e(first_line(job.error))}</div></td>")
+
+
+def _jobs_table(jobs: Sequence[GridJob], keys: Sequence[str], thumbs: dict[int, tuple[str, int, int]]) -> list[str]:
     numeric_keys = {k for k in keys if all(_number(v) is not None for v in axis_values(jobs, k) if v)}
     show_seed = "seed" not in keys and any(j.seed for j in jobs)
     cols = [("job", "num"), ("status", "text")] + [(k, "num" if k in numeric_keys else "text") for k in keys]
     if show_seed:
         cols.append(("seed", "num"))
     cols += [(m, "num") for m in METRICS] + [("image", "text"), ("error", "text"), ("run_id", "text")]
-    out.append('<section id="jobs"><h2>Jobs</h2><p class="note">Click a column to sort by it, again to reverse.</p>'
-               '<div class="scroll"><table class="jobs sortable"><thead><tr>'
-               + "".join(f'<th data-type="{t}" data-col="{_e(c)}">{_e(c)}</th>' for c, t in cols)
-               + "</tr></thead><tbody>")
+    out = ['<section id="jobs"><h2>Jobs</h2><p class="note">Click a column to sort by it, again to reverse.</p>'
+           '<div class="scroll"><table class="jobs sortable"><thead><tr>'
+           + "".join(f'<th data-type="{t}" data-col="{_e(c)}">{_e(c)}</th>' for c, t in cols)
+           + "</tr></thead><tbody>"]
     for j in jobs:
-        cells = [f'<td class="n" data-v="{j.num}">{j.num}</td>', f"<td>{_e(j.status)}</td>"]
-        for k in keys:
-            v = j.values.get(k, "")
-            cells.append(f'<td class="n" data-v="{_e(v)}">{_e(v)}</td>' if k in numeric_keys else f"<td>{_e(v)}</td>")
-        if show_seed:
-            cells.append(f'<td class="n" data-v="{_e(j.seed if _number(j.seed) is not None else "")}">{_e(j.seed)}</td>')
-        for m in METRICS:
-            v = j.metrics.get(m)
-            shown = "" if v is None else _METRIC_FORMAT.get(m, "{:.2f}").format(v)
-            cells.append(f'<td class="n" data-v="{"" if v is None else repr(float(v))}">{shown}</td>')
-        cells.append(f'<td><button type="button" class="view" data-job="{j.num}">view</button></td>'
-                     if j.num in thumbs else "<td></td>")
-        cells.append(f'<td class="err" title="{_e(j.error)}">{_e(j.error)}</td>')
-        cells.append(f"<td><code>{_e(j.run_id)}</code></td>" if j.run_id else "<td></td>")
-        out.append(f'<tr class="job {_e(j.status)}">' + "".join(cells) + "</tr>")
+        out.append(f'<tr class="job {_e(j.status)}">' + "".join(_job_cells(j, keys, numeric_keys, show_seed, thumbs))
+                   + "</tr>")
     out.append("</tbody></table></div></section>")
-    out.append('<figure id="viewer" hidden tabindex="-1" role="dialog" aria-label="full-size image">'
-               '<div class="frame"></div><figcaption></figcaption></figure>')
-    out.extend(templates)
-    out.append(f"<script>{_JS}</script></body></html>")
-    return "\n".join(out)
+    return out
+
+
+def _job_cells(j: GridJob, keys: Sequence[str], numeric_keys: set[str], show_seed: bool,
+               thumbs: dict[int, tuple[str, int, int]]) -> list[str]:
+    cells = [f'<td class="n" data-v="{j.num}">{j.num}</td>', f"<td>{_e(j.status)}</td>"]
+    for k in keys:
+        v = j.values.get(k, "")
+        cells.append(f'<td class="n" data-v="{_e(v)}">{_e(v)}</td>' if k in numeric_keys else f"<td>{_e(v)}</td>")
+    if show_seed:
+        cells.append(f'<td class="n" data-v="{_e(j.seed if _number(j.seed) is not None else "")}">{_e(j.seed)}</td>')
+    for m in METRICS:
+        v = j.metrics.get(m)
+        shown = "" if v is None else _METRIC_FORMAT.get(m, "{:.2f}").format(v)
+        cells.append(f'<td class="n" data-v="{"" if v is None else repr(float(v))}">{shown}</td>')
+    cells.append(f'<td><button type="button" class="view" data-job="{j.num}">view</button></td>'
+                 if j.num in thumbs else "<td></td>")
+    cells.append(f'<td class="err" title="{_e(j.error)}">{_e(j.error)}</td>')
+    cells.append(f"<td><code>{_e(j.run_id)}</code></td>" if j.run_id else "<td></td>")
+    return cells
 
 
 # ------------------------------------------------------------------- the report

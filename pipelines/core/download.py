@@ -549,71 +549,84 @@ def _fetch(request: _Request, hub: Hub, listing: Listing, missing: list[RemoteFi
                 request.model_id, endpoint, request.root)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"{request.model_id} ({len(missing)} files from {request.source})")
-    done = 0
     problems: dict[str, RemoteUnavailable] = {}
     remaining = list(missing)
     attempts = 0
     try:
-        for attempt in range(RETRIES + 1):
-            if attempt:
+        while remaining and attempts <= RETRIES:
+            if attempts:
                 if all(problems[f.path].kind in FINAL_KINDS for f in remaining):
                     break  # a 404 / 401 / 403 answers the same each time
-                wait = RETRY_WAIT_S * 2 ** (attempt - 1)
+                wait = RETRY_WAIT_S * 2 ** (attempts - 1)
                 logger.warning("Retrying %d file(s) of %s in %.1f s (attempt %d of %d): %s", len(remaining),
-                               request.model_id, wait, attempt + 1, RETRIES + 1,
+                               request.model_id, wait, attempts + 1, RETRIES + 1,
                                "; ".join(f"{p}: {e.reason}" for p, e in problems.items()))
                 time.sleep(wait)
             attempts += 1
             errors = hub.download(request.model_id, listing, [f.path for f in remaining], staging, bar.update)
-            still = []
-            for remote in remaining:
-                staged = staging / remote.path
-                if staged.is_file():
-                    why = _verify(staged, remote)
-                    problem = None if why is None else RemoteUnavailable(why, True, "other")
-                else:
-                    problem = errors.get(remote.path) or RemoteUnavailable("the client returned without the file",
-                                                                           True, "other")
-                if problem is None:
-                    final = request.root / remote.path
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staged, final)
-                    summary.fetched.append(FetchedFile(request.model_id, remote.path, remote.size, final))
-                    done += remote.size
-                    continue
-                if staged.is_file():
-                    staged.unlink()  # complete in the client's eyes but wrong: never keep it
-                problems[remote.path] = problem
-                still.append(remote)
-            problems = {p: e for p, e in problems.items() if p in {f.path for f in still}}
-            remaining = still
-            bar.n = done
+            remaining = _keep_verified(request, remaining, staging, errors, problems, summary)
+            bar.n = sum(f.size for f in summary.fetched if f.model_id == request.model_id)
             bar.refresh()
-            if not remaining:
-                break
     finally:
         bar.close()
     if remaining:
-        kinds = {problems[f.path].kind for f in remaining}
-        kind = kinds.pop() if len(kinds) == 1 else None
-        first = problems[remaining[0].path]
-        if kind == UNAUTHORIZED:
-            how = (f"{request.source} refused the files (HTTP {first.status or '401/403'}): the repo is gated or "
-                   f"private. {_hub_advice(request, first, endpoint)}")
-        elif kind == NOT_FOUND:
-            how = (f"{request.source} lists these files but answers 404 for them: the repo may have changed since "
-                   "it was listed. Load again; if it persists, try the other source: "
-                   f"{_switch_source(request.source)}.")
+        raise _fetch_error(request, missing, remaining, problems, attempts, patterns, endpoint, staging)
+    _remove_staging(request, staging)
+
+
+def _keep_verified(request: _Request, remaining: list[RemoteFile], staging: Path,
+                   errors: dict[str, RemoteUnavailable], problems: dict[str, RemoteUnavailable],
+                   summary: FetchSummary) -> list[RemoteFile]:
+    """Move the files that arrived whole and verified to their final names; return the others
+    (`problems` says why each failed; a staged file that is wrong is deleted, never kept)."""
+    still = []
+    for remote in remaining:
+        staged = staging / remote.path
+        if staged.is_file():
+            why = _verify(staged, remote)
+            problem = None if why is None else RemoteUnavailable(why, True, "other")
         else:
-            how = (f"Load again to fetch the rest (a partial file in {staging} is resumed where the client "
-                   f"supports it), or try the other source: {_switch_source(request.source)}.")
-        raise DownloadError(
-            f"Could not fetch {len(remaining)} of {len(missing)} file(s) of {request.model_id!r} after "
-            f"{attempts} attempt(s) {request.where(patterns, endpoint)}: "
-            + "; ".join(f"{f.path}: {problems[f.path].reason.rstrip('.')}" for f in remaining)
-            + f". Nothing incomplete was left under a final name; the files already fetched stay. {how}",
-            kind,
-        )
+            problem = errors.get(remote.path) or RemoteUnavailable("the client returned without the file", True,
+                                                                   "other")
+        if problem is None:
+            final = request.root / remote.path
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            summary.fetched.append(FetchedFile(request.model_id, remote.path, remote.size, final))
+            problems.pop(remote.path, None)
+            continue
+        if staged.is_file():
+            staged.unlink()  # complete in the client's eyes but wrong: never keep it
+        problems[remote.path] = problem
+        still.append(remote)
+    return still
+
+
+def _fetch_error(request: _Request, missing: list[RemoteFile], remaining: list[RemoteFile],
+                 problems: dict[str, RemoteUnavailable], attempts: int, patterns: list[str], endpoint: str,
+                 staging: Path) -> DownloadError:
+    kinds = {problems[f.path].kind for f in remaining}
+    kind = kinds.pop() if len(kinds) == 1 else None
+    first = problems[remaining[0].path]
+    if kind == UNAUTHORIZED:
+        how = (f"{request.source} refused the files (HTTP {first.status or '401/403'}): the repo is gated or "
+               f"private. {_hub_advice(request, first, endpoint)}")
+    elif kind == NOT_FOUND:
+        how = (f"{request.source} lists these files but answers 404 for them: the repo may have changed since "
+               f"it was listed. Load again; if it persists, try the other source: {_switch_source(request.source)}.")
+    else:
+        how = (f"Load again to fetch the rest (a partial file in {staging} is resumed where the client "
+               f"supports it), or try the other source: {_switch_source(request.source)}.")
+    return DownloadError(
+        f"Could not fetch {len(remaining)} of {len(missing)} file(s) of {request.model_id!r} after "
+        f"{attempts} attempt(s) {request.where(patterns, endpoint)}: "
+        + "; ".join(f"{f.path}: {problems[f.path].reason.rstrip('.')}" for f in remaining)
+        + f". Nothing incomplete was left under a final name; the files already fetched stay. {how}",
+        kind,
+    )
+
+
+def _remove_staging(request: _Request, staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     for parent in staging.parents:  # drop the emptied <owner>/ and <source>/ folders too
         if parent == request.state or not parent.is_relative_to(request.state):
