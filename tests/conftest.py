@@ -83,3 +83,11 @@ def tiny_repo(tmp_path_factory) -> Path:
     from pipelines.testing.tiny import build_tiny_repo
 
     return build_tiny_repo(tmp_path_factory.mktemp("models") / "tiny" / "Qwen-Image-Tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_repo(tmp_path_factory) -> Path:
+    """The project's own tiny edit repo (a 2511 look-alike: zero_cond_t, vision tower, processor/)."""
+    from pipelines.testing.tiny import build_tiny_edit_repo
+
+    return build_tiny_edit_repo(tmp_path_factory.mktemp("models") / "tiny" / "Qwen-Image-Edit-Tiny")

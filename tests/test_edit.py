@@ -213,3 +213,95 @@ def test_editing_needs_a_processor(diffusers_repo):
                        ModelConfig(path=root / "vae")], tokenizer_config=ModelConfig(path=root / "tokenizer"))
     with pytest.raises(RuntimeError, match="processor"):
         pipe(EDIT, edit_image=[picture(64, 64, seed=0)], num_inference_steps=1, height=64, width=64)
+
+
+# ------------------------------------------------------------------ VRAM management and LoRA on edit models
+
+FP8 = "float8_e4m3fn"
+EDIT_VRAM = {  # conf/vram presets on a CPU run (auto = float32 / cpu)
+    "cpu_offload": (dict(offload_dtype="float32", offload_device="cpu"), None),
+    "disk_float32": (dict(offload_device="disk", onload_device="disk"), 0.0),
+    "fp8": (dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8, preparing_dtype=FP8), None),
+}
+
+
+def tiny_edit(root, keys: dict | None = None, vram_limit=None) -> QwenImagePipeline:
+    return QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", vram_limit=vram_limit,
+        model_configs=[ModelConfig(path=root / folder, **(keys or {})) for folder in ("transformer", "text_encoder",
+                                                                                      "vae")],
+        processor_config=ModelConfig(path=root / "processor"))
+
+
+EDIT_ARGS = dict(prompt=EDIT, negative_prompt=NEGATIVE, cfg_scale=4.0, seed=4, num_inference_steps=2, height=64,
+                 width=48, edit_image_auto_resize=False, progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def edit_pictures():
+    return [picture(64, 48, seed=11), picture(48, 64, seed=12)]
+
+
+@pytest.fixture(scope="module")
+def unmanaged_edit(tiny_edit_repo, edit_pictures):
+    pipe = tiny_edit(tiny_edit_repo)
+    return pipe, np.asarray(pipe(**EDIT_ARGS, edit_image=edit_pictures), dtype=np.int16)
+
+
+@pytest.mark.parametrize("preset", list(EDIT_VRAM))
+def test_vram_management_covers_the_vision_tower(preset, tiny_edit_repo, edit_pictures, unmanaged_edit):
+    keys, limit = EDIT_VRAM[preset]
+    pipe = tiny_edit(tiny_edit_repo, keys, vram_limit=limit)
+    manager = pipe.vram["text_encoder"]
+    vision = [layer for layer in manager.layers if layer.name.startswith("visual.")]
+    assert vision and any(layer.name.startswith("visual.patch_embed") for layer in vision)
+    image = np.asarray(pipe(**EDIT_ARGS, edit_image=edit_pictures), dtype=np.int16)
+    _, reference = unmanaged_edit
+    diff = np.abs(image - reference)
+    if preset == "fp8":  # float8 storage of every matrix, the vision tower's included
+        assert diff.mean() < 8 and (image != reference).any()
+    else:  # the same kernels on the same values
+        assert diff.max() == 0
+    assert all(layer.state == 0 for layer in manager.layers)  # offloaded at the end of the call
+    if limit == 0.0:  # nothing stays prepared, the vision tower included: every forward read from the file
+        assert manager.stats()["prepared_layers"] == 0
+
+
+def test_vram_limit_bounds_the_prepared_vision_layers(tiny_edit_repo, edit_pictures):
+    keys = dict(offload_dtype="float32", offload_device="cpu", onload_dtype="bfloat16", preparing_dtype="float32")
+    encoder = tiny_edit(tiny_edit_repo).text_encoder
+    embedding = encoder.model.embed_tokens.weight.numel() * 4  # the tiny model's bytes are mostly its vocabulary
+    rest = sum(p.numel() * 4 for p in encoder.parameters()) - embedding
+    limit = (embedding + rest / 2) / 2**30  # the embedding runs first, then layers until the limit
+    pipe = tiny_edit(tiny_edit_repo, keys, vram_limit=limit)
+    manager = pipe.vram["text_encoder"]
+    seen = {}
+
+    def record(*args):
+        seen.update(prepared=[layer for layer in manager.layers if layer.state == 2])
+
+    pipe.text_encoder.register_forward_hook(lambda *args: record())
+    pipe(**EDIT_ARGS, edit_image=edit_pictures)
+    prepared = seen["prepared"]
+    assert 0 < len(prepared) < len(manager.layers)
+    assert any(layer.name.startswith("visual.") for layer in prepared)  # the vision tower counts against the limit
+    assert sum(layer.nbytes[2] for layer in prepared) <= limit * 2**30
+
+
+def test_lora_cold_hot_and_clear_on_the_edit_dit(tiny_edit_repo, edit_pictures, unmanaged_edit, tmp_path):
+    from pipelines.testing.lora import random_lora, save_lora
+
+    pipe, base = unmanaged_edit
+    shapes = {k: tuple(v.shape) for k, v in pipe.dit.state_dict().items()}
+    path = save_lora(tmp_path / "edit_lora.safetensors", random_lora(shapes, rank=4, seed=9), "diffusers")
+    args = dict(EDIT_ARGS, edit_image=edit_pictures)
+    pipe.load_lora(pipe.dit, str(path), alpha=0.8)
+    cold = np.asarray(pipe(**args), dtype=np.int16)
+    pipe.clear_lora()
+    assert np.array_equal(np.asarray(pipe(**args), dtype=np.int16), base)
+    pipe.load_lora(pipe.dit, str(path), alpha=0.8, hotload=True)
+    hot = np.asarray(pipe(**args), dtype=np.int16)
+    pipe.clear_lora()
+    assert np.abs(cold - base).mean() > 2  # the LoRA shows
+    assert np.abs(hot - cold).max() <= 2  # fused or added in the forward: the same update
+    assert np.array_equal(np.asarray(pipe(**args), dtype=np.int16), base)
