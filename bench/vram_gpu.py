@@ -8,11 +8,11 @@ For each preset of conf/vram (none, cpu_offload, fp8, low_vram, disk) it loads t
 (4 steps, true CFG 4.0) and reports the peak of allocated VRAM over the call, the seconds per
 denoising step (median over the steps after the first; CUDA events at the end of each DiT
 forward), the stage times, and how many GiB of layers stayed prepared on the GPU. low_vram and
-disk run with `vram_limit` = budget - margin (default 8 - 3 GiB: the anchor's lowest rung) and
-tiled VAE decoding; they and `none` also run with `cfg_batch=True` (both CFG branches in one
-forward: the weights stream once per step). Goals (issue 6): each preset at or below its rung of
-the anchor's ladder (56 / 40 / 21 / 8 GB, read as GiB like DiffSynth's own measurements), and
-low_vram and disk within 1.5x of the resident seconds per step.
+disk run with `vram_limit` = budget - margin (default 8 - 3 GiB: DiffSynth-Studio's lowest
+published rung) and tiled VAE decoding; they and `none` also run with `cfg_batch=True` (both CFG
+branches in one forward: the weights stream once per step). Goals: each preset at or below its
+rung of DiffSynth-Studio's published ladder (56 / 40 / 21 / 8 GB, read as GiB like its own
+measurements), and low_vram and disk within 1.5x of the resident seconds per step.
 
 Weights: random, written once into --workdir as safetensors in the hub's layout (matrices and
 kernels in float8_e4m3fn, vectors in bfloat16: 27.6 GB on disk); the files are reused by later runs.

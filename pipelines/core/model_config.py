@@ -18,7 +18,7 @@ class ModelConfig:
     `model_id` + `origin_file_pattern` resolved under the models folder.
 
     The eight VRAM keys enable layer-wise memory management when `offload_dtype` and
-    `offload_device` are given (see REFERENCE.md section 1).
+    `offload_device` are given (docs/vram.md).
     """
 
     path: str | Path | list[str | Path] | None = None

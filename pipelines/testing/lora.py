@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya", "lightx2v")
 
-# DiffSynth-Studio's default LoRA targets for Qwen-Image (REFERENCE.md section 3)
+# DiffSynth-Studio's default LoRA targets for Qwen-Image (its training scripts' lora_target_modules)
 DIFFSYNTH_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
                      "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.2", "img_mod.1",
                      "txt_mlp.net.2", "txt_mod.1")
