@@ -145,13 +145,26 @@ def test_bfloat16_tracks_diffusers(tiny):
     assert ours_err < 2e-2 and ours_err <= 1.5 * theirs_err + 1e-3, (ours_err, theirs_err)
 
 
-def test_all_true_mask_equals_no_mask(tiny):
-    _, ours = tiny
-    latents, sigma, text = _inputs(2, 2, 3, 5, seed=4)
+def test_the_mask_hides_what_is_under_it(tiny):
+    """The masked path with real padding: large garbage (not zeros) under the mask gives, per sample,
+    the velocity of the unpadded text alone and diffusers' result for the same input and mask; an
+    all-true mask gives diffusers' result with its all-ones mask."""
+    ref, ours = tiny
+    height, width, lengths = 2, 3, (5, 2)
+    latents, sigma, text = _inputs(2, height, width, max(lengths), seed=4)
+    mask = torch.tensor([[1] * n + [0] * (max(lengths) - n) for n in lengths])
+    padded = text.clone()
+    padded[1, lengths[1]:] = 50 * torch.randn(max(lengths) - lengths[1], TINY["joint_attention_dim"],
+                                              generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        a = ours(latents, sigma, text, torch.ones(2, 5, dtype=torch.bool), 2, 3)
-        b = ours(latents, sigma, text, None, 2, 3)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+        out = ours(latents, sigma, padded, mask.bool(), height, width)
+        unmasked = ours(latents, sigma, padded, None, height, width)
+        for i, n in enumerate(lengths):
+            _assert_close(out[i:i + 1], ours(latents[i:i + 1], sigma[i:i + 1], text[i:i + 1, :n], None, height, width))
+        all_true = ours(latents, sigma, text, torch.ones(2, max(lengths), dtype=torch.bool), height, width)
+    assert (unmasked[1] - out[1]).abs().max() > 1e-2  # the garbage shows where it is not masked
+    _assert_close(out, _reference(ref, latents, sigma, padded, mask, height, width))
+    _assert_close(all_true, _reference(ref, latents, sigma, text, torch.ones_like(mask), height, width))
 
 
 def test_state_dict_matches_diffusers_at_full_size():

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -566,6 +567,9 @@ def test_a_corrupt_local_file_is_detected_before_loading(env, monkeypatch):
 
 
 # ---------------------------------------------------------------------- processes
+#
+# Synchronised on events, never on time or speed: files a child writes when it is ready, the hub
+# holding a transfer until the test releases it (`HeldTransfer`), a line a child logs.
 
 
 FETCH_SCRIPT = """
@@ -573,7 +577,7 @@ import json, logging, os, sys, time
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from pipelines.core.download import fetch
 from pipelines.core.model_config import ModelConfig
-ready, go, deadline = os.environ.get("READY_FILE"), os.environ.get("GO_FILE"), time.monotonic() + 60
+ready, go, deadline = os.environ.get("READY_FILE"), os.environ.get("GO_FILE"), time.monotonic() + 120
 if ready:
     open(ready, "w").close()
 while go and not os.path.exists(go) and time.monotonic() < deadline:
@@ -582,44 +586,108 @@ summary = fetch([ModelConfig(model_id=sys.argv[1], origin_file_pattern=p, downlo
                  for p in sys.argv[3:]])
 print(json.dumps({"fetched": sorted(f.path for f in summary.fetched), "present": summary.present}))
 """
+EVENT_TIMEOUT_S = 120  # only a broken test waits this long: every wait below ends on an event
 
 
-def start_fetch(env, source: str, *patterns: str, name: str | None = None) -> subprocess.Popen:
-    """`python -c FETCH_SCRIPT`; with a name, it imports, touches <tmp>/<name>.ready and waits for <tmp>/<name>.go."""
-    e = dict(os.environ)
-    if name is not None:
-        e["READY_FILE"], e["GO_FILE"] = str(env.tmp / f"{name}.ready"), str(env.tmp / f"{name}.go")
-    return subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, MODEL_ID, source, *patterns], cwd=REPO, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class HeldTransfer(Fault):
+    """A `slow` fault whose pause before each chunk of a matching file is a wait on an event, not a
+    time: the first `pass_chunks` chunks (of hub_server.CHUNK bytes) go out, then the transfer
+    holds (`held` is set) until `release()`. The server reads `delay` once per chunk."""
+
+    def __init__(self, pattern: str, pass_chunks: int = 0):
+        super().__init__("slow", pattern, times=None)
+        self.pass_chunks = pass_chunks
+        self.chunks = 0
+        self.count_lock = threading.Lock()
+        self.held, self.released = threading.Event(), threading.Event()
+
+    @property
+    def delay(self) -> float:
+        with self.count_lock:
+            self.chunks += 1
+            hold = self.chunks > self.pass_chunks
+        if hold:
+            self.held.set()
+            self.released.wait(EVENT_TIMEOUT_S)
+        return 0.0
+
+    @delay.setter
+    def delay(self, value: float) -> None:  # Fault.__init__ sets one: the events replace it
+        pass
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __repr__(self) -> str:  # the dataclass repr would read `delay`, i.e. wait
+        return f"HeldTransfer({self.pattern!r}, pass_chunks={self.pass_chunks}, chunks={self.chunks})"
 
 
-def wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+class Child:
+    """`python -c FETCH_SCRIPT` with its output read by threads as it comes (no pipe fills up, a
+    line is seen when it is written); with a name it touches <tmp>/<name>.ready once imported and
+    waits for <tmp>/<name>.go."""
+
+    def __init__(self, env, source: str, *patterns: str, name: str | None = None, awaited: str | None = None):
+        e = dict(os.environ)
+        if name is not None:
+            e["READY_FILE"], e["GO_FILE"] = str(env.tmp / f"{name}.ready"), str(env.tmp / f"{name}.go")
+            self.ready, self.go = env.tmp / f"{name}.ready", env.tmp / f"{name}.go"
+        self.process = subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, MODEL_ID, source, *patterns], cwd=REPO,
+                                        env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.awaited, self.seen = awaited, threading.Event()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                        for stream, lines in ((self.process.stdout, self.out), (self.process.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if self.awaited is not None and self.awaited in line:
+                self.seen.set()
+
+    def finish(self, kill: bool = False) -> tuple[int, str, str]:
+        if kill:
+            self.process.kill()
+        code = self.process.wait(EVENT_TIMEOUT_S)
+        for reader in self.readers:
+            reader.join(EVENT_TIMEOUT_S)
+        return code, "".join(self.out), "".join(self.err)
+
+
+def wait_until(condition, what: str) -> None:
+    """Poll for an event another process makes visible (a file appearing)."""
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
 
 def test_two_processes_fetch_the_same_model_at_once(env):
-    env.hub.add_fault(Fault("slow", VAE, times=None, delay=0.03))  # ~5 s for the VAE file
+    gate = env.hub.add_fault(HeldTransfer(VAE))  # the first fetch holds the VAE until the second waits
     patterns = ("transformer/*.safetensors", VAE)
-    first = start_fetch(env, "modelscope", *patterns, name="first")
-    second = start_fetch(env, "modelscope", *patterns, name="second")
+    first = Child(env, "modelscope", *patterns, name="first")
+    second = Child(env, "modelscope", *patterns, name="second", awaited="Another process is fetching")
     try:
-        wait_until(lambda: all((env.tmp / f"{n}.ready").exists() for n in ("first", "second")), "the imports")
-        (env.tmp / "first.go").touch()
-        wait_until(lambda: env.hub.bytes_sent(VAE) > 0 or first.poll() is not None, "the first fetch to start")
-        (env.tmp / "second.go").touch()  # the second lists the model and finds the first still fetching it
-        outputs = [p.communicate(timeout=120) for p in (first, second)]
+        wait_until(lambda: first.ready.exists() and second.ready.exists(), "the imports")
+        first.go.touch()
+        assert gate.held.wait(EVENT_TIMEOUT_S), "the first fetch never started the VAE"  # it holds the lock
+        second.go.touch()  # the second lists the model and finds the first still fetching it
+        assert second.seen.wait(EVENT_TIMEOUT_S), "the second fetch did not wait for the first"
+    except BaseException:
+        for child in (first, second):
+            child.finish(kill=True)
+        raise
     finally:
-        for p in (first, second):
-            p.kill()
-    for p, (out, err) in zip((first, second), outputs):
-        assert p.returncode == 0, err
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    assert results[0] == {"fetched": sorted([DIT1, DIT2, VAE, DIT_CONFIG, VAE_CONFIG]), "present": 0}
-    assert results[1] == {"fetched": [], "present": 5}
-    assert "Another process is fetching" in outputs[1][1]
+        gate.release()
+    results = [child.finish() for child in (first, second)]
+    for code, out, err in results:
+        assert code == 0, err
+    outputs = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
+    assert outputs[0] == {"fetched": sorted([DIT1, DIT2, VAE, DIT_CONFIG, VAE_CONFIG]), "present": 0}
+    assert outputs[1] == {"fetched": [], "present": 5}
     for path in (DIT1, DIT2, VAE):
         assert len(env.hub.file_requests(path)) == 1, f"{path} was downloaded more than once"
     assert assert_clean(env) == {DIT1, DIT2, VAE, DIT_CONFIG, VAE_CONFIG}
@@ -627,14 +695,20 @@ def test_two_processes_fetch_the_same_model_at_once(env):
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_an_interrupted_download_is_picked_up_by_a_later_run(env, source):
-    env.hub.add_fault(Fault("slow", TE1, times=None, delay=0.02))
-    process = start_fetch(env, source, TE1)
+    from pipelines.testing.hub_server import CHUNK
+
+    gate = env.hub.add_fault(HeldTransfer(TE1, pass_chunks=(8 << 20) // CHUNK))  # 8 MB of 19.5, then hold
+    child = Child(env, source, TE1)
     try:
-        wait_until(lambda: env.hub.bytes_sent(TE1) > 8 << 20 or process.poll() is not None, "bytes to flow")
+        assert gate.held.wait(EVENT_TIMEOUT_S), "the download never got 8 MB in"
+        if source == "modelscope":  # the client writes what it received into its staged partial file
+            partial = f"{Path(TE1).name}.incomplete"
+            wait_until(lambda: any(p.stat().st_size > 0 for p in (env.base / ".diffsynth" / "staging").rglob(partial)),
+                       "bytes in the partial file")
     finally:
-        process.kill()  # as a power cut would
-        _, err = process.communicate(timeout=30)
-    assert process.returncode == -9, f"the fetch ended before it was killed: {err}"
+        code, _, err = child.finish(kill=True)  # as a power cut would: the transfer cannot have ended
+        gate.release()
+    assert code == -9, f"the fetch ended before it was killed: {err}"
     assert not (env.root / TE1).exists() and assert_clean(env) == set()
 
     env.hub.clear_faults()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from pipelines.core import lora as lora_module
 from pipelines.core.loader import CheckpointError
@@ -67,37 +69,178 @@ def lora_file(dit, tmp_path):
 # ============================================================================ parity with diffusers + peft
 
 
+RANK, LORA_ALPHA = 4, 8
+SCALE = LORA_ALPHA / RANK  # peft's scaling of the reference adapter
+
+
 @pytest.fixture(scope="module")
 def peft_lora(diffusers_repo, tmp_path_factory):
-    """A LoRA made with peft on diffusers' transformer (every linear layer, rank 4, lora_alpha 8,
-    random non-zero A and B), saved by diffusers' `save_lora_weights` with its adapter metadata;
-    and the same adapter in peft's own layout (`base_model.model.` keys + adapter_config.json)."""
+    """The reference: a LoRA made with peft on diffusers' transformer (every linear layer, rank 4,
+    lora_alpha 8, random non-zero A and B), written by diffusers' `save_lora_weights` (with its
+    adapter metadata) and by peft's own `PeftModel.save_pretrained` (`base_model.model.` keys +
+    adapter_config.json); the effective weights peft computes for it (base + get_delta_weight)."""
     from diffusers import QwenImagePipeline
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
     root, reference = diffusers_repo
-    transformer = copy.deepcopy(reference.transformer)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEARS, init_lora_weights=False)
-    transformer.add_adapter(config)
+    config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, target_modules=ALL_LINEARS, init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(reference.transformer), config)
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        for name, param in transformer.named_parameters():
+        for name, param in model.named_parameters():
             if "lora_A" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
             elif "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
-    state = get_peft_model_state_dict(transformer)
     folder = tmp_path_factory.mktemp("peft_lora")
+    model.save_pretrained(str(folder / "peft"))
+    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
     QwenImagePipeline.save_lora_weights(folder / "diffusers", transformer_lora_layers=state,
                                         transformer_lora_adapter_metadata=config.to_dict())
     layers = {k[: -len(".lora_A.weight")]: (v, state[k.replace("lora_A", "lora_B")])
               for k, v in state.items() if k.endswith("lora_A.weight")}
     assert len(layers) == 34  # 14 linear layers per block x 2 blocks + 6 top-level ones
-    peft_dir = folder / "peft"
-    save_lora(peft_dir / "adapter_model.safetensors", layers, "peft")
-    config.save_pretrained(str(peft_dir))
-    return folder / "diffusers" / "pytorch_lora_weights.safetensors", peft_dir, layers
+    effective = {}
+    with torch.no_grad():
+        for name, module in model.base_model.model.named_modules():
+            if hasattr(module, "get_delta_weight"):
+                effective[name + ".weight"] = module.base_layer.weight + module.get_delta_weight("default")
+    assert effective.keys() == {name + ".weight" for name in layers}
+    return SimpleNamespace(diffusers=folder / "diffusers" / "pytorch_lora_weights.safetensors",
+                           peft=folder / "peft", layers=layers, effective=effective, folder=folder)
+
+
+# ---------------------------------------------------------------- the published formats, written here
+#
+# Each file holds the reference adapter renamed by its tool's published key convention, written out
+# below (not by pipelines.testing.lora): A is the down projection (rank, in), B the up one (out, rank);
+# formats with an `.alpha` store alpha = scale * rank, formats without one carry the scale in B.
+
+
+def kohya_state(layers) -> dict[str, torch.Tensor]:
+    """kohya-ss sd-scripts / musubi-tuner: `lora_unet_` + the module path with `_` for `.`."""
+    state = {}
+    for name, (A, B) in layers.items():
+        base = "lora_unet_" + name.replace(".", "_")
+        state[base + ".lora_down.weight"], state[base + ".lora_up.weight"] = A, B
+        state[base + ".alpha"] = torch.tensor(float(LORA_ALPHA))
+    return state
+
+
+def lightx2v_state(layers) -> dict[str, torch.Tensor]:
+    """lightx2v's Qwen-Image-Lightning files: the module path, lora_down / lora_up / alpha."""
+    state = {}
+    for name, (A, B) in layers.items():
+        state[name + ".lora_down.weight"], state[name + ".lora_up.weight"] = A, B
+        state[name + ".alpha"] = torch.tensor(float(LORA_ALPHA))
+    return state
+
+
+def comfyui_state(layers, with_alpha: bool) -> dict[str, torch.Tensor]:
+    """ComfyUI's Qwen-Image LoRAs: `diffusion_model.` + the module path, either peft's lora_A / lora_B
+    (no alpha: scale 1) or kohya's lora_down / lora_up / alpha."""
+    state = {}
+    for name, (A, B) in layers.items():
+        base = "diffusion_model." + name
+        if with_alpha:
+            state[base + ".lora_down.weight"], state[base + ".lora_up.weight"] = A, B
+            state[base + ".alpha"] = torch.tensor(float(LORA_ALPHA))
+        else:
+            state[base + ".lora_A.weight"], state[base + ".lora_B.weight"] = A, B * SCALE
+    return state
+
+
+def diffsynth_state(layers, transformer) -> dict[str, torch.Tensor]:
+    """DiffSynth-Studio's trainer: peft's `inject_adapter_in_model` (adapter "default", lora_alpha =
+    rank: scale 1) and the LoRA entries of the model's own state_dict (`<path>.lora_A.default.weight`)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=ALL_LINEARS),
+                                    copy.deepcopy(transformer), adapter_name="default")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name in layers:
+                module.lora_A["default"].weight.copy_(layers[name][0])
+                module.lora_B["default"].weight.copy_(layers[name][1] * SCALE)
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def format_files(peft_lora, diffusers_repo):
+    """format -> (file, the name our loader gives the format)."""
+    layers = peft_lora.layers
+    states = {"kohya": (kohya_state(layers), "kohya/musubi"), "lightx2v": (lightx2v_state(layers), "lightx2v"),
+              "comfyui": (comfyui_state(layers, False), "ComfyUI"),
+              "comfyui_alpha": (comfyui_state(layers, True), "ComfyUI"),
+              "diffsynth": (diffsynth_state(layers, diffusers_repo[1].transformer), "DiffSynth")}
+    files = {"diffusers": (peft_lora.diffusers, "diffusers"), "peft": (peft_lora.peft, "peft")}
+    for fmt, (state, label) in states.items():
+        path = peft_lora.folder / f"{fmt}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        files[fmt] = (path, label)
+    return files
+
+
+def test_diffusers_reads_the_written_formats_as_the_reference(peft_lora, format_files):
+    """diffusers' own converter (QwenImagePipeline.lora_state_dict: kohya/musubi, ComfyUI, DiffSynth,
+    lightx2v keys, alpha folded into A/B) gives back the reference update for every layer: the files
+    written above really are what those tools write."""
+    from diffusers import QwenImagePipeline
+
+    for fmt in ("kohya", "lightx2v", "comfyui", "comfyui_alpha", "diffsynth"):
+        converted = QwenImagePipeline.lora_state_dict(str(format_files[fmt][0]))
+        assert len(converted) == 2 * len(peft_lora.layers), fmt
+        for name, (A, B) in peft_lora.layers.items():
+            up, down = converted[f"transformer.{name}.lora_B.weight"], converted[f"transformer.{name}.lora_A.weight"]
+            torch.testing.assert_close(up @ down, SCALE * (B @ A), rtol=0, atol=1e-6, msg=f"{fmt}: {name}")
+
+
+# Effective weights: ours fuse W + alpha * scale * B @ A with one addmm in float32; the reference is
+# peft's W + (B @ A) * scale, scaled by alpha here. Measured: identical at alpha 1 (a power-of-two
+# scale), max |diff| 6e-8 at alpha 0.5 (the reference's own rounding). A lost layer, a wrong scale or
+# swapped factors move the largest entry of each layer's update, 0.2 to 0.67 here, by that much or a
+# good part of it. Bound: 1e-6.
+EFFECTIVE_ATOL = 1e-6
+
+
+def assert_effective_weights(dit, base: dict[str, torch.Tensor], effective: dict[str, torch.Tensor],
+                             alpha: float, what: str) -> None:
+    state = dit.state_dict()
+    for key, weight in base.items():
+        expected = base[key] + alpha * (effective[key] - base[key]) if key in effective else weight
+        torch.testing.assert_close(state[key], expected, rtol=0, atol=EFFECTIVE_ATOL, msg=f"{what}: {key}")
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "peft", "kohya", "lightx2v", "comfyui", "comfyui_alpha", "diffsynth"])
+def test_every_format_loads_to_the_peft_effective_weights(fmt, peft_lora, format_files, ours):
+    path, label = format_files[fmt]
+    dit = ours.dit
+    base = snapshot(dit)
+    for alpha in (1.0, 0.5):  # at 0.5 the scale is not a power of two: the update itself is scaled
+        handle = load_lora(dit, path, alpha=alpha)
+        try:
+            assert handle.prepared.format == label
+            assert sorted(handle.layers) == sorted(peft_lora.layers)
+            assert_effective_weights(dit, base, peft_lora.effective, alpha, f"{fmt} at alpha {alpha}")
+        finally:
+            clear_lora(dit)
+    assert_same_weights(dit, base)
+
+
+def test_the_test_writer_agrees_with_the_published_formats(peft_lora, format_files, ours):
+    """pipelines.testing.lora (benchmarks and the runner's tests write their LoRAs with it) writes
+    what the published conventions above hold."""
+    dit = ours.dit
+    base = snapshot(dit)
+    for fmt in FORMATS:
+        handle = load_lora(dit, save_lora(peft_lora.folder / "ours" / f"{fmt}.safetensors", peft_lora.layers, fmt,
+                                          scale=SCALE))
+        try:
+            assert sorted(handle.layers) == sorted(peft_lora.layers)
+            assert_effective_weights(dit, base, peft_lora.effective, 1.0, f"pipelines.testing.lora {fmt}")
+        finally:
+            clear_lora(dit)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +251,6 @@ def ours(diffusers_repo):
 
 
 IMAGE = dict(prompt=PROMPT, negative_prompt=" ", height=64, width=96, num_inference_steps=3)
-
 
 
 @contextlib.contextmanager
@@ -128,11 +270,12 @@ def fuse_failing_at(call: int, monkeypatch):
     finally:
         monkeypatch.setattr(lora_apply, "_fuse", original)
 
+
 def test_peft_lora_images_match_diffusers_cold_and_hot(diffusers_repo, peft_lora, ours):
     from diffusers import QwenImagePipeline
 
     _, reference = diffusers_repo
-    path, _, _ = peft_lora
+    path = peft_lora.diffusers
     diffusers_pipe = QwenImagePipeline(**{**reference.components,
                                           "transformer": copy.deepcopy(reference.transformer)})
     diffusers_pipe.load_lora_weights(str(path), adapter_name="tiny")
@@ -152,7 +295,7 @@ def test_peft_lora_images_match_diffusers_cold_and_hot(diffusers_repo, peft_lora
     assert np.abs(pixels(expected[0.5]) - pixels(expected[1.0])).mean() > 2  # a wrong scale would show
 
     handle = ours.load_lora(ours.dit, ModelConfig(path=path), alpha=1.0)
-    assert not handle.hot and len(handle.layers) == len(peft_lora[2])
+    assert not handle.hot and len(handle.layers) == len(peft_lora.layers)
     assert_same_image(generate(), expected[1.0])
     handle.set_alpha(0.5)
     assert_same_image(generate(), expected[0.5])
@@ -168,12 +311,12 @@ def test_peft_lora_images_match_diffusers_cold_and_hot(diffusers_repo, peft_lora
     assert np.array_equal(pixels(generate()), pixels(base))
 
 
-def test_kohya_file_matches_diffusers_own_conversion(diffusers_repo, peft_lora, ours, tmp_path):
-    """diffusers converts kohya keys (alpha / rank) itself: an independent check of the scaling."""
+def test_kohya_file_matches_diffusers_own_conversion(diffusers_repo, format_files, ours):
+    """diffusers converts kohya keys (alpha / rank) itself: an image-level check of the scaling."""
     from diffusers import QwenImagePipeline
 
     _, reference = diffusers_repo
-    path = save_lora(tmp_path / "kohya.safetensors", peft_lora[2], "kohya", scale=2.0)
+    path = format_files["kohya"][0]
     diffusers_pipe = QwenImagePipeline(**{**reference.components,
                                           "transformer": copy.deepcopy(reference.transformer)})
     diffusers_pipe.load_lora_weights(str(path), adapter_name="kohya")
@@ -188,7 +331,7 @@ def test_kohya_file_matches_diffusers_own_conversion(diffusers_repo, peft_lora, 
 
 
 def test_peft_saved_layout_loads_like_the_diffusers_file(peft_lora, ours):
-    path, peft_dir, _ = peft_lora
+    path, peft_dir = peft_lora.diffusers, peft_lora.peft
     dit = ours.dit
     load_lora(dit, path, alpha=0.7)
     expected = snapshot(dit)
@@ -202,29 +345,6 @@ def test_peft_saved_layout_loads_like_the_diffusers_file(peft_lora, ours):
     load_lora(dit, held, alpha=0.7)
     assert_same_weights(dit, expected)
     clear_lora(dit)
-
-
-# ============================================================================ formats
-
-
-def test_every_format_gives_identical_effective_weights(dit, tmp_path):
-    layers = random_lora(shapes_of(dit), rank=4, seed=3)  # all 34 linear layers, top-level ones too
-    names = {"diffusers": "diffusers", "peft": "peft", "diffsynth": "DiffSynth", "comfyui": "ComfyUI",
-             "kohya": "kohya/musubi", "lightx2v": "lightx2v"}
-    results = {}
-    for fmt in FORMATS:
-        handle = load_lora(dit, save_lora(tmp_path / f"{fmt}.safetensors", layers, fmt, scale=2.0), alpha=0.75)
-        assert handle.prepared.format == names[fmt]
-        assert sorted(handle.layers) == sorted(layers)
-        results[fmt] = snapshot(dit)
-        clear_lora(dit)
-    for fmt in FORMATS:
-        for key, value in results["diffusers"].items():
-            assert torch.equal(results[fmt][key], value), f"{fmt}: {key}"
-    # the scale really is alpha * (alpha_file / rank) = 0.75 * 2
-    A, B = layers["transformer_blocks.1.img_mod.1"]
-    weight = tiny_dit().state_dict()["transformer_blocks.1.img_mod.1.weight"]
-    torch.testing.assert_close(results["kohya"]["transformer_blocks.1.img_mod.1.weight"], weight + 1.5 * B @ A)
 
 
 def test_state_dict_and_model_config_sources(dit, tmp_path):

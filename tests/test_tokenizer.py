@@ -1,10 +1,16 @@
-"""The offline Qwen tokenizer (pipelines.testing.tokenizer) against tiktoken on the same ranks."""
+"""The offline Qwen tokenizer (pipelines.testing.tokenizer) against tiktoken on the same ranks, with
+the pre-tokenizer pattern and the special tokens taken from sources independent of the project:
+the pattern of transformers' own Qwen2Tokenizer (which Qwen's tiktoken tokenizer in dashscope
+publishes too), the added tokens of Qwen2.5-VL's hub tokenizer_config.json written out below and
+cross-checked with transformers' Qwen2.5-VL config and dashscope's tokenizer."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import shutil
 import unicodedata
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +18,22 @@ pytest.importorskip("dashscope", reason="the Qwen BPE ranks ship in dashscope")
 tiktoken = pytest.importorskip("tiktoken")
 transformers = pytest.importorskip("transformers")
 
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PATTERN  # noqa: E402
+
 from pipelines.testing import tokenizer as qtok  # noqa: E402
+
+# The added tokens of Qwen2.5-VL (the hub's Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen-Image
+# tokenizer_config.json, `added_tokens_decoder`): id -> content, after the 151,643 BPE ranks.
+QWEN25_VL_ADDED_TOKENS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+    "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
+    "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
+    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655, "<|video_pad|>": 151656, "<tool_call>": 151657,
+    "</tool_call>": 151658, "<|fim_prefix|>": 151659, "<|fim_middle|>": 151660,
+    "<|fim_suffix|>": 151661, "<|fim_pad|>": 151662, "<|repo_name|>": 151663,
+    "<|file_sep|>": 151664,
+}
 
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
@@ -33,7 +54,26 @@ PROMPTS = [
     "def f(x):\n    return x ** 2  # comment\n\n\n\tif x>=0 && y!=1: pass",
     "    leading spaces and a very long run of spaces" + " " * 40 + "end",
     "A sign that says \"Qwen-Image\" in neon letters, <b>bold</b>, 100% sure?!...",
+    # each branch of the pattern at its edges
+    "THEY'LL SAY IT'S 'QUOTED' 'd 's'S 'LL'VE'RE'M'D's",
+    "हिन्दी में लिखा पाठ, ภาษาไทย, q̃ and x̂ with combining marks, ǅungla",
+    "room 101, 20000 leagues, ½ ² ⅷ Ⅻ 〇, v2.0.1-rc3, 0x1F600",
+    "end.\n\nnext:\r\n\r\n  - item;\n\t\tdone!!\n\n\n",
+    " \u3000full width space\u00a0nbsp\u2009thin\u200bzero width\u2028line sep",
 ]
+
+
+def random_texts(count: int, seed: int) -> list[str]:
+    """Strings mixing every character class the pattern distinguishes (seeded: the same each run)."""
+    pools = ["abcXYZ", "éüßǅ", "हिन्दी", "ภาษา", "漢字かな", "0123456789", "٣٤५६½²Ⅻ", " ", "  ", "\t", "\n", "\r\n",
+             "\u00a0\u3000", "'s", "'T", "'ll", "'RE", "'d", "'", ".,;:!?", "()[]{}<>", "-_/\\#$%&*+=@^`|~", "—…“”",
+             "😀", "🏳️‍🌈", "q̃"]
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        text = "".join(rng.choice(pools) for _ in range(rng.randint(1, 30)))
+        texts.append(unicodedata.normalize("NFC", text))
+    return texts
 
 
 @pytest.fixture(scope="session")
@@ -49,16 +89,47 @@ def hf_tokenizer(tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def file_tokenizer(tokenizer_dir):
+    """tokenizer.json as written, read by the `tokenizers` library itself: transformers 5 rebuilds
+    Qwen2Tokenizer's pipeline from its own pattern, transformers 4.x and other readers use the file's."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+
+
+def dashscope_resources() -> Path:
+    spec = importlib.util.find_spec("dashscope")
+    return Path(next(iter(spec.submodule_search_locations))) / "resources"
+
+
+@pytest.fixture(scope="session")
 def reference():
+    """tiktoken on dashscope's Qwen ranks with transformers' Qwen2 pattern and the Qwen2.5-VL added
+    tokens above: nothing of it comes from pipelines.testing.tokenizer."""
     from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(str(qtok.qwen_tiktoken_path()))
-    return tiktoken.Encoding(
-        "qwen2_reference",
-        pat_str=qtok.PRETOKENIZE_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens=dict(qtok.SPECIAL_TOKEN_IDS),
-    )
+    ranks = load_tiktoken_bpe(str(dashscope_resources() / "qwen.tiktoken"))
+    return tiktoken.Encoding("qwen2_reference", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=dict(QWEN25_VL_ADDED_TOKENS))
+
+
+def test_the_reference_sources_agree():
+    """transformers' Qwen2 pattern is the one Qwen's own tiktoken tokenizer (dashscope) uses; the
+    added-token table matches the ids transformers' Qwen2.5-VL config and dashscope know."""
+    from dashscope.tokenizers import qwen_tokenizer
+    from transformers import Qwen2_5_VLConfig
+
+    assert QWEN2_PATTERN == qwen_tokenizer.PAT_STR
+    assert dict(qwen_tokenizer.SPECIAL_TOKENS[:3]) == {
+        i: t for t, i in QWEN25_VL_ADDED_TOKENS.items() if t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    config = Qwen2_5_VLConfig()
+    ids = QWEN25_VL_ADDED_TOKENS
+    assert (config.vision_start_token_id, config.vision_end_token_id, config.image_token_id,
+            config.video_token_id) == (ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|image_pad|>"],
+                                       ids["<|video_pad|>"])
+    assert (config.text_config.bos_token_id, config.text_config.eos_token_id) == (ids["<|endoftext|>"],
+                                                                                   ids["<|im_end|>"])
+    assert sorted(ids.values()) == list(range(151643, 151643 + len(ids)))
 
 
 def test_folder_files_and_config(tokenizer_dir, hf_tokenizer):
@@ -78,18 +149,8 @@ def test_folder_files_and_config(tokenizer_dir, hf_tokenizer):
 
 
 def test_special_token_ids(hf_tokenizer):
-    expected = {
-        "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-        "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
-        "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
-        "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
-        "<|image_pad|>": 151655, "<|video_pad|>": 151656, "<tool_call>": 151657,
-        "</tool_call>": 151658, "<|fim_prefix|>": 151659, "<|fim_middle|>": 151660,
-        "<|fim_suffix|>": 151661, "<|fim_pad|>": 151662, "<|repo_name|>": 151663,
-        "<|file_sep|>": 151664,
-    }
-    assert qtok.SPECIAL_TOKEN_IDS == expected
-    for token, token_id in expected.items():
+    assert qtok.SPECIAL_TOKEN_IDS == QWEN25_VL_ADDED_TOKENS
+    for token, token_id in QWEN25_VL_ADDED_TOKENS.items():
         assert hf_tokenizer.convert_tokens_to_ids(token) == token_id
         # never split, whatever surrounds it
         assert hf_tokenizer(f"a{token}b", add_special_tokens=False)["input_ids"][1] == token_id
@@ -107,12 +168,25 @@ def test_template_prefix_is_34_tokens(hf_tokenizer, reference):
 
 
 @pytest.mark.parametrize("text", PROMPTS + [TEMPLATE.format(p) for p in PROMPTS[:4]])
-def test_same_ids_as_tiktoken(hf_tokenizer, reference, text):
+def test_same_ids_as_tiktoken(hf_tokenizer, file_tokenizer, reference, text):
     assert unicodedata.is_normalized("NFC", text)  # the HF tokenizer NFC-normalises, tiktoken not
     ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids == reference.encode(text, allowed_special="all")
+    assert file_tokenizer.encode(text, add_special_tokens=False).ids == ids
     assert hf_tokenizer.decode(ids) == text
     assert reference.decode(ids) == text
+
+
+def test_random_texts_give_the_same_ids_as_tiktoken(hf_tokenizer, file_tokenizer, reference):
+    """Every branch of the pattern, in random company: a wrong alternative or a lost flag in the
+    written tokenizer.json splits some of them differently, and the ids differ."""
+    wrong = []
+    for text in random_texts(400, seed=0):
+        expected = reference.encode(text, allowed_special="all")
+        if (hf_tokenizer(text, add_special_tokens=False)["input_ids"] != expected
+                or file_tokenizer.encode(text, add_special_tokens=False).ids != expected):
+            wrong.append(text)
+    assert not wrong, f"{len(wrong)} of 400 texts tokenise differently, e.g. {wrong[:3]!r}"
 
 
 def test_every_vocab_token_is_reached_by_the_merges(hf_tokenizer, tokenizer_dir):

@@ -1,19 +1,29 @@
-"""VRAM management on the CPU: every preset and a table of key combinations give the unmanaged
-pipeline's image (bit for bit when every dtype is the computation dtype: the same kernels
-run on the same values, since every host weight starts on loader.HOST_ALIGNMENT whether it
-was read in place, copied or cast; within a stated tolerance with float8 or bfloat16
-storage), the weights are where the keys say after each stage, hot LoRA works on wrapped
-layers, disk offload keeps host memory bounded, bad keys get clear errors. The CPU stands in
-for the GPU: the places differ by dtype and by "disk" (weights left in the file show as meta
-tensors on the module); the vram_limit stand-in counts the bytes prepared on the device."""
+"""VRAM management on the CPU: every preset and a table of key combinations give, bit for bit,
+the image of the unmanaged pipeline run on the weights the storage leaves (float32 storage: the
+checkpoint itself; float8 or bfloat16 storage: the checkpoint rounded through that dtype by the
+test, see `round_as_stored`), the weights are where the keys say after each stage, hot LoRA works
+on wrapped layers, disk offload keeps host memory bounded, bad keys get clear errors. The CPU
+stands in for the GPU: the places differ by dtype and by "disk" (weights left in the file show as
+meta tensors on the module); the vram_limit stand-in counts the bytes prepared on the device.
+
+Exact versus tolerance. A managed layer runs the computation-dtype copy of its stored tensor
+through the same kernels as the unmanaged model: every host weight starts on
+loader.HOST_ALIGNMENT whether it was read in place, copied or cast, so with the same values the
+same kernels give the same bits. Storage in float8/bfloat16 changes the values, not the math:
+casting back gives exactly the rounded weights of the oracle. So every image comparison against an
+oracle is exact (max difference 0). The one stated tolerance is batched CFG
+(`test_batched_cfg_matches_two_forwards`): a batch-2 forward with a padded, masked prompt runs
+other kernels (other matmul shapes, masked softmax) than two batch-1 forwards."""
 from __future__ import annotations
 
 import gc
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipelines.core import vram
 from pipelines.core.lora import apply as lora_apply
@@ -32,31 +42,51 @@ FOLDERS = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
 GEN = dict(prompt="A red fox sitting in fresh snow, soft morning light", negative_prompt="blurry", cfg_scale=4.0,
            seed=3, height=64, width=64, num_inference_steps=2, progress_bar=False)
 FP8 = "float8_e4m3fn"
-# FP8 storage with float32 compute, measured on the tiny model: mean |diff| ~ 4, max ~ 26 (of 255).
-FP8_MEAN, FP8_MAX = 8.0, 48
-BF16_MEAN, BF16_MAX = 1.0, 6  # bfloat16 storage: mean ~ 0.25, max 2
+# What the storage dtypes do to the image, measured on the tiny model (GEN, 64x64, 2 steps; |diff|
+# in 0..255 against the float32 image): float8 storage mean 4.1 / max 30, bfloat16 storage mean
+# 0.25 / max 2. Wrong runs differ from the right one by less than float8 does: no negative prompt
+# mean 2.9 / max 27, cfg_scale 3.5 for 4.0 mean 0.9 / max 14, no CFG at all mean 5.6 / max 81,
+# another prompt mean 8.4 / max 97. No tolerance on the float32 image tells float8 rounding from
+# such a bug, hence the oracles on rounded weights, compared exactly.
+STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float8": torch.float8_e4m3fn}
 
 # The presets of conf/vram/*.yaml with `auto` resolved as the runner does on a CPU run
-# (dtype float32, device cpu); on a GPU run `auto` is bfloat16 / cuda.
+# (dtype float32, device cpu); on a GPU run `auto` is bfloat16 / cuda. The last item: the storage
+# whose rounding the image carries.
 AUTO_DTYPE, AUTO_DEVICE = "float32", "cpu"
 PRESETS = {
-    "none": ({}, None),
+    "none": ({}, None, "float32"),
     "cpu_offload": (dict(offload_dtype=AUTO_DTYPE, offload_device="cpu", onload_dtype=AUTO_DTYPE,
                          onload_device=AUTO_DEVICE, preparing_dtype=AUTO_DTYPE, preparing_device=AUTO_DEVICE,
-                         computation_dtype=AUTO_DTYPE, computation_device=AUTO_DEVICE), None),
+                         computation_dtype=AUTO_DTYPE, computation_device=AUTO_DEVICE), None, "float32"),
     "fp8": (dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8, onload_device=AUTO_DEVICE,
                  preparing_dtype=FP8, preparing_device=AUTO_DEVICE, computation_dtype=AUTO_DTYPE,
-                 computation_device=AUTO_DEVICE), None),
+                 computation_device=AUTO_DEVICE), None, "float8"),
     "low_vram": (dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8, onload_device="cpu",
                       preparing_dtype=FP8, preparing_device=AUTO_DEVICE, computation_dtype=AUTO_DTYPE,
-                      computation_device=AUTO_DEVICE), "auto"),
+                      computation_device=AUTO_DEVICE), "auto", "float8"),
     "disk": (dict(offload_dtype="disk", offload_device="disk", onload_dtype=FP8, onload_device="cpu",
                   preparing_dtype=FP8, preparing_device=AUTO_DEVICE, computation_dtype=AUTO_DTYPE,
-                  computation_device=AUTO_DEVICE), "auto"),
+                  computation_device=AUTO_DEVICE), "auto", "float8"),
 }
 
 
 # ============================================================================ helpers
+
+
+def round_as_stored(tensor: torch.Tensor, storage: str) -> torch.Tensor:
+    """What storing a float32 weight in `storage` leaves of it, written from the documented rule
+    (pipelines.core.vram: float8 applies to matrices and kernels, vectors keep the computation
+    dtype; other storage dtypes apply to every floating-point tensor), not from the library's code."""
+    if storage == "float32" or not tensor.is_floating_point() or (storage == "float8" and tensor.ndim < 2):
+        return tensor
+    return tensor.to(STORAGE[storage]).to(tensor.dtype)
+
+
+def round_parameters_(module: torch.nn.Module, storage: str) -> None:
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(round_as_stored(param, storage))
 
 
 @pytest.fixture(scope="module")
@@ -74,28 +104,73 @@ def build(repo: Path, tokenizer, keys: dict | None = None, per_model: dict | Non
     return pipe
 
 
+def write_rounded_repo(repo: Path, out: Path, storage: str) -> Path:
+    """A copy of the model folder `repo` at `out` whose weights are rounded as `storage` rounds them:
+    the unmanaged pipeline on it is the exact oracle of a run that stores the weights in `storage`."""
+    shutil.copytree(repo, out)
+    for file in out.rglob("*.safetensors"):
+        state = load_file(str(file))
+        save_file({k: round_as_stored(v, storage) for k, v in state.items()}, str(file), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def rounded_repos(tiny_repo, tmp_path_factory) -> dict[str, Path]:
+    """The tiny repo, and copies whose weights are rounded as float8 / bfloat16 storage rounds them."""
+    return {"float32": tiny_repo, **{storage: write_rounded_repo(
+        tiny_repo, tmp_path_factory.mktemp(f"rounded_{storage}") / tiny_repo.name, storage)
+        for storage in ("float8", "bfloat16")}}
+
+
 @pytest.fixture(scope="module")
 def unmanaged(tiny_repo, tokenizer):
     return build(tiny_repo, tokenizer)
 
 
 @pytest.fixture(scope="module")
-def reference(unmanaged):
-    return pixels(unmanaged(**GEN))
+def oracle(rounded_repos, tokenizer, unmanaged):
+    """storage -> the unmanaged pipeline on the weights rounded as that storage rounds them."""
+    pipes = {"float32": unmanaged}
+
+    def get(storage: str) -> QwenImagePipeline:
+        if storage not in pipes:
+            pipes[storage] = build(rounded_repos[storage], tokenizer)
+        return pipes[storage]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def expected_images(oracle):
+    """storage -> the oracle's image of GEN (computed once per storage, when first needed)."""
+    images = {}
+
+    def get(storage: str) -> np.ndarray:
+        if storage not in images:
+            images[storage] = pixels(oracle(storage)(**GEN))
+        return images[storage]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(expected_images):
+    return expected_images("float32")
 
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def assert_close_image(image: np.ndarray, expected: np.ndarray, exact: bool, mean: float = FP8_MEAN,
-                       worst: int = FP8_MAX) -> None:
-    assert ((expected > 2) & (expected < 253)).mean() > 0.5 and expected.std() > 5  # a real image
+def assert_real_image(expected: np.ndarray) -> None:
+    """A saturated or flat image would make any comparison with it empty."""
+    assert ((expected > 2) & (expected < 253)).mean() > 0.5 and expected.std() > 5
+
+
+def assert_same_image(image: np.ndarray, expected: np.ndarray) -> None:
+    assert_real_image(expected)
     diff = np.abs(image - expected)
-    if exact:
-        assert diff.max() == 0, f"max pixel difference {diff.max()}, expected none"
-    else:
-        assert diff.mean() <= mean and diff.max() <= worst, f"mean {diff.mean():.2f}, max {diff.max()}"
+    assert diff.max() == 0, f"max pixel difference {diff.max()} (mean {diff.mean():.2f}), expected none"
 
 
 class StageRecorder:
@@ -179,13 +254,12 @@ def prepared(snapshot: dict, name: str) -> int:
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_presets_give_the_unmanaged_image(preset, tiny_repo, tokenizer, reference, monkeypatch):
-    keys, vram_limit = PRESETS[preset]
+def test_presets_give_the_unmanaged_image(preset, tiny_repo, tokenizer, expected_images, monkeypatch):
+    keys, vram_limit, storage = PRESETS[preset]
     pipe = build(tiny_repo, tokenizer, keys, vram_limit=vram_limit)
     assert set(pipe.vram) == (set() if preset == "none" else set(FOLDERS))
     recorder = StageRecorder(pipe, monkeypatch)
-    image = pixels(pipe(**GEN))
-    assert_close_image(image, reference, exact=preset in ("none", "cpu_offload"))
+    assert_same_image(pixels(pipe(**GEN)), expected_images(storage))
     if preset != "none":
         check_stages(pipe, recorder)
     if preset == "disk":  # nothing of the weights stays in memory between calls
@@ -197,42 +271,40 @@ def model_bytes(unmanaged):
     return {name: sum(p.numel() * 4 for p in getattr(unmanaged, name).parameters()) for name in FOLDERS}
 
 
-# (id, keys for every model, vram_limit as a fraction of the DiT's float32 bytes, exact (True), within
-# the FP8 tolerance (False) or the bfloat16 one ("bf16"), how many DiT layers are prepared at the end
-# of the denoising: "all", "none" or "some")
+# (id, keys for every model, vram_limit as a fraction of the DiT's float32 bytes, the storage whose
+# rounding the image carries (its oracle, compared exactly), how many DiT layers are prepared at the
+# end of the denoising: "all", "none" or "some")
 COMBINATIONS = [
-    ("offload_device only", dict(offload_device="cpu"), None, True, "none"),
-    ("offload bf16, rest computation", dict(offload_dtype="bfloat16", offload_device="cpu"), None, "bf16", "none"),
-    ("disk, read per layer", dict(offload_dtype="disk", offload_device="disk", onload_dtype="disk",
-                                  onload_device="disk"), None, True, "all"),
-    ("disk, onload cpu", dict(offload_dtype="disk", offload_device="disk", onload_device="cpu"), None, True, "none"),
-    ("disk per layer, limit", dict(offload_device="disk", onload_device="disk", preparing_device="cpu"), 0.5, True,
-     "some"),
-    ("fp8 onload, fp32 preparing, no limit", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8,
-                                                   preparing_dtype="float32"), None, False, "all"),
-    ("fp8 onload, fp32 preparing, limit 0", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8,
-                                                  preparing_dtype="float32"), 0.0, False, "none"),
-    ("bf16 onload, fp32 preparing, limit", dict(offload_dtype="float32", offload_device="cpu",
-                                                 onload_dtype="bfloat16", preparing_dtype="float32"), 0.4, "bf16",
-     "some"),
-    ("fp8 offload, fp32 onload", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype="float32"), None, False,
+    ("offload_device only", dict(offload_device="cpu"), None, "float32", "none"),
+    ("offload bf16, rest computation", dict(offload_dtype="bfloat16", offload_device="cpu"), None, "bfloat16",
      "none"),
+    ("disk, read per layer", dict(offload_dtype="disk", offload_device="disk", onload_dtype="disk",
+                                  onload_device="disk"), None, "float32", "all"),
+    ("disk, onload cpu", dict(offload_dtype="disk", offload_device="disk", onload_device="cpu"), None, "float32",
+     "none"),
+    ("disk per layer, limit", dict(offload_device="disk", onload_device="disk", preparing_device="cpu"), 0.5,
+     "float32", "some"),
+    ("fp8 onload, fp32 preparing, no limit", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8,
+                                                   preparing_dtype="float32"), None, "float8", "all"),
+    ("fp8 onload, fp32 preparing, limit 0", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype=FP8,
+                                                  preparing_dtype="float32"), 0.0, "float8", "none"),
+    ("bf16 onload, fp32 preparing, limit", dict(offload_dtype="float32", offload_device="cpu",
+                                                 onload_dtype="bfloat16", preparing_dtype="float32"), 0.4, "bfloat16",
+     "some"),
+    ("fp8 offload, fp32 onload", dict(offload_dtype=FP8, offload_device="cpu", onload_dtype="float32"), None,
+     "float8", "none"),
     ("disk, fp8 onload, fp32 preparing, limit", dict(offload_device="disk", onload_dtype=FP8, onload_device="cpu",
-                                                      preparing_dtype=torch.float32), 0.6, False, "some"),
+                                                      preparing_dtype=torch.float32), 0.6, "float8", "some"),
 ]
 
 
-@pytest.mark.parametrize("name,keys,limit,exact,dit_prepared", COMBINATIONS, ids=[c[0] for c in COMBINATIONS])
-def test_key_combinations_give_the_unmanaged_image(name, keys, limit, exact, dit_prepared, tiny_repo, tokenizer,
-                                                    reference, model_bytes, monkeypatch):
+@pytest.mark.parametrize("name,keys,limit,storage,dit_prepared", COMBINATIONS, ids=[c[0] for c in COMBINATIONS])
+def test_key_combinations_give_the_unmanaged_image(name, keys, limit, storage, dit_prepared, tiny_repo, tokenizer,
+                                                    expected_images, model_bytes, monkeypatch):
     vram_limit = None if limit is None else limit * model_bytes["dit"] / vram.GiB
     pipe = build(tiny_repo, tokenizer, keys, vram_limit=vram_limit)
     recorder = StageRecorder(pipe, monkeypatch)
-    image = pixels(pipe(**GEN))
-    if exact == "bf16":
-        assert_close_image(image, reference, exact=False, mean=BF16_MEAN, worst=BF16_MAX)
-    else:
-        assert_close_image(image, reference, exact=exact)
+    assert_same_image(pixels(pipe(**GEN)), expected_images(storage))
     check_stages(pipe, recorder)
     end_of_denoise = recorder.calls[3][1]
     count = prepared(end_of_denoise, "dit")
@@ -250,6 +322,33 @@ def test_key_combinations_give_the_unmanaged_image(name, keys, limit, exact, dit
     assert not any(meter.counted.values()), "prepared bytes not given back at the end of the call"
 
 
+def test_the_storage_dtypes_really_change_the_image(expected_images):
+    """The oracles differ from each other, so an exact match with the float8 one shows the weights
+    were stored in float8 (a run that kept float32 or rounded only some layers would not match)."""
+    float32, float8, bfloat16 = (expected_images(s) for s in ("float32", "float8", "bfloat16"))
+    assert np.abs(float8 - float32).mean() > 1 and np.abs(bfloat16 - float32).max() > 0
+    assert np.abs(float8 - bfloat16).mean() > 1
+
+
+@pytest.fixture(scope="module")
+def fp8_pipe(tiny_repo, tokenizer):
+    return build(tiny_repo, tokenizer, PRESETS["fp8"][0])
+
+
+# the wrong runs of the module docstring's measurement: each moves the image by less than float8
+# storage does (no negative prompt, a slightly wrong cfg_scale) or by about as much
+WRONG_RUNS = {"no CFG": dict(cfg_scale=1.0), "no negative prompt": dict(negative_prompt=""),
+              "cfg_scale 3.5": dict(cfg_scale=3.5), "another prompt": dict(prompt="a lighthouse on a cliff at night"),
+              "another seed": dict(seed=4)}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG_RUNS))
+def test_the_fp8_check_rejects_a_wrong_run(wrong, fp8_pipe, expected_images):
+    image = pixels(fp8_pipe(**{**GEN, **WRONG_RUNS[wrong]}))
+    with pytest.raises(AssertionError, match="max pixel difference"):
+        assert_same_image(image, expected_images("float8"))
+
+
 def test_models_with_different_settings_and_image_to_image(tiny_repo, tokenizer, unmanaged, monkeypatch):
     from PIL import Image
 
@@ -261,7 +360,7 @@ def test_models_with_different_settings_and_image_to_image(tiny_repo, tokenizer,
     args = dict(GEN, input_image=start, denoising_strength=0.6, num_inference_steps=4)
     recorder = StageRecorder(pipe, monkeypatch)
     image = pixels(pipe(**args))
-    assert_close_image(image, pixels(unmanaged(**args)), exact=True)
+    assert_same_image(image, pixels(unmanaged(**args)))  # float32 storage everywhere: exact
     assert [c[0] for c in recorder.calls] == ["text_encoder", "text_encoder", "vae", "dit", "vae", None]
     check_layers(pipe, recorder.calls[3][2], "dit", {"onload"})  # the VAE went back after encoding the image
     assert pipe.dit.img_in.weight.device.type == "meta" and pipe.vae.decoder.conv_in.weight.device.type == "meta"
@@ -286,13 +385,21 @@ def test_encode_prompt_alone_onloads_the_text_encoder_and_a_failed_call_offloads
 # ============================================================================ options
 
 
+def assert_batched_close(batched: np.ndarray, two: np.ndarray) -> None:
+    """Batched CFG against two forwards: a stated tolerance, not exactness (other kernels: batch-2
+    matmuls, a masked softmax over the padded prompt). Measured on the tiny model, float32 and float8
+    storage alike: one value of the 12,288 off by 1. Attending to the padding (the mask dropped)
+    gives mean 8.8 / max 82. Bound: max 1 on under 1% of the values."""
+    assert_real_image(two)
+    diff = np.abs(batched - two)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"max {diff.max()}, {(diff > 0).mean():.2%} differ"
+
+
 def test_batched_cfg_matches_two_forwards(tiny_repo, tokenizer, unmanaged, reference):
     # the negative prompt is shorter: the batch pads it and masks the padding
-    batched = pixels(unmanaged(**GEN, cfg_batch=True))
-    assert np.abs(batched - reference).max() <= 1
+    assert_batched_close(pixels(unmanaged(**GEN, cfg_batch=True)), reference)
     pipe = build(tiny_repo, tokenizer, PRESETS["disk"][0])
-    fp8_two = pixels(pipe(**GEN))
-    assert np.abs(pixels(pipe(**GEN, cfg_batch=True)) - fp8_two).max() <= 1
+    assert_batched_close(pixels(pipe(**GEN, cfg_batch=True)), pixels(pipe(**GEN)))
 
 
 def test_prefetch_bookkeeping_on_the_cpu(tiny_repo, tokenizer, monkeypatch):
@@ -317,14 +424,14 @@ def test_prefetch_bookkeeping_on_the_cpu(tiny_repo, tokenizer, monkeypatch):
     assert pipe.vram["dit"].stats()["prefetch_resets"] >= 1
 
 
-def test_host_arenas_hold_the_same_weights(tiny_repo, tokenizer, reference, monkeypatch):
+def test_host_arenas_hold_the_same_weights(tiny_repo, tokenizer, expected_images, monkeypatch):
     """The page-locked arena path (CUDA), without the page locking."""
     keys = dict(offload_dtype="float32", offload_device="cpu", onload_dtype="bfloat16", onload_device="cpu")
     pipe = build(tiny_repo, tokenizer, keys, options=vram.VramOptions(host_arenas=True))
     storages = {p.untyped_storage().data_ptr() for p in pipe.dit.parameters()}
     assert len(storages) == 1  # one buffer for the model
     recorder = StageRecorder(pipe, monkeypatch)
-    assert_close_image(pixels(pipe(**GEN)), reference, exact=False, mean=BF16_MEAN, worst=BF16_MAX)
+    assert_same_image(pixels(pipe(**GEN)), expected_images("bfloat16"))
     onloaded = recorder.calls[2][2]["dit"]
     assert all(dtype == torch.bfloat16 for _, _, dtype, _, _ in onloaded.values())
 
@@ -332,36 +439,45 @@ def test_host_arenas_hold_the_same_weights(tiny_repo, tokenizer, reference, monk
 # ============================================================================ LoRA
 
 
-def test_hot_lora_on_wrapped_layers(tiny_repo, tokenizer, unmanaged, reference, tmp_path):
+def test_hot_lora_on_wrapped_layers(tiny_repo, tokenizer, unmanaged, reference, oracle, tmp_path):
     shapes = {k: tuple(v.shape) for k, v in unmanaged.dit.state_dict().items()}
     path = save_lora(tmp_path / "lora.safetensors", random_lora(shapes, rank=4, seed=7), "kohya", 2.0)
-    handle = unmanaged.load_lora(unmanaged.dit, str(path), hotload=True)
-    expected = pixels(unmanaged(**GEN))
-    unmanaged.clear_lora()
-    assert np.abs(expected - reference).mean() > 3  # the LoRA shows
+    expected = {}
+    for storage in ("float32", "float8"):  # the same hot LoRA on the oracles: exact references
+        pipe = oracle(storage)
+        pipe.load_lora(pipe.dit, str(path), hotload=True)
+        try:
+            expected[storage] = pixels(pipe(**GEN))
+        finally:
+            pipe.clear_lora()
+    assert np.abs(expected["float32"] - reference).mean() > 3  # the LoRA shows
 
     disk = build(tiny_repo, tokenizer, dict(offload_device="disk", onload_device="disk"))
     handle = disk.load_lora(disk.dit, str(path))
     assert handle.hot  # the default for a VRAM-managed model
-    assert np.array_equal(pixels(disk(**GEN)), expected)
+    assert_same_image(pixels(disk(**GEN)), expected["float32"])
     with pytest.raises(VramConfigError, match="cold LoRA"):
         disk.load_lora(disk.dit, str(path), hotload=False)
     disk.clear_lora()
-    assert np.array_equal(pixels(disk(**GEN)), reference)
+    assert_same_image(pixels(disk(**GEN)), reference)
 
     fp8 = build(tiny_repo, tokenizer, PRESETS["fp8"][0])
     fp8.load_lora(fp8.dit, str(path), alpha=1.0)
     entry = next(iter(lora_apply._STATE[fp8.dit].hot.values()))[0]
     assert entry.A.dtype == torch.float32 and entry.A.device.type == "cpu"  # computation, not float8 storage
-    assert_close_image(pixels(fp8(**GEN)), expected, exact=False)
+    assert_same_image(pixels(fp8(**GEN)), expected["float8"])
 
 
-def test_cold_lora_fuses_into_the_offload_storage(tiny_repo, tokenizer, unmanaged, reference, tmp_path):
-    shapes = {k: tuple(v.shape) for k, v in unmanaged.dit.state_dict().items()}
+def test_cold_lora_fuses_into_the_offload_storage(tiny_repo, tokenizer, tmp_path):
+    # the oracle: fused in float32 into the float32 weights, then every weight rounded through
+    # bfloat16, as the onload storage below holds them
+    fused = build(tiny_repo, tokenizer)
+    shapes = {k: tuple(v.shape) for k, v in fused.dit.state_dict().items()}
     path = save_lora(tmp_path / "lora.safetensors", random_lora(shapes, rank=4, seed=8), "kohya", 2.0)
-    unmanaged.load_lora(unmanaged.dit, str(path))
-    expected = pixels(unmanaged(**GEN))
-    unmanaged.clear_lora()
+    fused.load_lora(fused.dit, str(path))
+    for name in FOLDERS:
+        round_parameters_(getattr(fused, name), "bfloat16")
+    expected = pixels(fused(**GEN))
 
     keys = dict(offload_device="cpu", offload_dtype="float32", onload_dtype="bfloat16", preparing_dtype="float32")
     pipe = build(tiny_repo, tokenizer, keys)
@@ -370,7 +486,7 @@ def test_cold_lora_fuses_into_the_offload_storage(tiny_repo, tokenizer, unmanage
     handle = pipe.load_lora(pipe.dit, str(path), hotload=False)
     assert not handle.hot and pipe.vram["dit"].state == vram.OFFLOAD
     image = pixels(pipe(**GEN))
-    assert_close_image(image, expected, exact=False, mean=BF16_MEAN, worst=BF16_MAX)
+    assert_same_image(image, expected)
     assert np.abs(image - base).mean() > 3
     pipe.clear_lora()
     assert np.array_equal(pixels(pipe(**GEN)), base)
@@ -471,11 +587,18 @@ def test_disk_offload_keeps_host_memory_bounded(onload, mid_dit_file):
             rss.append(_rss())
     manager.offload()
     rss.append(_rss(collect=True))
+    # Growth of the resident memory in units of the weights' bytes. Measured (this machine, glibc):
+    # onload "disk": 0.15 at most (one layer's copies and the allocator's cache), where keeping the
+    # pages read from the file (no release) gives 1.18; onload "cpu": 1.07 after the onload, +0.00
+    # over the steps, 0.07 after the offload, where an onload buffer kept after the offload gives
+    # 1.07 at the end and pages of the file kept after the copy 2.07 after the onload. The bounds
+    # sit between, with room for another allocator's caching.
     growth = [(r - rss[0]) / nbytes for r in rss]
     if onload == "disk":  # read per layer, every step: the whole file went through 12 times
         assert max(growth) < 0.25, f"host memory grew by {max(growth):.0%} of the weights: {growth}"
     else:  # one copy at onload, none over the steps, none after the offload
-        assert max(growth[2:-1]) - growth[1] < 0.05 and growth[-1] < 0.25, growth
+        assert growth[1] < 1.5 and max(growth[2:-1]) - growth[1] < 0.05 and growth[-1] < 0.25, growth
+    # exact: float32 storage, the same kernels on the same (aligned) values as the plain load
     reference = load_model([folder], [QwenImageDiT], torch.float32, "cpu")
     with torch.inference_mode():
         assert torch.equal(outputs[3], reference(latents, torch.tensor([1.0 - 3 / 12]), text, None, 4, 4))
