@@ -1,17 +1,32 @@
 """Checkpoint files -> nn.Module.
 
 Recognise which model a checkpoint holds from its key names and shapes, build the module
-with its parameters on the meta device, then assign the stored tensors one by one, cast to
-the target dtype on the target device: no random initialisation, no second full copy.
-Everything model-specific comes from the model classes (`checkpoint.CheckpointModel`).
+with its parameters on the meta device, check every key and shape, then fill them: no random
+initialisation, no second full copy. Everything model-specific comes from the model classes
+(`checkpoint.CheckpointModel`).
+
+Reading safetensors (`read_tensors`): every destination tensor is allocated first, then the
+files are read with large positional reads (`os.preadv`, up to READ_CHUNK bytes each, several
+threads, files and pieces of one file in parallel) straight into them, so nothing is left to
+page faults in the first forward. Host destinations come from PyTorch's allocator (aligned on
+HOST_ALIGNMENT, each freed on its own); a cast goes through a small per-thread staging buffer
+and overlaps the other threads' reads. GPU destinations are filled from pinned
+staging buffers, the host-to-device copies (and casts, done on the device) queued on side
+streams while the next pieces are read. The page cache keeps the file; the process holds one
+copy. `torch_dtype=None` on the CPU (VRAM management) instead gives views over a memory map of
+the files: nothing is read until used.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import mmap
+import os
+import queue
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -181,6 +196,13 @@ def host_aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+
+
+def _align(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
 class MappedFile:
     """A private (copy-on-write) memory map of one file, opened on first use: tensors over it
     copy nothing until cast or moved, and writes never reach the file."""
@@ -198,6 +220,20 @@ class MappedFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         count = length // dtype.itemsize
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).view(tuple(shape))
+
+    def populate(self, offset: int, length: int) -> None:
+        """Map the pages of [offset, offset + length) now, with one call, instead of page fault by
+        page fault when they are first read (no copy: a private map shares the page cache's pages
+        until written); only readahead on kernels before 5.14."""
+        if self._map is None or length == 0:
+            return
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        length = min(_align(offset + length, mmap.PAGESIZE), len(self._map)) - start
+        try:
+            self._map.madvise(MADV_POPULATE_READ, start, length)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._map.madvise(mmap.MADV_WILLNEED, start, length)
 
     def release(self, offset: int, length: int) -> None:
         """Hand the pages of [offset, offset + length) back (they stay in the page cache; a
@@ -231,6 +267,218 @@ def _iter_tensors(file: CheckpointFile, keys: Sequence[str]) -> Iterator[tuple[s
             f"{path}: reading tensor data failed ({type(error).__name__}: {error}). The file is "
             "truncated or corrupt: delete it and fetch it again."
         ) from error
+
+
+# ---------------------------------------------------------------- reading safetensors into tensors
+
+READ_CHUNK = 16 << 20  # bytes per read call (and per staging buffer)
+MAX_READ_THREADS = 8
+IOV_MAX = 512  # buffers per os.preadv call (Linux takes 1024)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous host tensor, writable (for os.preadv)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+@dataclass
+class _Piece:
+    """Bytes [offset, offset + nbytes) of a file, stored as `stored`, going to elements
+    [first, first + nbytes / itemsize) of `target` (a flat destination; a cast when its
+    dtype differs)."""
+
+    fd: int
+    path: Path
+    offset: int
+    nbytes: int
+    stored: torch.dtype
+    target: torch.Tensor
+    first: int
+
+    @property
+    def cast(self) -> bool:
+        return self.target.dtype != self.stored
+
+    def destination(self) -> torch.Tensor:
+        return self.target[self.first:self.first + self.nbytes // self.stored.itemsize]
+
+
+def _pieces(fd: int, path: Path, offset: int, nbytes: int, stored: torch.dtype,
+            target: torch.Tensor) -> Iterator[_Piece]:
+    """A tensor's bytes in pieces of at most READ_CHUNK, cut between elements."""
+    step = max(READ_CHUNK // stored.itemsize, 1) * stored.itemsize
+    for start in range(0, nbytes, step):
+        yield _Piece(fd, path, offset + start, min(step, nbytes - start), stored, target, start // stored.itemsize)
+
+
+def _chunks(pieces: Sequence[_Piece]) -> list[list[_Piece]]:
+    """Runs of pieces contiguous in one file, up to READ_CHUNK bytes: one os.preadv each."""
+    chunks: list[list[_Piece]] = []
+    size = 0
+    for piece in pieces:
+        last = chunks[-1][-1] if chunks else None
+        if (last is None or last.fd != piece.fd or last.offset + last.nbytes != piece.offset
+                or size + piece.nbytes > READ_CHUNK or len(chunks[-1]) >= IOV_MAX):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(piece)
+        size += piece.nbytes
+    return chunks
+
+
+def _read_exactly(chunk: Sequence[_Piece], buffers: list[memoryview]) -> None:
+    """Fill `buffers` with the file bytes of `chunk` (contiguous), however the reads split."""
+    first = chunk[0]
+    offset, index = first.offset, 0
+    try:
+        while index < len(buffers):
+            done = os.preadv(first.fd, buffers[index:index + IOV_MAX], offset)
+            if done <= 0:
+                raise EOFError(f"the file ends at byte {offset}, inside the tensor data")
+            offset += done
+            while done:
+                size = buffers[index].nbytes
+                if done < size:
+                    buffers[index] = buffers[index][done:]
+                    break
+                done -= size
+                index += 1
+    except (OSError, EOFError) as error:
+        raise CheckpointError(
+            f"{first.path}: reading tensor data failed ({type(error).__name__}: {error}). The file is truncated "
+            "or corrupt: delete it and fetch it again.") from error
+
+
+class _Staging:
+    """One worker's staging: a host buffer (pinned for a GPU) for pieces that are cast or go to
+    the GPU, and on a GPU its stream, a device buffer for casts and an event marking when the
+    last copies out of the host buffer are done."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        cuda = device.type == "cuda"
+        self._host: torch.Tensor | None = None
+        self._view: memoryview | None = None
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.event = torch.cuda.Event() if cuda else None
+        self.scratch: torch.Tensor | None = None
+
+    def host(self) -> tuple[torch.Tensor, memoryview]:
+        """The host buffer (made on first use: a load to the CPU without a cast needs none)."""
+        if self._host is None:
+            size = READ_CHUNK + IOV_MAX * HOST_ALIGNMENT  # pieces start on HOST_ALIGNMENT in it
+            self._host = torch.empty(size, dtype=torch.uint8, pin_memory=self.stream is not None)
+            self._view = _bytes_of(self._host)
+        return self._host, self._view
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def read_to_host(self, chunk: Sequence[_Piece]) -> None:
+        """Pieces in their host destination: read in place, or staged and cast."""
+        buffers, staged, at = [], [], 0
+        for piece in chunk:
+            if piece.cast:
+                buffers.append(self.host()[1][at:at + piece.nbytes])
+                staged.append((piece, at))
+                at = _align(at + piece.nbytes, HOST_ALIGNMENT)
+            else:
+                buffers.append(_bytes_of(piece.destination()))
+        _read_exactly(chunk, buffers)
+        for piece, at in staged:
+            piece.destination().copy_(self.host()[0][at:at + piece.nbytes].view(piece.stored))
+
+    def read_to_device(self, chunk: Sequence[_Piece]) -> None:
+        """Pieces read into the pinned buffer, copied to the device on this staging's stream
+        (cast there), while the worker goes on to read the next ones into another staging."""
+        self.event.synchronize()  # the copies out of the buffer queued last time are done
+        host, view = self.host()
+        buffers, places, at = [], [], 0
+        for piece in chunk:
+            buffers.append(view[at:at + piece.nbytes])
+            places.append(at)
+            at = _align(at + piece.nbytes, HOST_ALIGNMENT)
+        _read_exactly(chunk, buffers)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            for piece, at in zip(chunk, places):
+                source = host[at:at + piece.nbytes]
+                if piece.cast:
+                    if self.scratch is None:
+                        self.scratch = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
+                    staged = self.scratch[at:at + piece.nbytes]
+                    staged.copy_(source, non_blocking=True)
+                    piece.destination().copy_(staged.view(piece.stored))
+                else:
+                    piece.destination().view(torch.uint8).copy_(source, non_blocking=True)
+            self.event.record(self.stream)
+
+
+def read_tensors(pieces: Sequence[_Piece], device: torch.device,
+                 progress: Callable[[int], None] = lambda nbytes: None) -> None:
+    """Fill every piece's destination from its file: up to MAX_READ_THREADS workers, each
+    reading runs of pieces with one os.preadv, files and parts of one file in parallel."""
+    chunks = _chunks(pieces)
+    if not chunks:
+        return
+    workers = max(1, min(MAX_READ_THREADS, os.cpu_count() or 1, len(chunks)))
+    to_device = device.type == "cuda"
+    stagings: queue.SimpleQueue[_Staging] = queue.SimpleQueue()
+    created: list[_Staging] = []
+    inference = torch.is_inference_mode_enabled()  # the workers make the same kind of tensors
+
+    def work(chunk: list[_Piece]) -> int:
+        try:
+            staging = stagings.get_nowait()
+        except queue.Empty:
+            staging = _Staging(device)
+            created.append(staging)
+        try:
+            with torch.inference_mode(inference):
+                if to_device:
+                    staging.read_to_device(chunk)
+                else:
+                    staging.read_to_host(chunk)
+        finally:
+            stagings.put(staging)
+        return sum(piece.nbytes for piece in chunk)
+
+    try:
+        if to_device:  # two stagings per worker: one is read into while the other's copies run
+            current = torch.cuda.current_stream(device)  # where the destinations were allocated
+            for _ in range(2 * workers):
+                staging = _Staging(device)
+                staging.stream.wait_stream(current)
+                created.append(staging)
+                stagings.put(staging)
+        if workers == 1:
+            for chunk in chunks:
+                progress(work(chunk))
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="read-weights") as pool:
+            futures: list[Future] = [pool.submit(work, chunk) for chunk in chunks]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()
+                    progress(future.result())
+    finally:
+        for staging in created:
+            staging.synchronize()
+
+
+def _reads_in_place(torch_dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Whether load_model reads safetensors with read_tensors (else: views over a memory map,
+    cast and moved one by one)."""
+    if not hasattr(os, "preadv"):
+        return False
+    if device.type == "cpu":
+        return torch_dtype is not None  # None: views over the file, for VRAM management
+    return device.type == "cuda"
 
 
 # ---------------------------------------------------------------- recognition
@@ -311,9 +559,11 @@ def load_model(
     torch_dtype: torch.dtype | None,
     device: str | torch.device,
 ) -> nn.Module:
-    """Recognise, build on meta, check every key and shape, then assign tensors one by one.
-    `torch_dtype=None` keeps each tensor as stored, as a view over the file where possible:
-    for VRAM management, which moves every tensor on to its storage itself."""
+    """Recognise, build on meta, check every key and shape, then fill the parameters: safetensors
+    on the CPU or a CUDA device with `read_tensors` (allocated first, then read in parallel),
+    anything else tensor by tensor. `torch_dtype=None` on the CPU keeps each tensor as stored,
+    as a view over the file where possible: for VRAM management, which moves every tensor on
+    to its storage itself."""
     files = [read_header(p) for p in expand_checkpoint_paths(paths)]
     model_class = recognise(files, candidates)
 
@@ -347,19 +597,14 @@ def load_model(
     _check_against_module(model, plan, files[0].path.parent)
 
     device = torch.device(device)
-    with tqdm(total=len(plan), desc=f"Loading {model_class.__name__}", unit="tensor",
-              disable=len(plan) < 200) as bar:
-        for file in files:
-            keys = [key for key, (owner, _) in plan.items() if owner is file]
-            for key, stored, release in _iter_tensors(file, keys):
-                dtype = torch_dtype if stored.is_floating_point() else stored.dtype
-                tensor = stored.to(device=device, dtype=dtype)
-                if torch_dtype is not None:
-                    tensor = host_aligned(tensor)
-                if tensor.data_ptr() != stored.data_ptr():
-                    release()
-                _assign(model, plan[key][1], tensor)
-                bar.update()
+    read = [file for file in files if file.layout] if _reads_in_place(torch_dtype, device) else []
+    rest = [file for file in files if not any(file is r for r in read)]
+    with tqdm(total=sum(f.layout[key][2] for key, (f, _) in plan.items() if f.layout), unit="B", unit_scale=True,
+              desc=f"Loading {model_class.__name__}", disable=len(plan) < 200) as bar:
+        if read:
+            _read_files(model, plan, read, torch_dtype, device, bar.update)
+        for file in rest:
+            _assign_one_by_one(model, plan, file, torch_dtype, device, bar.update)
     for module in model.modules():  # buffers were built on the CPU
         for name, buffer in module._buffers.items():
             if buffer is not None and buffer.device != device:
@@ -367,6 +612,71 @@ def load_model(
     model.eval().requires_grad_(False)
     logger.info("Loaded %s from %d file(s) (%s, %s)", model_class.__name__, len(files), torch_dtype, device)
     return model
+
+
+def _read_files(model: nn.Module, plan: dict[str, tuple[CheckpointFile, str]], files: Sequence[CheckpointFile],
+                torch_dtype: torch.dtype | None, device: torch.device, progress: Callable[[int], None]) -> None:
+    """Allocate every destination, assign it, then fill them all with read_tensors. On the CPU a
+    tensor kept in its stored dtype that starts on HOST_ALIGNMENT in its file is not copied: it
+    stays a view over a private memory map of the file, mapped at once (`MappedFile.populate`)."""
+    wanted = []
+    for file in files:
+        keys = [key for key, (owner, _) in plan.items() if owner is file]
+        wanted.extend((file, key) for key in sorted(keys, key=lambda key: file.layout[key][1]))
+
+    def target_dtype(stored: torch.dtype) -> torch.dtype:
+        return torch_dtype if torch_dtype is not None and stored.is_floating_point else stored
+
+    descriptors = {file.path: os.open(file.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) for file in files}
+    maps: dict[Path, MappedFile] = {}
+    try:
+        pieces: list[_Piece] = []
+        for file, key in wanted:
+            stored, offset, length = file.layout[key]
+            shape, dtype = file.shapes[key], target_dtype(stored)
+            if math.prod(shape) * stored.itemsize != length:
+                raise CheckpointError(
+                    f"{file.path}: the header gives {key!r} {length} bytes, but its shape {list(shape)} in "
+                    f"{str(stored).removeprefix('torch.')} takes {math.prod(shape) * stored.itemsize}. The file is "
+                    "corrupt: delete it and fetch it again.")
+            if device.type == "cpu" and dtype == stored and offset % HOST_ALIGNMENT == 0:
+                mapped = maps.setdefault(file.path, MappedFile(file.path))
+                _assign(model, plan[key][1], _view(mapped, key, stored, offset, length, shape))
+                mapped.populate(offset, length)
+                progress(length)
+                continue
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            _assign(model, plan[key][1], tensor)
+            pieces.extend(_pieces(descriptors[file.path], file.path, offset, length, stored, tensor.reshape(-1)))
+        read_tensors(pieces, device, progress)
+    finally:
+        for descriptor in descriptors.values():
+            os.close(descriptor)
+
+
+def _view(mapped: MappedFile, key: str, dtype: torch.dtype, offset: int, length: int,
+          shape: Sequence[int]) -> torch.Tensor:
+    try:
+        return mapped.view(dtype, offset, length, shape)
+    except (ValueError, OSError) as error:  # the file got shorter since its header was read
+        raise CheckpointError(
+            f"{mapped.path}: reading tensor {key!r} failed ({type(error).__name__}: {error}). The file is truncated "
+            "or corrupt: delete it and fetch it again.") from error
+
+
+def _assign_one_by_one(model: nn.Module, plan: dict[str, tuple[CheckpointFile, str]], file: CheckpointFile,
+                       torch_dtype: torch.dtype | None, device: torch.device, progress: Callable[[int], None]) -> None:
+    """Views over the file (a memory map, or torch.load's), each cast and moved where asked."""
+    keys = [key for key, (owner, _) in plan.items() if owner is file]
+    for key, stored, release in _iter_tensors(file, keys):
+        progress(file.layout[key][2] if file.layout else 0)
+        dtype = torch_dtype if stored.is_floating_point() else stored.dtype
+        tensor = stored.to(device=device, dtype=dtype)
+        if torch_dtype is not None:
+            tensor = host_aligned(tensor)
+        if tensor.data_ptr() != stored.data_ptr():
+            release()
+        _assign(model, plan[key][1], tensor)
 
 
 def _check_against_module(model: nn.Module, plan: dict[str, tuple[CheckpointFile, str]], where: Path) -> None:
