@@ -6,10 +6,13 @@
 For each model (random weights in the hub layout, built once under --work):
   1. baseline: the plain library, loaded once, 12 calls `pipe(prompt, seed=i, ...)`, timed;
   2. `python -m runner -m seed=0..11` with tracking=none and with the default SQLite MLflow
-     store. Per job, the wall time between Hydra launching it and launching the next one,
-     minus that job's own encode + denoise + decode time (from the sweep's jobs.csv), is
-     the runner's overhead: Hydra's per-job composition and folders, the LoRA check, the PNG,
-     MLflow logging. The first job (it loads the weights) is left out;
+     store. Two figures per job, the first job (it loads the weights) left out:
+     - steady: the wall time between Hydra launching a job and launching the next one, minus
+       that job's own encode + denoise + decode time (jobs.csv): Hydra's per-job work, the
+       LoRA check, the PNG and job.json, handing the record to the MLflow writer thread;
+     - amortised: from launching job 1 to the end of the sweep (every MLflow write done, the
+       contact sheet and jobs.csv written), minus the inference of jobs 1.., per job: what
+       the background writer could not hide behind inference shows here;
   3. LoRA: a sweep over lora.alpha (a tiny peft-format LoRA, tracking=none): the `lora_s` of
      jobs 1.. is the time to switch alpha (the LoRA handle's set_alpha).
 The goal: overhead per job <= 5% of the inference time + a few tens of milliseconds.
@@ -104,13 +107,22 @@ def baseline(models_dir: Path, name: str, jobs: int, device: str) -> list[float]
     return times
 
 
-_LAUNCH = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[HYDRA\] \t#(\d+) : ")
+# "[time][HYDRA] \t#3 : ..." (Hydra's launcher) or "[time][runner][INFO] - \t#3 : ..." (the runner's)
+_LAUNCH = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]+\](?:\[\w+\] -)? \t#(\d+) : ")
+_END = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]+\](?:\[\w+\] -)? Sweep (FINISHED|FAILED|KILLED)")
+
+
+def _stamp(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def sweep(models_dir: Path, work: Path, name: str, extra: list[str], label: str) -> dict:
-    """Run one multirun in a subprocess; per-job overhead from Hydra's launch times and the
-    jobs' own inference times (jobs.csv)."""
+    """Run one multirun in a subprocess; per-job overhead from Hydra's launch times, the end of
+    the sweep and the jobs' own inference times (jobs.csv)."""
+    import shutil
+
     sweep_dir = work / f"{name}-{label}"
+    shutil.rmtree(sweep_dir, ignore_errors=True)  # the runner never writes into a used folder
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, DIFFSYNTH_MODEL_BASE_PATH=str(models_dir), PYTHONPATH=path)
     argv = [sys.executable, "-m", "runner", "-m", *model_overrides(name), *extra,
@@ -121,11 +133,12 @@ def sweep(models_dir: Path, work: Path, name: str, extra: list[str], label: str)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"sweep {label} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    launches = {}
+    launches, end = {}, None
     for line in (proc.stdout + proc.stderr).splitlines():
-        m = _LAUNCH.match(line)
-        if m:
-            launches[int(m.group(2))] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if m := _LAUNCH.match(line):
+            launches[int(m.group(2))] = _stamp(m.group(1))
+        elif m := _END.match(line):
+            end = _stamp(m.group(1))
     rows = list(csv.DictReader(open(sweep_dir / "jobs.csv")))
     overheads, inference, lora = [], [], []
     for row in rows:
@@ -135,8 +148,11 @@ def sweep(models_dir: Path, work: Path, name: str, extra: list[str], label: str)
         lora.append(float(row["lora_s"] or 0))
         if i >= 1 and i + 1 in launches:
             overheads.append(launches[i + 1] - launches[i] - infer)
-    return {"wall_s": wall, "jobs": len(rows), "overhead_s": overheads, "inference_s": inference, "lora_s": lora,
-            "load_s": float(rows[0]["load_s"])}
+    amortised = None
+    if end is not None and 1 in launches and len(rows) > 1:
+        amortised = (end - launches[1] - sum(inference[1:])) / (len(rows) - 1)
+    return {"wall_s": wall, "jobs": len(rows), "overhead_s": overheads, "amortised_s": amortised,
+            "inference_s": inference, "lora_s": lora, "load_s": float(rows[0]["load_s"])}
 
 
 def tiny_lora(models_dir: Path, name: str, out: Path, rank: int = 4) -> Path:
@@ -193,10 +209,10 @@ def main() -> None:
 
     print(f"\ndevice {args.device}, {os.cpu_count()} CPU cores")
     print(f"{'model':6} {'mode':7} {'inference/job':>14} {'overhead/job (median)':>22} {'overhead %':>11} "
-          f"{'alpha switch':>13}")
+          f"{'amortised/job':>14} {'alpha switch':>13}")
     for name, r in results.items():
         base = statistics.median(r["baseline_s"])
-        print(f"{name:6} {'library':7} {base:13.3f}s {'-':>22} {'-':>11} {'-':>13}")
+        print(f"{name:6} {'library':7} {base:13.3f}s {'-':>22} {'-':>11} {'-':>14} {'-':>13}")
         for mode in ("none", "mlflow", "lora"):
             if mode not in r:
                 continue
@@ -204,7 +220,8 @@ def main() -> None:
             inf = statistics.median(s["inference_s"][1:])
             ov = statistics.median(s["overhead_s"]) if s["overhead_s"] else float("nan")
             switch = f"{statistics.median(s['lora_s'][1:]) * 1000:10.1f}ms" if mode == "lora" else "-"
-            print(f"{name:6} {mode:7} {inf:13.3f}s {ov * 1000:20.1f}ms {100 * ov / inf:10.1f}% {switch:>13}")
+            am = f"{s['amortised_s'] * 1000:12.1f}ms" if s.get("amortised_s") is not None else "-"
+            print(f"{name:6} {mode:7} {inf:13.3f}s {ov * 1000:20.1f}ms {100 * ov / inf:10.1f}% {am:>14} {switch:>13}")
     out = args.out or args.work / "sweep_overhead.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"\nraw figures: {out}")

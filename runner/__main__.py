@@ -1,59 +1,113 @@
-"""`python -m runner [overrides]` / `python -m runner -m [sweep overrides]` /
-`python -m runner download [overrides]` (fetch the files a run needs, run nothing).
+"""`python -m runner [overrides]` / `python -m runner -m [sweep overrides]`, and the commands
 
-Exit status: 0 when every job finished (or was skipped by resume=true), 1 when a job
-failed (the failed jobs are listed) or a download failed, 2 for a sweep or download
-refused on its configuration before any job, 130 on Ctrl-C / SIGTERM, Hydra's own status
-for a config that does not compose. Every MLflow run this process opened is ended first.
+    python -m runner download [overrides]         fetch the files a run needs, run nothing
+    python -m runner report SWEEP_DIR [x=...]     the X/Y grid and HTML report of a sweep
+    python -m runner sync DIR [overrides]         log a sweep or run folder into MLflow (idempotent)
+    python -m runner cleanup [overrides] [--dir DIR]   end RUNNING runs of dead processes as KILLED,
+                                                  remove leftovers of interrupted writes
+
+Exit status: 0 when every job finished (or was skipped by resume=true); 1 when a job failed
+(the failed jobs are listed), the sweep's contact sheet or job table could not be written,
+an output folder cannot be written (full disk, read-only), or a download failed; 2 for a
+config refused before any job (a key that does not compose or validate, in any job of a
+sweep; a deleted experiment; an output folder already used): no MLflow run is created then;
+3 when every job finished but some could not be tracked in MLflow (images and job.json are
+in place: `python -m runner sync DIR`); 130 on Ctrl-C / SIGTERM. Every MLflow run this process
+opened is ended first; a second Ctrl-C only hurries that.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
-from .app import STATE, abort, finish_sweep, main
-from .tracking import FAILED, KILLED
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_UNTRACKED, Stop, SweepDone
 
 logger = logging.getLogger("runner")
 
+COMMANDS = ("report", "download", "sync", "cleanup")
 
-def _sigterm(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt(f"signal {signum}")
+
+def _command(name: str, argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    if name == "report":
+        from .compare import report_main
+
+        return report_main(argv)
+    if name == "download":
+        from .download import download
+
+        return download(argv)
+    from . import sync
+
+    return sync.sync_main(argv) if name == "sync" else sync.cleanup_main(argv)
 
 
 def cli() -> int:
-    if sys.argv[1:2] == ["report"]:
-        from .compare import report_main
+    if sys.argv[1:2] and sys.argv[1] in COMMANDS:
+        return _command(sys.argv[1], sys.argv[2:])
+    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's config errors reach us: reported below with the key and fix
+    from .app import STATE, abort, finish_sweep, main
+    from .report import FAILED, KILLED
+    from .state import close_recorders, interrupt_handler
 
-        return report_main(sys.argv[2:])
-    if sys.argv[1:2] == ["download"]:
-        from .download import download
-
-        return download(sys.argv[2:])
-    signal.signal(signal.SIGTERM, _sigterm)
-    code = 0
+    signal.signal(signal.SIGINT, interrupt_handler)
+    signal.signal(signal.SIGTERM, interrupt_handler)
     try:
         main()
+    except SweepDone:  # the sweep ran and finished in the runner's own loop
+        pass
     except KeyboardInterrupt:
         logger.error("Interrupted: ending the open MLflow runs as KILLED")
         abort(KILLED)
-        return 130
-    except SystemExit as e:  # Hydra's exit on a config error, or ours
-        code = e.code if isinstance(e.code, int) else 1
+        return EXIT_INTERRUPTED
+    except Stop as stop:
+        STATE.stopping = True
         abort(FAILED)
+        also = f" (not written either: {', '.join(STATE.problems)} in the sweep folder)" if STATE.problems else ""
+        logger.error("%s%s", stop.message, also)
+        return stop.code
+    except SystemExit as e:  # Hydra's own exit (--help, a bad flag)
+        abort(FAILED)
+        code = e.code if isinstance(e.code, int) else EXIT_FAILED
         if code:
             return code
-    except BaseException:  # HYDRA_FULL_ERROR=1 or a debugger re-raises instead of exiting
+    except Exception as error:  # noqa: BLE001 - reported in one line when it is a config or disk error
         abort(FAILED)
-        raise
-    finish_sweep()  # done by the sweep callback's on_multirun_end; here if it was removed
-    abort(FAILED)  # no-op unless something was left open
-    if STATE.failed:
-        listing = "\n".join(f"  job {r.num} [{' '.join(r.overrides) or 'defaults'}]: {r.error}" for r in STATE.failed)
-        logger.error("%d job(s) failed:\n%s", len(STATE.failed), listing)
-        return 1
-    return code
+        return _report(error, user_full_error)
+    finish_sweep()  # done by the sweep callback's on_multirun_end; here if it was skipped
+    close_recorders(FAILED)  # waits for the last writes; ends what was left open
+    return _exit_status(STATE)
+
+
+def _report(error: Exception, user_full_error: str | None) -> int:
+    from hydra.errors import HydraException
+
+    from .errors import is_storage_error
+    from .spec import composition_error
+
+    if isinstance(error, HydraException) and not user_full_error:
+        logger.error("%s", composition_error(error, [a for a in sys.argv[1:] if not a.startswith("-")]))
+        return EXIT_REFUSED
+    if is_storage_error(error) and not user_full_error:
+        logger.error("%s: %s (errno %s)", getattr(error, "filename", "") or "output", error.strerror, error.errno)
+        return EXIT_FAILED
+    raise error
+
+
+def _exit_status(state) -> int:
+    if state.failed:
+        listing = "\n".join(f"  job {r.num} [{' '.join(r.overrides) or 'defaults'}]: {r.error}" for r in state.failed)
+        logger.error("%d job(s) failed:\n%s", len(state.failed), listing)
+        return EXIT_FAILED
+    if state.problems:
+        return EXIT_FAILED
+    if state.untracked:
+        return EXIT_UNTRACKED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

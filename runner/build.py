@@ -137,8 +137,14 @@ def instantiate_scheduler(node: Any) -> Any:
     try:
         return instantiate(node)
     except Exception as error:  # noqa: BLE001 - hydra wraps import and argument errors
-        raise ConfigError("sampler.scheduler", f"cannot build the scheduler ({error})",
-                          "give `_target_: pipelines.FlowMatchScheduler` and its fields, or null") from None
+        import re
+
+        # the library names the field it refused (`FlowMatchScheduler.base_shift=nan: ...`)
+        field = re.search(r"FlowMatchScheduler\.(\w+)", f"{error} {error.__cause__ or ''}")
+        key = f"sampler.scheduler.{field.group(1)}" if field and field.group(1) in (node or {}) else "sampler.scheduler"
+        raise ConfigError(key, f"cannot build the scheduler ({error})",
+                          "give `_target_: pipelines.FlowMatchScheduler` and finite values of its fields, or null"
+                          ) from None
 
 
 def config_key(argument: str) -> str:

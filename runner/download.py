@@ -5,26 +5,20 @@ from __future__ import annotations
 import logging
 
 from . import build
-from .spec import ConfigError, to_spec, validate
+from .spec import ConfigError, compose, to_spec, validate
 
 logger = logging.getLogger("runner")
 
 
 def download(overrides: list[str]) -> int:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     from pipelines import fetch
-
-    from .app import CONF_DIR
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            spec = to_spec(compose("config", overrides=overrides))
+        spec = to_spec(compose(overrides))
         validate(spec)
         build.preflight(spec)
-    except (ConfigError, HydraException) as error:
+    except ConfigError as error:
         logger.error("%s", error)
         return 2
     try:

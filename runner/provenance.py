@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from .report import atomic_write
 
@@ -70,6 +70,26 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def provenance_tags(device: str) -> dict[str, str]:
+    """Package versions, git commit and device name, as MLflow tags."""
+    tags = {f"versions.{k}": v for k, v in package_versions().items()}
+    commit = git_commit()
+    if commit:
+        tags["git.commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    tags["device.name"] = device_name(device)
+    return tags
+
+
+def fingerprint_tags(prefix: str, description: Mapping[str, Any]) -> dict[str, str]:
+    files = "; ".join(f"{f['name']}:{f['size']}:{f['sha256'][:16]}" for f in description["files"])
+    return {
+        f"{prefix}.sha256": description["sha256"],
+        f"{prefix}.bytes": str(description["bytes"]),
+        f"{prefix}.files": files,
+    }
 
 
 def device_name(device: str) -> str:
@@ -139,16 +159,25 @@ class FingerprintCache:
                     digest.update(chunk)
             self.hashed.append(path)
             stored_value = digest.hexdigest()
-            if self.cache_file is not None:
-                with _locked(self.cache_file):
-                    stored = self._load()
-                    stored[key] = stored_value
-                    text = json.dumps(stored, indent=0, sort_keys=True)
-                    atomic_write(self.cache_file, lambda tmp: tmp.write_text(text))
+            self._store(key, stored_value)
             self._memory[key] = stored_value
         else:
             self._memory[key] = stored[key]
         return self._memory[key]
+
+    def _store(self, key: str, value: str) -> None:
+        """Add one entry to the file; a cache that cannot be written (read-only or full
+        store folder) only costs hashing again next time."""
+        if self.cache_file is None:
+            return
+        try:
+            with _locked(self.cache_file):
+                stored = self._load()
+                stored[key] = value
+                text = json.dumps(stored, indent=0, sort_keys=True)
+                atomic_write(self.cache_file, lambda tmp: tmp.write_text(text))
+        except OSError as error:
+            logger.warning("Could not update the fingerprint cache %s: %s", self.cache_file, error)
 
     def describe(self, paths: Iterable[Path]) -> dict:
         """{"sha256": combined hash, "files": [{name, size, sha256}], "bytes": total} over the

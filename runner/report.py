@@ -1,19 +1,31 @@
 """What a job and a sweep leave behind besides MLflow: the PNG with its generation
-parameters, the sweep's contact sheet and its table of jobs."""
+parameters, the job's record (`job.json`), the sweep's contact sheet and its table of jobs.
+
+Nothing here knows MLflow: a job computed in another process (a Ray worker) leaves the same
+files, and `python -m runner sync DIR` logs a folder into a store from them alone.
+"""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import errno
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 METRICS = ("load_s", "lora_s", "encode_s", "denoise_s", "s_per_step", "decode_s", "total_s", "peak_mem_mb")
+RUNNING, FINISHED, FAILED, KILLED, SKIPPED = "RUNNING", "FINISHED", "FAILED", "KILLED", "SKIPPED"
+JOB_FORMAT, SWEEP_FORMAT = "runner.job/1", "runner.sweep/1"
+CONFIG_HASH_TAG = "runner.config_hash"  # the identity of a job's result (resume=true)
+RECORD_TAG = "runner.record_id"  # the record a run was logged from (sync is idempotent)
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
 
 
 # ------------------------------------------------------------------------ the PNG
@@ -31,11 +43,17 @@ def parameters_text(gen: dict[str, Any]) -> str:
     )
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary name of a write to `path`: hidden, beside it, carrying this process's pid
+    (runner.folders.remove_stale_temp_files finds those of dead processes)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` beside `path`, then rename: a crash never leaves a truncated file under
     the final name, and a failed write leaves no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -44,12 +62,35 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def exclusive_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Like `atomic_write`, but never replaces a file: FileExistsError when `path` exists.
+    The complete file is hard-linked to its name (the link fails if the name is taken); on
+    a file system without hard links the name is claimed with O_EXCL first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "exists already (an output is never overwritten)", str(path)) from None
+        except OSError as error:
+            if error.errno not in _NO_HARD_LINKS:
+                raise
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_png(image: Image.Image, path: Path, gen: dict[str, Any]) -> Path:
-    """Save with two text chunks: `parameters` (human-readable) and `generation` (JSON)."""
+    """Save with two text chunks: `parameters` (human-readable) and `generation` (JSON).
+    Never over an existing file."""
     info = PngInfo()
     info.add_text("parameters", parameters_text(gen))
     info.add_text("generation", json.dumps(gen, sort_keys=True))
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return exclusive_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_generation(path: Path) -> dict[str, Any]:
@@ -57,19 +98,122 @@ def read_generation(path: Path) -> dict[str, Any]:
         return json.loads(im.text["generation"])
 
 
-# ------------------------------------------------------------------------- sweeps
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": [x, y]} -> {"a.b": 1, "c.0": x, "c.1": y} (empty containers kept
+    as "{}" / "[]" so a key never vanishes)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        if not tree and prefix:
+            out[prefix[:-1]] = "{}"
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, (list, tuple)):
+        if not tree and prefix:
+            out[prefix[:-1]] = "[]"
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+# ------------------------------------------------------------------------ records
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: paths as strings, enums as their values, containers recursively."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
+        return value.value
+    return value
+
+
+class _Record:
+    """JSON round trip of a record dataclass; unknown keys of a newer format are ignored."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def write(self, path: Path) -> Path:
+        text = json.dumps(self.to_json(), indent=1, sort_keys=True, default=str)
+        return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def read(cls, path: Path):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not str(data.get("format", "")).startswith(cls.FORMAT.split("/")[0]):
+            raise ValueError(f"{path} is not a {cls.FORMAT} record")
+        return cls.from_json(data)
 
 
 @dataclass
-class JobRecord:
+class JobRecord(_Record):
+    """Everything about one job that outlives its process, written as `<job folder>/job.json`:
+    enough for a recorder to log the job into any MLflow store later. Plain data only (it
+    crosses process boundaries by pickle or JSON)."""
+
+    FORMAT = JOB_FORMAT
+
     num: int
     overrides: list[str]
-    status: str = "RUNNING"  # FINISHED | FAILED | KILLED | SKIPPED
-    run_id: Optional[str] = None
+    status: str = RUNNING  # FINISHED | FAILED | KILLED | SKIPPED
+    run_id: Optional[str] = None  # the MLflow run, once a recorder logged it
     metrics: dict[str, float] = field(default_factory=dict)
-    image_path: Optional[Path] = None
+    image_path: Optional[str] = None
     error: str = ""
-    job_dir: Optional[Path] = None
+    job_dir: Optional[str] = None
+    record_id: str = field(default_factory=_new_id)  # tag runner.record_id of its run: sync is idempotent
+    name: str = ""  # the run name
+    error_kind: str = ""  # "" | config | output | runtime | interrupted
+    params: dict[str, Any] = field(default_factory=dict)  # the flattened config + what was drawn
+    tags: dict[str, str] = field(default_factory=dict)  # provenance, fingerprints, the job's identity
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config (config.yaml)
+    config_hash: str = ""
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # {arg, index, path, sha256}
+    started: Optional[float] = None  # epoch seconds
+    ended: Optional[float] = None
+    experiment: str = ""
+    tracking: dict[str, Any] = field(default_factory=dict)  # where it was meant to be logged
+    sweep_id: Optional[str] = None
+    tracked: Optional[bool] = None  # None: tracking off; False: not (fully) in MLflow
+
+
+@dataclass
+class SweepRecord(_Record):
+    """A sweep, written as `<sweep folder>/sweep.json` when it starts and when it ends."""
+
+    FORMAT = SWEEP_FORMAT
+
+    sweep_id: str = field(default_factory=_new_id)
+    sweep_dir: str = ""
+    overrides: list[str] = field(default_factory=list)
+    name: str = ""
+    status: str = RUNNING
+    params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    experiment: str = ""
+    tracking: dict[str, Any] = field(default_factory=dict)
+    jobs: int = 0
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    parent_run_id: Optional[str] = None
+    tracked: Optional[bool] = None
+    owner: dict[str, str] = field(default_factory=dict)
 
 
 def swept_keys(records: Sequence[JobRecord]) -> list[str]:
@@ -147,9 +291,12 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 def write_table(records: Sequence[JobRecord], path: Path) -> Path:
     """A CSV row per job: number, status, MLflow run, swept values, overrides, metrics,
-    image, error."""
+    image, error, and (when the sweep tracked to MLflow) `tracked`: yes, or no for a job
+    whose record did not reach the store (`python -m runner sync` logs it later)."""
     keys = swept_keys(records)
+    with_tracked = any(getattr(r, "tracked", None) is not None for r in records)
     header = ["job", "status", "run_id", *keys, "overrides", *METRICS, "image", "error"]
+    header += ["tracked"] if with_tracked else []
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -157,11 +304,11 @@ def write_table(records: Sequence[JobRecord], path: Path) -> Path:
             writer.writerow(header)
             for r in records:
                 wanted = dict(_split(o) for o in r.overrides)
-                writer.writerow(
-                    [r.num, r.status, r.run_id or "", *(wanted.get(k, "") for k in keys), " ".join(r.overrides)]
-                    + [_fmt(r.metrics.get(m)) for m in METRICS]
-                    + [str(r.image_path or ""), r.error]
-                )
+                row = ([r.num, r.status, r.run_id or "", *(wanted.get(k, "") for k in keys), " ".join(r.overrides)]
+                       + [_fmt(r.metrics.get(m)) for m in METRICS] + [str(r.image_path or ""), r.error])
+                if with_tracked:
+                    row.append("yes" if getattr(r, "tracked", None) else "no")
+                writer.writerow(row)
 
     return atomic_write(path, write)
 

@@ -10,22 +10,20 @@ and the call arguments by `build.preflight` against the pipeline's signature; bo
 """
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
 from pipelines import VRAM_KEYS  # the eight keys VramSpec mirrors
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A run spec that cannot be run: the message names the config path and the fix."""
-
-    def __init__(self, key: str, problem: str, fix: str) -> None:
-        super().__init__(f"config `{key}`: {problem}. Fix: {fix}")
-        self.key = key
+__all__ = ["ConfigError"]  # defined in runner.errors (no torch there: the MLflow writer process imports it)
 
 
 class DType(str, Enum):
@@ -181,6 +179,11 @@ class TrackingSpec:
     image_key: str = "image"
     # thumbnail size (pixels, longer side) in the sweep's contact sheet
     contact_sheet_thumb: int = 256
+    # a tracking server: seconds one request may wait, and retries before the server counts as
+    # unreachable (then the rest of the sweep runs untracked: `python -m runner sync DIR` logs it
+    # later). MLflow's MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES variables win when set.
+    request_timeout_s: float = 10.0
+    request_retries: int = 2
 
 
 # ----------------------------------------------------------------------------- root
@@ -424,6 +427,21 @@ def _check_loras(lora: LoraSpec) -> None:
 
 
 def _check_tracking(spec: RunSpec) -> None:
+    from pipelines import finite
+
+    t = spec.tracking
+    if not 16 <= t.contact_sheet_thumb <= 4096:
+        raise ConfigError("tracking.contact_sheet_thumb", f"{t.contact_sheet_thumb} pixels is not a thumbnail size",
+                          "give 16 to 4096 (default 256)")
+    timeout = _setting("tracking.request_timeout_s", finite, t.request_timeout_s, "tracking.request_timeout_s",
+                       fix="give seconds, e.g. 10")
+    if timeout <= 0:
+        raise ConfigError("tracking.request_timeout_s", f"{timeout} is not a positive number of seconds", "e.g. 10")
+    if not re.fullmatch(r"[A-Za-z0-9_\-./ ]+", t.image_key or ""):
+        raise ConfigError("tracking.image_key", f"{t.image_key!r} is not an MLflow image key",
+                          "use letters, digits, _ - . / and spaces (default: image)")
+    if not 0 <= t.request_retries <= 10:
+        raise ConfigError("tracking.request_retries", f"{t.request_retries} retries", "give 0 to 10 (MLflow's limit)")
     if spec.resume and spec.tracking.backend is TrackingBackend.none:
         raise ConfigError("resume", "resume looks up finished runs in MLflow, but tracking=none", "use tracking=mlflow")
     uri = spec.tracking.uri
@@ -431,3 +449,110 @@ def _check_tracking(spec: RunSpec) -> None:
         raise ConfigError("tracking.uri", f"{uri!r} is not an MLflow tracking URI this runner can use",
                           "use http://HOST:PORT for a tracking server, sqlite:////abs/path.db, or null for the "
                           "embedded store under tracking.store_dir")
+
+
+# ---------------------------------------------------------------------- composing
+
+
+def compose(overrides: Sequence[str]) -> DictConfig:
+    """The composed config of `conf/` with these overrides, outside a Hydra app (the download,
+    sync and cleanup commands). Raises ConfigError naming the key (composition_error)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_configs()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides))
+    except HydraException as error:
+        raise composition_error(error, overrides) from None
+
+
+def composition_error(error: BaseException, overrides: Sequence[str] = ()) -> ConfigError:
+    """Hydra's composition or override-parsing error as a ConfigError: the config key, what is
+    wrong with it and the fix (Hydra's own text echoes the override, but names no fix)."""
+    cause = error.__cause__
+    key = getattr(cause, "full_key", None)
+    if key:
+        key = re.sub(r"\[(\w+)\]", r".\1", str(key))  # model.files[0].pth -> model.files.0.pth
+        problem = str(cause).strip().splitlines()[0].rstrip(".")
+        return ConfigError(key, problem, _fix_for(cause, key))
+    missing = getattr(error, "missing_cfg_file", None)
+    if missing:
+        group, _, name = str(missing).rpartition("/")
+        options = list(getattr(error, "options", None) or [])
+        close = difflib.get_close_matches(name, options, n=1)
+        fix = (f"did you mean {group}={close[0]}? " if close else "") + f"the presets of `{group}` are " + \
+            ", ".join(options)
+        return ConfigError(group or "config", f"no preset {name!r} in conf/{group}", fix)
+    from hydra.errors import OverrideParseException
+
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    if isinstance(error, OverrideParseException):
+        bad = _unparsable(overrides)
+        return ConfigError(_key_of(bad) if bad else "overrides", f"cannot parse `{bad or ' '.join(overrides)}` "
+                           f"({lines[0]})", "quote a value holding , [ ] { } ( ) = or spaces, e.g. "
+                           "'prompt=\"a, b\"' (Hydra's override grammar)")
+    quoted = re.search(r"'([A-Za-z_+~][\w.\-/@]*)'", lines[0])
+    fix = " ".join(line.strip() for line in lines[1:]) or "check the override against `python -m runner --cfg job`"
+    return ConfigError(quoted.group(1).lstrip("+~") if quoted else "overrides", lines[0].rstrip("."), fix)
+
+
+def _key_of(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _unparsable(overrides: Sequence[str]) -> Optional[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception:  # noqa: BLE001 - this is the one
+            return override
+    return None
+
+
+def _fix_for(cause: BaseException, key: str) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    text = str(cause)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        parent, _, name = key.rpartition(".")
+        fields = schema_fields(parent)
+        close = difflib.get_close_matches(name, fields, n=1)
+        where = f"{parent}." if parent else ""
+        if close:
+            return f"did you mean `{where}{close[0]}`?"
+        return f"the keys of `{parent or 'the config'}` are {', '.join(fields)}" if fields else "check the key"
+    choices = re.search(r"expected one of \[([^\]]*)\]", text)
+    if choices:
+        return f"use one of {choices.group(1)}"
+    for kind, fix in (("Integer", "give an integer"), ("Float", "give a number"), ("Boolean", "give true or false"),
+                      ("Dict", f"give a mapping ({key}.NAME=value) or null"), ("List", f"give a list: {key}=[a,b]")):
+        if kind in text:
+            return fix
+    return "give a value of the key's type (`python -m runner --cfg job` shows them)"
+
+
+def schema_fields(path: str) -> list[str]:
+    """The field names of the schema node at a dotted config path ("" = the root)."""
+    import dataclasses
+    import typing
+
+    node: Any = RunSpec
+    entry = False  # the part is a list index or a dict key: the node stays the entry's type
+    for part in [p for p in path.split(".") if p]:
+        if entry:
+            entry = False
+            continue
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return []
+        tp = hints[part]
+        entry = typing.get_origin(tp) in (dict, list)
+        node = _dataclass_in(typing.get_args(tp)[-1] if entry else tp) or Any
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []

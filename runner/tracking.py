@@ -2,30 +2,46 @@
 
 Everything goes through an explicit `MlflowClient` (no fluent active-run stack), so runs
 opened in Hydra callbacks, in jobs and in the exit path cannot get mixed up, and every run
-is ended with an explicit status: FINISHED, FAILED or KILLED.
+is ended with an explicit status: FINISHED, FAILED or KILLED. During a run or sweep one
+thread of runner.recorder owns the Tracker; `sync` and `cleanup` use it directly.
 
 The default store is SQLite, `<store_dir>/mlflow.db`, with the experiment's artifact
 location set explicitly to `<store_dir>/artifacts/<experiment>` (MLflow 3 refuses the plain
 file store, and a SQLite store would otherwise put artifacts in ./mlruns of whatever folder
-the run started from).
+the run started from). Creating or migrating the SQLite store happens under a file lock
+(`mlflow.db.lock`), so sweeps started together on a fresh store do not race MLflow's schema
+migration. A tracking server is asked with a bounded timeout and few retries
+(`tracking.request_timeout_s`, `tracking.request_retries`; MLflow's MLFLOW_HTTP_REQUEST_*
+variables win when set), so an unreachable server costs seconds, not minutes.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
-from .spec import TrackingSpec
+from .errors import ConfigError
+from .provenance import fingerprint_tags, provenance_tags
+from .report import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, flatten
+
+if TYPE_CHECKING:  # no torch in the MLflow writer process: a TrackingSpec or any object with its fields
+    from .spec import TrackingSpec
 
 logger = logging.getLogger(__name__)
 
-FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
-CONFIG_HASH_TAG = "runner.config_hash"
+__all__ = ["CONFIG_HASH_TAG", "RECORD_TAG", "FAILED", "FINISHED", "KILLED", "Tracker", "flatten",
+           "fingerprint_tags", "provenance_tags", "store_uri", "default_artifact_location", "is_unreachable"]
+
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
 _BATCH = 100
+_UNREACHABLE = re.compile(r"failed with (timeout )?exception|Max retries exceeded|Connection (refused|reset|aborted)|"
+                          r"timed out|Name or service not known|Temporary failure in name resolution", re.I)
 
 
 def store_uri(spec: TrackingSpec) -> str:
@@ -33,6 +49,45 @@ def store_uri(spec: TrackingSpec) -> str:
         return spec.uri
     db = Path(spec.store_dir).resolve() / "mlflow.db"
     return f"sqlite:///{db}"
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """A failure to reach the store at all (a dead or hung server), as opposed to one request
+    the store refused."""
+    try:
+        import requests
+
+        if isinstance(error, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        pass
+    return bool(_UNREACHABLE.search(str(error)))
+
+
+def configure_http(spec: TrackingSpec) -> None:
+    """Bound the time MLflow's HTTP client spends on one request (its defaults: 120 s timeout,
+    7 retries with exponential backoff: minutes on a dead server)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, spec.request_timeout_s))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max(0, spec.request_retries)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.2")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the runner logs its own lines
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Exclusive access to a SQLite store's file while it is created or migrated."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def default_artifact_location(spec: TrackingSpec, experiment: str) -> Optional[str]:
@@ -49,18 +104,20 @@ def default_artifact_location(spec: TrackingSpec, experiment: str) -> Optional[s
 
 
 class Tracker:
-    """An MLflow experiment in one store."""
+    """An MLflow experiment in one store. Raises ConfigError for a deleted experiment, and
+    whatever MLflow raises when the store cannot be reached (see `is_unreachable`)."""
 
     def __init__(self, spec: TrackingSpec, experiment: str) -> None:
         from mlflow import MlflowClient
 
         self.spec = spec
         self.uri = store_uri(spec)
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        if self.uri.startswith(("http://", "https://")):
+            configure_http(spec)
         self.experiment_name = experiment
-        self.experiment_id = self._experiment(experiment)
+        with store_lock(self.uri):  # the first request creates or migrates a SQLite store
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment(experiment)
         self.open_runs: set[str] = set()
 
     def _experiment(self, name: str) -> str:
@@ -69,15 +126,15 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             if found.lifecycle_stage == "deleted":
-                raise RuntimeError(
-                    f"The MLflow experiment {name!r} in {self.uri} is deleted: restore it in the UI, "
-                    f"or pick another name with experiment=..."
-                )
+                raise ConfigError(
+                    "experiment", f"the MLflow experiment {name!r} (id {found.experiment_id}) in {self.uri} is deleted",
+                    f"restore it with `MLFLOW_TRACKING_URI={self.uri} mlflow experiments restore --experiment-id "
+                    f"{found.experiment_id}`, or pick another name with experiment=...")
             return found.experiment_id
         location = default_artifact_location(self.spec, name)
         try:
             return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # created meanwhile by a parallel job
+        except MlflowException:  # created meanwhile by another process
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
@@ -85,19 +142,24 @@ class Tracker:
 
     # ---------------------------------------------------------------- runs
 
-    def start_run(self, name: str, tags: Mapping[str, Any], parent_id: Optional[str] = None) -> str:
+    def start_run(self, name: str, tags: Mapping[str, Any], parent_id: Optional[str] = None,
+                  start_time: Optional[float] = None) -> str:
+        """A new RUNNING run; `start_time` in epoch seconds (default: now)."""
         tags = {k: _clip(str(v), MAX_TAG_LEN) for k, v in tags.items() if v is not None}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        start_ms = int(start_time * 1000) if start_time is not None else None
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name, start_time=start_ms)
         run_id = run.info.run_id
         self.open_runs.add(run_id)
         return run_id
 
-    def end_run(self, run_id: str, status: str) -> None:
-        if run_id not in self.open_runs:
+    def end_run(self, run_id: str, status: str, end_time: Optional[float] = None, force: bool = False) -> None:
+        """End a run this tracker opened (or any run, with force=True); `end_time` in epoch seconds."""
+        if run_id not in self.open_runs and not force:
             return
-        self.client.set_terminated(run_id, status=status)
+        end_ms = int(end_time * 1000) if end_time is not None else None
+        self.client.set_terminated(run_id, status=status, end_time=end_ms)
         self.open_runs.discard(run_id)
 
     def end_all(self, status: str) -> None:
@@ -105,8 +167,8 @@ class Tracker:
         for run_id in list(self.open_runs):
             try:
                 self.end_run(run_id, status)
-            except Exception:  # noqa: BLE001 - keep ending the others
-                logger.exception("Could not end MLflow run %s", run_id)
+            except Exception as error:  # noqa: BLE001 - keep ending the others
+                logger.error("Could not end MLflow run %s: %s", run_id, error)
 
     def log_batch(self, run_id: str, metrics: Optional[Mapping[str, float]] = None,
                   params: Optional[Mapping[str, Any]] = None, tags: Optional[Mapping[str, Any]] = None,
@@ -138,6 +200,10 @@ class Tracker:
     def log_file(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_dir(self, run_id: str, folder: Path, artifact_path: Optional[str] = None) -> None:
+        """Every file under `folder`, in one request to the artifact store."""
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
@@ -152,6 +218,22 @@ class Tracker:
             order_by=["attributes.start_time DESC"],
         )
         return runs[0] if runs else None
+
+    def runs_of_record(self, record_id: str) -> list[Any]:
+        """The runs logged for one job or sweep record (tag runner.record_id)."""
+        return list(self.client.search_runs([self.experiment_id], filter_string=f"tags.`{RECORD_TAG}` = '{record_id}'",
+                                            max_results=100))
+
+    def running_runs(self) -> list[Any]:
+        """Every RUNNING run of the experiment."""
+        found, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=1000, page_token=token)
+            found.extend(page)
+            token = page.token
+            if not token:
+                return found
 
     def download(self, run_id: str, artifact: str, dst: Path) -> Optional[Path]:
         try:
@@ -170,43 +252,3 @@ def _param_str(value: Any) -> str:
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}, "c": [x, y]} -> {"a.b": 1, "c.0": x, "c.1": y} (empty containers kept
-    as "{}" / "[]" so a key never vanishes)."""
-    out: dict[str, Any] = {}
-    if isinstance(tree, Mapping):
-        if not tree and prefix:
-            out[prefix[:-1]] = "{}"
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(tree, (list, tuple)):
-        if not tree and prefix:
-            out[prefix[:-1]] = "[]"
-        for i, v in enumerate(tree):
-            out.update(flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = tree
-    return out
-
-
-def provenance_tags(device: str) -> dict[str, str]:
-    from .provenance import device_name, git_commit, package_versions
-
-    tags = {f"versions.{k}": v for k, v in package_versions().items()}
-    commit = git_commit()
-    if commit:
-        tags["git.commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
-    tags["device.name"] = device_name(device)
-    return tags
-
-
-def fingerprint_tags(prefix: str, description: Mapping[str, Any]) -> dict[str, str]:
-    files = "; ".join(f"{f['name']}:{f['size']}:{f['sha256'][:16]}" for f in description["files"])
-    return {
-        f"{prefix}.sha256": description["sha256"],
-        f"{prefix}.bytes": str(description["bytes"]),
-        f"{prefix}.files": files,
-    }

@@ -115,21 +115,29 @@ def test_tiny_model_builds_on_first_use(hydra_ctx):
 
 
 @pytest.mark.parametrize(
-    "override,needle",
+    "override,key,fix",
     [
-        ("sampler.stepz=3", "sampler.stepz"),  # misspelt key
-        ("sampler.steps=many", "sampler.steps"),  # wrong type
-        ("sampler.scheduler=turbo", "sampler.scheduler"),  # not a mapping
-        ("dtype=float7", "dtype"),
-        ("lora.alpha=strong", "lora.alpha"),
-        ("model=qwen_imag", "model"),  # no such preset
+        ("sampler.stepz=3", "sampler.stepz", "did you mean `sampler.steps`?"),  # misspelt key
+        ("sampler.steps=many", "sampler.steps", "give an integer"),  # wrong type
+        ("sampler.scheduler=turbo", "sampler.scheduler", "give a mapping (sampler.scheduler.NAME=value) or null"),
+        ("dtype=float7", "dtype", "use one of auto, float32, bfloat16, float16"),
+        ("lora.alpha=strong", "lora.alpha", "give a number"),
+        ("model=qwen_imag", "model", "did you mean model=qwen_image?"),  # no such preset
+        ("model.files.0.pth=x", "model.files.0.pth", "did you mean `model.files.0.path`?"),
+        ("seed=[1", "seed", "quote a value"),  # does not parse
     ],
 )
-def test_bad_override_fails_at_composition_naming_the_path(hydra_ctx, override, needle):
-    with pytest.raises(ConfigCompositionException) as err:
+def test_bad_override_fails_at_composition_naming_the_path(hydra_ctx, override, key, fix):
+    """Hydra's own text echoes the override; ours names the key and the fix."""
+    from hydra.errors import HydraException
+
+    from runner.spec import composition_error
+
+    with pytest.raises(HydraException) as err:
         compose("config", overrides=[override])
-    text = str(err.value) + str(err.value.__cause__ or "")
-    assert needle in text
+    error = composition_error(err.value, [override])
+    assert isinstance(error, ConfigError) and error.key == key
+    assert f"Fix: {fix}" in str(error), str(error)
 
 
 def test_a_misspelt_yaml_key_fails_with_its_path(hydra_ctx, tmp_path):
@@ -198,7 +206,60 @@ def test_call_arguments_are_checked_by_the_pipeline_before_loading(hydra_ctx, ov
 
 
 def test_vram_none_passes_preflight(hydra_ctx):
-    preflight(spec_of("model=qwen_image_tiny"))
+    spec = spec_of("model=qwen_image_tiny")
+    assert not spec.vram.enabled()
+    arguments = preflight(spec)
+    assert arguments["num_inference_steps"] == spec.sampler.steps and arguments["seed"] == 0
+    assert arguments["prompt"] == spec.prompt and arguments["height"] == 1328
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["seed=-1"], "seed"),
+        (["seed=18446744073709551616"], "seed"),  # 2**64
+        (["device=mps"], "device"),
+        (["tracking.uri=file:///tmp/store"], "tracking.uri"),
+        (["tracking.uri=ftp://host/x"], "tracking.uri"),
+        (["tracking.contact_sheet_thumb=0"], "tracking.contact_sheet_thumb"),
+        (["tracking.image_key=a*b"], "tracking.image_key"),
+        (["tracking.request_timeout_s=nan"], "tracking.request_timeout_s"),
+        (["tracking.request_timeout_s=0"], "tracking.request_timeout_s"),
+        (["tracking.request_retries=11"], "tracking.request_retries"),
+        (["lora=stack", "lora.stack.artaug.alpha=inf"], "lora.stack.artaug.alpha"),
+        (["vram.vram_limit=nan"], "vram.vram_limit"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_before_any_weight(hydra_ctx, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate(spec_of("model=qwen_image_tiny", *overrides))
+    assert err.value.key == key and "Fix:" in str(err.value)
+
+
+def test_cuda_without_cuda_is_refused_by_the_library_parser(hydra_ctx):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="CUDA is not available") as err:
+        validate(spec_of("model=qwen_image_tiny", "device=cuda"))
+    assert err.value.key == "device"
+
+
+@pytest.mark.parametrize("field", ["base_shift", "max_shift"])
+def test_a_non_finite_scheduler_field_is_refused_naming_it(hydra_ctx, field):
+    spec = spec_of("model=qwen_image_tiny", "sampler=lightning", f"sampler.scheduler.{field}=nan")
+    validate(spec)
+    with pytest.raises(ConfigError, match="finite") as err:
+        preflight(spec)
+    assert err.value.key == f"sampler.scheduler.{field}"
+
+
+def test_config_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ConfigError("seed", "bad", "fix it")))
+    assert (error.key, str(error)) == ("seed", "config `seed`: bad. Fix: fix it")
 
 
 def test_conf_dir_is_the_repository_conf():

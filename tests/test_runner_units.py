@@ -163,21 +163,77 @@ def test_vram_presets_are_refused_at_once_by_a_pipeline_without_vram_management(
     build.preflight(spec_for("vram=none"))
 
 
-def test_ensure_built_builds_once_under_a_lock(tmp_path, monkeypatch):
-    calls = []
+_BUILDER = """
+import os
+import time
+from pathlib import Path
 
-    def builder(out):
-        calls.append(out)
-        (Path(out) / "model_index.json").parent.mkdir(parents=True)
-        (Path(out) / "model_index.json").write_text("{}")
-        return out
 
-    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
-    monkeypatch.setattr(build, "import_object", lambda dotted, where: builder)
-    spec = spec_for("model.build=some.builder")
-    build.ensure_built(spec)
-    build.ensure_built(spec)
-    assert calls == [tmp_path / "tiny" / "Qwen-Image-Tiny"]
+def build(out):
+    out, folder = Path(out), Path(os.environ["LOCKTEST_DIR"])
+    with open(folder / "calls", "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    (folder / "building").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 180
+    while not _second_waits_on_a_lock(folder):  # hold the lock until the other process waits for it
+        if time.monotonic() > deadline:
+            raise TimeoutError("the second process never waited on the build lock")
+        time.sleep(0.01)
+    staging = out.with_name(out.name + ".staging")
+    staging.mkdir(parents=True)
+    (staging / "model_index.json").write_text("{}")
+    staging.rename(out)
+    return out
+
+
+def _second_waits_on_a_lock(folder):
+    pid_file = folder / "second.pid"
+    if not pid_file.exists():
+        return False
+    pid = pid_file.read_text().strip()
+    with open("/proc/locks") as f:  # a blocked waiter is listed as `N: -> FLOCK ADVISORY WRITE <pid> ...`
+        return any(t[1:2] == ["->"] and t[5:6] == [pid] for t in (line.split() for line in f))
+"""
+
+_ENSURE_BUILT = """
+from runner import build
+from runner.spec import compose, to_spec
+
+build.ensure_built(to_spec(compose(["model=qwen_image_tiny", "model.build=locktest_builder.build"])))
+"""
+
+
+def test_ensure_built_builds_once_under_a_lock(tmp_path):
+    """Two processes want the same missing model: one builds it while the other waits on the
+    lock (seen waiting in /proc/locks), then finds it built."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if not Path("/proc/locks").exists():
+        pytest.skip("needs /proc/locks to see the second process wait")
+    (tmp_path / "locktest_builder.py").write_text(_BUILDER)
+    env = dict(os.environ, LOCKTEST_DIR=str(tmp_path), DIFFSYNTH_MODEL_BASE_PATH=str(tmp_path / "models"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parent.parent)]))
+    cmd = [sys.executable, "-c", _ENSURE_BUILT]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "building").exists():  # the first one holds the lock and builds
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+            time.sleep(0.02)
+        second = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        (tmp_path / "second.pid").write_text(str(second.pid))
+        out2, _ = second.communicate(timeout=240)
+        out1, _ = first.communicate(timeout=240)
+    finally:
+        for proc in (first, locals().get("second")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert first.returncode == 0 and second.returncode == 0, out1[-3000:] + out2[-3000:]
+    assert (tmp_path / "calls").read_text().split() == [str(first.pid)]  # built once, by the first
+    assert (tmp_path / "models" / "tiny" / "Qwen-Image-Tiny" / "model_index.json").is_file()
 
 
 # ------------------------------------------------------------------------ report
@@ -323,3 +379,268 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     atomic_write(tmp_path / "jobs.csv", lambda tmp: tmp.write_text("ok"))
     assert [p.name for p in tmp_path.iterdir()] == ["jobs.csv"] and (tmp_path / "jobs.csv").read_text() == "ok"
+
+
+# ------------------------------------------------------------- records and folders
+
+
+def test_job_record_round_trips_through_json_and_pickle(tmp_path):
+    import pickle
+
+    from runner.report import JobRecord, SweepRecord
+
+    r = JobRecord(3, ["seed=1"], status=FINISHED, metrics={"total_s": 1.5}, image_path=tmp_path / "i.png",
+                  job_dir=str(tmp_path), params={"seed": 1, "dtype": None}, tags={"a": "b"},
+                  config={"sampler": {"steps": 2}}, inputs=[{"arg": "x", "index": 0, "path": "p", "sha256": "h"}],
+                  tracked=False)
+    path = r.write(tmp_path / "job.json")
+    back = JobRecord.read(path)
+    assert back == pickle.loads(pickle.dumps(back))
+    assert back.to_json() == r.to_json() and back.image_path == str(tmp_path / "i.png")
+    assert json.loads(path.read_text())["format"] == "runner.job/1"
+    assert [p.name for p in tmp_path.iterdir()] == ["job.json"]  # written through a temporary file
+    with pytest.raises(ValueError, match="not a runner.sweep/1 record"):
+        SweepRecord.read(path)
+
+
+def test_an_image_is_never_overwritten(tmp_path):
+    from runner.report import exclusive_write
+
+    target = tmp_path / "job" / "image.png"
+    exclusive_write(target, lambda tmp: tmp.write_text("first"))
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        exclusive_write(target, lambda tmp: tmp.write_text("second"))
+    assert target.read_text() == "first" and [p.name for p in target.parent.iterdir()] == ["image.png"]
+
+
+def test_claimed_folders_are_never_shared(tmp_path, monkeypatch):
+    from runner import folders
+
+    monkeypatch.setattr(folders, "_CLAIMED", {})
+    base = str(tmp_path / "multirun" / "2025-01-02" / "03-04-05")
+    first = folders.claim_dir(base)
+    assert first == base and Path(first).is_dir()
+    assert folders.claim_dir(base) == first  # the same sweep asks again: its own folder
+    monkeypatch.setattr(folders, "_CLAIMED", {})  # another process started in the same second
+    assert folders.claim_dir(base) == base + "-2"
+    monkeypatch.setattr(folders, "_CLAIMED", {})
+    assert folders.claim_dir(base) == base + "-3"
+    folders.release_claim(Path(base + "-3"))  # a refused sweep leaves no folder
+    assert not Path(base + "-3").exists() and Path(base + "-2").exists()
+
+
+def test_leftovers_of_dead_processes_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from runner.folders import remove_stale_temp_files
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    (tmp_path / "0").mkdir()
+    dead = tmp_path / "0" / f".image.png.tmp{dead_pid}"
+    alive = tmp_path / "0" / f".job.json.tmp{os.getpid()}"
+    keep = tmp_path / "0" / "image.png"
+    for p in (dead, alive, keep):
+        p.write_text("x")
+    assert remove_stale_temp_files([tmp_path]) == [dead]
+    assert not dead.exists() and alive.exists() and keep.exists()
+
+
+def test_owner_tags_tell_a_live_owner_from_a_dead_one():
+    import subprocess
+    import sys
+
+    from runner.owner import ALIVE, DEAD, OTHER_HOST, UNKNOWN, owner_state, owner_tags
+
+    mine = owner_tags()
+    assert owner_state(mine) == ALIVE
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert owner_state(mine | {"runner.owner.pid": gone.stdout.strip()}) == DEAD
+    assert owner_state(mine | {"runner.owner.start": mine["runner.owner.start"] + "0"}) == DEAD  # pid reused
+    assert owner_state(mine | {"runner.owner.host": "elsewhere"}) == OTHER_HOST
+    assert owner_state({}) == UNKNOWN
+
+
+def test_job_table_says_which_jobs_are_tracked(tmp_path):
+    records = _records(tmp_path)
+    assert "tracked" not in next(csv.reader(open(write_table(records, tmp_path / "a.csv"))))  # tracking off
+    for r in records:
+        r.tracked = r.num != 1
+    rows = list(csv.DictReader(open(write_table(records, tmp_path / "b.csv"))))
+    assert [r["tracked"] for r in rows] == ["yes", "no", "yes", "yes"]
+
+
+# ------------------------------------------------------------------ the recorder
+
+
+def test_image_artifacts_are_laid_out_as_mlflow_log_image_does(tmp_path):
+    """The writer copies the PNG into MLflow's image-grid layout instead of re-encoding it
+    with MlflowClient.log_image: the same names and tag, checked against MLflow itself."""
+    import re
+
+    from runner.recorder import image_artifacts
+
+    image = tmp_path / "image.png"
+    Image.new("RGB", (96, 64), "red").save(image)
+    tracker = Tracker(spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking, "layout")
+    theirs = tracker.start_run("mlflow", {})
+    with Image.open(image) as im:
+        tracker.client.log_image(theirs, im, key="image", step=0)
+    ours = tracker.start_run("runner", {})
+    (tmp_path / "up").mkdir()
+    tags = image_artifacts(tmp_path / "up", image, "image")
+    tracker.log_dir(ours, tmp_path / "up")
+    tracker.set_tags(ours, tags)
+
+    def shape(run_id):
+        names = sorted(a.path for a in tracker.client.list_artifacts(run_id, "images"))
+        return [re.sub(r"\d{13}\+[0-9a-f-]{36}", "T+U", n) for n in names]
+
+    assert shape(ours) == shape(theirs) == ["images/image+step+0+timestamp+T+U+compressed.webp",
+                                            "images/image+step+0+timestamp+T+U.png"]
+    runs = {r.info.run_id: r for r in tracker.client.search_runs([tracker.experiment_id])}
+    assert runs[ours].data.tags["mlflow.loggedImages"] == runs[theirs].data.tags["mlflow.loggedImages"]
+
+
+def _plan(tmp_path, num, **over):
+    from omegaconf import OmegaConf
+
+    from runner import job
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=qwen_image_tiny", f"tracking.store_dir={tmp_path / 'store'}",
+                                           f"seed={num}", *[f"{k}={v}" for k, v in over.items()]])
+    plan = job.prepare(cfg, num, [f"seed={num}"])
+    plan.job_dir = str(tmp_path / str(num))
+    assert OmegaConf.is_config(cfg)
+    return plan
+
+
+def test_recorder_logs_from_its_own_process_and_ends_every_run(tmp_path):
+    import os
+
+    from runner import job
+    from runner.recorder import Recorder
+    from runner.report import SweepRecord
+
+    plans = [_plan(tmp_path, n) for n in range(2)]
+    recorder = Recorder(plans[0].spec.tracking, "recorder")
+    sweep = SweepRecord(name="sweep", tags={"runner.kind": "sweep"}, params={"seed": "0,1"}, started=1.0)
+    recorder.start_sweep(sweep)
+    records = []
+    for plan in plans:
+        recorder.job_started(plan)
+        record = job.new_record(plan)
+        Path(plan.job_dir).mkdir()
+        Image.new("RGB", (32, 32), "blue").save(Path(plan.job_dir) / "image.png")
+        record.status, record.image_path, record.metrics = FINISHED, str(Path(plan.job_dir) / "image.png"), {"x": 1.0}
+        record.ended = record.started + 1
+        record.write(Path(plan.job_dir) / "job.json")
+        recorder.job_done(record)
+        records.append(record)
+    recorder.job_started(_plan(tmp_path, 2))  # never done: ended by close
+    sweep.status = FINISHED
+    recorder.finish_sweep(sweep, None, None)
+    recorder.drain()
+    assert all(r.tracked and r.run_id for r in records) and sweep.tracked and sweep.parent_run_id
+    assert json.loads((Path(plans[0].job_dir) / "job.json").read_text())["tracked"] is True
+    recorder.close(KILLED)
+
+    tracker = Tracker(plans[0].spec.tracking, "recorder")
+    runs = {r.info.run_id: r for r in tracker.client.search_runs([tracker.experiment_id])}
+    assert runs[sweep.parent_run_id].info.status == FINISHED
+    for record in records:
+        run = runs[record.run_id]
+        assert run.info.status == FINISHED and run.data.tags["mlflow.parentRunId"] == sweep.parent_run_id
+        assert run.data.tags["runner.logged"] == "true" and run.data.params["seed"] == str(record.num)
+        assert run.data.tags["runner.owner.pid"] == str(os.getpid())  # the driver owns it, not the writer
+        artifacts = {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
+        assert {"image.png", "config.yaml", "images"} <= artifacts
+    assert sorted(r.info.status for r in runs.values()) == [FINISHED, FINISHED, FINISHED, KILLED]
+
+
+def test_recorder_on_an_unreachable_server_marks_jobs_untracked(tmp_path):
+    import socket
+
+    from runner import job
+    from runner.recorder import Recorder
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plan = _plan(tmp_path, 0, **{"tracking.uri": f"http://127.0.0.1:{port}", "tracking.request_retries": 0})
+    recorder = Recorder(plan.spec.tracking, "gone")
+    assert recorder.dead and "connect" in recorder.dead
+    record = job.new_record(plan)
+    record.status = FINISHED
+    recorder.job_started(plan)
+    recorder.job_done(record)
+    recorder.drain()
+    recorder.close(KILLED)
+    assert record.tracked is False and record.run_id is None
+
+
+def test_a_deleted_experiment_is_a_config_error_with_the_restore_command(tmp_path):
+    from runner.spec import ConfigError
+
+    spec = spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking
+    tracker = Tracker(spec, "old")
+    tracker.client.delete_experiment(tracker.experiment_id)
+    with pytest.raises(ConfigError, match="mlflow experiments restore --experiment-id") as err:
+        Tracker(spec, "old")
+    assert err.value.key == "experiment" and "is deleted" in str(err.value)
+
+
+def _open_store(store: str, barrier) -> str:
+    from types import SimpleNamespace
+
+    barrier.wait()  # both processes create the fresh store at the same moment
+    tracker = Tracker(SimpleNamespace(uri=None, store_dir=store, artifact_location=None), "together")
+    run = tracker.start_run("r", {})
+    tracker.end_run(run, FINISHED)
+    return run
+
+
+def test_two_processes_create_a_fresh_store_together(tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(2)
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        runs = list(pool.map(_open_store, [str(tmp_path / "store")] * 2, [barrier] * 2))
+    tracker = Tracker(spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking, "together")
+    assert sorted(r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id])) == sorted(runs)
+
+
+def test_sync_logs_a_single_run_folder_once(tmp_path, monkeypatch, caplog):
+    """A run folder alone (job.json + image) is enough to log the run; a second sync logs
+    nothing twice."""
+    import logging
+
+    from runner import job
+    from runner.sync import sync_main
+
+    monkeypatch.chdir(tmp_path)
+    plan = _plan(tmp_path, 5)
+    record = job.new_record(plan)
+    Path(plan.job_dir).mkdir()
+    gen = {"prompt": "p", "negative_prompt": "", "seed": 5, "steps": 1, "cfg_scale": 1.0, "width": 32, "height": 32,
+           "model": "m", "loras": []}
+    record.image_path = str(save_png(Image.new("RGB", (32, 32), "green"), Path(plan.job_dir) / "image.png", gen))
+    record.status, record.metrics, record.ended, record.tracked = FINISHED, {"total_s": 0.5}, record.started + 1, False
+    record.write(Path(plan.job_dir) / "job.json")
+    store = tmp_path / "elsewhere"
+    with caplog.at_level(logging.INFO, logger="runner"):
+        assert sync_main([plan.job_dir, f"tracking.store_dir={store}", "experiment=synced"]) == 0
+        assert sync_main([plan.job_dir, f"tracking.store_dir={store}", "experiment=synced"]) == 0
+        assert sync_main([str(tmp_path / "nothing")]) == 2
+    assert "1 run(s) logged, 0 already" in caplog.text and "0 run(s) logged, 1 already" in caplog.text
+    tracker = Tracker(spec_for(f"tracking.store_dir={store}").tracking, "synced")
+    [run] = tracker.client.search_runs([tracker.experiment_id])
+    assert run.info.status == FINISHED and run.data.params["seed"] == "5" and run.data.metrics["total_s"] == 0.5
+    assert run.data.tags["runner.synced_from"] == str(Path(plan.job_dir).resolve())
+    assert run.info.end_time - run.info.start_time == 1000  # the job's own times, not the sync's
+    assert {"image.png", "config.yaml", "images"} <= {a.path for a in tracker.client.list_artifacts(run.info.run_id)}

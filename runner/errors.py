@@ -1,0 +1,68 @@
+"""How the runner ends early.
+
+`Stop` ends the process with one line and an exit status. It derives from BaseException on
+purpose: Hydra catches `Exception` around each job and around the whole app (and would print
+a traceback or go on with the next job), while a Stop must reach `runner.__main__` intact,
+the way Ctrl-C does, so that the open MLflow runs and the sweep's files are finished first.
+"""
+from __future__ import annotations
+
+import errno
+
+# exit statuses of `python -m runner` (runner/__main__.py documents them)
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_UNTRACKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# a write that fails with one of these is about the output folder, not about the job
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+class ConfigError(ValueError):
+    """A run spec that cannot be run: the message names the config path and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"config `{key}`: {problem}. Fix: {fix}")
+        self.key, self.problem, self.fix = key, problem, fix
+
+    def __reduce__(self):  # crosses to and from the MLflow writer process
+        return ConfigError, (self.key, self.problem, self.fix)
+
+
+class Stop(BaseException):
+    """End the run or sweep now: `message` is logged as one line, `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class SweepDone(BaseException):
+    """The sweep ran in the runner's own loop (runner.sweep): ends Hydra's multirun, which has
+    nothing left to launch."""
+
+
+class OutputError(Exception):
+    """A file of the job or sweep folder could not be written (full disk, read-only folder):
+    no later job could write its image either."""
+
+    def __init__(self, path: object, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        super().__init__(f"cannot write {path}: {reason} (errno {error.errno})")
+        self.path = path
+        self.errno = error.errno
+
+
+def is_storage_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS
+
+
+def output_fix(path: object, code: int | None = None, resume: bool = True) -> str:
+    """How to get past a write that failed in `path` with errno `code`."""
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        first = f"free space on the file system of {path}"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        first = f"make {path} writable"
+    else:
+        first = f"check that {path} can be written (free space, permissions)"
+    then = ", then run the same command again with resume=true" if resume else ""
+    return f"{first}, or point hydra.sweep.dir / hydra.run.dir elsewhere{then}"

@@ -1,0 +1,315 @@
+"""Computing one job: spec -> checks -> pipeline (cached) -> LoRAs -> image -> PNG and
+`job.json` in the job folder. Nothing here talks to MLflow.
+
+    plan = prepare(cfg, num, overrides)   # ConfigError before any weight is read
+    record = compute(plan)                # a JobRecord; a failure is recorded, never raised
+
+Both are plain functions over picklable data (a JobPlan holds the typed spec and the resolved
+config; a JobRecord is JSON), so a launcher may run `compute` in a worker process and hand
+the record to the recorder of the driver (runner.recorder), the only code that logs it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import build, failpoints
+from .errors import OutputError, is_storage_error
+from .provenance import fingerprint_tags, provenance_tags
+from .report import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, JobRecord, flatten, save_png
+from .spec import ConfigError, RunSpec, TrackingBackend, to_spec, validate
+
+logger = logging.getLogger("runner")
+# keys that do not change the image: left out of the resume fingerprint
+_NOT_IN_HASH = ("resume", "tracking", "progress_bar", "run_name")
+
+
+@dataclass
+class JobPlan:
+    """A validated job, ready to compute anywhere: what `compute` needs and nothing of Hydra."""
+
+    num: int
+    overrides: list[str]
+    spec: RunSpec
+    config: dict[str, Any]  # the resolved config, plain data
+    runtime: build.Runtime
+    config_hash: str
+    label: str = ""  # for the log: the swept values (`seed=1 lora.alpha=0.5`)
+    name: str = ""  # the MLflow run name
+    job_dir: Optional[str] = None  # set by the launcher
+    sweep_id: Optional[str] = None
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def params(self) -> dict[str, Any]:
+        return flatten(self.config) | {"runtime.device": self.runtime.device, "runtime.dtype": self.runtime.dtype}
+
+    def tags(self) -> dict[str, str]:
+        tags = {"runner.kind": "job", "runner.job_num": str(self.num), "runner.overrides": " ".join(self.overrides),
+                "runner.job_dir": str(self.job_dir or ""), CONFIG_HASH_TAG: self.config_hash,
+                RECORD_TAG: self.record_id}
+        if self.sweep_id:
+            tags["runner.sweep_id"] = self.sweep_id
+        return tags
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain data (enums as their names), without Hydra's node."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:  # noqa: BLE001 - a broken interpolation is reported by to_spec
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+
+
+def config_hash(resolved: dict, rt: build.Runtime) -> str:
+    """Identity of a job's result: the resolved config without run-control keys, plus the
+    device and dtype that `auto` resolved to."""
+    core = {k: v for k, v in resolved.items() if k not in _NOT_IN_HASH}
+    blob = json.dumps({"config": core, "device": rt.device, "dtype": rt.dtype}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepare(cfg: DictConfig, num: int = 0, overrides: Sequence[str] = (), label: str = "",
+            in_sweep: bool = False) -> JobPlan:
+    """Everything that can be refused before a weight is read: the schema, the values (the
+    library's own parsers: devices, seeds, finite numbers, files), the pipeline's call
+    arguments. Raises ConfigError naming the config path and the fix."""
+    spec = to_spec(cfg)
+    validate(spec)
+    runtime = build.resolve_runtime(spec)
+    build.preflight(spec)
+    resolved = plain_config(cfg)
+    label = label or " ".join(overrides) or "defaults"
+    name = (f"{spec.run_name} {label}" if in_sweep else spec.run_name) if spec.run_name else label
+    return JobPlan(num, list(overrides), spec, resolved, runtime, config_hash(resolved, runtime), label, name)
+
+
+def tracking_of(spec: RunSpec) -> dict[str, Any]:
+    t = spec.tracking
+    return {"backend": t.backend.value, "uri": t.uri, "store_dir": str(Path(t.store_dir).resolve()),
+            "artifact_location": t.artifact_location, "image_key": t.image_key}
+
+
+def new_record(plan: JobPlan) -> JobRecord:
+    spec = plan.spec
+    return JobRecord(
+        num=plan.num, overrides=list(plan.overrides), job_dir=plan.job_dir, record_id=plan.record_id,
+        name=plan.name, params=plan.params(), tags=plan.tags(), config=plan.config, config_hash=plan.config_hash,
+        started=time.time(), experiment=spec.experiment, tracking=tracking_of(spec), sweep_id=plan.sweep_id,
+        tracked=None if spec.tracking.backend is TrackingBackend.none else False)
+
+
+# ------------------------------------------------------------------------ compute
+
+
+def compute(plan: JobPlan) -> JobRecord:
+    """Run one planned job in this process: the image and `job.json` land in `plan.job_dir`.
+    A failure is recorded in the returned record (status FAILED, `error`, `error_kind`);
+    Ctrl-C during the job gives status KILLED (the caller re-raises it)."""
+    record = new_record(plan)
+    started = time.perf_counter()
+    try:
+        failpoints.hold(f"job{plan.num}")
+        _generate(plan, record)
+        record.status = FINISHED
+    except KeyboardInterrupt:
+        _fail(record, KILLED, "interrupted", "interrupted")
+    except OutputError as error:
+        _fail(record, FAILED, f"OutputError: {error}", "output")
+    except ConfigError as error:
+        _fail(record, FAILED, f"ConfigError: {error}", "config")
+    except Exception as error:  # noqa: BLE001 - a failed job must not stop the sweep
+        _fail(record, FAILED, f"{type(error).__name__}: {error}", "runtime")
+        logger.exception("job %d [%s]: FAILED: %s", plan.num, plan.label, record.error)
+        _free_after_failure(error)
+    record.ended = time.time()
+    record.metrics.setdefault("total_s", time.perf_counter() - started)
+    _save_record(record)
+    _log_outcome(record, plan.label)
+    return record
+
+
+def _fail(record: JobRecord, status: str, error: str, kind: str) -> None:
+    record.status, record.error, record.error_kind = status, error, kind
+    build.forget_lora_state(build.current())  # the applied LoRAs are unknown now
+
+
+def _writing(path: Path, write: Callable[[], Any]) -> Any:
+    """`write()`, with a storage failure (full disk, read-only folder, a name taken) as an
+    OutputError naming the file."""
+    try:
+        return write()
+    except FileExistsError as error:
+        raise OutputError(path, error) from None
+    except OSError as error:
+        if is_storage_error(error):
+            raise OutputError(path, error) from None
+        raise
+
+
+def _generate(plan: JobPlan, record: JobRecord) -> None:
+    spec, rt = plan.spec, plan.runtime
+    if plan.job_dir is None:
+        raise ValueError("the plan has no job_dir: set it to the job's output folder")
+    seed = spec.seed if spec.seed is not None else random.randrange(2**31)
+    arguments = build.preflight(spec, seed)
+    started = time.perf_counter()  # the job's own time: load + LoRA + generate + save
+    _reset_peak_memory(rt.device)
+    entry, load_s = build.get_pipeline(spec, rt)
+    lora_s = build.apply_loras(entry, spec)
+    image = build.generate(entry, arguments)
+    timings = dict(getattr(entry.pipe, "timings", {}) or {})
+    inputs = _input_pictures(entry, spec, arguments)
+    gen = {
+        "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": seed,
+        "steps": spec.sampler.steps, "cfg_scale": spec.sampler.cfg_scale,
+        "height": image.height, "width": image.width, "sampler": spec.sampler.name,
+        "scheduler": spec.sampler.scheduler, "call": dict(spec.call), "model": spec.model.name,
+        "loras": [(label, float(item.alpha)) for label, _, item in spec.lora.items()], "dtype": rt.dtype,
+        "device": rt.device, "inputs": {arg: [{"file": Path(i["path"]).name, "sha256": i["sha256"]} for i in files]
+                                        for arg, files in _by_argument(inputs).items()},
+    }
+    path = Path(plan.job_dir) / "image.png"
+    png = _writing(path, lambda: save_png(image, path, gen))
+    record.metrics = _metrics(timings, spec, load_s, lora_s, started, rt.device)
+    record.image_path = str(png)
+    record.inputs = inputs
+    record.params.update({f"inputs.{i['arg']}.{i['index']}.sha256": i["sha256"] for i in inputs})
+    if spec.seed is None:
+        record.params["runtime.seed"] = seed
+    if spec.tracking.backend is not TrackingBackend.none:
+        record.tags.update(provenance_tags(rt.device))
+        record.tags.update(_fingerprints(entry, spec))
+
+
+def _metrics(timings: dict, spec: RunSpec, load_s: float, lora_s: float, started: float,
+             device: str) -> dict[str, float]:
+    denoise_s = timings.get("denoise_s")
+    metrics = {
+        "load_s": load_s, "lora_s": lora_s, "encode_s": timings.get("encode_s"), "denoise_s": denoise_s,
+        "s_per_step": (denoise_s / (timings.get("denoise_steps") or spec.sampler.steps)
+                       if denoise_s is not None else None),
+        "decode_s": timings.get("decode_s"), "total_s": time.perf_counter() - started,
+        "peak_mem_mb": _peak_memory_mb(device),
+    }
+    return {k: float(v) for k, v in metrics.items() if v is not None}
+
+
+def _save_record(record: JobRecord) -> None:
+    if record.job_dir is None:
+        return
+    path = Path(record.job_dir) / "job.json"
+    try:
+        _writing(path, lambda: record.write(path))
+    except OutputError as error:
+        if record.error_kind != "output":
+            record.status, record.error, record.error_kind = FAILED, f"OutputError: {error}", "output"
+
+
+def _log_outcome(record: JobRecord, label: str) -> None:
+    if record.status == KILLED:
+        logger.error("job %d [%s]: KILLED (interrupted)", record.num, label)
+        return
+    if record.status != FINISHED:
+        if record.error_kind not in ("runtime", "output"):  # logged with its traceback / by the driver
+            logger.error("job %d [%s]: FAILED: %s", record.num, label, record.error)
+        return
+    m = record.metrics
+    logger.info(
+        "job %d [%s]: FINISHED in %.2f s (load %.2f, lora %.2f, encode %.2f, denoise %.2f = %.3f s/step, "
+        "decode %.2f; peak %.0f MB) -> %s",
+        record.num, label, m["total_s"], m.get("load_s", 0.0), m.get("lora_s", 0.0), m.get("encode_s", 0.0),
+        m.get("denoise_s", 0.0), m.get("s_per_step", 0.0), m.get("decode_s", 0.0), m.get("peak_mem_mb", 0.0),
+        record.image_path,
+    )
+
+
+def _by_argument(inputs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for item in inputs:
+        out.setdefault(item["arg"], []).append(item)
+    return out
+
+
+def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
+    """Checkpoint (once per loaded pipeline) and LoRA fingerprints, through the on-disk cache."""
+    from .provenance import FingerprintCache
+
+    cache = FingerprintCache(Path(spec.tracking.store_dir) / "fingerprints.json")
+    if entry.fingerprint is None:
+        entry.fingerprint = cache.describe(build.checkpoint_files(entry))
+    tags = fingerprint_tags("checkpoint", entry.fingerprint)
+    for label, _, item in spec.lora.items():
+        key = build.lora_state_key(item)
+        if key not in entry.lora_fingerprints:
+            entry.lora_fingerprints[key] = cache.describe(build.lora_files(item, spec, download=False))
+        tags.update(fingerprint_tags(f"lora.{label}", entry.lora_fingerprints[key]))
+    return tags
+
+
+def _input_pictures(entry: build.LoadedPipeline, spec: RunSpec, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+    """The picture files the call read (the pipeline's image arguments given as paths), with
+    their sha256, through the fingerprint cache."""
+    from .provenance import FingerprintCache
+
+    found: list[dict[str, Any]] = []
+    cache = None
+    for arg in getattr(entry.pipe, "image_arguments", ()):
+        value = arguments.get(arg)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        paths = [Path(v) for v in values if isinstance(v, (str, Path))]
+        for i, p in enumerate(paths):
+            cache = cache or FingerprintCache(Path(spec.tracking.store_dir) / "fingerprints.json")
+            found.append({"arg": arg, "index": i, "path": str(p.resolve()), "sha256": cache.sha256(p)})
+    return found
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: reset the process's peak RSS (VmHWM) so the peak is this job's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20 if torch.cuda.is_available() else 0.0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _free_after_failure(error: Exception) -> None:
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass

@@ -1,0 +1,490 @@
+"""Recording jobs and sweeps in MLflow: while a run or sweep goes on, the only code that talks
+to MLflow.
+
+A `Recorder` starts one background process, the MLflow writer: one thread there owns the
+MlflowClient (MLflow's fluent API is not thread-safe; one writer also keeps each run's writes
+in order). A process, not a thread of the job loop: MLflow's SQLAlchemy and HTTP code is
+Python-heavy, and a writer thread holding the GIL made the tiny model's inference 4x slower
+(each of its many small torch ops waits for the GIL; bench/sweep_overhead.py). The job loop
+hands it plain data and goes on with the next image:
+
+    recorder.start_sweep(sweep)      # the parent run
+    recorder.job_started(plan)       # the job's RUNNING run, with the owner tags
+    recorder.job_done(record)        # config.yaml, image, inputs, then params, metrics, tags; ended
+    recorder.finish_sweep(sweep, sheet, table)
+    recorder.close(status)           # waits for every write; ends what is still open
+
+`job_done` ends a run only after its records are written, `drain` and `close` return only
+when the writer has done everything asked before, so nothing is lost by going on early. A
+job's run is created when the job starts, tagged with runner.owner (host, pid, process start
+of the driver): a run left RUNNING by a process that died is recognised and ended KILLED by
+`cleanup` or a sweep with resume=true. The writer ignores Ctrl-C (the driver decides) and
+ends with the driver: told to, or on noticing that its parent is gone.
+
+The first request that cannot reach the store (a dead or hung server, within
+tracking.request_timeout_s x request_retries) marks it dead: nothing more is sent, no job waits
+for it, and each job's record stays in its job.json with `tracked: false`; the log and jobs.csv
+name those jobs, and `python -m runner sync DIR` logs them later. The same functions
+(`log_job`, `log_sweep_end`) serve `sync`.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
+
+from .errors import EXIT_REFUSED, ConfigError, Stop
+from .owner import owner_tags
+from .report import FAILED, FINISHED, KILLED, SKIPPED, JobRecord, SweepRecord
+
+if TYPE_CHECKING:  # the writer process imports no torch
+    from .job import JobPlan
+    from .spec import TrackingSpec
+    from .tracking import Tracker
+
+logger = logging.getLogger("runner")
+
+LOGGED_TAG = "runner.logged"  # set in a run's last write before it is ended: its record is complete
+LOGGED_IMAGES_TAG = "mlflow.loggedImages"  # what MlflowClient.log_image sets: the UI shows the image grid
+
+
+# --------------------------------------------------------------- what a run holds
+
+
+def image_artifacts(folder: Path, image: Path, key: str) -> dict[str, str]:
+    """Lay `image` out in `folder` as MlflowClient.log_image(key=key, step=0) stores it (the
+    UI's image grid reads these names and the tag returned), without re-encoding the PNG:
+    the PNG is copied, only the small webp preview is encoded."""
+    import shutil
+    import time
+    import uuid
+
+    from mlflow.tracking.multimedia import compress_image_size
+    from PIL import Image
+
+    stem = f"{key.replace('/', '~')}+step+0+timestamp+{int(time.time() * 1000)}+{uuid.uuid4()}"
+    (folder / "images").mkdir(exist_ok=True)
+    shutil.copyfile(image, folder / "images" / f"{stem}.png")
+    with Image.open(image) as im:
+        compress_image_size(im).save(folder / "images" / f"{stem}+compressed.webp")
+    return {LOGGED_IMAGES_TAG: "True"}
+
+
+def log_job(tracker: Tracker, record: JobRecord, run_id: str, parent_id: Optional[str], present: Iterable[str] = (),
+            logged_inputs: Optional[set] = None) -> None:
+    """Log a job's record into its run, then end the run with the record's status and end
+    time: the artifacts (config.yaml, image.png, the image for the UI's grid) in one request,
+    then params, metrics and tags in one batch that carries runner.logged (the record is
+    complete), then the end. `present`: params the run has already (MLflow params are
+    write-once)."""
+    import shutil
+    import tempfile
+
+    tags = {**record.tags, LOGGED_TAG: "true"}
+    if record.error:
+        tags["runner.error"] = record.error
+    with tempfile.TemporaryDirectory(prefix="runner-artifacts-") as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(_yaml(record.config), encoding="utf-8")
+        image = Path(record.image_path) if record.image_path else None
+        if image is not None and image.is_file():
+            shutil.copyfile(image, folder / "image.png")
+            tags.update(image_artifacts(folder, image, record.tracking.get("image_key") or "image"))
+        tracker.log_dir(run_id, folder)
+    _log_inputs(tracker, record, parent_id or run_id, logged_inputs if logged_inputs is not None else set())
+    params = {k: v for k, v in record.params.items() if k not in set(present)}
+    tracker.log_batch(run_id, metrics=record.metrics, params=params, tags=tags)
+    tracker.end_run(run_id, record.status if record.status != SKIPPED else FINISHED, end_time=record.ended,
+                    force=True)
+
+
+def _log_inputs(tracker: Tracker, record: JobRecord, target: str, logged: set) -> None:
+    """The input pictures as artifacts under `inputs/`: on the sweep's parent run once per
+    picture, on the run itself for a single run."""
+    for item in record.inputs:
+        path = Path(item["path"])
+        if item["sha256"] in logged or not path.is_file():
+            continue
+        tracker.log_file(target, path, "inputs")
+        logged.add(item["sha256"])
+
+
+def log_sweep_end(tracker: Tracker, sweep: SweepRecord, sheet: Optional[Path], table: Optional[Path]) -> None:
+    """The parent run's end: contact sheet (also in the UI's image grid), job table, job
+    counts; then ended."""
+    import shutil
+    import tempfile
+
+    run_id = sweep.parent_run_id
+    assert run_id is not None
+    tags = {**sweep.tags, LOGGED_TAG: "true"}
+    with tempfile.TemporaryDirectory(prefix="runner-artifacts-") as tmp:
+        folder = Path(tmp)
+        for path in (sheet, table):
+            if path is not None and path.is_file():
+                shutil.copyfile(path, folder / path.name)
+        if sheet is not None and sheet.is_file():
+            tags.update(image_artifacts(folder, sheet, "contact_sheet"))
+        if any(folder.iterdir()):
+            tracker.log_dir(run_id, folder)
+    tracker.log_batch(run_id, metrics=sweep.metrics, tags=tags)
+    tracker.end_run(run_id, sweep.status, end_time=sweep.ended, force=True)
+
+
+def start_sweep_run(tracker: Tracker, sweep: SweepRecord, extra_tags: Mapping[str, str]) -> str:
+    run_id = tracker.start_run(sweep.name, {**sweep.tags, **extra_tags}, start_time=sweep.started)
+    tracker.log_params(run_id, sweep.params)
+    return run_id
+
+
+def _yaml(config: Mapping[str, Any]) -> str:
+    import yaml  # PyYAML (Hydra's own dependency): 20x faster than a round trip through OmegaConf
+
+    return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+# ------------------------------------------------------- the writer process
+
+
+class _Writer:
+    """Runs in the writer process: every MLflow call of a run or sweep."""
+
+    def __init__(self, outbox: Any, hurry: Any, tracking: dict, experiment: str, owner: dict) -> None:
+        self.outbox, self.hurry, self.tracking, self.experiment, self.owner = outbox, hurry, tracking, experiment, owner
+        self.tracker: Optional[Tracker] = None
+        self.dead: Optional[str] = None
+        self.parent_id: Optional[str] = None
+        self.runs: dict[str, str] = {}  # record_id -> the run started for it
+        self.inputs: set[str] = set()
+        self.failures = 0
+
+    def log(self, level: int, text: str) -> None:
+        self.outbox.put(("log", level, text))
+
+    def connect(self) -> dict:
+        from .tracking import Tracker
+
+        try:
+            self.tracker = Tracker(SimpleNamespace(**self.tracking), self.experiment)
+        except ConfigError as error:
+            return {"error": error}
+        except Exception as error:  # noqa: BLE001 - an unreachable store: run untracked
+            self._dead(error, "connect")
+        return {"dead": self.dead}
+
+    def _dead(self, error: BaseException, what: str) -> None:
+        self.dead = f"{what}: {_first_line(error)}"
+        self.outbox.put(("dead", self.dead))
+        self.log(logging.ERROR, f"MLflow at {self.tracking.get('uri') or self.tracking['store_dir']} cannot be "
+                 f"reached ({self.dead}). Tracking stops here: the images and each job's job.json are kept; log "
+                 "them later with `python -m runner sync <sweep or run folder>`")
+
+    def _do(self, what: str, fn: Any, *args: Any) -> bool:
+        """One MLflow operation; False (logged) when it failed or the store is dead."""
+        if self.dead is not None or self.tracker is None:
+            return False
+        try:
+            fn(*args)
+        except Exception as error:  # noqa: BLE001 - tracking never costs an image
+            self.failures += 1
+            from .tracking import is_unreachable
+
+            if is_unreachable(error) or self.failures >= 3:
+                self._dead(error, what)
+            else:
+                self.log(logging.WARNING, f"MLflow: could not {what}: {_first_line(error)}")
+            return False
+        self.failures = 0
+        return True
+
+    def ping(self) -> bool:
+        return True
+
+    def start_sweep(self, data: dict) -> None:
+        sweep = SweepRecord.from_json(data)
+
+        def start() -> None:
+            self.parent_id = start_sweep_run(self.tracker, sweep, self.owner)
+
+        ok = self._do("start the sweep's parent run", start)
+        self.outbox.put(("sweep", sweep.sweep_id, self.parent_id, ok))
+
+    def job_started(self, info: dict) -> None:
+        def start() -> None:
+            tags = {**info["tags"], **self.owner}
+            self.runs[info["record_id"]] = self.tracker.start_run(info["name"], tags, parent_id=self.parent_id)
+
+        self._do(f"start the run of job {info['num']}", start)
+
+    def job_done(self, data: dict) -> None:
+        record = JobRecord.from_json(data)
+        run_id = self.runs.pop(record.record_id, None)
+        complete = [False]
+
+        def log() -> None:
+            nonlocal run_id
+            if run_id is None:
+                run_id = self.tracker.start_run(record.name, {**record.tags, **self.owner}, parent_id=self.parent_id,
+                                                start_time=record.started)
+            record.run_id = run_id
+            if self.hurry.is_set():  # a second Ctrl-C: end it, upload nothing
+                self.tracker.end_run(run_id, KILLED, end_time=record.ended, force=True)
+                return
+            log_job(self.tracker, record, run_id, self.parent_id, (), self.inputs)
+            complete[0] = True
+
+        record.tracked = self._do(f"log job {record.num}", log) and complete[0]
+        self._rewrite(record)
+        self.outbox.put(("job", record.record_id, record.run_id, record.tracked))
+
+    def _rewrite(self, record: JobRecord) -> None:
+        """job.json with its run and tracked flag (best effort: a worker's folder may not be here)."""
+        path = Path(record.job_dir or "") / "job.json"
+        try:
+            if record.job_dir and path.is_file():
+                record.write(path)
+        except OSError as error:
+            self.log(logging.WARNING, f"Could not update {path}: {error}")
+
+    def finish_sweep(self, data: dict, sheet: Optional[str], table: Optional[str]) -> None:
+        sweep = SweepRecord.from_json(data)
+        if self.parent_id is None:
+            return
+        sweep.parent_run_id = self.parent_id
+        if self.hurry.is_set():
+            self._do("end the sweep's parent run", self.tracker.end_run, self.parent_id, sweep.status, sweep.ended,
+                     True)
+            ok = False
+        else:
+            ok = self._do("log the sweep's contact sheet and table", log_sweep_end, self.tracker, sweep,
+                          Path(sheet) if sheet else None, Path(table) if table else None)
+        self.outbox.put(("sweep", sweep.sweep_id, self.parent_id, ok))
+
+    def end_open(self, status: str) -> None:
+        if self.tracker is None or self.dead is not None:
+            return
+        for run_id in list(self.tracker.open_runs):
+            self._do(f"end run {run_id}", self.tracker.end_run, run_id, status)
+
+    def finished_runs(self, hashes: list[str]) -> Optional[dict]:
+        found: dict[str, dict] = {}
+
+        def find() -> None:
+            for h in hashes:
+                run = self.tracker.find_finished(h)
+                if run is not None:
+                    found[h] = {"run_id": run.info.run_id, "metrics": dict(run.data.metrics)}
+
+        return found if self._do("look up finished runs", find) else None
+
+    def end_dead_runs(self) -> Optional[tuple]:
+        from .sync import end_dead_runs, plain_run
+
+        out: list = []
+
+        def end() -> None:
+            out.extend([plain_run(r) for r in group] for group in end_dead_runs(self.tracker))
+
+        return (self.tracker.experiment_name, self.tracker.uri, *out) if self._do("end runs of dead processes",
+                                                                                   end) else None
+
+    def download(self, run_id: str, artifact: str, dst: str) -> Optional[str]:
+        box: list = [None]
+
+        def fetch() -> None:
+            box[0] = self.tracker.download(run_id, artifact, Path(dst))
+
+        self._do(f"fetch {artifact} of run {run_id}", fetch)
+        return str(box[0]) if box[0] else None
+
+
+def _serve(inbox: Any, outbox: Any, hurry: Any, tracking: dict, experiment: str, owner: dict) -> None:
+    """The writer process's loop: requests in order until told to stop or the driver is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the driver decides
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:  # background work: on a busy CPU the images come first, the writer catches up between them
+        os.nice(10)
+    except OSError:
+        pass
+    driver = os.getppid()
+    writer = _Writer(outbox, hurry, tracking, experiment, owner)
+    while True:
+        try:
+            message = inbox.get(timeout=0.5)
+        except queue.Empty:
+            if os.getppid() != driver:  # the driver died (kill -9): its open runs stay RUNNING for cleanup
+                return
+            continue
+        if message is None:
+            outbox.put(("bye",))
+            return
+        seq, op, args = message
+        try:
+            result = getattr(writer, op)(*args)
+        except Exception as error:  # noqa: BLE001 - a bug here must not stop the writer
+            writer.log(logging.ERROR, f"MLflow writer: {op} failed: {_first_line(error)}")
+            result = None
+        if seq is not None:
+            outbox.put(("reply", seq, result))
+
+
+# ---------------------------------------------------------- the driver's side
+
+
+class Recorder:
+    """MLflow logging for one experiment in one store, done by the writer process."""
+
+    def __init__(self, tracking: TrackingSpec, experiment: str) -> None:
+        from .tracking import store_uri
+
+        self.uri = store_uri(tracking)
+        self.experiment = experiment
+        self.dead: Optional[str] = None  # why the store counts as unreachable
+        self._jobs: dict[str, JobRecord] = {}  # records waiting for their run id / tracked flag
+        self._sweeps: dict[str, SweepRecord] = {}
+        self._replies: dict[int, Any] = {}
+        self._seq = 0
+        self._done = threading.Condition()
+        self._gone = False
+        ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no torch, no inherited locks
+        self._inbox, self._outbox, self._hurry = ctx.Queue(), ctx.Queue(), ctx.Event()
+        settings = {"uri": tracking.uri, "store_dir": str(Path(tracking.store_dir).resolve()),
+                    "artifact_location": tracking.artifact_location, "request_timeout_s": tracking.request_timeout_s,
+                    "request_retries": tracking.request_retries}
+        self._proc = ctx.Process(target=_serve, name="runner-mlflow-writer", daemon=True,
+                                 args=(self._inbox, self._outbox, self._hurry, settings, experiment, owner_tags()))
+        self._proc.start()
+        self._reader = threading.Thread(target=self._read, name="runner-mlflow-results", daemon=True)
+        self._reader.start()
+        reply = self._request("connect") or {"dead": "the MLflow writer process ended"}
+        if reply.get("error") is not None:
+            self.close()
+            raise reply["error"]
+        self.dead = reply.get("dead")
+
+    @property
+    def hurry(self) -> bool:
+        return self._hurry.is_set()
+
+    @hurry.setter
+    def hurry(self, value: bool) -> None:
+        if value:
+            self._hurry.set()
+
+    # ------------------------------------------------------------ results
+
+    def _read(self) -> None:
+        """The writer's results, as they come: log lines, run ids, tracked flags, replies."""
+        while True:
+            try:
+                message = self._outbox.get(timeout=0.5)
+            except queue.Empty:
+                if self._proc.is_alive():
+                    continue
+                if self._proc.exitcode:  # killed (out of memory?): what it had not logged stays untracked
+                    self.dead = f"the MLflow writer process ended (exit code {self._proc.exitcode})"
+                    logger.error("%s: the jobs it had not logged are not tracked (python -m runner sync logs them)",
+                                 self.dead)
+                message = ("bye",)
+            kind = message[0]
+            if kind == "log":
+                logger.log(message[1], "%s", message[2])
+            elif kind == "dead":
+                self.dead = message[1]
+            elif kind == "job" and message[1] in self._jobs:
+                record = self._jobs.pop(message[1])
+                record.run_id, record.tracked = message[2] or record.run_id, bool(message[3])
+            elif kind == "sweep" and message[1] in self._sweeps:
+                sweep = self._sweeps[message[1]]
+                sweep.parent_run_id, sweep.tracked = message[2], bool(message[3])
+            elif kind in ("reply", "bye"):
+                with self._done:
+                    if kind == "reply":
+                        self._replies[message[1]] = message[2]
+                    else:
+                        self._gone = True
+                    self._done.notify_all()
+                if kind == "bye":
+                    return
+
+    def _send(self, op: str, *args: Any) -> None:
+        if not self._gone:
+            self._inbox.put((None, op, args))
+
+    def _request(self, op: str, *args: Any) -> Any:
+        """Ask the writer and wait for its answer (None when it is gone)."""
+        with self._done:
+            self._seq += 1
+            seq = self._seq
+        if self._gone:
+            return None
+        self._inbox.put((seq, op, args))
+        with self._done:
+            while seq not in self._replies and not self._gone:
+                self._done.wait(0.5)
+            return self._replies.pop(seq, None)
+
+    # ------------------------------------------------------- the job loop's side
+
+    def start_sweep(self, sweep: SweepRecord) -> None:
+        self._sweeps[sweep.sweep_id] = sweep
+        self._send("start_sweep", sweep.to_json())
+
+    def job_started(self, plan: JobPlan) -> None:
+        self._send("job_started", {"record_id": plan.record_id, "num": plan.num, "name": plan.name,
+                                   "tags": plan.tags()})
+
+    def job_done(self, record: JobRecord) -> None:
+        self._jobs[record.record_id] = record
+        self._send("job_done", record.to_json())
+
+    def finish_sweep(self, sweep: SweepRecord, sheet: Optional[Path], table: Optional[Path]) -> None:
+        self._sweeps[sweep.sweep_id] = sweep
+        self._send("finish_sweep", sweep.to_json(), str(sheet) if sheet else None, str(table) if table else None)
+
+    def drain(self) -> None:
+        """Wait until the writer has done everything asked so far (and its results are in)."""
+        self._request("ping")
+
+    def close(self, status: str = KILLED) -> None:
+        """Wait for every write, end the runs still open with `status`, stop the writer."""
+        if self._proc.is_alive() and not self._gone:
+            self._request("end_open", status)
+            self._inbox.put(None)
+        self._reader.join()
+        self._proc.join()
+        for q in (self._inbox, self._outbox):
+            q.close()
+            q.join_thread()
+
+    def finished_runs(self, hashes: Iterable[str]) -> dict[str, dict]:
+        """config hash -> {run_id, metrics} of its newest FINISHED run (resume=true). A store
+        that cannot be reached refuses resume."""
+        found = self._request("finished_runs", sorted(set(hashes)))
+        if found is None:
+            raise Stop(f"resume=true needs the MLflow store {self.uri}, which cannot be reached ({self.dead}). "
+                       f"Fix: start the tracking server (or fix tracking.uri), or run without resume", EXIT_REFUSED)
+        return found
+
+    def end_dead_runs(self) -> Optional[tuple]:
+        """(experiment, uri, ended, left, unknown) as plain run dicts (runner.sync.plain_run)."""
+        return self._request("end_dead_runs")
+
+    def download(self, run_id: str, artifact: str, dst: Path) -> Optional[Path]:
+        path = self._request("download", run_id, artifact, str(dst))
+        return Path(path) if path else None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def status_of(records: Iterable[JobRecord]) -> str:
+    return FAILED if any(r.status in (FAILED, KILLED) for r in records) else FINISHED

@@ -1,0 +1,414 @@
+"""A sweep (`python -m runner -m ...`): checked whole, then run by the runner's own loop.
+
+    start(config)   claim the folder, compose and check every job (no weight read: a bad one
+                    refuses the sweep, exit 2, naming the job and the key; no MLflow run, no
+                    folder left), open the recorder and the parent run, write sweep.json
+    run(sweep)      the jobs one after another in this process: job.compute, then the
+                    recorder; weights load once per (model, vram, dtype, device)
+    finish()        contact_sheet.png and jobs.csv, the parent run ended, sweep.json again
+
+Hydra composes the configs and owns the command line; the launching is ours: Hydra's basic
+launcher would compose each job twice more and deep-copy its config twice per job, which cost
+more than the tiny model's whole image. `run` is the place a Ray launcher replaces: compute
+the plans in workers (runner.job.compute), hand each record to `recorder.job_done` here.
+"""
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import failpoints, job
+from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, output_fix
+from .folders import holds_results, release_claim, remove_stale_temp_files
+from .job import JobPlan
+from .owner import owner_tags
+from .provenance import provenance_tags
+from .recorder import Recorder, status_of
+from .report import (
+    FAILED,
+    FINISHED,
+    KILLED,
+    METRICS,
+    SKIPPED,
+    JobRecord,
+    SweepRecord,
+    atomic_write,
+    contact_sheet,
+    write_table,
+)
+from .report import swept_keys as record_swept_keys
+from .spec import RunSpec, TrackingBackend, check_keys, composition_error
+from .state import STATE, open_recorder, shield
+
+logger = logging.getLogger("runner")
+
+
+@dataclass
+class Launch:
+    plan: JobPlan
+    subdir: str  # hydra.sweep.subdir of this job
+    env: dict[str, str]  # hydra.job.env_set
+
+
+@dataclass
+class Sweep:
+    record: SweepRecord
+    folder: Path
+    launches: list[Launch]
+    recorder: Optional[Recorder]
+    resume: dict[str, Any]  # config hash -> {run_id, metrics} of its FINISHED run (resume=true)
+    thumb: int
+    log_name: str  # each job's log file: <job folder>/<log_name>.log
+    logging: Optional[dict]  # hydra.job_logging without its file handler
+    log_format: Optional[str]
+    records: list[JobRecord] = field(default_factory=list)
+
+
+def override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def sweep_keys(overrides: list[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        return [o.key_or_group for o in parsed if o.is_sweep_override()]
+    except Exception:  # noqa: BLE001 - a naming nicety only
+        return [override_key(o) for o in overrides if "," in o.partition("=")[2]]
+
+
+def label(overrides: list[str], swept: list[str], num: int) -> str:
+    """A job's name: its values of the swept keys (`seed=1 lora.alpha=0.5`)."""
+    mine = [o for o in overrides if override_key(o) in swept]
+    return " ".join(mine) or f"job {num}"
+
+
+# ------------------------------------------------------------------------- start
+
+
+def _refuse(problem: ConfigError) -> Stop:
+    return Stop(str(problem), EXIT_REFUSED)
+
+
+def _check_plugins(config: DictConfig) -> None:
+    for what, name in (("launcher", "BasicLauncher"), ("sweeper", "BasicSweeper")):
+        target = str(config.hydra[what].get("_target_", ""))
+        if not target.endswith(name):
+            raise _refuse(ConfigError(f"hydra/{what}", f"{target} is not supported: the runner launches the jobs "
+                                      "of a sweep itself (one process, weights loaded once)",
+                                      f"leave hydra/{what} at its default"))
+
+
+def _job_overrides(config: DictConfig, overrides: list[str]) -> list[list[str]]:
+    """Every job's overrides, in the order Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + overrides)
+    return [o for batch in BasicSweeper.split_arguments(parsed, None) for o in batch]
+
+
+def _compose(config: DictConfig, overrides: list[str]) -> DictConfig:
+    """One job's config, as Hydra's launcher composes it (the sweep's hydra.* overrides
+    first, Hydra's resolver cache copied: the same `now`, the same claimed folder)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    return GlobalHydra.instance().hydra.config_loader.load_sweep_config(config, list(overrides))
+
+
+def precheck(config: DictConfig, jobs: list[list[str]], swept: list[str]) -> list[Launch]:
+    """Compose and check every job of the sweep before the first one loads weights."""
+    from hydra.errors import HydraException
+
+    launches = []
+    for num, overrides in enumerate(jobs):
+        name = label(overrides, swept, num)
+        try:
+            cfg = _compose(config, overrides)
+            plan = job.prepare(cfg, num, overrides, label=name, in_sweep=True)
+        except ConfigError as error:
+            raise Stop(f"job {num} [{name}]: {error}", EXIT_REFUSED) from None
+        except HydraException as error:
+            raise Stop(f"job {num} [{name}]: {composition_error(error, overrides)}", EXIT_REFUSED) from None
+        with open_dict(cfg):
+            cfg.hydra.job.num = num
+            cfg.hydra.job.id = num
+        env = {str(k): str(v) for k, v in (cfg.hydra.job.get("env_set") or {}).items()}
+        launches.append(Launch(plan, str(OmegaConf.select(cfg, "hydra.sweep.subdir")), env))
+    logger.info("Checked the configs of the %d jobs (no weights read)", len(jobs))
+    return launches
+
+
+def _resume(spec: RunSpec, recorder: Optional[Recorder], hashes: list[str]) -> dict[str, Any]:
+    """resume=true: end the runs of dead processes (and their leftovers), then find the
+    configs that have a FINISHED run."""
+    if not spec.resume or recorder is None:
+        return {}
+    from .sync import folders_of, report_dead_runs
+
+    found = recorder.end_dead_runs()
+    if found is not None:
+        report_dead_runs(*found)
+        for path in remove_stale_temp_files(sorted(folders_of(found[2]) | {Path(spec.tracking.store_dir)})):
+            logger.info("Removed %s (an interrupted write of a process that is gone)", path)
+    return recorder.finished_runs(hashes)
+
+
+def start(config: DictConfig) -> Sweep:
+    """`on_multirun_start`: claim the folder, check every job, open the parent run."""
+    overrides = [str(o) for o in config.hydra.overrides.task]
+    plain = config.copy()
+    with open_dict(plain):
+        plain.pop("hydra", None)
+    try:
+        check_keys(plain, RunSpec)  # a misspelt `+key` fails the sweep before any job
+    except ConfigError as error:
+        raise _refuse(error) from None
+    _check_plugins(config)
+    swept = sweep_keys(overrides)
+    for key in swept:
+        if key == "experiment" or key.startswith("tracking"):  # one parent run holds the jobs
+            raise _refuse(ConfigError(key, "cannot be swept: every job of a sweep logs under the sweep's parent "
+                                      "run", f"run one sweep per value of {key}"))
+    folder = Path(str(config.hydra.sweep.dir))  # unique_dir claims a new folder
+    try:
+        return _start(config, overrides, swept, folder)
+    except BaseException:
+        release_claim(folder)  # a refused sweep leaves no folder
+        raise
+
+
+def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: Path) -> Sweep:
+    used = holds_results(folder)
+    if used:
+        raise _refuse(ConfigError("hydra.sweep.dir", f"{folder} holds the results of an earlier run "
+                                  f"({', '.join(used)})", "give a new folder, or leave hydra.sweep.dir at its "
+                                  "default (a new folder each time)"))
+    launches = precheck(config, _job_overrides(config, overrides), swept)
+    spec = launches[0].plan.spec
+    recorder = open_recorder(spec)
+    resume = _resume(spec, recorder, [la.plan.config_hash for la in launches])
+    folder = folder.resolve()
+    record = _sweep_record(config, overrides, folder, spec, len(launches))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write(folder / "sweep.json")
+        OmegaConf.save(config, folder / "multirun.yaml")  # Hydra's record of the sweep's command line
+    except OSError as error:
+        raise Stop(f"cannot write into {folder}: {error.strerror or error}. "
+                   f"Fix: {output_fix(folder, error.errno, resume=False)}", EXIT_FAILED) from None
+    for launch in launches:
+        launch.plan.sweep_id = record.sweep_id
+    if recorder is not None:
+        recorder.start_sweep(record)
+        logger.info("Sweep %s: MLflow experiment %r in %s", folder, spec.experiment, recorder.uri)
+    log_config, log_format = _job_logging(config)
+    STATE.sweep = Sweep(record, folder, launches, recorder, resume, spec.tracking.contact_sheet_thumb,
+                        str(config.hydra.job.name), log_config, log_format)
+    return STATE.sweep
+
+
+def _sweep_record(config: DictConfig, overrides: list[str], folder: Path, spec: RunSpec, jobs: int) -> SweepRecord:
+    tags = {"runner.kind": "sweep", "runner.sweep_dir": str(folder), "runner.overrides": " ".join(overrides)}
+    tags.update({k: v for k, v in provenance_tags("cpu").items() if not k.startswith("device.")})
+    record = SweepRecord(sweep_dir=str(folder), overrides=overrides, experiment=spec.experiment,
+                         tracking=job.tracking_of(spec), jobs=jobs, started=time.time(), owner=owner_tags(),
+                         params={override_key(o): o.partition("=")[2] for o in overrides},
+                         name=config.get("run_name") or f"sweep {folder.parent.name} {folder.name}")
+    record.tags = tags | {job.RECORD_TAG: record.sweep_id}
+    record.tracked = None if spec.tracking.backend is TrackingBackend.none else False
+    return record
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _job_logging(config: DictConfig) -> tuple[Optional[dict], Optional[str]]:
+    """hydra.job_logging for the whole sweep, its file handler taken out (one per job folder)."""
+    node = config.hydra.get("job_logging")
+    if node is None:
+        return None, None
+    conf = OmegaConf.to_container(node, resolve=False)
+    if not conf.get("root"):
+        return None, None
+    files = [name for name, h in (conf.get("handlers") or {}).items() if "filename" in h]
+    log_format = None
+    for name in files:
+        handler = conf["handlers"].pop(name)
+        log_format = ((conf.get("formatters") or {}).get(handler.get("formatter"), {}) or {}).get("format")
+    conf["root"]["handlers"] = [h for h in conf["root"].get("handlers", []) if h not in files]
+    return conf, log_format
+
+
+@contextmanager
+def _job_log(sweep: Sweep, job_dir: Path) -> Iterator[None]:
+    """`<job folder>/<name>.log` for the duration of the job."""
+    handler = logging.FileHandler(job_dir / f"{sweep.log_name}.log")
+    handler.setFormatter(logging.Formatter(sweep.log_format or "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run(sweep: Sweep) -> None:
+    """The jobs, one after another in this process. A failed job is recorded and the sweep
+    goes on; Ctrl-C ends the job in progress KILLED (KeyboardInterrupt); a job that cannot
+    write into its folder stops the sweep (Stop): no later one could."""
+    if sweep.logging is not None:
+        logging.config.dictConfig(sweep.logging)
+    logger.info("Launching %d jobs locally", len(sweep.launches))
+    for launch in sweep.launches:
+        plan = launch.plan
+        logger.info("\t#%d : %s", plan.num, " ".join(o for o in plan.overrides if not o.startswith("hydra.")))
+        job_dir = sweep.folder / launch.subdir
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise Stop(f"cannot create {job_dir}: {error.strerror or error}. "
+                       f"Fix: {output_fix(sweep.folder, error.errno)}", EXIT_FAILED) from None
+        with _job_log(sweep, job_dir), _env(launch.env):
+            record = run_plan(plan, job_dir, sweep.recorder, sweep.resume)
+        sweep.records.append(record)
+        after(record)
+
+
+def run_plan(plan: JobPlan, job_dir: Path, recorder: Optional[Recorder], resume: dict[str, Any]) -> JobRecord:
+    """One job: skipped (resume), or computed here and handed to the recorder."""
+    plan.job_dir = str(job_dir.resolve())
+    previous = resume.get(plan.config_hash)
+    if previous is not None:
+        return _skip(plan, recorder, previous)
+    if recorder is not None:
+        recorder.job_started(plan)
+    record = job.compute(plan)
+    if recorder is not None:
+        recorder.job_done(record)
+    return record
+
+
+def after(record: JobRecord) -> None:
+    """What a job's outcome means for the rest: Ctrl-C and unwritable folders end it."""
+    if record.status == FAILED:
+        STATE.failed.append(record)
+    if record.status == KILLED:
+        raise KeyboardInterrupt("interrupted during a job")
+    if record.error_kind == "output":
+        folder = Path(record.job_dir or ".").parent
+        code = int(record.error.rpartition("errno ")[2].rstrip(")") or 0) if "errno " in record.error else None
+        raise Stop(f"job {record.num}: {record.error.removeprefix('OutputError: ')}. Fix: {output_fix(folder, code)}",
+                   EXIT_FAILED)
+
+
+def _skip(plan: JobPlan, recorder: Optional[Recorder], previous: dict[str, Any]) -> JobRecord:
+    record = job.new_record(plan)
+    record.status, record.run_id, record.ended, record.tracked = SKIPPED, previous["run_id"], time.time(), True
+    record.metrics = {k: v for k, v in previous["metrics"].items() if k in METRICS}
+    if recorder is not None:
+        image = recorder.download(previous["run_id"], "image.png", Path(plan.job_dir))
+        record.image_path = str(image) if image else None
+    try:
+        record.write(Path(plan.job_dir) / "job.json")
+    except OSError as error:
+        logger.warning("Could not write %s/job.json: %s", plan.job_dir, error)
+    logger.info("job %d [%s]: SKIPPED (resume): run %s already finished this config", record.num, plan.label,
+                record.run_id)
+    return record
+
+
+# ------------------------------------------------------------------------ finish
+
+
+def finish(status: Optional[str] = None) -> None:
+    """Contact sheet + job table into the sweep folder and onto the parent run, then end the
+    parent: KILLED when interrupted, FAILED when a job failed or a file could not be
+    written, else FINISHED. A Ctrl-C meanwhile does not cut it (state.shield)."""
+    sweep = STATE.sweep
+    if sweep is None:
+        return
+    shield()
+    failpoints.hold("sweep_end")
+    recorder, records = sweep.recorder, sweep.records
+    if recorder is not None:
+        recorder.drain()  # every job's run logged: its tracked flag is known
+    status = status or status_of(records)
+    sheet, table = _sweep_files(sweep)
+    if (sheet is None or table is None) and records and status == FINISHED:
+        status = FAILED
+    counts = {s: sum(r.status == s for r in records) for s in (FINISHED, FAILED, KILLED, SKIPPED)}
+    record = sweep.record
+    record.status, record.ended = status, time.time()
+    record.metrics = {f"jobs_{s.lower()}": float(n) for s, n in counts.items()} | {"jobs": float(len(records))}
+    record.tags["runner.swept_keys"] = " ".join(record_swept_keys(records))
+    if recorder is not None:
+        recorder.finish_sweep(record, sheet, table)
+        recorder.drain()
+    try:
+        record.write(sweep.folder / "sweep.json")
+    except OSError:
+        STATE.problems.append("sweep.json")
+    STATE.sweep = None
+    _report_untracked(records, sweep.folder)
+    logger.info("Sweep %s: %s (%s)", status, sweep.folder,
+                ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) or "no job ran")
+
+
+def _sweep_files(sweep: Sweep) -> tuple[Optional[Path], Optional[Path]]:
+    """contact_sheet.png and jobs.csv (None for the one that could not be written)."""
+    if not sweep.records:
+        return None, None
+    written: list[Optional[Path]] = []
+    for name, write in (("contact_sheet.png", lambda p: _write_sheet(sweep, p)),
+                        ("jobs.csv", lambda p: write_table(sweep.records, p))):
+        path = sweep.folder / name
+        try:
+            written.append(write(path))
+        except Exception as error:  # noqa: BLE001 - the parent run must still be ended
+            if not STATE.stopping:  # else the stop's own line names these files
+                logger.error("Sweep: cannot write %s: %s. Fix: %s", path, getattr(error, "strerror", None) or error,
+                             output_fix(sweep.folder, getattr(error, "errno", None)))
+            STATE.problems.append(name)
+            written.append(None)
+    return written[0], written[1]
+
+
+def _write_sheet(sweep: Sweep, path: Path) -> Path:
+    sheet = contact_sheet(sweep.records, sweep.thumb)
+    # a preview: fast compression (the default level 6 took 1.5x as long here, for a 10% smaller file)
+    return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG", compress_level=1))
+
+
+def _report_untracked(records: list[JobRecord], folder: Path) -> None:
+    missing = [r for r in records if r.tracked is False]
+    if missing:
+        STATE.untracked.extend(missing)
+        logger.error("%d job(s) not tracked in MLflow (their images and job.json are in place): %s. "
+                     "Log them with `python -m runner sync %s`", len(missing),
+                     ", ".join(str(r.num) for r in missing), folder)

@@ -1,0 +1,248 @@
+"""`python -m runner sync DIR [overrides]` and `python -m runner cleanup [overrides] [--dir DIR]`.
+
+sync: log a finished sweep folder (sweep.json + each `<job>/job.json`) or a single run folder
+(job.json) into an MLflow store: by default the store and experiment the folder was meant
+for, or those of `tracking.*` / `experiment=` overrides. Idempotent: every record carries an
+id (tag runner.record_id) and a completely logged run the tag runner.logged, so a second sync
+logs nothing twice; a run left incomplete by a dead process is completed in place. Runs it
+creates or completes get the tag runner.synced_from.
+
+cleanup: end the RUNNING runs of the experiment whose owner process is gone on this host as
+KILLED (runs of other hosts are left alone, and listed), and remove the temporary files of
+interrupted writes (`.<name>.tmp<pid>` of dead pids) in their folders, the store folder,
+`outputs/` and the folders given with --dir. A sweep with resume=true does the same first.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConfigError
+from .folders import remove_stale_temp_files
+from .owner import ALIVE, DEAD, OTHER_HOST, describe, owner_state, owner_tags
+from .recorder import LOGGED_TAG, log_job, log_sweep_end, start_sweep_run
+from .report import KILLED, RUNNING, SKIPPED, JobRecord, SweepRecord
+from .tracking import Tracker, is_unreachable
+
+logger = logging.getLogger("runner")
+
+SYNCED_TAG = "runner.synced_from"
+
+
+# ------------------------------------------------------------------- dead runs
+
+
+def end_dead_runs(tracker: Tracker) -> tuple[list[Any], list[Any], list[Any]]:
+    """End as KILLED the RUNNING runs whose owner process is gone on this host. Returns
+    (ended, left: of another host or still alive, unknown: without owner tags)."""
+    ended, left, unknown = [], [], []
+    for run in tracker.running_runs():
+        state = owner_state(run.data.tags)
+        if state == DEAD:
+            tracker.set_tags(run.info.run_id, {"runner.ended_by": f"cleanup by {describe(owner_tags())}"})
+            tracker.end_run(run.info.run_id, KILLED, force=True)
+            ended.append(run)
+        elif state in (OTHER_HOST, ALIVE):
+            left.append(run)
+        else:
+            unknown.append(run)
+    return ended, left, unknown
+
+
+def plain_run(run: Any) -> dict[str, Any]:
+    """What the reports below need of an MLflow run, as plain data."""
+    keep = ("runner.owner.host", "runner.owner.pid", "runner.owner.start", "runner.job_dir", "runner.sweep_dir")
+    return {"run_id": run.info.run_id, "name": run.info.run_name,
+            "tags": {k: v for k, v in run.data.tags.items() if k in keep}}
+
+
+def report_dead_runs(experiment: str, uri: str, ended: list[dict], left: list[dict], unknown: list[dict]) -> None:
+    for run in ended:
+        logger.info("Ended run %s (%s) as KILLED: its process (%s) is gone", run["run_id"], run["name"],
+                    describe(run["tags"]))
+    for run in left:
+        tags = run["tags"]
+        why = "its process still runs" if owner_state(tags) == ALIVE else \
+            f"owned by {describe(tags)}, another host: run `python -m runner cleanup` there"
+        logger.warning("Left run %s (%s) RUNNING: %s", run["run_id"], run["name"], why)
+    for run in unknown:
+        logger.warning("Left run %s (%s) RUNNING: it has no owner tags (not started by this runner); end it in "
+                       "the MLflow UI if its process is gone", run["run_id"], run["name"])
+    if not (ended or left or unknown):
+        logger.info("No RUNNING run in experiment %r of %s", experiment, uri)
+
+
+def folders_of(runs: Sequence[dict]) -> set[Path]:
+    out = set()
+    for run in runs:
+        for key in ("runner.job_dir", "runner.sweep_dir"):
+            value = run["tags"].get(key)
+            if value:
+                out.add(Path(value))
+    return out
+
+
+def cleanup_main(argv: list[str]) -> int:
+    dirs, overrides = _split_dirs(argv)
+    try:
+        tracking, experiment = _store_of(overrides)
+        tracker = Tracker(tracking, experiment)
+    except ConfigError as error:
+        logger.error("%s", error)
+        return EXIT_REFUSED
+    except Exception as error:  # noqa: BLE001 - one line: the store cannot be reached
+        logger.error("cleanup: cannot open the MLflow store: %s", _line(error))
+        return EXIT_FAILED
+    ended, left, unknown = ([plain_run(r) for r in group] for group in end_dead_runs(tracker))
+    report_dead_runs(tracker.experiment_name, tracker.uri, ended, left, unknown)
+    folders = folders_of(ended) | {Path(tracking.store_dir), Path("outputs"), *dirs}
+    removed = remove_stale_temp_files(sorted(folders))
+    for path in removed:
+        logger.info("Removed %s (an interrupted write of a process that is gone)", path)
+    return EXIT_OK
+
+
+def _split_dirs(argv: list[str]) -> tuple[list[Path], list[str]]:
+    dirs, rest, it = [], [], iter(argv)
+    for arg in it:
+        if arg == "--dir":
+            dirs.append(Path(next(it, ".")))
+        elif arg.startswith("--dir="):
+            dirs.append(Path(arg.partition("=")[2]))
+        else:
+            rest.append(arg)
+    return dirs, rest
+
+
+def _store_of(overrides: list[str], recorded: Optional[dict] = None,
+              recorded_experiment: Optional[str] = None) -> tuple[Any, str]:
+    """The store and experiment: from the overrides, else from the record, else the defaults."""
+    from omegaconf import OmegaConf
+
+    from .spec import TrackingBackend, TrackingSpec, compose
+
+    cfg = compose(overrides)
+    keys = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    tracking = OmegaConf.to_object(cfg.tracking)
+    if recorded and recorded.get("backend") != TrackingBackend.none.value \
+            and not any(k == "tracking" or k.startswith("tracking.") for k in keys):
+        tracking = TrackingSpec(uri=recorded.get("uri"), store_dir=recorded.get("store_dir") or tracking.store_dir,
+                                artifact_location=recorded.get("artifact_location"),
+                                image_key=recorded.get("image_key") or "image")
+    if tracking.backend is TrackingBackend.none:
+        raise ConfigError("tracking", "tracking=none names no store", "use tracking=mlflow (the default)")
+    experiment = str(cfg.experiment) if "experiment" in keys or not recorded_experiment else recorded_experiment
+    return tracking, experiment
+
+
+# ------------------------------------------------------------------------- sync
+
+
+def sync_main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        logger.error("usage: python -m runner sync DIR [tracking.uri=... | tracking.store_dir=...] [experiment=...]")
+        return EXIT_REFUSED
+    folder, overrides = Path(argv[0]), argv[1:]
+    try:
+        sweep, jobs = read_folder(folder)
+        first = sweep if sweep is not None else jobs[0]
+        tracking, experiment = _store_of(overrides, first.tracking, first.experiment)
+        tracker = Tracker(tracking, experiment)
+    except (ConfigError, ValueError, OSError) as error:
+        logger.error("sync: %s", error)
+        return EXIT_REFUSED
+    except Exception as error:  # noqa: BLE001 - one line: the store cannot be reached
+        logger.error("sync: cannot open the MLflow store: %s", _line(error))
+        return EXIT_FAILED
+    try:
+        logged, present = Syncer(tracker, folder).run(sweep, jobs)
+    except Exception as error:  # noqa: BLE001
+        level = "cannot reach the MLflow store" if is_unreachable(error) else "failed"
+        logger.error("sync: %s: %s (run sync again: what was logged is not logged twice)", level, _line(error))
+        return EXIT_FAILED
+    logger.info("sync %s: %d run(s) logged, %d already in experiment %r of %s", folder, logged, present, experiment,
+                tracker.uri)
+    return EXIT_OK
+
+
+def read_folder(folder: Path) -> tuple[Optional[SweepRecord], list[JobRecord]]:
+    """The sweep record (None for a single run) and the job records of a folder."""
+    if not folder.is_dir():
+        raise ValueError(f"no folder {folder}")
+    sweep = SweepRecord.read(folder / "sweep.json") if (folder / "sweep.json").is_file() else None
+    if sweep is None and (folder / "job.json").is_file():
+        return None, [JobRecord.read(folder / "job.json")]
+    if sweep is None:
+        raise ValueError(f"{folder} holds neither sweep.json (a sweep) nor job.json (a run): nothing to sync")
+    if sweep.status == RUNNING and owner_state(sweep.owner) == ALIVE:
+        raise ValueError(f"the sweep in {folder} is still running ({describe(sweep.owner)}): sync it when it ended")
+    jobs = [JobRecord.read(p) for p in folder.glob("*/job.json")]
+    return sweep, sorted(jobs, key=lambda r: r.num)
+
+
+class Syncer:
+    def __init__(self, tracker: Tracker, folder: Path) -> None:
+        self.tracker, self.folder = tracker, folder.resolve()
+        self.logged = self.present = 0
+        self.inputs: set[str] = set()
+        self._parent_open = False
+
+    def _existing(self, record_id: str) -> tuple[Optional[Any], bool]:
+        """(the run logged completely, True) or (the run to complete or None, False)."""
+        runs = self.tracker.runs_of_record(record_id)
+        complete = [r for r in runs if r.data.tags.get(LOGGED_TAG)]
+        if complete:
+            return complete[0], True
+        usable = [r for r in runs if r.info.status != RUNNING or owner_state(r.data.tags) == DEAD]
+        busy = [r for r in runs if r not in usable]
+        if busy and not usable:
+            raise ValueError(f"run {busy[0].info.run_id} of this record is RUNNING, owned by "
+                             f"{describe(busy[0].data.tags)}: end it first (python -m runner cleanup there)")
+        return (max(usable, key=lambda r: r.info.start_time) if usable else None), False
+
+    def run(self, sweep: Optional[SweepRecord], jobs: list[JobRecord]) -> tuple[int, int]:
+        parent_id = self._parent(sweep) if sweep is not None else None
+        for record in jobs:
+            self._job(record, parent_id)
+        if sweep is not None and parent_id is not None and self._parent_open:
+            sweep.parent_run_id = parent_id
+            if sweep.status == RUNNING:
+                sweep.status = KILLED
+            sheet, table = self.folder / "contact_sheet.png", self.folder / "jobs.csv"
+            self.tracker.set_tags(parent_id, {SYNCED_TAG: str(self.folder)})
+            log_sweep_end(self.tracker, sweep, sheet if sheet.is_file() else None, table if table.is_file() else None)
+            self.logged += 1
+        return self.logged, self.present
+
+    def _parent(self, sweep: SweepRecord) -> str:
+        run, done = self._existing(sweep.sweep_id)
+        self._parent_open = not done
+        if done:
+            self.present += 1
+        if run is not None:
+            return run.info.run_id
+        return start_sweep_run(self.tracker, sweep, {SYNCED_TAG: str(self.folder)})
+
+    def _job(self, record: JobRecord, parent_id: Optional[str]) -> None:
+        if record.status in (SKIPPED, RUNNING):  # a skipped job's run exists; a running one has no result
+            return
+        run, done = self._existing(record.record_id)
+        if done:
+            self.present += 1
+            return
+        tags = {SYNCED_TAG: str(self.folder)}
+        if run is None:
+            run_id = self.tracker.start_run(record.name or f"job {record.num}", {**record.tags, **tags},
+                                            parent_id=parent_id, start_time=record.started)
+            present: set = set()
+        else:
+            run_id, present = run.info.run_id, set(run.data.params)
+            self.tracker.set_tags(run_id, tags)
+        log_job(self.tracker, record, run_id, parent_id, present, self.inputs)
+        self.logged += 1
+
+
+def _line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
