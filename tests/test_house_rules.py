@@ -1,0 +1,73 @@
+"""The rules of the house that a linter does not check: the arrows between the layers point one
+way, and functions stay short (docs/architecture.md)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_FUNCTION_LINES = 60
+
+
+def python_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a file, relative imports resolved."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            found.append((node.lineno, module))
+            if node.module is None:  # `from . import x`: x may be a module
+                found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def test_the_runner_uses_the_library_only_through_its_public_surface():
+    offending = [f"{p.relative_to(ROOT)}:{line} imports {module}" for p in python_files("runner")
+                 for line, module in imported_modules(p)
+                 if module.startswith("pipelines.") and not module.startswith("pipelines.testing")]
+    assert not offending, "the runner must import `pipelines` (its __init__), not its insides:\n" + "\n".join(offending)
+
+
+def test_the_library_never_imports_the_runner():
+    offending = [f"{p.relative_to(ROOT)}:{line}" for p in python_files("pipelines")
+                 for line, module in imported_modules(p) if module == "runner" or module.startswith("runner.")]
+    assert not offending, offending
+
+
+def test_model_files_import_nothing_of_core_and_core_knows_no_family():
+    models = [f"{p.relative_to(ROOT)}:{line} imports {module}" for p in python_files("pipelines/models")
+              for line, module in imported_modules(p) if module.startswith("pipelines.core")]
+    assert not models, "model files declare their checkpoint contract without importing core:\n" + "\n".join(models)
+    core = [f"{p.relative_to(ROOT)}:{line} imports {module}" for p in python_files("pipelines/core")
+            for line, module in imported_modules(p)
+            if module.startswith(("pipelines.models", "pipelines.qwen_image", "pipelines.testing"))]
+    assert not core, "core/ must not know a model or a family:\n" + "\n".join(core)
+
+
+def test_vram_and_lora_do_not_reach_into_each_other():
+    pairs = (("pipelines/core/vram", "pipelines.core.lora"), ("pipelines/core/lora", "pipelines.core.vram"))
+    offending = [f"{p.relative_to(ROOT)}:{line} imports {module}" for folder, other in pairs
+                 for p in python_files(folder) for line, module in imported_modules(p) if module.startswith(other)]
+    assert not offending, "they meet through pipelines.core.weight_access:\n" + "\n".join(offending)
+
+
+@pytest.mark.parametrize("folder", ["pipelines/core", "runner"])
+def test_functions_stay_short(folder):
+    long = []
+    for path in python_files(folder):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
