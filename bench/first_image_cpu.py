@@ -20,9 +20,10 @@ Reading speed, in processes of their own (the DiT file only): a plain sequential
 file into one fresh buffer, our load_model, diffusers' from_pretrained, each with every page of
 the result touched (diffusers keeps float32 weights as views over a memory map of the file: no
 copy, pages mapped as touched); in GB/s. Import stages: `import torch`, our pipeline module,
-transformers' Qwen2.5-VL model module (which our text encoder imports when it is built),
-diffusers' pipeline. The tiny model (pipelines.testing.tiny): each stage from process start to
-its first 128x128 image, with transformers' model module imported as a stage of its own.
+transformers' Qwen2.5-VL model module (only an edit imports it, for the vision tower: our text
+encoder and tokenizer do without transformers), diffusers' pipeline. The tiny model
+(pipelines.testing.tiny): each stage from process start to its first 128x128 image, and whether
+transformers got imported on the way.
 
 Ratios are ours / diffusers of the medians; other processes on the machine disturb single
 runs, so rerun with more --repeats when the CPU is shared (the minimums are printed too).
@@ -208,6 +209,7 @@ def child_pipe(mode: str, folder: Path, steps: int, size: int) -> dict:
     mark("load")
     generate()
     mark("first")
+    transformers_after = any(m.startswith("transformers") for m in sys.modules)
     generate()
     mark("warm")
     result = {}
@@ -215,13 +217,14 @@ def child_pipe(mode: str, folder: Path, steps: int, size: int) -> dict:
         result[name], result[f"cpu_{name}"] = wall1 - wall0, cpu1 - cpu0
     for prefix in ("", "cpu_"):
         result[f"{prefix}total"] = sum(result[f"{prefix}{name}"] for name in ("import", "load", "first"))
-    return {**result, "peak_mb": peak_mb(), "transformers_at_import": transformers_before}
+    return {**result, "peak_mb": peak_mb(), "transformers_at_import": transformers_before,
+            "transformers_at_first_image": transformers_after}
 
 
 STAGES = {
     "torch": "import torch",
     "pipelines.qwen_image": "from pipelines.qwen_image import QwenImagePipeline",
-    "transformers Qwen2.5-VL model": "from transformers import Qwen2_5_VLTextModel",
+    "transformers Qwen2.5-VL (edits)": "from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl",
     "diffusers QwenImagePipeline": "from diffusers import QwenImagePipeline; QwenImagePipeline.__name__",
 }
 
@@ -237,14 +240,14 @@ def child_imports() -> dict:
     return seconds
 
 
-TINY_STAGES = ("import torch", "import pipelines.qwen_image", "import transformers' Qwen2.5-VL model",
-               "load (DiT, text encoder, VAE, tokenizer)", "first image")
+TINY_STAGES = ("import torch", "import pipelines.qwen_image", "load (DiT, text encoder, VAE, tokenizer)",
+               "first image")
 
 
 def child_tiny(folder: Path, steps: int) -> dict:
     """The project's tiny model (pipelines.testing.tiny): wall and CPU seconds of each stage from
-    the start of this process to its first 128x128 image. Transformers' model module is imported
-    on its own here (the text encoder's build imports it otherwise) to show its share."""
+    the start of this process to its first 128x128 image, and whether transformers was imported
+    on the way (text-to-image does not need it)."""
     marks = [(time.perf_counter(), time.process_time())]
     import torch
 
@@ -252,9 +255,6 @@ def child_tiny(folder: Path, steps: int) -> dict:
     torch.set_num_threads(2)
     sys.path.insert(0, str(REPO))
     from pipelines.qwen_image import ModelConfig, QwenImagePipeline
-
-    marks.append((time.perf_counter(), time.process_time()))
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: F401
 
     marks.append((time.perf_counter(), time.process_time()))
     pipe = QwenImagePipeline.from_pretrained(
@@ -265,7 +265,7 @@ def child_tiny(folder: Path, steps: int) -> dict:
     pipe(PROMPT, negative_prompt=" ", cfg_scale=4.0, height=128, width=128, seed=0, num_inference_steps=steps,
          progress_bar=False)
     marks.append((time.perf_counter(), time.process_time()))
-    result = {}
+    result: dict = {"transformers imported": any(m.startswith("transformers") for m in sys.modules)}
     for name, (wall0, cpu0), (wall1, cpu1) in zip(TINY_STAGES, marks, marks[1:]):
         result[name], result[f"cpu {name}"] = wall1 - wall0, cpu1 - cpu0
     return result
@@ -280,6 +280,7 @@ def report_tiny(runs: list[dict]) -> dict:
         wall, cpu = statistics.median(r[name] for r in runs), statistics.median(r[f"cpu {name}"] for r in runs)
         results[name] = {"wall_s": wall, "cpu_s": cpu}
         print(f"  {name:<42} {wall:6.2f} {cpu:6.2f} {wall / total:6.0%}")
+    print(f"  transformers imported on the way: {sorted({r.get('transformers imported') for r in runs}, key=str)}")
     return results
 
 
@@ -388,7 +389,9 @@ def report(args: argparse.Namespace, folder: Path, runs: dict[str, list[dict]]) 
         results["imports_s"][stage] = seconds
         print(f"  {stage:<32} {seconds:6.2f}")
     print(f"transformers imported by `import` already: ours {runs['pipe-ours'][0]['transformers_at_import']}, "
-          f"diffusers {runs['pipe-diffusers'][0]['transformers_at_import']}")
+          f"diffusers {runs['pipe-diffusers'][0]['transformers_at_import']}; by the first image: ours "
+          f"{runs['pipe-ours'][0]['transformers_at_first_image']}, "
+          f"diffusers {runs['pipe-diffusers'][0]['transformers_at_first_image']}")
     results["tiny"] = report_tiny(runs["tiny"])
     if args.out:
         args.out.write_text(json.dumps({"runs": runs, "results": results}, indent=1))

@@ -33,7 +33,7 @@ from .core.parse import SettingError, check_seed, finite
 from .core.pipeline import Pipeline, generation
 from .core.sampling import FlowMatchScheduler, denoise
 from .models.qwen_image_dit import QwenImageDiT
-from .models.qwen_image_text_encoder import QwenImageTextEncoder, QwenImageVLEncoder
+from .models.qwen_image_text_encoder import QwenImageTextEncoder, QwenImageVLEncoder, QwenTokenizer
 from .models.qwen_image_vae import QwenImageVAE
 
 __all__ = ["QwenImagePipeline", "ModelConfig", "FlowMatchScheduler"]
@@ -321,17 +321,10 @@ class QwenImagePipeline(Pipeline):
         return self._template_prefix_tokens
 
 
-def load_tokenizer(paths: Sequence[Path]):
-    from transformers import AutoTokenizer
-
-    folder = paths[0] if paths[0].is_dir() else paths[0].parent
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as error:
-        raise ValueError(
-            f"{folder}: cannot load a tokenizer from this folder ({type(error).__name__}: {error}). "
-            "It should hold Qwen-Image's tokenizer/ files (vocab.json, merges.txt, tokenizer_config.json)."
-        ) from error
+def load_tokenizer(paths: Sequence[Path]) -> QwenTokenizer:
+    """The Qwen2.5-VL tokenizer of a `tokenizer/` folder, read with the `tokenizers` library (no
+    transformers import); its errors name the folder or file, the fault and the fix."""
+    return QwenTokenizer.from_folder(paths[0] if paths[0].is_dir() else paths[0].parent)
 
 
 def stack_texts(texts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,14 +1,17 @@
 """QwenImageTextEncoder on tiny random checkpoints.
 
-The network is transformers' own Qwen2_5_VLTextModel, so parity with
-Qwen2_5_VLForConditionalGeneration (`test_parity_with_transformers`) is a wiring test: the
-checkpoint layouts, the config, the meta-device load (parameters on meta, buffers on CPU, then
-`load_state_dict(assign=True)`), the hidden state read. What the network computes is checked
-independently against `reference_forward`, the Qwen2 decoder written out below in float64 from
-the checkpoint's tensors, and the prompt embeddings of the pipeline (template, tokenizer, the
-34-token prefix dropped) against the same forward on the hub-layout tiny repo."""
+The network is the project's own plain-torch Qwen2.5-VL decoder; transformers is the oracle:
+`Qwen2_5_VLForConditionalGeneration(...).hidden_states[-1]` (what diffusers reads) and
+`Qwen2_5_VLTextModel` with 3-D M-RoPE positions, on checkpoints written by transformers'
+save_pretrained, in every layout, with and without padding, at several lengths, in float32
+(<= 1e-5) and bfloat16. The loader path is the real one (parameters on meta, buffers on CPU,
+then `load_state_dict(assign=True)`). What the network computes is also checked independently
+of transformers against `reference_forward`, the Qwen2 decoder written out below in float64
+from the checkpoint's tensors, and the prompt embeddings of the pipeline (template, tokenizer,
+the 34-token prefix dropped) against the same forward on the hub-layout tiny repo."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,10 +201,20 @@ def test_hidden_states_last_is_after_final_norm(checkpoint):
     assert not torch.allclose(last, captured["h"], atol=1e-3)
 
 
+def _assert_parity(got: torch.Tensor, ref: torch.Tensor, keep: torch.Tensor | None = None) -> float:
+    """float32 parity: max |diff| <= 1e-5 x max |ref| (relative to the output scale); returns it."""
+    if keep is not None:
+        got, ref = got[keep], ref[keep]
+    diff = (got - ref).abs().max().item()
+    assert diff <= 1e-5 * ref.abs().max().item(), f"max |diff| {diff:.3g}, outputs up to {ref.abs().max():.3g}"
+    return diff
+
+
 @pytest.mark.parametrize("layout", ["saved", "legacy", "new"])
 def test_parity_with_transformers(checkpoint, layout):
-    """A wiring test (the network is transformers' own): every checkpoint layout loads into the right
-    places and the hidden state read is the one diffusers reads."""
+    """Every checkpoint layout loads into the right places and gives transformers' hidden states:
+    one prompt, a right-padded batch, a left-padded batch. Measured: max |diff| 0.0 (the same
+    operations in the same order)."""
     model, tensors, config = checkpoint
     tensors = {"saved": tensors, "legacy": _to_legacy_layout(tensors), "new": _to_new_layout(tensors)}[layout]
     ours = _load(tensors, config)
@@ -212,7 +225,7 @@ def test_parity_with_transformers(checkpoint, layout):
     with torch.no_grad():
         got = ours(ids, mask)
     assert got.shape == (1, 13, HIDDEN)
-    torch.testing.assert_close(got, _reference_hidden(model, ids, mask), atol=1e-5, rtol=1e-5)
+    _assert_parity(got, _reference_hidden(model, ids, mask))
 
     # batch 2, right padding (the tokenizer's default), different lengths
     ids = torch.randint(0, VOCAB, (2, 11), generator=g)
@@ -221,21 +234,106 @@ def test_parity_with_transformers(checkpoint, layout):
     ids[1, 6:] = 0
     with torch.no_grad():
         got = ours(ids, mask)
-    ref = _reference_hidden(model, ids, mask)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    _assert_parity(got, _reference_hidden(model, ids, mask))
     # the masked-in tokens of the padded prompt equal the prompt encoded alone
     with torch.no_grad():
         alone = ours(ids[1:, :6], mask[1:, :6])
     torch.testing.assert_close(got[1:, :6], alone, atol=1e-5, rtol=1e-5)
 
-    # left padding
+    # left padding (a query with no real token before it: only the real tokens are compared)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     with torch.no_grad():
         got = ours(ids, mask)
-    ref = _reference_hidden(model, ids, mask)
-    keep = mask.bool()
-    torch.testing.assert_close(got[keep], ref[keep], atol=1e-5, rtol=1e-5)
+    _assert_parity(got, _reference_hidden(model, ids, mask), mask.bool())
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 200])
+def test_parity_at_several_lengths(checkpoint, length):
+    """No mask, an all-ones mask (SDPA's causal flag, grouped keys not copied), and padding of
+    every row but one (a boolean mask, keys copied per head), at lengths from 1 to 200."""
+    model, tensors, config = checkpoint
+    ours = _load(tensors, config)
+    g = torch.Generator().manual_seed(10 + length)
+    ids = torch.randint(0, VOCAB, (3, length), generator=g)
+    padded = torch.ones_like(ids)
+    for row, real in ((1, max(1, length // 2)), (2, max(1, length - 3))):
+        padded[row, real:] = 0
+    for mask in (None, torch.ones_like(ids), padded):
+        with torch.no_grad():
+            got = ours(ids, mask)
+            ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        _assert_parity(got, ref)
+
+
+def _text_model_reference(config: dict):
+    """transformers' Qwen2_5_VLTextModel with the fixture's text weights (save_pretrained's config)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextModel
+
+    return Qwen2_5_VLTextModel(Qwen2_5_VLConfig(**config).text_config).eval()
+
+
+def test_multimodal_rope_sections_equal_transformers(checkpoint):
+    """3-D positions that differ per axis (what pictures get): the rotary frequencies are cut
+    into the mrope_section chunks [2, 3, 3] of head_dim/2 = 8, taking their positions from the
+    temporal, height and width axes in that order, as transformers' rotary module lays them out.
+    Measured: max |diff| 0.0; the sections taken in another order differ by ~1."""
+    model, tensors, config = checkpoint
+    ours = _load(tensors, config)
+    reference = _text_model_reference(config)
+    reference.load_state_dict({k.removeprefix("model.language_model."): v
+                               for k, v in model.state_dict().items() if k.startswith("model.language_model.")})
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    base = torch.arange(24).expand(2, -1)
+    positions = torch.stack([base // 6, 3 + base % 5, 7 + (base * 7) % 11])  # temporal, height, width
+    with torch.no_grad():
+        got = ours.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        ref = reference(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        other = ours.model(input_ids=ids, attention_mask=mask, position_ids=positions[[1, 2, 0]])
+    _assert_parity(got, ref)
+    assert (other - ref).abs().max() > 0.1  # the axes are told apart
+    # (B, L) positions are the same on all three axes, which is what text gets
+    with torch.no_grad():
+        flat = ours.model(input_ids=ids, attention_mask=mask, position_ids=base)
+        text = ours.model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(flat, text)
+
+
+def test_sliding_window_layers_equal_transformers():
+    """`use_sliding_window` (off in every Qwen2.5-VL release, honoured anyway): layers from
+    max_window_layers on see the last `sliding_window` keys only, with and without padding."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextModel
+
+    config = Qwen2_5_VLConfig(text_config=dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=3,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=256,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1, bos_token_id=None, eos_token_id=None,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])))
+    torch.manual_seed(6)
+    reference = Qwen2_5_VLTextModel(config.text_config).eval()
+    assert reference.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    tensors = {"model." + k: v for k, v in reference.state_dict().items()}
+    ours = _load(tensors, config.to_dict())
+    assert [layer.sliding_window for layer in ours.model.layers] == [None, 4, 4]
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
+    padded = torch.ones_like(ids)
+    padded[1, 8:] = 0
+    for length, mask in ((3, None), (11, None), (11, padded)):
+        with torch.no_grad():
+            got = ours(ids[:, :length], None if mask is None else mask[:, :length])
+            ref = reference(input_ids=ids[:, :length],
+                            attention_mask=None if mask is None else mask[:, :length]).last_hidden_state
+        _assert_parity(got, ref)
+    full = QwenImageTextEncoder(dataclasses.replace(ours.params, use_sliding_window=False, sliding_window=None))
+    full.load_state_dict(tensors)
+    with torch.no_grad():  # the window matters
+        assert (full.eval()(ids, None) - ours(ids, None)).abs().max() > 1e-3
 
 
 def test_hidden_states_match_the_written_out_decoder(checkpoint):
@@ -389,18 +487,26 @@ def test_real_sizes_from_shapes_alone_and_from_the_real_config():
     with params_on_meta():
         module = QwenImageTextEncoder.from_checkpoint(shapes, REAL_FLAT_CONFIG)
     assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == shapes
-    assert module.model.rotary_emb.inv_freq.shape == (64,)
-    assert module.model.config._attn_implementation == "sdpa"
-    assert module.model.config.use_cache is False
+    assert module.model.rotary_emb.inv_freq.shape == (64,) and module.model.rotary_emb.mrope_section == [16, 24, 24]
+    # the names and shapes are those of transformers' own language model of that size
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    with torch.device("meta"):
+        theirs = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])))
+    assert {"model." + k: tuple(v.shape) for k, v in theirs.state_dict().items()} == shapes
 
 
 def test_bfloat16_weights_run(checkpoint):
     """bfloat16 weights and compute against the float32 forward, over 2 x 40 tokens. bf16 rounding
     only, measured: mean |diff| 0.018, max 0.19 (outputs up to ~3.5: the random weights of std 0.3
-    make the tiny model sensitive); transformers' own model cast to bf16: mean 0.018, max 0.20. One
-    projection per layer rounded through float8 (down_proj) gives mean 0.035, bf16 by truncation
-    instead of rounding mean 0.021 (1.15x transformers'). Bounds: mean <= 0.025 and <= 1.1 x
-    transformers' bf16 mean, max <= 0.25."""
+    make the tiny model sensitive); transformers' own model cast to bf16: mean 0.018, max 0.20 (the
+    plain-torch model computes the same operations in bf16: measured equal to it). One projection
+    per layer rounded through float8 (down_proj) gives mean 0.035, bf16 by truncation instead of
+    rounding mean 0.021 (1.15x transformers'). Bounds: mean <= 0.025 and <= 1.1 x transformers'
+    bf16 mean, max <= 0.25."""
     import copy
 
     model, tensors, config = checkpoint

@@ -458,6 +458,40 @@ def test_processor_folder_errors(processor_dir, tmp_path):
     with pytest.raises(ValueError, match=r"preprocessor_config\.json.*JSON"):
         QwenVLProcessor.from_folder(broken)
 
+    # the tokenizer is read without transformers: its faults name the file and the fix
+    broken_tokenizer = tmp_path / "broken_tokenizer"
+    shutil.copytree(processor_dir, broken_tokenizer)
+    text = (broken_tokenizer / "tokenizer.json").read_text(encoding="utf-8")
+    (broken_tokenizer / "tokenizer.json").write_text(text[: len(text) // 2], encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{broken_tokenizer / 'tokenizer.json'}: the `tokenizers` library cannot "
+                                         r"read it .*fetch the model's `tokenizer/` folder again"):
+        QwenVLProcessor.from_folder(broken_tokenizer)
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        shutil.copy(processor_dir / name, only_config)
+    with pytest.raises(FileNotFoundError, match=rf"{only_config}: no tokenizer\.json and no vocab\.json and "
+                                                r"merges\.txt \(found: .*tokenizer_config\.json\)"):
+        QwenVLProcessor.from_folder(only_config)
+
+
+def test_processor_tokenizer_gives_transformers_ids(processor, processor_dir, edit_template):
+    """The processor's tokenizer (QwenTokenizer, no transformers) against AutoTokenizer on the same
+    folder: edit prompts with long <|image_pad|> runs, a padded batch."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(processor_dir)
+    assert type(processor.tokenizer).__name__ == "QwenTokenizer"
+    assert processor.image_token_id == reference.convert_tokens_to_ids(IMAGE_PAD) == 151655
+    template, _ = edit_template
+    texts = [_edit_prompt(template, "make the sky purple", 1).replace(IMAGE_PAD, IMAGE_PAD * 300),
+             _edit_prompt(template, "两张图：把猫换成狗 🐶", 2).replace(IMAGE_PAD, IMAGE_PAD * 7)]
+    ours = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    ref = reference(texts, padding=True, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], ref["input_ids"])
+    assert torch.equal(ours["attention_mask"], ref["attention_mask"])
+    assert int((ours["input_ids"] == 151655).sum()) == 300 + 14
+
 
 def test_bad_inputs_are_clear_errors(processor, loaded_encoders, edit_template):
     template, _ = edit_template

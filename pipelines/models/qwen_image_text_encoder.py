@@ -1,10 +1,20 @@
-"""Qwen-Image's text encoder: the language model of Qwen2.5-VL-7B, text only.
+"""Qwen-Image's text encoder: the language model of Qwen2.5-VL-7B, in plain torch.
 
-The network itself is transformers' `Qwen2_5_VLTextModel`, so the hidden states are exactly the
-ones `Qwen2_5_VLForConditionalGeneration(input_ids, attention_mask,
-output_hidden_states=True).hidden_states[-1]` gives for text-only input (what diffusers'
-QwenImagePipeline reads): the output of the last decoder layer after the final RMSNorm. For text
-the three M-RoPE axes carry the same positions, 0..L-1 whatever the padding.
+`QwenTextModel` is the decoder of Qwen2.5-VL (what transformers calls `Qwen2_5_VLTextModel`):
+token embeddings, N decoder layers (RMSNorm, grouped-query attention with q/k/v biases through
+`scaled_dot_product_attention`, multimodal rotary embeddings, SwiGLU MLP) and a final RMSNorm.
+It computes what transformers 5.x computes with `attn_implementation="sdpa"`, operation for
+operation, so its hidden states are those of `Qwen2_5_VLForConditionalGeneration(input_ids,
+attention_mask, output_hidden_states=True).hidden_states[-1]` (what diffusers' QwenImagePipeline
+reads): the output of the last decoder layer after the final RMSNorm. Nothing here imports
+transformers: text-to-image starts without it.
+
+Multimodal RoPE (M-RoPE): the head_dim/2 rotary frequencies are cut into `mrope_section`
+chunks ([16, 24, 24] for head_dim 128), contiguous and in this order; the first chunk turns
+with the temporal position, the second with the height position, the third with the width
+position; the angles are then repeated for the second half of the head (rotate-half
+convention). For text the three positions are the same, 0..L-1 whatever the padding, which
+is plain RoPE.
 
 Checkpoint layouts recognised (both Qwen2.5-VL):
 - legacy, on the hub and what `save_pretrained` writes (transformers 4.5x and 5.x):
@@ -14,25 +24,48 @@ The language model loads under `model.*` (the legacy names); `lm_head` and the v
 are recognised but not loaded (text-to-image does not use them).
 
 `QwenImageVLEncoder` (below, for the Qwen-Image-Edit family) recognises the same keys and also
-loads the vision tower under `visual.*`; it encodes prompts with pictures (the processor side
-is `pipelines.models.qwen_image_vision`). Which of the two classes a pipeline offers to the
-loader decides whether the vision tower is loaded.
+loads the vision tower under `visual.*` (transformers' module, imported only when that class is
+built); it encodes prompts with pictures (the processor side is
+`pipelines.models.qwen_image_vision`). Which of the two classes a pipeline offers to the loader
+decides whether the vision tower is loaded.
+
+`QwenTokenizer` (at the end) reads the Qwen2 tokenizer folder with the `tokenizers` library
+alone and gives the ids `transformers.AutoTokenizer` gives for it.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 Shapes = Mapping[str, tuple[int, ...]]
 
 # Keys of the language model, relative to `model.` (legacy) or `model.language_model.` (newer).
 _LM_KEY = re.compile(r"^(?:embed_tokens|norm|layers\.\d+)\.")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+# The MLP activations of transformers' ACT2FN that a Qwen2-family config may name.
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+# `enable_gqa` of scaled_dot_product_attention (torch >= 2.5), and fully masked rows giving
+# zeros instead of NaN (the math kernel's safe softmax, torch >= 2.5).
+_TORCH_2_5 = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 5)
+
 
 def _default_mrope_section(head_dim: int) -> list[int]:
     """[16, 24, 24] for the real head_dim 128; the same proportions for other sizes."""
@@ -68,35 +101,22 @@ class QwenTextEncoderParams:
                 f"text encoder: mrope_section {self.mrope_section} must sum to head_dim/2 = "
                 f"{self.head_dim // 2}; fix `rope_scaling.mrope_section` (or `head_dim`) in the config"
             )
-
-    def to_transformers_config(self):
-        from transformers import Qwen2_5_VLTextConfig
-
-        return Qwen2_5_VLTextConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            hidden_act=self.hidden_act,
-            max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.rms_norm_eps,
-            # `rope_scaling` + `rope_theta` is understood by transformers 4.5x and 5.x alike
-            # (5.x turns them into `rope_parameters`).
-            rope_theta=self.rope_theta,
-            rope_scaling={"rope_type": "default", "mrope_section": list(self.mrope_section)},
-            use_sliding_window=self.use_sliding_window,
-            sliding_window=self.sliding_window,
-            max_window_layers=self.max_window_layers,
-            attention_dropout=0.0,
-            use_cache=False,
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
-            attn_implementation="sdpa",
-        )
+        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"text encoder: {self.num_attention_heads} attention heads cannot share {self.num_key_value_heads} "
+                "key/value heads (grouped-query attention needs a multiple); fix `num_attention_heads` / "
+                "`num_key_value_heads` in the config.json beside the weights"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"text encoder: hidden_act {self.hidden_act!r} is not supported ({', '.join(_ACTIVATIONS)}; "
+                "Qwen2.5-VL uses silu); fix `hidden_act` in the config.json beside the weights"
+            )
+        if self.use_sliding_window and self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(
+                f"text encoder: sliding_window {self.sliding_window} must be at least 1; fix `sliding_window` "
+                "(or set `use_sliding_window: false`) in the config.json beside the weights"
+            )
 
 
 def _text_config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,6 +128,199 @@ def _text_config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(nested, Mapping):
         merged.update({k: v for k, v in nested.items() if v is not None})
     return merged
+
+
+# ==================================================================== the language model
+
+
+class QwenRMSNorm(nn.Module):
+    """RMSNorm computed in float32, the result cast back before the scale (as Qwen2 does)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class QwenMultimodalRotary(nn.Module):
+    """cos/sin tables of M-RoPE for (3, B, L) temporal/height/width positions -> (B, L, head_dim).
+
+    `inv_freq` is a non-persistent float32 buffer (not in the checkpoint; built real even when
+    the parameters are created on the meta device)."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: Sequence[int]):
+        super().__init__()
+        self.mrope_section = [int(s) for s in mrope_section]
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta ** exponents), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions[..., None].float() * self.inv_freq.to(device=positions.device, dtype=torch.float32)
+        return self._interleave(angles.cos()).to(dtype), self._interleave(angles.sin()).to(dtype)
+
+    def _interleave(self, table: torch.Tensor) -> torch.Tensor:
+        """(3, B, L, head_dim/2) -> (B, L, head_dim): chunk i of the frequencies from axis i % 3
+        (temporal, height, width), then the whole repeated for the second half of the head."""
+        chunks = table.split(self.mrope_section, dim=-1)
+        half = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
+        return torch.cat((half, half), dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, kv_heads, L, D) -> (B, kv_heads * groups, L, D), each key/value head repeated for the
+    query heads that share it."""
+    if groups == 1:
+        return x
+    batch, heads, length, dim = x.shape
+    return x[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+class QwenAttention(nn.Module):
+    """Grouped-query self-attention with q/k/v biases and rotary positions."""
+
+    def __init__(self, p: QwenTextEncoderParams):
+        super().__init__()
+        self.num_heads = p.num_attention_heads
+        self.num_kv_heads = p.num_key_value_heads
+        self.head_dim = p.head_dim
+        self.groups = p.num_attention_heads // p.num_key_value_heads
+        self.scaling = p.head_dim**-0.5
+        self.q_proj = nn.Linear(p.hidden_size, p.num_attention_heads * p.head_dim, bias=True)
+        self.k_proj = nn.Linear(p.hidden_size, p.num_key_value_heads * p.head_dim, bias=True)
+        self.v_proj = nn.Linear(p.hidden_size, p.num_key_value_heads * p.head_dim, bias=True)
+        self.o_proj = nn.Linear(p.num_attention_heads * p.head_dim, p.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """`cos`/`sin` (B, 1, L, head_dim); `mask` None (causal) or boolean (B, 1, L, L), True
+        where a query may attend to a key."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        extra = {}
+        if self.groups > 1:
+            if mask is None and self.head_dim <= 256 and _TORCH_2_5:
+                extra["enable_gqa"] = True  # the keys/values are not copied per query head
+            else:
+                k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=self.scaling,
+                                             is_causal=mask is None and length > 1, **extra)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class QwenMLP(nn.Module):
+    def __init__(self, p: QwenTextEncoderParams):
+        super().__init__()
+        self.gate_proj = nn.Linear(p.hidden_size, p.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(p.hidden_size, p.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(p.intermediate_size, p.hidden_size, bias=False)
+        self.act = _ACTIVATIONS[p.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class QwenDecoderLayer(nn.Module):
+    def __init__(self, p: QwenTextEncoderParams, index: int):
+        super().__init__()
+        self.self_attn = QwenAttention(p)
+        self.mlp = QwenMLP(p)
+        self.input_layernorm = QwenRMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.post_attention_layernorm = QwenRMSNorm(p.hidden_size, p.rms_norm_eps)
+        # transformers' layer_types: sliding-window attention from layer max_window_layers on
+        windowed = p.use_sliding_window and p.sliding_window is not None and index >= p.max_window_layers
+        self.sliding_window: int | None = p.sliding_window if windowed else None
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class QwenTextModel(nn.Module):
+    """The Qwen2.5-VL decoder: `forward(input_ids or inputs_embeds, attention_mask, position_ids)`
+    -> (B, L, hidden), the last hidden state after the final norm.
+
+    `attention_mask` (B, L), 1 for real tokens: every query attends to the earlier real tokens
+    (and itself). Without padding the attention runs with SDPA's causal flag, with padding on a
+    boolean (B, 1, L, L) mask, as transformers' SDPA path does; a query with no real token at
+    or before it (left padding) gets zeros from the attention. `position_ids`: None (0..L-1 on
+    all three axes), (B, L) (the same on all three) or (3, B, L) temporal/height/width."""
+
+    def __init__(self, p: QwenTextEncoderParams):
+        super().__init__()
+        # given its weight, the embedding skips the random init: the checkpoint fills it anyway, and
+        # normal_ on the meta device would import torch._dynamo (seconds) on a cold start
+        self.embed_tokens = nn.Embedding(p.vocab_size, p.hidden_size, _weight=torch.empty(p.vocab_size, p.hidden_size))
+        self.layers = nn.ModuleList(QwenDecoderLayer(p, i) for i in range(p.num_hidden_layers))
+        self.norm = QwenRMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.rotary_emb = QwenMultimodalRotary(p.head_dim, p.rope_theta, p.mrope_section)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("text encoder: give exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = h.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=h.device).view(1, 1, -1).expand(3, batch, -1)
+        elif position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        if position_ids.shape != (3, batch, length):
+            raise ValueError(f"text encoder: position_ids must be (3, {batch}, {length}) or ({batch}, {length}), "
+                             f"got {tuple(position_ids.shape)}")
+        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # one table for all heads
+        masks = self._masks(attention_mask, batch, length, h.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, masks[layer.sliding_window])
+        return self.norm(h)
+
+    def _masks(self, attention_mask: torch.Tensor | None, batch: int, length: int,
+               device: torch.device) -> dict[int | None, torch.Tensor | None]:
+        """The boolean (B, 1, L, L) attention mask per window size (None: full causal), or None
+        where SDPA's causal flag does the same: no padding and no window shorter than L."""
+        padding = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, length):
+                raise ValueError(f"text encoder: attention_mask must be ({batch}, {length}), "
+                                 f"got {tuple(attention_mask.shape)}")
+            keep = attention_mask.to(device=device, dtype=torch.bool)
+            if int(keep.sum()) != keep.numel():
+                padding = keep[:, None, None, :]
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for window in {layer.sliding_window for layer in self.layers}:
+            if padding is None and (window is None or length < window):
+                masks[window] = None
+                continue
+            allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            if window is not None:
+                allowed = allowed.triu(1 - window)  # the key at most window - 1 tokens back
+            allowed = allowed[None, None].expand(batch, 1, length, length)
+            if padding is not None:
+                allowed = allowed & padding
+                if not _TORCH_2_5:  # older SDPA gives NaN for a query that may attend to nothing
+                    allowed = allowed | ~allowed.any(-1, keepdim=True)
+            masks[window] = allowed
+        return masks
 
 
 class QwenImageTextEncoder(nn.Module):
@@ -124,11 +337,9 @@ class QwenImageTextEncoder(nn.Module):
 
     def __init__(self, params: QwenTextEncoderParams | None = None):
         super().__init__()
-        from transformers import Qwen2_5_VLTextModel
-
         self.params = params or QwenTextEncoderParams()
         self.params.validate()
-        self.model = Qwen2_5_VLTextModel(self.params.to_transformers_config())
+        self.model = QwenTextModel(self.params)
 
     # ---- checkpoint contract (see pipelines/core/checkpoint.py) ----------------------------
 
@@ -219,8 +430,7 @@ class QwenImageTextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.ndim != 2:
             raise ValueError(f"text encoder: input_ids must be (batch, length), got {tuple(input_ids.shape)}")
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
 
 # ==================================================================== with the vision tower
@@ -538,5 +748,331 @@ class QwenImageVLEncoder(QwenImageTextEncoder):
         mask = image_tokens.unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
         positions = self.mrope_position_ids(input_ids, image_grid_thw, attention_mask)
-        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False)
-        return out.last_hidden_state
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
+
+
+# ==================================================================== tokenizer
+
+# The pre-tokenizer split of Qwen2 / Qwen2.5 (single digits). transformers 5.x builds its
+# Qwen2Tokenizer with this pattern whatever tokenizer.json says; so does QwenTokenizer.
+QWEN2_PRETOKENIZE_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN2_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+# Qwen2Tokenizer's defaults for the named special tokens a tokenizer_config.json leaves out.
+_QWEN2_SPECIAL_DEFAULTS = {"bos_token": None, "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                           "pad_token": "<|endoftext|>"}
+_NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_TOKENIZER_FIX = ("fetch the model's `tokenizer/` folder again (for Qwen-Image: tokenizer.json or vocab.json + "
+                  "merges.txt, with tokenizer_config.json), or write one with "
+                  "pipelines.testing.tokenizer.build_qwen_tokenizer")
+
+
+class TokenizerOutput(dict):
+    """`input_ids` and `attention_mask`, as keys and as attributes (like transformers' BatchEncoding)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read it as JSON ({error}); {_TOKENIZER_FIX}") from error
+
+
+def _token_content(value: Any, where: str) -> str | None:
+    """A special token as the config files write it: a string, null, or {"content": ...}."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{where}: a special token must be a string or {{\"content\": ...}}, got {value!r}")
+
+
+class QwenTokenizer:
+    """The Qwen2 / Qwen2.5-VL byte-level BPE tokenizer on the `tokenizers` library alone.
+
+    `QwenTokenizer.from_folder(folder)` reads a hub tokenizer folder (tokenizer.json, or
+    vocab.json + merges.txt; tokenizer_config.json, special_tokens_map.json, added_tokens.json)
+    the way transformers 5.x's `AutoTokenizer` builds its `Qwen2Tokenizer` from it: the BPE
+    model with Qwen2's settings, NFC normalisation, Qwen2's split pattern then the byte-level
+    mapping (the pre-tokenizer written in tokenizer.json is not used, as in transformers), the
+    added tokens of tokenizer_config.json at their ids, the named special tokens, the padding
+    side. Calling it gives the ids `AutoTokenizer` gives:
+
+        tokenizer(text or [texts], return_tensors="pt", padding=True) -> input_ids, attention_mask
+    """
+
+    def __init__(self, backend: Any, *, special_tokens: Mapping[str, str | None], padding_side: str = "right",
+                 source: str = "tokenizer"):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"{source}: padding_side must be 'right' or 'left', got {padding_side!r}")
+        self._backend = backend
+        self.special_tokens = dict(special_tokens)
+        self.padding_side = padding_side
+        self.source = source
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "QwenTokenizer":
+        from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such tokenizer folder; {_TOKENIZER_FIX}")
+        config = cls._read_config(folder, "tokenizer_config.json")
+        special_map = cls._read_config(folder, "special_tokens_map.json")
+        tokenizer_class = config.get("tokenizer_class")
+        if tokenizer_class is not None and tokenizer_class not in QWEN2_TOKENIZER_CLASSES:
+            raise ValueError(
+                f"{folder / 'tokenizer_config.json'}: tokenizer_class {tokenizer_class!r} is not a Qwen2 tokenizer "
+                f"({' or '.join(QWEN2_TOKENIZER_CLASSES)}); Qwen-Image needs the Qwen2.5-VL tokenizer: "
+                f"{_TOKENIZER_FIX}")
+
+        backend, source, from_json = cls._read_backend(folder, "added_tokens_decoder" in config)
+        # what transformers' Qwen2Tokenizer sets, whatever the file says
+        add_prefix_space = bool(config.get("add_prefix_space") or False)
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        file_padding = backend.padding
+        backend.no_padding()  # padding and truncation are done per call
+        backend.no_truncation()
+        backend.encode_special_tokens = bool(config.get("split_special_tokens") or False)
+
+        special = {}
+        for name in _NAMED_SPECIAL:
+            where = folder / ("tokenizer_config.json" if name in config else "special_tokens_map.json")
+            if name in config:
+                special[name] = _token_content(config[name], str(where))
+            elif name in special_map:
+                special[name] = _token_content(special_map[name], str(where))
+            elif name == "pad_token" and file_padding is not None:
+                special[name] = file_padding.get("pad_token")
+            else:
+                special[name] = _QWEN2_SPECIAL_DEFAULTS.get(name)
+        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or \
+            special_map.get("additional_special_tokens") or []
+        extra_contents = [_token_content(t, str(folder / "tokenizer_config.json")) for t in extra]
+
+        cls._add_declared_tokens(backend, folder, config, special, extra_contents, from_json)
+        missing = [t for t in [*special.values(), *extra_contents] if t is not None and backend.token_to_id(t) is None]
+        if missing:  # named special tokens the files do not declare: appended, as transformers does
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
+        cls._set_post_processor(backend, config, special, keep=from_json)
+
+        padding_side = config.get("padding_side") or (file_padding or {}).get("direction") or "right"
+        return cls(backend, special_tokens=special, padding_side=padding_side, source=source)
+
+    @staticmethod
+    def _read_config(folder: Path, name: str) -> dict:
+        path = folder / name
+        if not path.is_file():
+            return {}
+        data = _read_json_file(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; {_TOKENIZER_FIX}")
+        return data
+
+    @staticmethod
+    def _read_backend(folder: Path, config_declares_added: bool) -> tuple[Any, str, bool]:
+        """The `tokenizers.Tokenizer` with the BPE model of tokenizer.json (or vocab.json +
+        merges.txt) set up as transformers' Qwen2Tokenizer builds it; (tokenizer, source, from tokenizer.json)."""
+        from tokenizers import Tokenizer
+        from tokenizers.models import BPE
+
+        settings = dict(dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                        fuse_unk=False, byte_fallback=False)
+        path = folder / "tokenizer.json"
+        if path.is_file():
+            try:
+                backend = Tokenizer.from_file(str(path))
+            except Exception as error:  # the tokenizers library raises bare Exceptions for broken files
+                raise ValueError(f"{path}: the `tokenizers` library cannot read it ({error}); {_TOKENIZER_FIX}") \
+                    from error
+            if not isinstance(backend.model, BPE):
+                raise ValueError(f"{path}: the model is {type(backend.model).__name__}, not the byte-level BPE of "
+                                 f"the Qwen2 tokenizer; {_TOKENIZER_FIX}")
+            for name, value in {**settings, "ignore_merges": False}.items():
+                setattr(backend.model, name, value)
+            if config_declares_added:
+                # tokenizer_config.json's added tokens are the ones that count (transformers drops the
+                # file's): the same BPE model in a tokenizer without them
+                written = backend
+                backend = Tokenizer(written.model)
+                backend.post_processor = written.post_processor
+                if written.padding is not None:
+                    backend.enable_padding(**written.padding)
+            return backend, str(path), True
+        vocab, merges = folder / "vocab.json", folder / "merges.txt"
+        if not vocab.is_file() or not merges.is_file():
+            found = sorted(p.name for p in folder.iterdir())
+            lacking = " and ".join(p.name for p in (vocab, merges) if not p.is_file())
+            raise FileNotFoundError(
+                f"{folder}: no tokenizer.json and no {lacking} (found: {', '.join(found) or 'nothing'}); "
+                f"{_TOKENIZER_FIX}")
+        try:
+            model = BPE.from_file(str(vocab), str(merges), **settings)
+        except Exception as error:
+            raise ValueError(f"{vocab} + {merges.name}: the `tokenizers` library cannot read them ({error}); "
+                             f"{_TOKENIZER_FIX}") from error
+        return Tokenizer(model), str(vocab.parent), False
+
+    @staticmethod
+    def _add_declared_tokens(backend: Any, folder: Path, config: Mapping[str, Any], special: Mapping[str, Any],
+                             extra: Sequence[str | None], from_json: bool) -> None:
+        """The added tokens at the ids the files declare: tokenizer_config.json's
+        `added_tokens_decoder`, or without it added_tokens.json (special when named as such)
+        and tokenizer.json's own list (already in the backend)."""
+        from tokenizers import AddedToken
+
+        declared: dict[int, AddedToken] = {}
+        source = folder / "tokenizer_config.json"
+        if "added_tokens_decoder" in config:
+            entries = config["added_tokens_decoder"]
+            if not isinstance(entries, Mapping):
+                raise ValueError(f"{source}: `added_tokens_decoder` must be an object of id -> token; {_TOKENIZER_FIX}")
+            for index, entry in entries.items():
+                try:
+                    token_id = int(index)
+                    declared[token_id] = AddedToken(
+                        entry["content"], single_word=bool(entry.get("single_word", False)),
+                        lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
+                        normalized=bool(entry.get("normalized", not entry.get("special", False))),
+                        special=bool(entry.get("special", False)))
+                except (TypeError, ValueError, KeyError, AttributeError) as error:
+                    raise ValueError(f"{source}: added token {index!r} is not an id with a token "
+                                     f"{{\"content\": ...}} ({error!r}); {_TOKENIZER_FIX}") from error
+        elif (folder / "added_tokens.json").is_file():
+            source = folder / "added_tokens.json"
+            entries = _read_json_file(source)
+            named = {t for t in [*special.values(), *extra] if t is not None}
+            if not isinstance(entries, Mapping) or not all(isinstance(i, int) for i in entries.values()):
+                raise ValueError(f"{source}: expected an object of token -> id; {_TOKENIZER_FIX}")
+            for content, token_id in entries.items():
+                declared[token_id] = AddedToken(content, single_word=False, lstrip=False, rstrip=False,
+                                                normalized=content not in named, special=content in named)
+        for token_id, token in sorted(declared.items()):
+            present = backend.token_to_id(token.content)
+            if present is None:
+                (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+                present = backend.token_to_id(token.content)
+            if present != token_id:
+                raise ValueError(
+                    f"{source}: the added token {token.content!r} is declared with id {token_id} but the vocabulary "
+                    f"gives it {present}: the tokenizer files do not belong together; {_TOKENIZER_FIX}")
+
+    @staticmethod
+    def _set_post_processor(backend: Any, config: Mapping[str, Any], special: Mapping[str, Any], keep: bool) -> None:
+        """tokenizer.json's post-processor; without one a template adding bos/eos where
+        tokenizer_config.json asks for them (add_bos_token / add_eos_token), as transformers builds it."""
+        from tokenizers import processors
+
+        if keep and backend.post_processor is not None:
+            return
+        pieces, tokens = ["$A:0"], []
+        bos, eos = special.get("bos_token"), special.get("eos_token")
+        if config.get("add_bos_token") and bos is not None:
+            pieces.insert(0, f"{bos}:0")
+            tokens.append((bos, backend.token_to_id(bos)))
+        if config.get("add_eos_token") and eos is not None:
+            pieces.append(f"{eos}:0")
+            tokens.append((eos, backend.token_to_id(eos)))
+        single = " ".join(pieces)
+        pair = single + " " + " ".join(("$B" if p == "$A:0" else p[:-2]) + ":1" for p in pieces)
+        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=tokens)
+
+    # ---- use -----------------------------------------------------------------------------------
+
+    @property
+    def backend_tokenizer(self) -> Any:
+        """The `tokenizers.Tokenizer` underneath."""
+        return self._backend
+
+    def _special_id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self._backend.token_to_id(token)
+
+    pad_token = property(lambda self: self.special_tokens.get("pad_token"))
+    eos_token = property(lambda self: self.special_tokens.get("eos_token"))
+    bos_token = property(lambda self: self.special_tokens.get("bos_token"))
+    unk_token = property(lambda self: self.special_tokens.get("unk_token"))
+    pad_token_id = property(lambda self: self._special_id("pad_token"))
+    eos_token_id = property(lambda self: self._special_id("eos_token"))
+    bos_token_id = property(lambda self: self._special_id("bos_token"))
+    unk_token_id = property(lambda self: self._special_id("unk_token"))
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"QwenTokenizer({self.source!r}, {len(self)} tokens, padding_side={self.padding_side!r})"
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """Token string(s) -> id(s); an unknown token gives the unk id (None without one)."""
+        if isinstance(tokens, str):
+            token_id = self._backend.token_to_id(tokens)
+            return self.unk_token_id if token_id is None else token_id
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __call__(self, text: str | Sequence[str], return_tensors: str | None = None, padding: bool | str = False,
+                 max_length: int | None = None, add_special_tokens: bool = True) -> TokenizerOutput:
+        """Text or texts -> {"input_ids", "attention_mask"}: lists (one list for one text), or
+        with return_tensors="pt" (B, L) int64 tensors. `padding`: False / "do_not_pad", True /
+        "longest" (to the longest text) or "max_length" (to `max_length`), with the pad token on
+        the tokenizer's `padding_side`. Nothing is truncated."""
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("tokenizer: expected a string or a list of strings")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"tokenizer: return_tensors must be None or 'pt', got {return_tensors!r}")
+        rows = [self._backend.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
+        target = self._padded_length(rows, padding, max_length)
+        masks = [[1] * len(r) for r in rows]
+        if target is not None:
+            pad_id = self.pad_token_id
+            if pad_id is None:
+                raise ValueError(f"{self.source}: padding asked for but the tokenizer has no pad token")
+            for i, row in enumerate(rows):
+                fill = target - len(row)
+                if fill > 0 and self.padding_side == "right":
+                    rows[i], masks[i] = row + [pad_id] * fill, masks[i] + [0] * fill
+                elif fill > 0:
+                    rows[i], masks[i] = [pad_id] * fill + row, [0] * fill + masks[i]
+        if return_tensors is None:
+            return TokenizerOutput(input_ids=rows[0] if single else rows, attention_mask=masks[0] if single else masks)
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError("tokenizer: the texts have different lengths; give padding=True to make one tensor")
+        shape = (len(rows), len(rows[0]) if rows else 0)
+        return TokenizerOutput(input_ids=torch.tensor(rows, dtype=torch.long).reshape(shape),
+                               attention_mask=torch.tensor(masks, dtype=torch.long).reshape(shape))
+
+    @staticmethod
+    def _padded_length(rows: Sequence[Sequence[int]], padding: bool | str, max_length: int | None) -> int | None:
+        if padding in (False, None, "do_not_pad"):
+            return None
+        if padding in (True, "longest"):
+            return max((len(r) for r in rows), default=0)
+        if padding == "max_length":
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
+                raise ValueError(f"tokenizer: padding='max_length' needs max_length, a count of tokens; got "
+                                 f"{max_length!r}")
+            return max_length
+        raise ValueError(f"tokenizer: padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
+                         f"got {padding!r}")

@@ -318,8 +318,8 @@ class QwenVLProcessor:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "QwenVLProcessor":
-        """A hub `processor/` folder: tokenizer files (loaded with AutoTokenizer) and
-        preprocessor_config.json."""
+        """A hub `processor/` folder: tokenizer files (read with the `tokenizers` library into a
+        QwenTokenizer, the ids transformers' AutoTokenizer gives) and preprocessor_config.json."""
         folder = Path(folder)
         image_processor = QwenVLImageProcessor.from_folder(folder)
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -328,16 +328,10 @@ class QwenVLProcessor:
                 "needs the Qwen2.5-VL tokenizer beside preprocessor_config.json: download the whole "
                 "`processor/` folder, or copy the repo's `tokenizer/` files into it."
             )
-        from transformers import AutoTokenizer
+        from .qwen_image_text_encoder import QwenTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        except Exception as error:  # tokenizers raise many types for broken files
-            raise ValueError(
-                f"{folder}: the tokenizer files cannot be loaded ({type(error).__name__}: {error}). "
-                "Fetch the processor folder again."
-            ) from error
-        return cls(tokenizer, image_processor)
+        # its errors name the file, what is wrong with it and how to get a good one
+        return cls(QwenTokenizer.from_folder(folder), image_processor)
 
     def expand_placeholders(self, texts: Sequence[str], grids: torch.Tensor | None) -> list[str]:
         """Each `<|image_pad|>` (in order, across the batch) -> one copy per merged patch."""
