@@ -11,7 +11,7 @@ For each model (random weights in the hub layout, built once under --work):
        that job's own encode + denoise + decode time (jobs.csv): Hydra's per-job work, the
        LoRA check, the PNG and job.json, handing the record to the MLflow writer thread;
      - amortised: from launching job 1 to the end of the sweep (every MLflow write done, the
-       contact sheet and jobs.csv written), minus the inference of jobs 1.., per job: what
+       grid, report.html and jobs.csv written), minus the inference of jobs 1.., per job: what
        the background writer could not hide behind inference shows here;
   3. LoRA: a sweep over lora.alpha (a tiny peft-format LoRA, tracking=none): the `lora_s` of
      jobs 1.. is the time to switch alpha (the LoRA handle's set_alpha).

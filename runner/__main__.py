@@ -2,12 +2,15 @@
 
     python -m runner download [overrides]         fetch the files a run needs, run nothing
     python -m runner report SWEEP_DIR [x=...]     the X/Y grid and HTML report of a sweep
+    python -m runner report --run PARENT_RUN_ID   ... from its MLflow parent run
+    python -m runner warm status|stop             the workers that keep weights loaded
+    python -m runner --help                       what the runner does, the config groups
     python -m runner sync DIR [overrides]         log a sweep or run folder into MLflow (idempotent)
     python -m runner cleanup [overrides] [--dir DIR]   end RUNNING runs of dead processes as KILLED,
                                                   remove leftovers of interrupted writes
 
 Exit status: 0 when every job finished (or was skipped by resume=true); 1 when a job failed
-(the failed jobs are listed), the sweep's contact sheet or job table could not be written,
+(the failed jobs are listed), the sweep's grid, report or job table could not be written,
 an output folder cannot be written (full disk, read-only), or a download failed; 2 for a
 config refused before any job (a key that does not compose or validate, in any job of a
 sweep; a deleted experiment; an output folder already used): no MLflow run is created then;
@@ -26,7 +29,62 @@ from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_U
 
 logger = logging.getLogger("runner")
 
-COMMANDS = ("report", "download", "sync", "cleanup")
+COMMANDS = ("report", "download", "sync", "cleanup", "warm")
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+HELP = """\
+python -m runner: generate images with a diffusion model (the Qwen-Image family) from a Hydra
+config, one MLflow run per image, and sweeps with a grid and an HTML report to compare them.
+
+  python -m runner [KEY=VALUE ...]        one image (outputs/runs/<date>/<time>/image.png)
+  python -m runner -m [KEY=A,B ...]       a sweep: every combination of the comma-separated values
+  python -m runner model=qwen_image_tiny sampler=tiny    the demo: a tiny model built offline on first use
+
+Config groups (conf/<group>/<option>.yaml; pick one with GROUP=OPTION):
+{groups}
+
+Keys: any key of the composed config (sampler.steps=20, lora.alpha=0.8, vram.vram_limit=12,
+  "prompt=a red fox"); call.NAME=VALUE for any other argument of the pipeline's call.
+  seed=N (default 0); seed=null draws a random seed per job, logged as the run's runtime.seed.
+  python -m runner --cfg job [overrides]    print the composed config (every key and its value)
+
+Sweeps: python -m runner -m model=qwen_image_tiny sampler=tiny lora=tiny_demo lora.alpha=0,0.5,1 seed=0,1
+  Jobs run one after another, weights loaded once. The sweep folder (outputs/multirun/<date>/<time>)
+  gets jobs.csv, grid.png (axes: report.x=KEY report.y=KEY report.z=KEY) and report.html.
+  resume=true skips the jobs whose identical config already has a FINISHED run.
+
+Commands:
+  download [overrides]                  fetch the files a run needs, run nothing
+  report SWEEP_DIR [x=KEY y=KEY z=KEY]  rebuild a sweep's grid and report.html
+  report --run PARENT_RUN_ID [--tracking-uri URI]   the same from a sweep's MLflow parent run
+  sync DIR [overrides]                  log a sweep or run folder into MLflow (idempotent)
+  cleanup [overrides] [--dir DIR]       end RUNNING runs of dead processes as KILLED
+  warm status|stop                      the workers that keep weights loaded (keep_warm=15m)
+
+MLflow: runs go to outputs/mlflow/mlflow.db; open the UI with
+  mlflow ui --backend-store-uri sqlite:///outputs/mlflow/mlflow.db
+
+Hydra's own options (--multirun, --cfg, --resolve, --info, ...): python -m runner --hydra-help
+Exit status: 0 done, 1 a job failed, 2 config refused (no run created), 3 not all tracked, 130 Ctrl-C.
+"""
+
+
+def config_groups(conf_dir: str = CONF_DIR) -> dict[str, list[str]]:
+    """group -> its options, read from the conf/ folders."""
+    groups = {}
+    for group in sorted(os.listdir(conf_dir)):
+        folder = os.path.join(conf_dir, group)
+        if os.path.isdir(folder):
+            groups[group] = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+    return groups
+
+
+def help_text() -> str:
+    import textwrap
+
+    lines = [textwrap.fill(", ".join(options), width=100, initial_indent=f"  {group + ':':<10}",
+                           subsequent_indent=" " * 12) for group, options in config_groups().items()]
+    return HELP.format(groups="\n".join(lines))
 
 
 def _command(name: str, argv: list[str]) -> int:
@@ -39,6 +97,10 @@ def _command(name: str, argv: list[str]) -> int:
         from .download import download
 
         return download(argv)
+    if name == "warm":
+        from .warm import warm_main
+
+        return warm_main(argv)
     from . import sync
 
     return sync.sync_main(argv) if name == "sync" else sync.cleanup_main(argv)
@@ -47,6 +109,9 @@ def _command(name: str, argv: list[str]) -> int:
 def cli() -> int:
     if sys.argv[1:2] and sys.argv[1] in COMMANDS:
         return _command(sys.argv[1], sys.argv[2:])
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):  # ours, without importing Hydra, torch or MLflow
+        print(help_text(), end="")
+        return EXIT_OK
     logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's config errors reach us: reported below with the key and fix

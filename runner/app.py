@@ -130,6 +130,11 @@ def run_single(cfg: DictConfig) -> JobRecord:
             STATE.untracked.append(record)
             logger.error("The run was not tracked in MLflow (image and job.json in place). Log it with "
                          "`python -m runner sync %s`", record.job_dir)
+        elif record.run_id:
+            from .tracking import ui_hint
+
+            logger.info("MLflow run %s (experiment %r) in %s. See it: %s", record.run_id, single.recorder.experiment,
+                        single.recorder.uri, ui_hint(single.recorder.uri))
     sweep.after(record)
     return record
 

@@ -61,8 +61,10 @@ FINISHED, FAILED, KILLED, SKIPPED = "FINISHED", "FAILED", "KILLED", "SKIPPED"
 OK_STATUSES = (FINISHED, SKIPPED)  # a skipped job (resume) shows the image of its earlier run
 NONE = "none"  # an axis switched off
 ELLIPSIS = "…"
-_FIXED_COLUMNS = {"job", "status", "run_id", "overrides", "image", "error", *METRICS}
-USAGE = "usage: python -m runner report SWEEP_DIR [x=KEY|none] [y=KEY|none] [z=KEY|none] [thumb=N] [title=TEXT]"
+_FIXED_COLUMNS = {"job", "status", "run_id", "overrides", "image", "error", "tracked", *METRICS}
+USAGE = ("usage: python -m runner report SWEEP_DIR|--run PARENT_RUN_ID [--tracking-uri URI] [--out DIR] "
+         "[x=KEY|none] [y=KEY|none] [z=KEY|none] [thumb=N] [title=TEXT]")
+DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow/mlflow.db"  # the runner's default store (conf/tracking/mlflow.yaml)
 
 
 class ReportError(Exception):
@@ -362,8 +364,7 @@ def choose_axes(jobs: Sequence[GridJob], keys: Optional[Sequence[str]] = None, x
         if key is None or key == NONE:
             continue
         if key not in keys:
-            swept = ", ".join(keys) if keys else "none (every job has the same overrides)"
-            raise AxisError(f"unknown key {key!r} for {axis}=: the swept keys are {swept}")
+            raise AxisError(f"unknown key {key!r} for {axis}=: {not_swept_hint(key, keys)}")
         if key in named:
             raise AxisError(f"{key!r} is on two axes: give each axis its own key (or none)")
         named.append(key)
@@ -378,6 +379,16 @@ def choose_axes(jobs: Sequence[GridJob], keys: Optional[Sequence[str]] = None, x
             chosen[axis] = None if asked[axis] == NONE else asked[axis]
     pages = ([chosen["z"]] if chosen["z"] else []) + free
     return Axes(chosen["x"], chosen["y"], pages, constants)
+
+
+def not_swept_hint(key: str, keys: Sequence[str]) -> str:
+    """`did you mean ...? the swept keys are ...` for an axis key the sweep does not sweep."""
+    import difflib
+
+    if not keys:
+        return "the sweep sweeps no key (every job has the same overrides)"
+    close = difflib.get_close_matches(key, list(keys), n=1)
+    return (f"did you mean `{close[0]}`? " if close else "") + "the swept keys are " + ", ".join(keys)
 
 
 @dataclass
@@ -1143,38 +1154,95 @@ def write_report(jobs: Sequence[GridJob], out_dir: Path, *, keys: Optional[Seque
     return ReportFiles(page, grids)
 
 
+REPORT_FILES = ("report.html", "jobs.csv")  # beside the grid PNG(s)
+
+
+def sweep_outputs(folder: Path) -> list[Path]:
+    """The comparison files a sweep folder holds (grid PNGs, report.html, jobs.csv): what goes
+    onto the sweep's parent run."""
+    folder = Path(folder)
+    return sorted(folder.glob("grid*.png")) + [folder / n for n in REPORT_FILES if (folder / n).is_file()]
+
+
+@dataclass
+class _ReportArgs:
+    folder: Optional[str] = None
+    run: Optional[str] = None
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    out: Optional[str] = None
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_report_args(argv: Sequence[str]) -> _ReportArgs:
+    args = _ReportArgs()
+    flags = {"--run": "run", "--tracking-uri": "tracking_uri", "--out": "out"}
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
+        flag, eq, inline = arg.partition("=")
+        if flag in flags:
+            if not eq and not argv:
+                raise ReportError(f"{flag} needs a value ({USAGE[7:]})")
+            setattr(args, flags[flag], inline if eq else argv.pop(0))
+            continue
+        key, eq, value = arg.partition("=")
+        if eq and key in ("x", "y", "z", "thumb", "title"):
+            args.options[key] = value
+        elif args.folder is None and not arg.startswith("-") and not (eq and key.isidentifier()):
+            args.folder = arg
+        else:
+            raise ReportError(f"unexpected argument {arg!r} ({USAGE[7:]})")
+    if (args.folder is None) == (args.run is None):
+        raise ReportError(f"give a sweep folder or --run PARENT_RUN_ID, not {'both' if args.folder else 'neither'} "
+                          f"({USAGE[7:]})")
+    return args
+
+
+def _thumb(options: Mapping[str, str]) -> int:
+    try:
+        thumb = int(options.get("thumb", "256"))
+    except ValueError:
+        raise ReportError(f"thumb={options['thumb']!r}: give a size in pixels, e.g. thumb=256") from None
+    if not 32 <= thumb <= 2048:
+        raise ReportError(f"thumb={thumb}: choose between 32 and 2048 pixels")
+    return thumb
+
+
+def _report_jobs(args: _ReportArgs) -> tuple[JobList, Path]:
+    """The jobs to report and the folder the report goes to."""
+    if args.folder is not None:
+        jobs, out = jobs_from_sweep_dir(Path(args.folder)), Path(args.folder)
+        if not jobs:
+            raise ReportError(f"{out / 'jobs.csv'} lists no jobs")
+        return jobs, out
+    out = Path(args.out or Path("outputs") / "reports" / str(args.run))
+    db = args.tracking_uri.removeprefix("sqlite:///") if args.tracking_uri.startswith("sqlite:///") else None
+    if db is not None and not Path(db).is_file():  # MLflow would create an empty store there
+        raise ReportError(f"no MLflow store {db}: give the store of the sweep with --tracking-uri sqlite:///PATH "
+                          "(a sweep prints it when it starts)")
+    jobs = jobs_from_mlflow(args.tracking_uri, str(args.run), out)
+    if not jobs:
+        raise ReportError(f"MLflow run {args.run} in {args.tracking_uri} has no child runs: give the parent run of "
+                          "a sweep (the run named `sweep ...`)")
+    return jobs, out
+
+
 def report_main(argv: Sequence[str]) -> int:
     """`python -m runner report SWEEP_DIR [x=KEY] [y=KEY] [z=KEY] [thumb=N] [title=TEXT]`: rebuild
-    the grid(s) and report.html in a sweep folder from its jobs.csv. 0 when written, 2 (one line
-    on stderr) for a missing folder, no jobs.csv, an unknown axis key or a bad argument."""
+    the grid(s) and report.html in a sweep folder from its jobs.csv; with `--run PARENT_RUN_ID
+    [--tracking-uri URI] [--out DIR]` from a sweep's MLflow parent run (its children's images are
+    downloaded into DIR, default outputs/reports/<run id>). 0 when written, 2 (one line on stderr)
+    for a missing folder or run, no jobs, an unknown axis key or a bad argument."""
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    options: dict[str, str] = {}
-    folder: Optional[str] = None
     try:
-        for arg in argv:
-            key, eq, value = arg.partition("=")
-            if eq and key in ("x", "y", "z", "thumb", "title"):
-                options[key] = value
-            elif folder is None and not (eq and key.isidentifier()):
-                folder = arg
-            else:
-                raise ReportError(f"unexpected argument {arg!r} ({USAGE[7:]})")
-        if folder is None:
-            raise ReportError(f"no sweep folder given ({USAGE[7:]})")
-        try:
-            thumb = int(options.get("thumb", "256"))
-        except ValueError:
-            raise ReportError(f"thumb={options['thumb']!r}: give a size in pixels, e.g. thumb=256") from None
-        if not 32 <= thumb <= 2048:
-            raise ReportError(f"thumb={thumb}: choose between 32 and 2048 pixels")
-        jobs = jobs_from_sweep_dir(Path(folder))
-        if not jobs:
-            raise ReportError(f"{Path(folder) / 'jobs.csv'} lists no jobs")
-        files = write_report(jobs, Path(folder), x=options.get("x") or None, y=options.get("y") or None,
-                             z=options.get("z") or None, thumb=thumb, title=options.get("title"))
+        args = _parse_report_args(argv)
+        thumb = _thumb(args.options)
+        jobs, out = _report_jobs(args)
+        files = write_report(jobs, out, x=args.options.get("x") or None, y=args.options.get("y") or None,
+                             z=args.options.get("z") or None, thumb=thumb, title=args.options.get("title"))
     except ReportError as e:
         print(f"report: {e}", file=sys.stderr)
         return 2

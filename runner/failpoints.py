@@ -7,7 +7,7 @@ At a listed point the process writes `<dir>/<name>.held` (holding its pid) and w
 kill -9, stopping the tracking server), then creates `.go`. The points:
 
     job<N>      at the start of job N's computation (its MLflow run has been requested)
-    sweep_end   at the start of the end-of-sweep writes (contact sheet, jobs.csv, parent run)
+    sweep_end   at the start of the end-of-sweep writes (grid, report, jobs.csv, parent run)
 
 Without RUNNER_HOLD this is one dictionary lookup.
 """

@@ -67,7 +67,7 @@ def register_resolvers() -> None:
 
 def holds_results(folder: Path) -> list[str]:
     """What in `folder` shows that a run or sweep already wrote there (empty: free to use)."""
-    marks = ("image.png", "job.json", "jobs.csv", "sweep.json", "contact_sheet.png")
+    marks = ("image.png", "job.json", "jobs.csv", "sweep.json", "grid.png", "report.html")
     found = [m for m in marks if (folder / m).exists()]
     if folder.is_dir():
         found += sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "job.json").exists())[:3]

@@ -30,7 +30,7 @@ from .spec import ConfigError, RunSpec, TrackingBackend, to_spec, validate
 
 logger = logging.getLogger("runner")
 # keys that do not change the image: left out of the resume fingerprint
-_NOT_IN_HASH = ("resume", "tracking", "progress_bar", "run_name")
+_NOT_IN_HASH = ("resume", "tracking", "progress_bar", "run_name", "keep_warm", "report")
 
 
 @dataclass
@@ -116,7 +116,14 @@ def new_record(plan: JobPlan) -> JobRecord:
 def compute(plan: JobPlan) -> JobRecord:
     """Run one planned job in this process: the image and `job.json` land in `plan.job_dir`.
     A failure is recorded in the returned record (status FAILED, `error`, `error_kind`);
-    Ctrl-C during the job gives status KILLED (the caller re-raises it)."""
+    Ctrl-C during the job gives status KILLED (the caller re-raises it). With `keep_warm`
+    the job runs in this user's warm worker (runner.warm), which calls this function there."""
+    if plan.spec.keep_warm is not None:
+        from . import warm
+
+        record = warm.compute(plan)  # None: no worker to use (or it failed): the job runs here
+        if record is not None:
+            return record
     record = new_record(plan)
     started = time.perf_counter()
     try:

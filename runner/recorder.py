@@ -11,7 +11,7 @@ hands it plain data and goes on with the next image:
     recorder.start_sweep(sweep)      # the parent run
     recorder.job_started(plan)       # the job's RUNNING run, with the owner tags
     recorder.job_done(record)        # config.yaml, image, inputs, then params, metrics, tags; ended
-    recorder.finish_sweep(sweep, sheet, table)
+    recorder.finish_sweep(sweep, files)   # jobs.csv, grid(s), report.html
     recorder.close(status)           # waits for every write; ends what is still open
 
 `job_done` ends a run only after its records are written, `drain` and `close` return only
@@ -35,6 +35,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
@@ -57,8 +58,8 @@ LOGGED_IMAGES_TAG = "mlflow.loggedImages"  # what MlflowClient.log_image sets: t
 # --------------------------------------------------------------- what a run holds
 
 
-def image_artifacts(folder: Path, image: Path, key: str) -> dict[str, str]:
-    """Lay `image` out in `folder` as MlflowClient.log_image(key=key, step=0) stores it (the
+def image_artifacts(folder: Path, image: Path, key: str, step: int = 0) -> dict[str, str]:
+    """Lay `image` out in `folder` as MlflowClient.log_image(key=key, step=step) stores it (the
     UI's image grid reads these names and the tag returned), without re-encoding the PNG:
     the PNG is copied, only the small webp preview is encoded."""
     import shutil
@@ -68,7 +69,7 @@ def image_artifacts(folder: Path, image: Path, key: str) -> dict[str, str]:
     from mlflow.tracking.multimedia import compress_image_size
     from PIL import Image
 
-    stem = f"{key.replace('/', '~')}+step+0+timestamp+{int(time.time() * 1000)}+{uuid.uuid4()}"
+    stem = f"{key.replace('/', '~')}+step+{step}+timestamp+{int(time.time() * 1000)}+{uuid.uuid4()}"
     (folder / "images").mkdir(exist_ok=True)
     shutil.copyfile(image, folder / "images" / f"{stem}.png")
     with Image.open(image) as im:
@@ -115,8 +116,9 @@ def _log_inputs(tracker: Tracker, record: JobRecord, target: str, logged: set) -
         logged.add(item["sha256"])
 
 
-def log_sweep_end(tracker: Tracker, sweep: SweepRecord, sheet: Optional[Path], table: Optional[Path]) -> None:
-    """The parent run's end: contact sheet (also in the UI's image grid), job table, job
+def log_sweep_end(tracker: Tracker, sweep: SweepRecord, files: Iterable[Path]) -> None:
+    """The parent run's end: the sweep's comparison files (jobs.csv, report.html, the grid
+    PNGs, which also go into the UI's image grid under the key `grid`, one step per page), job
     counts; then ended."""
     import shutil
     import tempfile
@@ -126,11 +128,14 @@ def log_sweep_end(tracker: Tracker, sweep: SweepRecord, sheet: Optional[Path], t
     tags = {**sweep.tags, LOGGED_TAG: "true"}
     with tempfile.TemporaryDirectory(prefix="runner-artifacts-") as tmp:
         folder = Path(tmp)
-        for path in (sheet, table):
-            if path is not None and path.is_file():
-                shutil.copyfile(path, folder / path.name)
-        if sheet is not None and sheet.is_file():
-            tags.update(image_artifacts(folder, sheet, "contact_sheet"))
+        grids = 0
+        for path in files:
+            if not path.is_file():
+                continue
+            shutil.copyfile(path, folder / path.name)
+            if path.suffix == ".png":
+                tags.update(image_artifacts(folder, path, "grid", step=grids))
+                grids += 1
         if any(folder.iterdir()):
             tracker.log_dir(run_id, folder)
     tracker.log_batch(run_id, metrics=sweep.metrics, tags=tags)
@@ -218,7 +223,10 @@ class _Writer:
     def job_started(self, info: dict) -> None:
         def start() -> None:
             tags = {**info["tags"], **self.owner}
-            self.runs[info["record_id"]] = self.tracker.start_run(info["name"], tags, parent_id=self.parent_id)
+            # the job's own start: the writer may get to it late (niced), and a later start than
+            # the job's end shows a negative duration in the UI
+            self.runs[info["record_id"]] = self.tracker.start_run(info["name"], tags, parent_id=self.parent_id,
+                                                                  start_time=info.get("started"))
 
         self._do(f"start the run of job {info['num']}", start)
 
@@ -252,7 +260,7 @@ class _Writer:
         except OSError as error:
             self.log(logging.WARNING, f"Could not update {path}: {error}")
 
-    def finish_sweep(self, data: dict, sheet: Optional[str], table: Optional[str]) -> None:
+    def finish_sweep(self, data: dict, files: list[str]) -> None:
         sweep = SweepRecord.from_json(data)
         if self.parent_id is None:
             return
@@ -262,8 +270,8 @@ class _Writer:
                      True)
             ok = False
         else:
-            ok = self._do("log the sweep's contact sheet and table", log_sweep_end, self.tracker, sweep,
-                          Path(sheet) if sheet else None, Path(table) if table else None)
+            ok = self._do("log the sweep's grid, report and table", log_sweep_end, self.tracker, sweep,
+                          [Path(f) for f in files])
         self.outbox.put(("sweep", sweep.sweep_id, self.parent_id, ok))
 
     def end_open(self, status: str) -> None:
@@ -438,15 +446,15 @@ class Recorder:
 
     def job_started(self, plan: JobPlan) -> None:
         self._send("job_started", {"record_id": plan.record_id, "num": plan.num, "name": plan.name,
-                                   "tags": plan.tags()})
+                                   "tags": plan.tags(), "started": time.time()})
 
     def job_done(self, record: JobRecord) -> None:
         self._jobs[record.record_id] = record
         self._send("job_done", record.to_json())
 
-    def finish_sweep(self, sweep: SweepRecord, sheet: Optional[Path], table: Optional[Path]) -> None:
+    def finish_sweep(self, sweep: SweepRecord, files: Iterable[Path]) -> None:
         self._sweeps[sweep.sweep_id] = sweep
-        self._send("finish_sweep", sweep.to_json(), str(sheet) if sheet else None, str(table) if table else None)
+        self._send("finish_sweep", sweep.to_json(), [str(f) for f in files])
 
     def drain(self) -> None:
         """Wait until the writer has done everything asked so far (and its results are in)."""

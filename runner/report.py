@@ -1,5 +1,5 @@
 """What a job and a sweep leave behind besides MLflow: the PNG with its generation
-parameters, the job's record (`job.json`), the sweep's contact sheet and its table of jobs.
+parameters, the job's record (`job.json`), the sweep's table of jobs (its grid and report: runner.compare).
 
 Nothing here knows MLflow: a job computed in another process (a Ray worker) leaves the same
 files, and `python -m runner sync DIR` logs a folder into a store from them alone.
@@ -10,14 +10,13 @@ import csv
 import dataclasses
 import errno
 import json
-import math
 import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 METRICS = ("load_s", "lora_s", "encode_s", "denoise_s", "s_per_step", "decode_s", "total_s", "peak_mem_mb")
@@ -232,61 +231,6 @@ def swept_keys(records: Sequence[JobRecord]) -> list[str]:
 def _split(override: str) -> tuple[str, str]:
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
-
-
-def label_of(record: JobRecord, keys: Sequence[str]) -> list[str]:
-    wanted = dict(_split(o) for o in record.overrides)
-    return [f"{k}={wanted.get(k, '')}" for k in keys] or [f"job {record.num}"]
-
-
-def contact_sheet(records: Sequence[JobRecord], thumb: int = 256) -> Image.Image:
-    """One grid image of the sweep: a cell per job, labelled by its swept values; a failed
-    job is a grey cell saying so. Columns follow the last swept key (Hydra varies it fastest),
-    so a 2-key sweep reads as a table."""
-    keys = swept_keys(records)
-    n = max(1, len(records))
-    cols = len({dict(_split(o) for o in r.overrides).get(keys[-1]) for r in records}) if keys else n
-    if cols < 2 or cols > 8:
-        cols = min(n, max(1, math.ceil(math.sqrt(n))))
-    rows = math.ceil(n / cols)
-    font = _font(max(10, thumb // 18))
-    line_h = font.getbbox("Ay")[3] + 4
-    label_lines = max(1, len(keys)) + 1  # swept values + status/time
-    cell_w, cell_h = thumb + 8, thumb + 8 + label_lines * line_h
-    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, record in enumerate(records):
-        x0, y0 = (i % cols) * cell_w + 4, (i // cols) * cell_h + 4
-        image = None
-        if record.image_path is not None and Path(record.image_path).is_file():
-            with Image.open(record.image_path) as im:
-                image = ImageOps.contain(im.convert("RGB"), (thumb, thumb))
-        if image is None:
-            draw.rectangle([x0, y0, x0 + thumb - 1, y0 + thumb - 1], fill=(200, 200, 200))
-            draw.text((x0 + 8, y0 + thumb // 2 - line_h), record.status, fill=(160, 0, 0), font=font)
-        else:
-            sheet.paste(image, (x0 + (thumb - image.width) // 2, y0 + (thumb - image.height) // 2))
-        lines = label_of(record, keys)
-        total = record.metrics.get("total_s")
-        status = record.status if total is None else f"{record.status} {total:.2f}s"
-        for j, text in enumerate(lines + [status]):
-            draw.text((x0, y0 + thumb + 2 + j * line_h), _fit(draw, text, font, thumb), fill="black", font=font)
-    return sheet
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
 
 
 def write_table(records: Sequence[JobRecord], path: Path) -> Path:

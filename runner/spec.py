@@ -177,13 +177,25 @@ class TrackingSpec:
     artifact_location: Optional[str] = None
     # the key of `mlflow.log_image`, the name compared in the UI's image grid
     image_key: str = "image"
-    # thumbnail size (pixels, longer side) in the sweep's contact sheet
-    contact_sheet_thumb: int = 256
     # a tracking server: seconds one request may wait, and retries before the server counts as
     # unreachable (then the rest of the sweep runs untracked: `python -m runner sync DIR` logs it
     # later). MLflow's MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES variables win when set.
     request_timeout_s: float = 10.0
     request_retries: int = 2
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class ReportSpec:
+    """The sweep's X/Y grid and report.html (runner/compare.py): each axis a swept key, `none`,
+    or null (the default: the key with the most values for x, the next for y, then z)."""
+
+    x: Optional[str] = None  # columns
+    y: Optional[str] = None  # rows
+    z: Optional[str] = None  # one grid page per value
+    thumb: int = 256  # pixels, longer side of a grid cell
 
 
 # ----------------------------------------------------------------------------- root
@@ -196,6 +208,7 @@ class RunSpec:
     lora: LoraSpec = MISSING
     sampler: SamplerSpec = MISSING
     tracking: TrackingSpec = MISSING
+    report: ReportSpec = field(default_factory=ReportSpec)
     # any other argument of the pipeline's __call__ (`call.input_image=cat.png`,
     # `call.tiled=true`, `call.cfg_batch=true`); names are checked against the pipeline
     call: Dict[str, Any] = field(default_factory=dict)
@@ -213,6 +226,11 @@ class RunSpec:
     # skip jobs whose identical resolved config already has a FINISHED run
     resume: bool = False
     progress_bar: bool = True
+    # keep the loaded pipeline in a resident worker of this user for this long after the last
+    # command (`15m`, `2h`, `1h30m`): the next command with the same model, VRAM preset, dtype
+    # and device skips the load (runner/warm.py). 0 = use a running worker once, then stop it;
+    # null = load in this process, as always
+    keep_warm: Optional[str] = None
 
 
 def register_configs() -> None:
@@ -223,6 +241,29 @@ def register_configs() -> None:
     node = OmegaConf.structured(RunSpec)
     OmegaConf.set_struct(node.call, False)
     ConfigStore.instance().store(name="schema", node=node)
+    if not OmegaConf.has_resolver("built_file"):
+        OmegaConf.register_new_resolver("built_file", built_file)
+
+
+def built_file(relative: str, builder: str) -> str:
+    """`${built_file:'tiny/X/f.safetensors','module.function'}`: the file at that path in the
+    models folder, written by `module.function(path)` on first use (a generated demo file, as
+    `model.build` makes the demo model; conf/lora/tiny_demo.yaml)."""
+    import fcntl
+
+    from pipelines import ModelConfig, model_folder
+
+    repo, _, name = relative.rpartition("/")
+    path = model_folder(ModelConfig(model_id=repo)) / name  # refuses paths that leave the models folder
+    if not path.is_file():
+        from .build import import_object
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                import_object(builder, "built_file")(path)
+    return str(path)
 
 
 # --------------------------------------------------------------------------- checks
@@ -330,6 +371,28 @@ def validate(spec: RunSpec) -> None:
     _check_vram(spec.vram)
     _check_loras(spec.lora)
     _check_tracking(spec)
+    _check_report(spec.report)
+    keep_warm_seconds(spec.keep_warm)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def keep_warm_seconds(value: Optional[str]) -> Optional[float]:
+    """`keep_warm` in seconds: `90s`, `15m`, `2h`, `1d`, `1h30m`, `1.5h`; `0` (use a running
+    worker once, then stop it); None (no worker). Raises ConfigError at `keep_warm`."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("0", "0.0"):
+        return 0.0
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ConfigError("keep_warm", f"{value!r} is not a duration",
+                          "give a number with a unit s, m, h or d (keep_warm=15m, keep_warm=2h, keep_warm=1h30m), "
+                          "0 to stop a running warm worker after this command, or null for no worker")
+    return float(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
 
 
 def _setting(key: str, check: Any, *args: Any, fix: str) -> Any:
@@ -426,13 +489,21 @@ def _check_loras(lora: LoraSpec) -> None:
                               "give an existing .safetensors file")
 
 
+def _check_report(report: ReportSpec) -> None:
+    """The axes' keys are checked against the sweep's swept keys when it starts (runner.sweep)."""
+    if not 32 <= report.thumb <= 2048:
+        raise ConfigError("report.thumb", f"{report.thumb} pixels is not a thumbnail size",
+                          "give 32 to 2048 (default 256)")
+    axes = [(a, getattr(report, a)) for a in ("x", "y", "z") if getattr(report, a) not in (None, "none")]
+    for i, (axis, key) in enumerate(axes):
+        if any(key == other for _, other in axes[:i]):
+            raise ConfigError(f"report.{axis}", f"{key!r} is on two axes", "give each axis its own key (or none)")
+
+
 def _check_tracking(spec: RunSpec) -> None:
     from pipelines import finite
 
     t = spec.tracking
-    if not 16 <= t.contact_sheet_thumb <= 4096:
-        raise ConfigError("tracking.contact_sheet_thumb", f"{t.contact_sheet_thumb} pixels is not a thumbnail size",
-                          "give 16 to 4096 (default 256)")
     timeout = _setting("tracking.request_timeout_s", finite, t.request_timeout_s, "tracking.request_timeout_s",
                        fix="give seconds, e.g. 10")
     if timeout <= 0:

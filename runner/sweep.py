@@ -5,7 +5,8 @@
                     folder left), open the recorder and the parent run, write sweep.json
     run(sweep)      the jobs one after another in this process: job.compute, then the
                     recorder; weights load once per (model, vram, dtype, device)
-    finish()        contact_sheet.png and jobs.csv, the parent run ended, sweep.json again
+    finish()        jobs.csv, the X/Y grid(s) and report.html (runner.compare), the parent run
+                    ended with them, sweep.json again
 
 Hydra composes the configs and owns the command line; the launching is ours: Hydra's basic
 launcher would compose each job twice more and deep-copy its config twice per job, which cost
@@ -40,8 +41,6 @@ from .report import (
     SKIPPED,
     JobRecord,
     SweepRecord,
-    atomic_write,
-    contact_sheet,
     write_table,
 )
 from .report import swept_keys as record_swept_keys
@@ -65,11 +64,12 @@ class Sweep:
     launches: list[Launch]
     recorder: Optional[Recorder]
     resume: dict[str, Any]  # config hash -> {run_id, metrics} of its FINISHED run (resume=true)
-    thumb: int
+    report: Any  # spec.ReportSpec: the grid's axes and thumbnail size
     log_name: str  # each job's log file: <job folder>/<log_name>.log
     logging: Optional[dict]  # hydra.job_logging without its file handler
     log_format: Optional[str]
     records: list[JobRecord] = field(default_factory=list)
+    pool: Optional[Any] = None  # hydra/launcher=ray: its settings (runner.ray_pool); None: jobs run here
 
 
 def override_key(override: str) -> str:
@@ -99,13 +99,23 @@ def _refuse(problem: ConfigError) -> Stop:
     return Stop(str(problem), EXIT_REFUSED)
 
 
-def _check_plugins(config: DictConfig) -> None:
+def _check_plugins(config: DictConfig) -> Any:
+    """The launcher's settings: None for the basic launcher (jobs in this process), those of
+    runner.ray_pool for hydra/launcher=ray."""
+    from . import ray_pool
+
+    launcher = str(config.hydra.launcher.get("_target_", ""))
     for what, name in (("launcher", "BasicLauncher"), ("sweeper", "BasicSweeper")):
         target = str(config.hydra[what].get("_target_", ""))
-        if not target.endswith(name):
+        if not target.endswith(name) and target != ray_pool.LAUNCHER:
             raise _refuse(ConfigError(f"hydra/{what}", f"{target} is not supported: the runner launches the jobs "
-                                      "of a sweep itself (one process, weights loaded once)",
-                                      f"leave hydra/{what} at its default"))
+                                      "of a sweep itself (weights loaded once per process)",
+                                      f"leave hydra/{what} at its default"
+                                      + (" or use hydra/launcher=ray" if what == "launcher" else "")))
+    try:
+        return ray_pool.settings_of(config) if launcher == ray_pool.LAUNCHER else None
+    except ConfigError as error:
+        raise _refuse(error) from None
 
 
 def _job_overrides(config: DictConfig, overrides: list[str]) -> list[list[str]]:
@@ -174,7 +184,7 @@ def start(config: DictConfig) -> Sweep:
         check_keys(plain, RunSpec)  # a misspelt `+key` fails the sweep before any job
     except ConfigError as error:
         raise _refuse(error) from None
-    _check_plugins(config)
+    pool = _check_plugins(config)
     swept = sweep_keys(overrides)
     for key in swept:
         if key == "experiment" or key.startswith("tracking"):  # one parent run holds the jobs
@@ -182,10 +192,12 @@ def start(config: DictConfig) -> Sweep:
                                       "run", f"run one sweep per value of {key}"))
     folder = Path(str(config.hydra.sweep.dir))  # unique_dir claims a new folder
     try:
-        return _start(config, overrides, swept, folder)
+        sweep = _start(config, overrides, swept, folder)
     except BaseException:
         release_claim(folder)  # a refused sweep leaves no folder
         raise
+    sweep.pool = pool
+    return sweep
 
 
 def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: Path) -> Sweep:
@@ -196,6 +208,7 @@ def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: P
                                   "default (a new folder each time)"))
     launches = precheck(config, _job_overrides(config, overrides), swept)
     spec = launches[0].plan.spec
+    check_report_axes(spec.report, swept)
     recorder = open_recorder(spec)
     resume = _resume(spec, recorder, [la.plan.config_hash for la in launches])
     folder = folder.resolve()
@@ -209,13 +222,36 @@ def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: P
                    f"Fix: {output_fix(folder, error.errno, resume=False)}", EXIT_FAILED) from None
     for launch in launches:
         launch.plan.sweep_id = record.sweep_id
-    if recorder is not None:
+    if recorder is not None and all(la.plan.config_hash in resume for la in launches):
+        logger.info("Sweep %s: every job already has a FINISHED run (resume=true): no new MLflow run", folder)
+    elif recorder is not None:
         recorder.start_sweep(record)
         logger.info("Sweep %s: MLflow experiment %r in %s", folder, spec.experiment, recorder.uri)
     log_config, log_format = _job_logging(config)
-    STATE.sweep = Sweep(record, folder, launches, recorder, resume, spec.tracking.contact_sheet_thumb,
+    STATE.sweep = Sweep(record, folder, launches, recorder, resume, spec.report,
                         str(config.hydra.job.name), log_config, log_format)
     return STATE.sweep
+
+
+def sweep_name(overrides: list[str], folder: Path) -> str:
+    """The parent run's name: the sweep folder's time (unique; the date is the run's start) first,
+    so a narrow column still tells sweeps apart, then the swept overrides:
+    `sweep 14-03-22 lora.alpha=0,0.5,1 seed=0,1`."""
+    swept = " ".join(o for o in overrides if override_key(o) in sweep_keys(overrides))
+    if len(swept) > 60:
+        swept = swept[:59] + "…"
+    return " ".join(p for p in ("sweep", folder.name, swept) if p)
+
+
+def check_report_axes(report: Any, swept: list[str]) -> None:
+    """report.x/y/z name keys this sweep sweeps (or none): refused before any job otherwise."""
+    from .compare import not_swept_hint
+
+    for axis in ("x", "y", "z"):
+        key = getattr(report, axis)
+        if key not in (None, "none") and key not in swept:
+            raise _refuse(ConfigError(f"report.{axis}", f"{key!r} is not swept by this sweep",
+                                      not_swept_hint(key, swept) + " (or none)"))
 
 
 def _sweep_record(config: DictConfig, overrides: list[str], folder: Path, spec: RunSpec, jobs: int) -> SweepRecord:
@@ -224,7 +260,7 @@ def _sweep_record(config: DictConfig, overrides: list[str], folder: Path, spec: 
     record = SweepRecord(sweep_dir=str(folder), overrides=overrides, experiment=spec.experiment,
                          tracking=job.tracking_of(spec), jobs=jobs, started=time.time(), owner=owner_tags(),
                          params={override_key(o): o.partition("=")[2] for o in overrides},
-                         name=config.get("run_name") or f"sweep {folder.parent.name} {folder.name}")
+                         name=config.get("run_name") or sweep_name(overrides, folder))
     record.tags = tags | {job.RECORD_TAG: record.sweep_id}
     record.tracked = None if spec.tracking.backend is TrackingBackend.none else False
     return record
@@ -284,20 +320,43 @@ def run(sweep: Sweep) -> None:
     write into its folder stops the sweep (Stop): no later one could."""
     if sweep.logging is not None:
         logging.config.dictConfig(sweep.logging)
+    if sweep.pool is not None:  # hydra/launcher=ray: the same jobs, computed by a pool of Ray actors
+        from .ray_pool import run_pool
+
+        return run_pool(sweep)
     logger.info("Launching %d jobs locally", len(sweep.launches))
-    for launch in sweep.launches:
+    started = time.perf_counter()
+    for i, launch in enumerate(sweep.launches):
         plan = launch.plan
-        logger.info("\t#%d : %s", plan.num, " ".join(o for o in plan.overrides if not o.startswith("hydra.")))
-        job_dir = sweep.folder / launch.subdir
-        try:
-            job_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise Stop(f"cannot create {job_dir}: {error.strerror or error}. "
-                       f"Fix: {output_fix(sweep.folder, error.errno)}", EXIT_FAILED) from None
+        logger.info("job %d (%s): %s", plan.num, progress(i, len(sweep.launches), started, sweep.records), plan.label)
+        job_dir = job_folder(sweep, launch)
         with _job_log(sweep, job_dir), _env(launch.env):
             record = run_plan(plan, job_dir, sweep.recorder, sweep.resume)
         sweep.records.append(record)
         after(record)
+
+
+def progress(done: int, total: int, started: float, records: list[JobRecord]) -> str:
+    """`3/6, ETA 0:00:12`: the next job's number and the time left at the pace of the jobs
+    after the first (which also loaded the weights)."""
+    text = f"{done + 1}/{total}"
+    if done == 0:
+        return text
+    elapsed = time.perf_counter() - started
+    first = records[0].metrics.get("total_s", 0.0) if records and done > 1 else 0.0
+    per_job = (elapsed - first) / (done - 1) if done > 1 and elapsed > first else elapsed / done
+    left = round(per_job * (total - done))
+    return f"{text}, ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+
+def job_folder(sweep: Sweep, launch: Launch) -> Path:
+    job_dir = sweep.folder / launch.subdir
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise Stop(f"cannot create {job_dir}: {error.strerror or error}. "
+                   f"Fix: {output_fix(sweep.folder, error.errno)}", EXIT_FAILED) from None
+    return job_dir.resolve()
 
 
 def run_plan(plan: JobPlan, job_dir: Path, recorder: Optional[Recorder], resume: dict[str, Any]) -> JobRecord:
@@ -347,7 +406,7 @@ def _skip(plan: JobPlan, recorder: Optional[Recorder], previous: dict[str, Any])
 
 
 def finish(status: Optional[str] = None) -> None:
-    """Contact sheet + job table into the sweep folder and onto the parent run, then end the
+    """Job table, grid(s) and report.html into the sweep folder and onto the parent run, then end the
     parent: KILLED when interrupted, FAILED when a job failed or a file could not be
     written, else FINISHED. A Ctrl-C meanwhile does not cut it (state.shield)."""
     sweep = STATE.sweep
@@ -359,8 +418,8 @@ def finish(status: Optional[str] = None) -> None:
     if recorder is not None:
         recorder.drain()  # every job's run logged: its tracked flag is known
     status = status or status_of(records)
-    sheet, table = _sweep_files(sweep)
-    if (sheet is None or table is None) and records and status == FINISHED:
+    files, complete = _sweep_files(sweep)
+    if not complete and status == FINISHED:
         status = FAILED
     counts = {s: sum(r.status == s for r in records) for s in (FINISHED, FAILED, KILLED, SKIPPED)}
     record = sweep.record
@@ -368,7 +427,7 @@ def finish(status: Optional[str] = None) -> None:
     record.metrics = {f"jobs_{s.lower()}": float(n) for s, n in counts.items()} | {"jobs": float(len(records))}
     record.tags["runner.swept_keys"] = " ".join(record_swept_keys(records))
     if recorder is not None:
-        recorder.finish_sweep(record, sheet, table)
+        recorder.finish_sweep(record, files)
         recorder.drain()
     try:
         record.write(sweep.folder / "sweep.json")
@@ -378,31 +437,50 @@ def finish(status: Optional[str] = None) -> None:
     _report_untracked(records, sweep.folder)
     logger.info("Sweep %s: %s (%s)", status, sweep.folder,
                 ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) or "no job ran")
+    if recorder is not None and record.parent_run_id:
+        from .tracking import ui_hint
+
+        logger.info("MLflow: parent run %r (%s), one child per job, in %s. Compare them: %s", record.name,
+                    record.parent_run_id, recorder.uri, ui_hint(recorder.uri))
 
 
-def _sweep_files(sweep: Sweep) -> tuple[Optional[Path], Optional[Path]]:
-    """contact_sheet.png and jobs.csv (None for the one that could not be written)."""
+def _sweep_files(sweep: Sweep) -> tuple[list[Path], bool]:
+    """jobs.csv, the grid(s) and report.html: those written, and whether all were (what could
+    not be is logged and listed in STATE.problems)."""
     if not sweep.records:
-        return None, None
-    written: list[Optional[Path]] = []
-    for name, write in (("contact_sheet.png", lambda p: _write_sheet(sweep, p)),
-                        ("jobs.csv", lambda p: write_table(sweep.records, p))):
+        return [], True
+    written: list[Path] = []
+    complete = True
+    for name, write in (("jobs.csv", lambda p: [write_table(sweep.records, p)]),
+                        ("report.html", lambda p: _write_report(sweep, p.parent))):
         path = sweep.folder / name
         try:
-            written.append(write(path))
+            written += write(path)
         except Exception as error:  # noqa: BLE001 - the parent run must still be ended
             if not STATE.stopping:  # else the stop's own line names these files
                 logger.error("Sweep: cannot write %s: %s. Fix: %s", path, getattr(error, "strerror", None) or error,
-                             output_fix(sweep.folder, getattr(error, "errno", None)))
-            STATE.problems.append(name)
-            written.append(None)
-    return written[0], written[1]
+                             _report_fix(error, sweep.folder))
+            STATE.problems.append("grid and report.html" if name == "report.html" else name)
+            complete = False
+    return written, complete
 
 
-def _write_sheet(sweep: Sweep, path: Path) -> Path:
-    sheet = contact_sheet(sweep.records, sweep.thumb)
-    # a preview: fast compression (the default level 6 took 1.5x as long here, for a 10% smaller file)
-    return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG", compress_level=1))
+def _write_report(sweep: Sweep, folder: Path) -> list[Path]:
+    from .compare import jobs_from_records, write_report
+
+    jobs = jobs_from_records(sweep.records, sweep.record.overrides, sweep.record.name)
+    report = sweep.report
+    files = write_report(jobs, folder, x=report.x, y=report.y, z=report.z, thumb=report.thumb)
+    logger.info("Sweep report: %s (grid: %s)", files.html, ", ".join(p.name for p in files.grids))
+    return files.all
+
+
+def _report_fix(error: BaseException, folder: Path) -> str:
+    from .compare import ReportError
+
+    if isinstance(error, ReportError):
+        return f"rebuild it with other axes: python -m runner report {folder} x=KEY y=KEY"
+    return output_fix(folder, getattr(error, "errno", None))
 
 
 def _report_untracked(records: list[JobRecord], folder: Path) -> None:

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .compare import sweep_outputs
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConfigError
 from .folders import remove_stale_temp_files
 from .owner import ALIVE, DEAD, OTHER_HOST, describe, owner_state, owner_tags
@@ -209,9 +210,8 @@ class Syncer:
             sweep.parent_run_id = parent_id
             if sweep.status == RUNNING:
                 sweep.status = KILLED
-            sheet, table = self.folder / "contact_sheet.png", self.folder / "jobs.csv"
             self.tracker.set_tags(parent_id, {SYNCED_TAG: str(self.folder)})
-            log_sweep_end(self.tracker, sweep, sheet if sheet.is_file() else None, table if table.is_file() else None)
+            log_sweep_end(self.tracker, sweep, sweep_outputs(self.folder))
             self.logged += 1
         return self.logged, self.present
 

@@ -35,11 +35,14 @@ if TYPE_CHECKING:  # no torch in the MLflow writer process: a TrackingSpec or an
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_HASH_TAG", "RECORD_TAG", "FAILED", "FINISHED", "KILLED", "Tracker", "flatten",
-           "fingerprint_tags", "provenance_tags", "store_uri", "default_artifact_location", "is_unreachable"]
+           "fingerprint_tags", "provenance_tags", "store_uri", "default_artifact_location", "is_unreachable",
+           "ui_hint"]
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
 _BATCH = 100
+# MLflow's UI shows an experiment of this kind as runs ("model training"), not the GenAI overview
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _UNREACHABLE = re.compile(r"failed with (timeout )?exception|Max retries exceeded|Connection (refused|reset|aborted)|"
                           r"timed out|Name or service not known|Temporary failure in name resolution", re.I)
 
@@ -49,6 +52,14 @@ def store_uri(spec: TrackingSpec) -> str:
         return spec.uri
     db = Path(spec.store_dir).resolve() / "mlflow.db"
     return f"sqlite:///{db}"
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at a store's runs in MLflow's UI (the runs view, not the GenAI overview)."""
+    clicks = "click Model training (top left), Experiments, the experiment"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}, {clicks}"
+    return f"mlflow ui --backend-store-uri {uri}, open http://127.0.0.1:5000, {clicks}"
 
 
 def is_unreachable(error: BaseException) -> bool:
@@ -118,6 +129,7 @@ class Tracker:
         with store_lock(self.uri):  # the first request creates or migrates a SQLite store
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment(experiment)
+            self._mark_kind()
         self.open_runs: set[str] = set()
 
     def _experiment(self, name: str) -> str:
@@ -139,6 +151,12 @@ class Tracker:
             if found is None:
                 raise
             return found.experiment_id
+
+    def _mark_kind(self) -> None:
+        """Tag the experiment as model development unless someone chose its kind in the UI."""
+        tags = self.client.get_experiment(self.experiment_id).tags
+        if EXPERIMENT_KIND_TAG not in tags:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     # ---------------------------------------------------------------- runs
 
@@ -239,7 +257,7 @@ class Tracker:
         try:
             dst.mkdir(parents=True, exist_ok=True)
             return Path(self.client.download_artifacts(run_id, artifact, str(dst)))
-        except Exception as e:  # noqa: BLE001 - an image for the contact sheet is optional
+        except Exception as e:  # noqa: BLE001 - an image for the grid is optional (its cell is marked)
             logger.warning("Could not fetch %s of run %s: %s", artifact, run_id, e)
             return None
 

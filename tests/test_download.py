@@ -122,7 +122,10 @@ def test_the_real_clients_fetch_from_the_test_hub(env, tiny_repo):
     from huggingface_hub import snapshot_download as hf_snapshot_download
     from modelscope.hub.snapshot_download import snapshot_download as ms_snapshot_download
 
-    ms_dir = Path(ms_snapshot_download(MODEL_ID, local_dir=str(env.tmp / "ms"), allow_patterns=["transformer/*"]))
+    # the endpoint given explicitly, as the library does: the client reads MODELSCOPE_ENDPOINT once per
+    # process, so a hub server of an earlier test module would be asked otherwise
+    ms_dir = Path(ms_snapshot_download(MODEL_ID, local_dir=str(env.tmp / "ms"), allow_patterns=["transformer/*"],
+                                       endpoint=env.hub.url))
     hf_cache = str(env.tmp / "hf_cache")  # not the user's ~/.cache
     hf_dir = Path(hf_snapshot_download(MODEL_ID, local_dir=str(env.tmp / "hf"), allow_patterns=["transformer/*"],
                                        endpoint=env.hub.url, cache_dir=hf_cache))

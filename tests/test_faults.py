@@ -147,7 +147,7 @@ def test_two_sweeps_started_together_never_share_a_folder(env, tmp_path):
         assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]
         seeds |= {r["seed"] for r in rows}
         assert all((folder / r["job"] / "image.png").is_file() for r in rows)
-        assert (folder / "contact_sheet.png").is_file() and json.loads((folder / "sweep.json").read_text())[
+        assert (folder / "report.html").is_file() and json.loads((folder / "sweep.json").read_text())[
             "status"] == "FINISHED"
     assert seeds == {"0", "1", "2", "3"}  # each folder holds its own sweep's jobs
     parents, children = split(runs_of(client(store), "together"))
@@ -287,7 +287,8 @@ def test_a_dead_tracking_server_costs_no_image_and_sync_logs_the_sweep_later(env
         assert ch.data.tags["runner.synced_from"] == str(sweep) and ch.data.metrics["total_s"] > 0
         assert {"image.png", "config.yaml", "images"} <= {a.path for a in client(store).list_artifacts(
             ch.info.run_id)}
-    assert {"contact_sheet.png", "jobs.csv"} <= {a.path for a in client(store).list_artifacts(parent.info.run_id)}
+    assert {"grid.png", "report.html", "jobs.csv"} <= {a.path for a in client(store).list_artifacts(
+        parent.info.run_id)}
     again = run(env, tmp_path, "sync", str(sweep), f"tracking.store_dir={store}")
     assert_exit(again, 0)
     assert "0 run(s) logged, 5 already" in again.stderr
@@ -464,6 +465,6 @@ def test_a_sweep_whose_job_table_cannot_be_written_does_not_exit_0(env, tmp_path
     out, err = finish(proc)
     [line] = error_lines(assert_exit(proc, 1, out, err))
     assert f"cannot write {sweep / 'jobs.csv'}" in line and "Fix:" in line
-    assert (sweep / "contact_sheet.png").is_file()
+    assert (sweep / "grid.png").is_file() and (sweep / "report.html").is_file()
     [parent], children = split(runs_of(client(store), "notable"))
     assert parent.info.status == "FAILED" and [ch.info.status for ch in children] == ["FINISHED", "FINISHED"]

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -264,31 +262,6 @@ def test_resident_memory_holds_one_copy(tmp_path, monkeypatch):
     result = sum(t.nbytes for t in model.state_dict().values())
     staging = 2 * (loader.READ_CHUNK + loader.IOV_MAX * HOST_ALIGNMENT)
     assert growth < 1.05 * result + staging + (16 << 20), (growth, result)  # + the allocator's own
-
-
-def test_transformers_is_imported_only_when_the_text_encoder_is_built(tiny_repo):
-    """Start-up: importing transformers' model code takes seconds; the pipeline module, the DiT
-    and the VAE never need it."""
-    code = f"""
-import sys
-from pathlib import Path
-import torch
-from pipelines.qwen_image import QwenImagePipeline
-from pipelines.core.loader import load_model
-
-def imported():
-    return sorted(m for m in sys.modules if m == "transformers" or m.startswith("transformers."))
-
-candidates = tuple(QwenImagePipeline.components.values())
-assert not imported(), imported()[:5]
-for part in ("transformer", "vae"):
-    load_model([Path({str(tiny_repo)!r}) / part], candidates, torch.float32, "cpu")
-assert not imported(), imported()[:5]
-load_model([Path({str(tiny_repo)!r}) / "text_encoder"], candidates, torch.float32, "cpu")
-assert "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl" in sys.modules
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.gpu

@@ -221,7 +221,7 @@ def test_vram_none_passes_preflight(hydra_ctx):
         (["device=mps"], "device"),
         (["tracking.uri=file:///tmp/store"], "tracking.uri"),
         (["tracking.uri=ftp://host/x"], "tracking.uri"),
-        (["tracking.contact_sheet_thumb=0"], "tracking.contact_sheet_thumb"),
+        (["report.thumb=0"], "report.thumb"),
         (["tracking.image_key=a*b"], "tracking.image_key"),
         (["tracking.request_timeout_s=nan"], "tracking.request_timeout_s"),
         (["tracking.request_timeout_s=0"], "tracking.request_timeout_s"),

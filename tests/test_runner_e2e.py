@@ -221,10 +221,10 @@ def test_sweep_of_seeds_and_lora_alphas_loads_weights_once(env, tiny_repo):
     assert same_image(img[("0.0", "0")], library_image(env, tiny_repo, seed=0, out=env["root"] / "base.png"))
 
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"contact_sheet.png", "jobs.csv", "images"} <= arts
+    assert {"grid.png", "report.html", "jobs.csv", "images"} <= arts
     rows = list(csv.DictReader(open(sweep / "jobs.csv")))
     assert [r["status"] for r in rows] == ["FINISHED"] * 4 and {r["lora.alpha"] for r in rows} == {"1", "0"}
-    assert Image.open(sweep / "contact_sheet.png").size[0] == 2 * (256 + 8)
+    assert Image.open(sweep / "grid.png").size[0] > 2 * 256  # 2 columns of 256 px cells and their labels
 
 
 def test_a_failing_job_mid_sweep_is_recorded_and_the_sweep_goes_on(env, tiny_repo):
@@ -248,7 +248,7 @@ def test_a_failing_job_mid_sweep_is_recorded_and_the_sweep_goes_on(env, tiny_rep
     children.sort(key=lambda r: int(r.data.tags["runner.job_num"]))
     assert [ch.info.status for ch in children] == ["FINISHED", "FAILED", "FINISHED"]
     assert "fail_bad.safetensors" in children[1].data.tags["runner.error"]
-    assert {"contact_sheet.png", "jobs.csv"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"grid.png", "report.html", "jobs.csv"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
     sweep = env["root"] / "fail" / "sweep"
     rows = list(csv.DictReader(open(sweep / "jobs.csv")))
     assert [r["status"] for r in rows] == ["FINISHED", "FAILED", "FINISHED"] and "fail_bad" in rows[1]["error"]

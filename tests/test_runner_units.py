@@ -15,7 +15,7 @@ from pipelines import Pipeline
 from runner import build
 from runner.app import CONF_DIR
 from runner.provenance import FingerprintCache, git_commit, package_versions
-from runner.report import JobRecord, contact_sheet, read_generation, save_png, swept_keys, write_table
+from runner.report import JobRecord, read_generation, save_png, write_table
 from runner.spec import register_configs, to_spec
 from runner.tracking import FAILED, FINISHED, KILLED, Tracker, default_artifact_location, flatten, store_uri
 
@@ -264,17 +264,6 @@ def _records(tmp_path: Path) -> list[JobRecord]:
     return out
 
 
-def test_contact_sheet_is_a_labelled_grid(tmp_path):
-    records = _records(tmp_path)
-    assert swept_keys(records) == ["seed", "lora.alpha"]
-    sheet = contact_sheet(records, thumb=64)
-    assert sheet.width == 2 * (64 + 8) and sheet.height > 2 * (64 + 8)  # 2 x 2, labels under the cells
-    # the failed cell is grey, the others show their image
-    assert sheet.getpixel((4 + 72 + 60, 4 + 10)) == (60, 0, 0)
-    cell_h = sheet.height // 2
-    assert sheet.getpixel((4 + 2, cell_h + 4 + 2)) == (200, 200, 200)
-
-
 def test_job_table(tmp_path):
     path = write_table(_records(tmp_path), tmp_path / "jobs.csv")
     rows = list(csv.DictReader(open(path)))
@@ -358,7 +347,7 @@ def test_artifact_location_for_a_server_is_left_to_the_server():
     assert default_artifact_location(spec, "x") is None
 
 
-def test_contact_sheet_config_json_roundtrip(tmp_path):
+def test_png_generation_chunk_json_roundtrip(tmp_path):
     # the PNG text chunk is JSON: non-ASCII prompts survive
     gen = {"prompt": "猫 — café", "negative_prompt": " ", "seed": 0, "steps": 1, "cfg_scale": 1.0,
            "width": 16, "height": 16, "sampler": "lightning", "model": "m", "loras": []}
@@ -542,7 +531,7 @@ def test_recorder_logs_from_its_own_process_and_ends_every_run(tmp_path):
         records.append(record)
     recorder.job_started(_plan(tmp_path, 2))  # never done: ended by close
     sweep.status = FINISHED
-    recorder.finish_sweep(sweep, None, None)
+    recorder.finish_sweep(sweep, [])
     recorder.drain()
     assert all(r.tracked and r.run_id for r in records) and sweep.tracked and sweep.parent_run_id
     assert json.loads((Path(plans[0].job_dir) / "job.json").read_text())["tracked"] is True

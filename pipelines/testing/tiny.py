@@ -1,13 +1,16 @@
 """Tiny random-weight Qwen-Image repos in the exact hub layout.
 
     python -m pipelines.testing.tiny OUT_DIR [--edit]
+    python -m pipelines.testing.tiny --lora OUT.safetensors
 
 writes model_index.json, scheduler/, transformer/ (2 shards + index), text_encoder/
 (2 shards + index), vae/diffusion_pytorch_model.safetensors and tokenizer/ (the real Qwen
 vocabulary). `--edit` writes a Qwen-Image-Edit-2511 look-alike instead: the transformer's
 config.json says `zero_cond_t: true`, the text encoder carries a vision tower (`visual.*`) and
 a `processor/` folder is added. Weights are seeded and deterministic; a 128x128 image takes
-about a second on a CPU. Tests, benchmarks and the runner's demo models use them.
+about a second on a CPU. Tests, benchmarks and the runner's demo models use them. `--lora`
+writes a LoRA for the tiny transformer instead (diffusers format, DiffSynth-Studio's targets,
+seeded): strong enough that each alpha shows, the runner's `lora=tiny_demo` preset.
 """
 from __future__ import annotations
 
@@ -157,6 +160,26 @@ def _write_repo(root: Path, seed: int, edit: bool) -> None:
         build_processor_folder(root / "processor")
 
 
+def build_tiny_lora(out_file: str | Path, seed: int = 0, rank: int = 4) -> Path:
+    """A LoRA for the tiny repo's transformer into `out_file` (written beside and renamed into
+    place: complete or absent)."""
+    from .lora import write_dit_lora
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{out_file.name}-", suffix=".safetensors", dir=out_file.parent)
+    os.close(fd)
+    try:
+        write_dit_lora(staging, _shapes(lambda: QwenImageDiT(DIT)), rank=rank, seed=seed, magnitude=3.0)
+        os.chmod(staging, 0o644)  # mkstemp made it private
+        os.replace(staging, out_file)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    logger.info("Wrote the tiny LoRA to %s", out_file)
+    return out_file
+
+
 def vision_config(p: QwenVisionParams) -> dict:
     return {
         "depth": p.depth, "hidden_size": p.hidden_size, "intermediate_size": p.intermediate_size,
@@ -169,14 +192,21 @@ def vision_config(p: QwenVisionParams) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny random-weight Qwen-Image repo.")
-    parser.add_argument("out_dir", type=Path)
+    parser = argparse.ArgumentParser(description="Write a tiny random-weight Qwen-Image repo (or a LoRA for it).")
+    parser.add_argument("out_dir", type=Path, nargs="?", help="the repo folder to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--edit", action="store_true",
                         help="a Qwen-Image-Edit-2511 look-alike (vision tower, processor)")
+    parser.add_argument("--lora", type=Path, metavar="OUT.safetensors",
+                        help="write a LoRA for the tiny transformer to this file instead")
     args = parser.parse_args()
+    if (args.out_dir is None) == (args.lora is None):
+        parser.error("give either OUT_DIR (a repo) or --lora OUT.safetensors")
     logging.basicConfig(level=logging.INFO)
-    build_tiny_repo(os.path.abspath(args.out_dir), args.seed, edit=args.edit)
+    if args.lora is not None:
+        build_tiny_lora(os.path.abspath(args.lora), args.seed)
+    else:
+        build_tiny_repo(os.path.abspath(args.out_dir), args.seed, edit=args.edit)
 
 
 if __name__ == "__main__":

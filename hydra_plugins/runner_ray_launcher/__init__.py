@@ -1,0 +1,1 @@
+"""The runner's Hydra launcher `ray` (ray_launcher.py); docs/ray.md."""

@@ -1,0 +1,438 @@
+"""Sweeps on Ray (`hydra/launcher=ray`): the checked JobPlans of runner.sweep run on a pool of
+long-lived Ray actors; this process stays the only writer of MLflow and of the sweep folder.
+
+    run_pool(sweep)     what runner.sweep.run calls when hydra/launcher=ray is selected
+
+- Workers: `num_workers` actors (`Worker`), each a process that keeps runner.build's pipeline
+  cache across jobs and runs `runner.job.compute(plan)`, the code of the in-process sweep: the
+  same images bit for bit, LoRA state reset after a failed job, weights loaded once per worker.
+- Routing: a free worker takes the first waiting job whose weights it holds
+  (runner.build.cache_key); else the first whose weights no other worker holds; else the first.
+- Files: a worker computes into a temporary folder on its own machine and returns the PNG's
+  bytes, the record (job.json) and its log records; this process writes image.png and
+  job.json into the job's folder, replays the log into the job's log file and the console,
+  and hands the record to the recorder. No shared file system is needed.
+- Faults: a worker that dies (killed, out of memory, its node lost) is replaced and its job
+  runs again on a free worker, up to `max_retries` times, then is recorded FAILED; a job that
+  raises is FAILED as in-process and its worker goes on. Ctrl-C kills the workers and records
+  the jobs in flight KILLED. The workers die with this process (Ray ends the actors of a
+  driver that is gone); a runtime started here is stopped at the end.
+
+Nothing here imports Ray before a pool starts: the default sweep needs no Ray.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import build, job
+from .errors import EXIT_FAILED, ConfigError, OutputError, Stop
+from .job import JobPlan
+from .report import FAILED, FINISHED, KILLED, SKIPPED, JobRecord, exclusive_write
+
+logger = logging.getLogger("runner")
+
+LAUNCHER = "hydra_plugins.runner_ray_launcher.ray_launcher.RunnerRayLauncher"
+# what a job's files and numerics depend on besides its config: sent along to the workers
+FORWARDED_ENV = ("DIFFSYNTH_", "MODELSCOPE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "RUNNER_HOLD")
+WAIT_S = 0.5  # the longest one wait for results blocks: a Ctrl-C is handled in between
+_FIX_CLUSTER = ("start the cluster first (`ray start --head --port=6379` on its head), check "
+                "hydra.launcher.address, or leave it null to start a Ray runtime on this machine")
+
+
+@dataclass
+class Settings:
+    """hydra.launcher's keys (hydra_plugins/runner_ray_launcher, docs/ray.md)."""
+
+    address: Optional[str] = None
+    num_workers: Optional[int] = None
+    num_gpus_per_worker: Optional[float] = None
+    threads_per_worker: Optional[int] = None
+    max_retries: int = 1
+    init: dict = field(default_factory=dict)
+
+
+def settings_of(config: DictConfig) -> Settings:
+    """The launcher's settings, checked before anything runs (ConfigError naming the key)."""
+    node = OmegaConf.to_container(config.hydra.launcher, resolve=True)
+    node.pop("_target_", None)
+    settings = Settings(**node)
+    for key, least in (("num_workers", 1), ("threads_per_worker", 1), ("num_gpus_per_worker", 0),
+                       ("max_retries", 0)):
+        value = getattr(settings, key)
+        if value is not None and value < least:
+            raise ConfigError(f"hydra.launcher.{key}", f"{value} is below {least}",
+                              f"give {least} or more{'' if key == 'max_retries' else ', or null for the default'}")
+    if settings.address is not None and not str(settings.address).strip():
+        raise ConfigError("hydra.launcher.address", "is empty", "give `auto`, HOST:6379, ray://HOST:10001, or null")
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("hydra/launcher", "ray is not installed in this environment",
+                          'install it with `pip install -e ".[ray]"`, or leave hydra/launcher at its default')
+    return settings
+
+
+# ------------------------------------------------------------------ the worker
+
+
+class _Capture(logging.Handler):
+    """A job's log records, made plain (message formatted, traceback as text) to travel."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record = copy.copy(record)
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg, record.args, record.exc_info = record.getMessage(), None, None
+        self.records.append(record)
+
+
+class Worker:
+    """One Ray actor: a process that keeps runner.build's pipeline cache across jobs."""
+
+    def __init__(self, cwd: str, threads: int) -> None:
+        import torch
+
+        if os.path.isdir(cwd):  # relative paths (./models, lora.path) mean what they mean to the driver
+            os.chdir(cwd)
+        torch.set_num_threads(threads)
+        logging.getLogger().setLevel(logging.INFO)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def ready(self) -> str:
+        return self.name
+
+    def compute(self, plan: JobPlan, env: dict[str, str]) -> tuple:
+        """The job into a temporary folder; returns (record, PNG bytes or None, log records,
+        the folder's name, which the driver replaces in the log by the job's folder)."""
+        from .sweep import _env
+
+        folder = tempfile.mkdtemp(prefix="runner-job-")
+        plan.job_dir = folder
+        capture = _Capture()
+        logging.getLogger().addHandler(capture)
+        try:
+            with _env(env):
+                record = job.compute(plan)
+            image = Path(folder) / "image.png"
+            data = image.read_bytes() if record.status == FINISHED and image.is_file() else None
+        finally:
+            logging.getLogger().removeHandler(capture)
+            shutil.rmtree(folder, ignore_errors=True)
+        record.tags.update({"runner.worker": self.name, "runner.worker_loads": str(build.LOAD_COUNT)})
+        return record, data, capture.records, folder
+
+
+# -------------------------------------------------------------------- the pool
+
+
+@dataclass
+class Task:
+    launch: Any  # runner.sweep.Launch: its plan and hydra.job.env_set
+    job_dir: Path
+    key: str  # runner.build.cache_key: the weights it needs
+    attempts: int = 0
+
+
+@dataclass
+class Member:
+    actor: Any
+    key: Optional[str] = None  # the weights it holds, or loads for its job in flight
+    task: Optional[Task] = None
+    ref: Any = None  # the result of that job
+
+
+class WorkerLost(Exception):
+    """The worker running a job is gone (killed, out of memory, its node lost)."""
+
+
+def pick(member: Member, pending: list[Task], members: list[Member]) -> int:
+    """The waiting job `member` takes: one whose weights it holds, else one whose weights no
+    other worker holds (it loads them), else the first."""
+    for i, task in enumerate(pending):
+        if task.key == member.key:
+            return i
+    held = {m.key for m in members if m is not member}
+    return next((i for i, task in enumerate(pending) if task.key not in held), 0)
+
+
+class Pool:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.members: list[Member] = []
+        self.ray: Any = None
+        self.options: dict[str, Any] = {}
+        self.threads = 1
+
+    def start(self) -> None:
+        self.ray = _connect(self.settings)
+        workers, gpus, self.threads = _sizes(self.settings, self.ray.cluster_resources())
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+        env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        self.options = {"num_cpus": self.threads, "num_gpus": gpus, "max_restarts": 0,
+                        "runtime_env": {"env_vars": env}}
+        self.remote = self.ray.remote(Worker)
+        self.members = [Member(self._actor()) for _ in range(workers)]
+        try:
+            names = self.ray.get([m.actor.ready.remote() for m in self.members])
+        except self.ray.exceptions.RayError as error:
+            raise Stop(f"the Ray workers could not start: {_first_line(error)}. Fix: install this project with its "
+                       'ray extra (`pip install -e ".[ray]"`) and the models on every node of the cluster',
+                       EXIT_FAILED) from None
+        logger.info("Ray: %d workers (%d threads, %g GPUs each): %s", workers, self.threads, gpus, ", ".join(names))
+
+    def _actor(self) -> Any:
+        return self.remote.options(**self.options).remote(os.getcwd(), self.threads)
+
+    def busy(self) -> bool:
+        return any(m.task is not None for m in self.members)
+
+    def dispatch(self, pending: list[Task], started: Callable[[Task], None]) -> None:
+        for member in self.members:
+            if member.task is None and pending:
+                task = pending.pop(pick(member, pending, self.members))
+                task.attempts += 1
+                if task.attempts == 1:
+                    started(task)
+                member.task, member.key = task, task.key
+                member.ref = member.actor.compute.remote(_shipped(task.launch.plan), task.launch.env)
+
+    def collect(self) -> list[tuple[Task, Any, Optional[BaseException]]]:
+        """The jobs that ended within WAIT_S: (task, what the worker returned, or the error)."""
+        refs = [m.ref for m in self.members if m.ref is not None]
+        done = set(self.ray.wait(refs, num_returns=1, timeout=WAIT_S)[0]) if refs else set()
+        ended = []
+        for member in [m for m in self.members if m.ref is not None and m.ref in done]:
+            task, ref = member.task, member.ref
+            member.task = member.ref = None
+            try:
+                ended.append((task, self.ray.get(ref), None))
+            except self.ray.exceptions.RayTaskError as error:  # the worker's method raised; the worker lives
+                ended.append((task, None, error))
+            except self.ray.exceptions.RayError as error:
+                self._kill(member)
+                member.actor, member.key = self._actor(), None  # a fresh worker in its place
+                ended.append((task, None, WorkerLost(_first_line(error))))
+        return ended
+
+    def in_flight(self) -> list[Task]:
+        return [m.task for m in self.members if m.task is not None]
+
+    def _kill(self, member: Member) -> None:
+        try:
+            self.ray.kill(member.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def close(self) -> None:
+        """Kill the workers; stop a runtime started here (a cluster keeps running)."""
+        if self.ray is None:
+            return
+        for member in self.members:
+            self._kill(member)
+        self.members = []
+        self.ray.shutdown()
+        self.ray = None
+
+
+def _shipped(plan: JobPlan) -> JobPlan:
+    """The plan a worker gets: keep_warm is this machine's own worker (runner.warm); a Ray
+    worker is warm already."""
+    if getattr(plan.spec, "keep_warm", None) is None:
+        return plan
+    return dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, keep_warm=None))
+
+
+def _connect(settings: Settings) -> Any:
+    """ray.init: a runtime of this sweep alone (address null), or join a cluster."""
+    local = settings.address is None
+    if local or _loopback(settings.address):
+        # Ray otherwise binds (and rewrites 127.0.0.1 into) the machine's network address: this
+        # keeps a runtime of this machine alone on loopback, and lets a driver join one there
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if local:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report sent
+    import ray
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    arguments = {"address": "local", "include_dashboard": False} if local else {"address": settings.address}
+    try:
+        ray.init(**{**arguments, **settings.init})
+    except Exception as error:  # noqa: BLE001 - reported in one line with the fix
+        what = "start a Ray runtime on this machine" if local else f"join the Ray cluster at {settings.address}"
+        fix = "check hydra.launcher.init" if local else _FIX_CLUSTER
+        raise Stop(f"cannot {what}: {_first_line(error)}. Fix: {fix}", EXIT_FAILED) from None
+    finally:  # Ray's SIGTERM handler would exit without ending the MLflow runs: the runner's own stay
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return ray
+
+
+def _loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]") or address
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _sizes(settings: Settings, resources: dict) -> tuple[int, float, int]:
+    """(workers, GPUs per worker, threads per worker), defaults filled in from the cluster."""
+    cpus, gpus_total = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    gpus = settings.num_gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if gpus_total else 0.0
+    workers = settings.num_workers or (max(1, int(gpus_total // gpus)) if gpus else 1)
+    threads = settings.threads_per_worker or max(1, int(cpus // workers))
+    if workers * threads > cpus or workers * gpus > gpus_total:
+        raise Stop(f"the Ray cluster has {cpus:g} CPUs and {gpus_total:g} GPUs: {workers} workers of {threads} "
+                   f"threads and {gpus:g} GPUs each do not fit. Fix: lower hydra.launcher.num_workers, "
+                   "threads_per_worker or num_gpus_per_worker, or add nodes (`ray start --address=HEAD:6379`)",
+                   EXIT_FAILED)
+    return workers, float(gpus), threads
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines() or [type(error).__name__])[0]
+
+
+# ------------------------------------------------------------ the sweep's side
+
+
+def run_pool(sweep: Any) -> None:
+    """runner.sweep.run on Ray: the same folders, records, MLflow runs and outcomes as the
+    in-process loop; the records end in job order."""
+    pending = _tasks(sweep)
+    if not pending:
+        return
+    pool = Pool(sweep.pool)
+    try:
+        pool.start()
+        logger.info("Launching %d jobs on Ray", len(pending))
+        while pending or pool.busy():
+            pool.dispatch(pending, lambda task: _started(sweep, task))
+            for task, result, error in pool.collect():
+                record = _outcome(sweep, task, result, error, pending)
+                if record is not None:
+                    _done(sweep, record)
+    except BaseException:
+        _abandon(sweep, pool)
+        raise
+    finally:
+        pool.close()
+        sweep.records.sort(key=lambda r: r.num)
+
+
+def _tasks(sweep: Any) -> list[Task]:
+    """Every job's folder made; jobs that resume=true skips are recorded here, the others wait."""
+    from .sweep import _job_log, _skip, job_folder
+
+    pending = []
+    for launch in sweep.launches:
+        plan = launch.plan
+        job_dir = job_folder(sweep, launch)
+        plan.job_dir = str(job_dir)
+        previous = sweep.resume.get(plan.config_hash)
+        if previous is None:
+            pending.append(Task(launch, job_dir, build.cache_key(plan.spec, plan.runtime)))
+            continue
+        with _job_log(sweep, job_dir):
+            record = _skip(plan, sweep.recorder, previous)
+        _done(sweep, record)
+    return pending
+
+
+def _started(sweep: Any, task: Task) -> None:
+    plan = task.launch.plan
+    logger.info("\t#%d : %s", plan.num, " ".join(o for o in plan.overrides if not o.startswith("hydra.")))
+    if sweep.recorder is not None:
+        sweep.recorder.job_started(plan)
+
+
+def _done(sweep: Any, record: JobRecord) -> None:
+    from .sweep import after
+
+    if sweep.recorder is not None and record.status != SKIPPED:  # as in-process: its run exists
+        sweep.recorder.job_done(record)
+    sweep.records.append(record)
+    after(record)
+
+
+def _outcome(sweep: Any, task: Task, result: Any, error: Optional[BaseException],
+             pending: list[Task]) -> Optional[JobRecord]:
+    """The record of an ended job, or None when it waits for another try."""
+    plan = task.launch.plan
+    if isinstance(error, WorkerLost):
+        if task.attempts <= sweep.pool.max_retries:
+            logger.warning("job %d [%s]: its Ray worker died (%s); running it again (attempt %d)", plan.num,
+                           plan.label, error, task.attempts + 1)
+            pending.insert(0, task)
+            return None
+        return _failed(task, FAILED, f"WorkerDied: its Ray worker died {task.attempts} times, last: {error}. Fix: "
+                       "check the workers' memory (out of memory?) and the Ray logs "
+                       "(/tmp/ray/session_latest/logs on each node), then run again with resume=true")
+    if error is not None:
+        return _failed(task, FAILED, f"{type(error).__name__}: the Ray worker failed: {_first_line(error)}")
+    return _land(sweep, task, *result)
+
+
+def _failed(task: Task, status: str, error: str) -> JobRecord:
+    """The record of a job whose worker returned none (died, or interrupted), in its folder."""
+    plan = task.launch.plan
+    record = job.new_record(plan)
+    kind = "interrupted" if status == KILLED else "runtime"
+    record.status, record.error, record.error_kind, record.ended = status, error, kind, time.time()
+    job._save_record(record)
+    logger.error("job %d [%s]: %s%s", plan.num, plan.label, status, f": {error}" if status == FAILED else "")
+    return record
+
+
+def _land(sweep: Any, task: Task, record: JobRecord, image: Optional[bytes], logs: list[logging.LogRecord],
+          worker_folder: str) -> JobRecord:
+    """A worker's result into the job's folder: its log, image.png, job.json."""
+    from .sweep import _job_log
+
+    job_dir = task.job_dir
+    record.job_dir = record.tags["runner.job_dir"] = str(job_dir)
+    record.image_path = None
+    if record.error_kind == "output":  # the worker's own disk, not the sweep folder
+        record.error_kind = "runtime"
+    with _job_log(sweep, job_dir):
+        for entry in logs:
+            entry.msg = str(entry.msg).replace(worker_folder, str(job_dir))
+            logging.getLogger(entry.name).handle(entry)
+        if image is not None:
+            path = job_dir / "image.png"
+            try:
+                job._writing(path, lambda: exclusive_write(path, lambda tmp: tmp.write_bytes(image)))
+                record.image_path = str(path)
+            except OutputError as error:
+                record.status, record.error, record.error_kind = FAILED, f"OutputError: {error}", "output"
+        job._save_record(record)
+    return record
+
+
+def _abandon(sweep: Any, pool: Pool) -> None:
+    """Leaving early (Ctrl-C, a Stop): the workers killed, the jobs in flight recorded KILLED."""
+    tasks = pool.in_flight()
+    for member in pool.members:
+        pool._kill(member)
+        member.task = member.ref = None
+    for task in tasks:
+        record = _failed(task, KILLED, "interrupted")
+        if sweep.recorder is not None:
+            sweep.recorder.job_done(record)
+        sweep.records.append(record)

@@ -1,0 +1,102 @@
+"""MLflow's own UI (a real `mlflow ui` on 127.0.0.1, driven by a headless Chromium) opened as the
+README says, on a store the runner's recording functions wrote: it lands on the runs list
+("Model training"), not the GenAI overview, with the sweep's parent run and its children nested.
+Skipped when playwright or chromium is absent (CI installs both)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no chromium executable (apt-get install chromium)")
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sweep_store(tmp: Path) -> tuple[str, str, list[str]]:
+    """A sweep of 2 jobs logged by runner.recorder's functions (the same calls as a real sweep)."""
+    from PIL import Image
+
+    from runner.recorder import log_job, log_sweep_end, start_sweep_run
+    from runner.report import FINISHED, JobRecord, SweepRecord
+    from runner.tracking import Tracker
+
+    spec = SimpleNamespace(uri=None, store_dir=str(tmp / "store"), artifact_location=None, request_timeout_s=5,
+                           request_retries=0)
+    tracker = Tracker(spec, "qwen-image")
+    sweep = SweepRecord(name="sweep 12-00-00 seed=0,1", overrides=["seed=0,1"], params={"seed": "0,1"},
+                        started=time.time(), tags={"runner.kind": "sweep"})
+    sweep.parent_run_id = start_sweep_run(tracker, sweep, {})
+    names = []
+    for seed in (0, 1):
+        image = tmp / f"{seed}.png"
+        Image.new("RGB", (32, 32), (200 * seed, 80, 120)).save(image)
+        record = JobRecord(num=seed, overrides=[f"seed={seed}"], status=FINISHED, image_path=str(image),
+                           name=f"seed={seed}", params={"seed": seed}, metrics={"total_s": 1.0 + seed},
+                           tracking={"image_key": "image"}, started=time.time(), ended=time.time())
+        run_id = tracker.start_run(record.name, {}, parent_id=sweep.parent_run_id)
+        log_job(tracker, record, run_id, sweep.parent_run_id)
+        names.append(record.name)
+    sweep.status, sweep.ended = FINISHED, time.time()
+    log_sweep_end(tracker, sweep, [])
+    return tracker.uri, sweep.name, names
+
+
+@pytest.fixture()
+def mlflow_ui(tmp_path):
+    uri, parent, children = _sweep_store(tmp_path)
+    port = _free_port()
+    log = open(tmp_path / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:  # until the server answers its health check
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "ui.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield url, parent, children
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_mlflow_ui_opens_on_the_runs_list_with_the_sweep_nested(mlflow_ui):
+    url, parent, children = mlflow_ui
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(url)  # the README's clicks: Model training, Experiments, the experiment
+        page.get_by_text("Model training", exact=True).first.click()
+        page.get_by_text("Experiments", exact=True).first.click()
+        page.get_by_text("qwen-image", exact=True).first.click()
+        row = page.locator("[role=row]", has_text=parent).first
+        row.wait_for(timeout=60_000)
+        assert "/runs" in page.url and "overview" not in page.url  # the runs view, not GenAI's overview
+        assert page.get_by_text(children[0], exact=True).count() == 0  # nested: hidden until expanded
+        row.locator("button").first.click()  # the parent's expander
+        for name in children:
+            page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+        browser.close()

@@ -1,0 +1,232 @@
+"""Warm workers (`keep_warm=...`, runner/warm.py) against real `python -m runner` subprocesses on
+the tiny model: the second command reuses the loaded weights and leaves the very same image, PNG
+metadata and MLflow params as a command without keep_warm; a worker exits by itself when idle;
+Ctrl-C stops the job in the worker, which stays warm; a killed worker makes the next command
+warn and run in its own process; `runner warm stop`; a folder open to other users is refused.
+Each test's workers live in a folder under tmp_path, and a fixture stops every one of them at
+teardown (and asserts that none outlived the test).
+
+Waits are on events (the worker's lock file, held from its start to its exit), never on sleeps
+of a guessed length; no test asserts a time. Only the test that compares MLflow runs tracks them
+(a new SQLite store costs a command more than its image).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import warm
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
+         "progress_bar=false", "prompt=a red fox in the snow", "seed=7", "device=cpu"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_env(tmp_path_factory) -> dict[str, str]:
+    from pipelines.testing.tiny import build_tiny_repo
+
+    models = tmp_path_factory.mktemp("warm_models")
+    build_tiny_repo(models / "tiny" / "Qwen-Image-Tiny")
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e["DIFFSYNTH_MODEL_BASE_PATH"] = str(models)
+    e["DIFFSYNTH_SKIP_DOWNLOAD"] = "True"
+    e["OMP_NUM_THREADS"] = "1"
+    for key in ("MLFLOW_TRACKING_URI", "RUNNER_HOLD", "RUNNER_HOLD_DIR", "HYDRA_FULL_ERROR", warm.DIR_ENV):
+        e.pop(key, None)
+    return e
+
+
+def run(env: dict[str, str], cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def job(env: dict[str, str], cwd: Path, name: str, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """One single-image command writing into `cwd/name`; asserts it succeeded."""
+    proc = run(env, cwd, *SMALL, *extra, f"hydra.run.dir={cwd / name}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, cwd / name
+
+
+def record(job_dir: Path) -> dict:
+    return json.loads((job_dir / "job.json").read_text())
+
+
+def outputs(job_dir: Path) -> tuple[bytes, dict]:
+    from PIL import Image
+
+    with Image.open(job_dir / "image.png") as image:
+        text = dict(image.text)
+    return (job_dir / "image.png").read_bytes(), text
+
+
+def mlflow_run(cwd: Path, job_dir: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("qwen-image")
+    where = f"tags.`runner.job_dir` = '{job_dir.resolve()}'"
+    runs = client.search_runs([experiment.experiment_id], filter_string=where)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    return runs[0]
+
+
+def without_keep_warm(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k != "keep_warm"}
+
+
+def wait_until(check, what: str, timeout: float = 180.0):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        time.sleep(0.05)
+    return found
+
+
+def the_worker(folder: Path) -> dict:
+    live = [w for w in warm.workers(folder) if w["alive"]]
+    assert len(live) == 1, live
+    return live[0]
+
+
+@pytest.fixture(scope="module")
+def reference(base_env, tmp_path_factory):
+    """The same job without keep_warm: loaded and computed in the command's own process."""
+    cwd = tmp_path_factory.mktemp("warm_reference")
+    _, job_dir = job(base_env, cwd, "cold")
+    run_ = mlflow_run(cwd, job_dir)
+    return {"outputs": outputs(job_dir), "params": run_.data.params, "metrics": set(run_.data.metrics)}
+
+
+@pytest.fixture
+def warm_env(base_env, tmp_path):
+    """RUNNER_WARM_DIR under tmp_path (short: a socket path has at most 107 bytes); every
+    worker started there is stopped at teardown, and none may have outlived its stop."""
+    folder = tmp_path / "w"
+    yield dict(base_env, **{warm.DIR_ENV: str(folder)}), folder
+    if not folder.exists():
+        return
+    os.chmod(folder, 0o700)
+    not_stopped = warm.stop_all(folder, wait=60)
+    left = [w for w in warm.workers(folder) if w["alive"]]
+    for info in left:  # never leave a process behind, even when the assertion below fails
+        os.kill(info["pid"], signal.SIGKILL)
+    assert not not_stopped and not left, f"warm workers outlived their stop: {left}"
+
+
+def test_the_second_command_reuses_the_loaded_weights_with_identical_results(warm_env, reference, tmp_path):
+    env, folder = warm_env
+    cwd = tmp_path / "work"
+    # tracking is no part of a worker's identity: only the second command's MLflow run is compared
+    first, first_dir = job(env, cwd, "first", "keep_warm=15m", "tracking=none")
+    assert "Warm worker pid" in first.stdout + first.stderr
+    worker = the_worker(folder)
+    second, second_dir = job(env, cwd, "second", "keep_warm=15m")
+
+    # no load in the second command: the worker's counters, the job's record, its MLflow metrics
+    again = the_worker(folder)
+    assert again["pid"] == worker["pid"] and again["loads"] == 1 and again["jobs"] == 2
+    assert record(first_dir)["metrics"]["load_s"] > 0
+    assert record(second_dir)["metrics"]["load_s"] == 0.0
+    assert "Loading qwen_image_tiny" not in second.stdout + second.stderr
+    assert "weights loaded, no load" in second.stdout + second.stderr
+
+    # what a command without keep_warm leaves: the same bytes, PNG text, MLflow params and metric names
+    assert outputs(first_dir) == reference["outputs"] and outputs(second_dir) == reference["outputs"]
+    logged = mlflow_run(cwd, second_dir)
+    assert without_keep_warm(logged.data.params) == without_keep_warm(reference["params"])
+    assert logged.data.params["keep_warm"] == "15m"
+    assert set(logged.data.metrics) == reference["metrics"] and logged.data.metrics["load_s"] == 0.0
+
+    status = run(env, cwd, "warm", "status")
+    assert status.returncode == 0 and f"pid {worker['pid']}" in status.stdout and "jobs 2" in status.stdout
+    stop = run(env, cwd, "warm", "stop")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert not warm.is_alive(folder, worker["wid"])  # stop returns once the worker has exited
+    assert not list(folder.glob("*.sock")) and not list(folder.glob("*.json"))
+    assert "no warm worker" in run(env, cwd, "warm", "status").stdout
+
+
+def test_an_idle_worker_exits_by_itself(warm_env, tmp_path):
+    env, folder = warm_env
+    job(env, tmp_path / "work", "only", "keep_warm=2s", "tracking=none")
+    wid = next(folder.glob("*.lock")).stem
+    wait_until(lambda: not warm.is_alive(folder, wid), "exit of the idle worker")
+    assert "no command for 2s: exiting" in (folder / f"{wid}.log").read_text()
+    assert not list(folder.glob("*.sock")) and not list(folder.glob("*.json"))
+
+
+def test_ctrl_c_stops_the_job_in_the_worker_which_stays_warm(warm_env, tmp_path):
+    env, folder = warm_env
+    cwd, holds = tmp_path / "work", tmp_path / "holds"
+    cwd.mkdir()
+    holds.mkdir()
+    argv = [sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none", f"hydra.run.dir={cwd / 'cut'}"]
+    proc = subprocess.Popen(argv, cwd=cwd, env=dict(env, RUNNER_HOLD="job0", RUNNER_HOLD_DIR=str(holds)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (holds / "job0.held").exists() or proc.poll() is not None, "job held in the worker")
+        worker = the_worker(folder)
+        assert (holds / "job0.held").read_text() == str(worker["pid"])  # the job runs in the worker
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    assert record(cwd / "cut")["status"] == "KILLED" and not (cwd / "cut" / "image.png").exists()
+
+    _, job_dir = job(env, cwd, "after", "keep_warm=15m", "tracking=none")
+    again = the_worker(folder)
+    assert again["pid"] == worker["pid"] and again["jobs"] == 2
+    assert record(job_dir)["status"] == "FINISHED"
+
+
+def test_a_killed_worker_makes_the_next_command_run_here(warm_env, reference, tmp_path):
+    env, folder = warm_env
+    cwd = tmp_path / "work"
+    job(env, cwd, "first", "keep_warm=15m", "tracking=none")
+    worker = the_worker(folder)
+    os.kill(worker["pid"], signal.SIGKILL)
+    wait_until(lambda: not warm.is_alive(folder, worker["wid"]), "exit of the killed worker")
+    assert (folder / f"{worker['wid']}.sock").exists()  # what a killed worker leaves behind
+
+    after, job_dir = job(env, cwd, "after", "keep_warm=15m", "tracking=none")
+    text = after.stdout + after.stderr
+    assert "Warm worker not used" in text and "is gone" in text and "The job runs in this process" in text
+    assert record(job_dir)["metrics"]["load_s"] > 0  # loaded in the command's own process
+    assert outputs(job_dir) == reference["outputs"]
+    assert not (folder / f"{worker['wid']}.sock").exists()  # cleaned: the next command starts a new worker
+
+
+def test_a_folder_open_to_other_users_is_not_used(warm_env, tmp_path):
+    env, folder = warm_env
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)  # whatever the umask
+    proc, job_dir = job(env, tmp_path / "work", "here", "keep_warm=15m", "tracking=none")
+    text = proc.stdout + proc.stderr
+    assert "Warm worker not used" in text and "is open to other users" in text and f"chmod 700 {folder}" in text
+    assert (job_dir / "image.png").exists() and record(job_dir)["metrics"]["load_s"] > 0
+    assert list(folder.iterdir()) == []  # no socket, no worker
+
+
+def test_keep_warm_takes_durations_and_refuses_anything_else():
+    from runner.spec import ConfigError, keep_warm_seconds
+
+    assert [keep_warm_seconds(v) for v in ("90s", "15m", "1h30m", "1.5h", "1d", "0", None)] == \
+        [90, 900, 5400, 5400, 86400, 0, None]
+    for bad in ("15", "15 minutes", "-1m", "m"):
+        with pytest.raises(ConfigError, match="keep_warm.*is not a duration.*keep_warm=15m"):
+            keep_warm_seconds(bad)
