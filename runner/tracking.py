@@ -41,7 +41,8 @@ __all__ = ["CONFIG_HASH_TAG", "RECORD_TAG", "FAILED", "FINISHED", "KILLED", "Tra
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
 _BATCH = 100
-# MLflow's UI shows an experiment of this kind as runs ("model training"), not the GenAI overview
+# the kind MLflow gives training experiments; its 3.17 UI still opens on the GenAI pages (the mode
+# comes from the URL or the browser's last choice), hence the "Model training" click in ui_hint
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _UNREACHABLE = re.compile(r"failed with (timeout )?exception|Max retries exceeded|Connection (refused|reset|aborted)|"
                           r"timed out|Name or service not known|Temporary failure in name resolution", re.I)
