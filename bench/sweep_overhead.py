@@ -107,8 +107,8 @@ def baseline(models_dir: Path, name: str, jobs: int, device: str) -> list[float]
     return times
 
 
-# "[time][HYDRA] \t#3 : ..." (Hydra's launcher) or "[time][runner][INFO] - \t#3 : ..." (the runner's)
-_LAUNCH = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]+\](?:\[\w+\] -)? \t#(\d+) : ")
+# "[time][runner][INFO] - job 3 (4/12, ETA 0:00:05): seed=3": the runner launching a job
+_LAUNCH = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]+\](?:\[\w+\] -)? job (\d+) \(\d+/\d+")
 _END = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]+\](?:\[\w+\] -)? Sweep (FINISHED|FAILED|KILLED)")
 
 
