@@ -4,7 +4,6 @@ subprocesses, a real SQLite MLflow store, the tiny model)."""
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
 import sys
@@ -12,22 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from .processes import runner_env
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.steps=1", "sampler.height=32", "sampler.width=32",
          "progress_bar=false"]
 
 
-def _env(models: Path) -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e["DIFFSYNTH_MODEL_BASE_PATH"] = str(models)
-    e["OMP_NUM_THREADS"] = "1"
-    e.pop("MLFLOW_TRACKING_URI", None)
-    return e
-
-
 def _runner(tmp: Path, *args: str, models: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=tmp, env=_env(models or tmp / "models"),
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=tmp, env=runner_env(models or tmp / "models"),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -35,7 +27,7 @@ def test_help_says_what_the_runner_does_without_loading_hydra_torch_or_mlflow(tm
     code = ("import runpy, sys; sys.argv = ['runner', '--help']\n"
             "try:\n    runpy.run_module('runner', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
             "print('LOADED', sorted(m for m in ('torch', 'mlflow', 'hydra', 'omegaconf') if m in sys.modules), code)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=runner_env(tmp_path), capture_output=True,
                           text=True, timeout=60)
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from .processes import runner_env, start_mlflow
+
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
          "progress_bar=false", "prompt=a red fox in the snow", "device=cpu"]
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
@@ -37,13 +37,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("runner_faults")
     models = root / "models"
     build_tiny_repo(models / "tiny" / "Qwen-Image-Tiny")
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e["DIFFSYNTH_MODEL_BASE_PATH"] = str(models)
-    e["OMP_NUM_THREADS"] = "1"  # the tiny model gains nothing from threads on a shared runner
-    for key in ("MLFLOW_TRACKING_URI", "RUNNER_HOLD", "RUNNER_HOLD_DIR", "HYDRA_FULL_ERROR"):
-        e.pop(key, None)
-    return {"root": root, "env": e}
+    return {"root": root, "env": runner_env(models)}
 
 
 def argv(*args: str) -> list[str]:
@@ -211,33 +205,10 @@ def test_config_errors_are_refused_before_anything_with_no_run(env, tmp_path, ca
 # ------------------------------------------------------------ 3. tracking dies
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(env, folder: Path) -> tuple[subprocess.Popen, str]:
-    import urllib.request
-
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "art")],
-        cwd=folder, env=env["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    wait_until(healthy, proc, "a healthy mlflow server", timeout=180)
-    return proc, url
+    return start_mlflow("server", ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                                   "--artifacts-destination", str(folder / "art")], folder, env["env"])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

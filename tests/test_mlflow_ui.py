@@ -7,25 +7,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from .processes import start_mlflow
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no chromium executable (apt-get install chromium)")
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sweep_store(tmp: Path) -> tuple[str, str, list[str]]:
     """A sweep of 2 jobs logged by runner.recorder's functions (the same calls as a real sweep)."""
@@ -59,28 +51,12 @@ def _sweep_store(tmp: Path) -> tuple[str, str, list[str]]:
 @pytest.fixture()
 def mlflow_ui(tmp_path):
     uri, parent, children = _sweep_store(tmp_path)
-    port = _free_port()
-    log = open(tmp_path / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_mlflow("ui", ["--backend-store-uri", uri], tmp_path)
     try:
-        deadline = time.time() + 120
-        while True:  # until the server answers its health check
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "ui.log").read_text()[-3000:]
-            time.sleep(0.5)
         yield url, parent, children
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-        log.close()
 
 
 def test_mlflow_ui_opens_on_the_runs_list_with_the_sweep_nested(mlflow_ui):

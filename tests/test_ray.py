@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from .processes import runner_env
+
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
          "progress_bar=false", "prompt=a red fox in the snow", "device=cpu"]
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
@@ -46,12 +47,7 @@ def env(tmp_path_factory):
     context = ray.init(address="local", num_cpus=2, include_dashboard=False)
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    e = dict(os.environ)  # with what ray.init set for its drivers (the auth mode)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e["DIFFSYNTH_MODEL_BASE_PATH"] = str(models)
-    e["OMP_NUM_THREADS"] = "1"
-    for key in ("MLFLOW_TRACKING_URI", "RUNNER_HOLD", "RUNNER_HOLD_DIR", "HYDRA_FULL_ERROR"):
-        e.pop(key, None)
+    e = runner_env(models)  # with what ray.init set for its drivers (the auth mode)
     launcher = ["hydra/launcher=ray", f"hydra.launcher.address={context.address_info['gcs_address']}",
                 "hydra.launcher.num_workers=2", "hydra.launcher.threads_per_worker=1"]
     try:

@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from .processes import runner_env, start_mlflow
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
@@ -35,14 +36,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("runner_e2e")
     models = root / "models"
     models.mkdir()
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e["DIFFSYNTH_MODEL_BASE_PATH"] = str(models)
-    e.pop("MLFLOW_TRACKING_URI", None)
-    # one thread: the tiny model gains nothing from more, and OpenMP threads spinning on a
-    # shared 2-core runner can make its small ops 30x slower
-    e["OMP_NUM_THREADS"] = "1"
-    return {"root": root, "models": models, "store": root / "store", "env": e}
+    return {"root": root, "models": models, "store": root / "store", "env": runner_env(models)}
 
 
 def runner(env, *args: str, name: str, timeout: float = 240, extra_env=None) -> subprocess.CompletedProcess:
@@ -367,35 +361,11 @@ def test_vram_presets_run_on_the_library(env, tiny_repo):
 # ------------------------------------------------------------------------ server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture()
+@pytest.fixture
 def mlflow_server(env, tmp_path):
-    import urllib.request
-
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "art")],
-        cwd=tmp_path, env=env["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_mlflow("server", ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                                        "--artifacts-destination", str(tmp_path / "art")], tmp_path, env["env"])
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -404,7 +374,6 @@ def mlflow_server(env, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
 
 
 def test_against_a_tracking_server(env, tiny_repo, mlflow_server):

@@ -24,7 +24,8 @@ import pytest
 
 from runner import warm
 
-REPO = Path(__file__).resolve().parent.parent
+from .processes import runner_env
+
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
          "progress_bar=false", "prompt=a red fox in the snow", "seed=7", "device=cpu"]
 
@@ -37,13 +38,9 @@ def base_env(tmp_path_factory) -> dict[str, str]:
 
     models = tmp_path_factory.mktemp("warm_models")
     build_tiny_repo(models / "tiny" / "Qwen-Image-Tiny")
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e["DIFFSYNTH_MODEL_BASE_PATH"] = str(models)
+    e = runner_env(models)
     e["DIFFSYNTH_SKIP_DOWNLOAD"] = "True"
-    e["OMP_NUM_THREADS"] = "1"
-    for key in ("MLFLOW_TRACKING_URI", "RUNNER_HOLD", "RUNNER_HOLD_DIR", "HYDRA_FULL_ERROR", warm.DIR_ENV):
-        e.pop(key, None)
+    e.pop(warm.DIR_ENV, None)
     return e
 
 
