@@ -13,7 +13,6 @@ reloaded and no LoRA of an earlier job stays applied.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import importlib
 import json
 import logging
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .report import locked
 from .spec import RUN_ARGUMENTS, SAMPLER_ARGUMENTS, VRAM_KEYS, ConfigError, DType, FileSpec, LoraItem, RunSpec
 
 logger = logging.getLogger(__name__)
@@ -223,9 +223,7 @@ def ensure_built(spec: RunSpec) -> None:
         target = model_folder(ModelConfig(model_id=model_id))  # refuses ids that leave the models folder
         if target.is_dir() and any(target.iterdir()):
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / f".{target.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(target):
             if target.is_dir() and any(target.iterdir()):
                 continue
             logger.info("Building %s into %s (first use; later runs reuse it)", model_id, target)

@@ -5,19 +5,17 @@ modification time, so a 50 GB checkpoint is hashed once, not once per job or per
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
-from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
-from .report import atomic_write
+from .report import atomic_write, locked
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +112,6 @@ def _cpu_name() -> str:
 # ------------------------------------------------------------------ fingerprints
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 class FingerprintCache:
     """sha256 of files, cached on disk by (absolute path, size, mtime)."""
 
@@ -171,7 +158,7 @@ class FingerprintCache:
         if self.cache_file is None:
             return
         try:
-            with _locked(self.cache_file):
+            with locked(self.cache_file):
                 stored = self._load()
                 stored[key] = value
                 text = json.dumps(stored, indent=0, sort_keys=True)

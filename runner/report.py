@@ -9,12 +9,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -46,6 +48,19 @@ def temp_path(path: Path) -> Path:
     """The temporary name of a write to `path`: hidden, beside it, carrying this process's pid
     (runner.folders.remove_stale_temp_files finds those of dead processes)."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive use of `path` among processes (flock on a hidden `.NAME.lock` beside it), e.g. to
+    create, migrate or build it once when several commands start together."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:

@@ -249,18 +249,15 @@ def built_file(relative: str, builder: str) -> str:
     """`${built_file:'tiny/X/f.safetensors','module.function'}`: the file at that path in the
     models folder, written by `module.function(path)` on first use (a generated demo file, as
     `model.build` makes the demo model; conf/lora/tiny_demo.yaml)."""
-    import fcntl
-
     from pipelines import ModelConfig, model_folder
 
     repo, _, name = relative.rpartition("/")
     path = model_folder(ModelConfig(model_id=repo)) / name  # refuses paths that leave the models folder
     if not path.is_file():
         from .build import import_object
+        from .report import locked
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(path):
             if not path.is_file():
                 import_object(builder, "built_file")(path)
     return str(path)

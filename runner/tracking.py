@@ -16,7 +16,6 @@ variables win when set), so an unreachable server costs seconds, not minutes.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from .errors import ConfigError
 from .provenance import fingerprint_tags, provenance_tags
-from .report import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, flatten
+from .report import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, flatten, locked
 
 if TYPE_CHECKING:  # no torch in the MLflow writer process: a TrackingSpec or any object with its fields
     from .spec import TrackingSpec
@@ -92,14 +91,8 @@ def store_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with locked(Path(uri[len("sqlite:///"):])):
+        yield
 
 
 def default_artifact_location(spec: TrackingSpec, experiment: str) -> Optional[str]:
