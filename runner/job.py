@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from . import build, failpoints
 from .errors import OutputError, is_storage_error
 from .provenance import fingerprint_tags, provenance_tags
 from .report import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, JobRecord, flatten, save_png
-from .spec import ConfigError, RunSpec, TrackingBackend, to_spec, validate
+from .spec import ConfigError, RunSpec, TrackingBackend, to_spec, validate, without_hydra
 
 logger = logging.getLogger("runner")
 # keys that do not change the image: left out of the resume fingerprint
@@ -63,9 +63,7 @@ class JobPlan:
 
 def plain_config(cfg: DictConfig) -> dict:
     """The resolved config as plain data (enums as their names), without Hydra's node."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
+    cfg = without_hydra(cfg)
     try:
         return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception:  # noqa: BLE001 - a broken interpolation is reported by to_spec

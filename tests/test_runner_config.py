@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from runner.app import CONF_DIR
 from runner.build import preflight
@@ -273,3 +274,36 @@ def test_vram_spec_mirrors_every_model_config_key():
     from runner.spec import VramSpec
 
     assert set(VRAM_KEYS) <= {f.name for f in fields(VramSpec)}
+
+
+COMPOSED_SWEEPS = [  # each job's overrides, as the sweeper expands them
+    [["seed=0"], ["seed=1"], ["seed=2"]],
+    [["model=qwen_image_tiny", "lora=tiny_demo", "lora.alpha=0.5", "seed=3"],
+     ["model=qwen_image_tiny", "lora=tiny_demo", "lora.alpha=1.0", "seed=3"],
+     ["model=qwen_image_tiny", "lora=none", "seed=3"]],
+    [["sampler=tiny", "sampler.steps=2", "+call.tiled=true"],
+     ["sampler=default", "sampler.steps=3", "+call.tiled=true"],
+     ["sampler=tiny", "sampler.steps=4", "call={}"]],
+    [["vram=disk", "hydra.job.name=a", "prompt=a cat"], ["vram=none", "hydra.job.name=b", "prompt='a, dog'"]],
+]
+
+
+@pytest.mark.parametrize("jobs", COMPOSED_SWEEPS, ids=["values", "groups+values", "added keys", "hydra keys"])
+def test_the_sweep_composer_gives_each_job_hydras_own_composition(hydra_ctx, jobs):
+    """The runner composes a job whose config groups an earlier job had by applying its values
+    to a copy: every job's whole config (hydra node included) equals Hydra's composition."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.sweep import Composer
+
+    master = compose("config", overrides=["hydra.sweep.dir=/tmp/sweep", "hydra.job.chdir=false"],
+                     return_hydra_config=True)
+    loader = GlobalHydra.instance().hydra.config_loader
+    composer = Composer(master)
+    for overrides in jobs + jobs:  # the second round reuses every composition
+        ours = OmegaConf.to_container(composer(overrides), resolve=False)
+        hydras = OmegaConf.to_container(loader.load_sweep_config(master, overrides), resolve=False)
+        assert ours == hydras, overrides
+    groups = {tuple(o for o in job if o.split("=")[0].lstrip("+") in ("model", "lora", "sampler", "vram")
+                    or o.startswith("hydra.")) for job in jobs}
+    assert len(composer.bases) == len(groups)  # Hydra composed once per combination of groups
