@@ -1,21 +1,23 @@
 """What a sweep costs beyond inference, and how long a LoRA alpha switch takes.
 
-    python bench/sweep_overhead.py                 # tiny and mid-size models, 12 jobs each
-    python bench/sweep_overhead.py --models tiny --jobs 6
+    python bench/sweep_overhead.py                 # tiny and mid-size models, sweeps of 4 and 16 jobs
+    python bench/sweep_overhead.py --models tiny --jobs 3,9
 
 For each model (random weights in the hub layout, built once under --work):
-  1. baseline: the plain library, loaded once, 12 calls `pipe(prompt, seed=i, ...)`, timed;
-  2. `python -m runner -m seed=0..11` with tracking=none and with the default SQLite MLflow
-     store. Two figures per job, the first job (it loads the weights) left out:
-     - steady: the wall time between Hydra launching a job and launching the next one, minus
-       that job's own encode + denoise + decode time (jobs.csv): Hydra's per-job work, the
-       LoRA check, the PNG and job.json, handing the record to the MLflow writer thread;
-     - amortised: from launching job 1 to the end of the sweep (every MLflow write done, the
-       grid, report.html and jobs.csv written), minus the inference of jobs 1.., per job: what
-       the background writer could not hide behind inference shows here;
+  1. baseline: the plain library, loaded once, N calls `pipe(prompt, seed=i, ...)`, timed;
+  2. `python -m runner -m seed=0..N-1` with tracking=none and with the default SQLite MLflow
+     store, for two sweep sizes N. Per sweep, everything the command took that is neither an
+     image (each job's encode + denoise + decode, jobs.csv) nor the weights' load: Python's
+     start-up and imports, Hydra, the check of every job before the first, each job's PNG,
+     job.json and record, what the MLflow writer could not hide behind the images, the end's
+     grid, report.html, jobs.csv and parent run. The two sizes split it into
+     - per job: the slope, what each more job adds (a writer falling behind included);
+     - per command: the intercept, paid once (start-up, the end's fixed part);
+     and, for reference, `steady`: the time between launching a job and the next, minus its
+     images, the first job left out; `start`: the process's start to the first job's launch;
   3. LoRA: a sweep over lora.alpha (a tiny peft-format LoRA, tracking=none): the `lora_s` of
      jobs 1.. is the time to switch alpha (the LoRA handle's set_alpha).
-The goal: overhead per job <= 5% of the inference time + a few tens of milliseconds.
+The goal: <= 30 ms per job beyond inference, with tracking on.
 Prints a table and writes --out (JSON). Times depend on this machine's load: compare the
 ratios, rerun when the CPU is shared.
 """
@@ -148,11 +150,20 @@ def sweep(models_dir: Path, work: Path, name: str, extra: list[str], label: str)
         lora.append(float(row["lora_s"] or 0))
         if i >= 1 and i + 1 in launches:
             overheads.append(launches[i + 1] - launches[i] - infer)
-    amortised = None
-    if end is not None and 1 in launches and len(rows) > 1:
-        amortised = (end - launches[1] - sum(inference[1:])) / (len(rows) - 1)
-    return {"wall_s": wall, "jobs": len(rows), "overhead_s": overheads, "amortised_s": amortised,
-            "inference_s": inference, "lora_s": lora, "load_s": float(rows[0]["load_s"])}
+    # everything the command took that is neither an image nor the weights' load: start-up, the
+    # check of every job, the runner's work per job, what MLflow could not hide, the sweep's end
+    total = wall - sum(inference) - float(rows[0]["load_s"] or 0)
+    started = launches[0] - (end - wall) if end is not None and 0 in launches else None
+    return {"wall_s": wall, "jobs": len(rows), "overhead_s": overheads, "total_overhead_s": total,
+            "start_s": started, "inference_s": inference, "lora_s": lora, "load_s": float(rows[0]["load_s"])}
+
+
+def split_costs(small: dict, large: dict) -> tuple[float, float]:
+    """(per job, per command) from the total overheads of two sweep sizes."""
+    n1, n2 = small["jobs"], large["jobs"]
+    t1, t2 = small["total_overhead_s"], large["total_overhead_s"]
+    per_job = (t2 - t1) / (n2 - n1)
+    return per_job, t1 - per_job * n1
 
 
 def tiny_lora(models_dir: Path, name: str, out: Path, rank: int = 4) -> Path:
@@ -177,54 +188,72 @@ def tiny_lora(models_dir: Path, name: str, out: Path, rank: int = 4) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,mid")
-    parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--jobs", default="4,16", help="the two sweep sizes")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "runner-bench")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (dtype as the runner's auto)")
     parser.add_argument("--modes", default="none,mlflow,lora", help="which sweeps to run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the images (OMP_NUM_THREADS); fewer than the cores leaves the "
+                             "MLflow writer a core of its own, as a GPU machine does")
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the sweeps' subprocesses inherit it
+        import torch
+
+        torch.set_num_threads(args.threads)
     names = args.models.split(",")
+    sizes = sorted(int(n) for n in args.jobs.split(","))
     models_dir = args.work / "models"
     args.work.mkdir(parents=True, exist_ok=True)
     build_models(models_dir, names)
     from pipelines.qwen_image import QwenImagePipeline
 
     has_lora = hasattr(QwenImagePipeline, "load_lora")
-    seeds = "seed=" + ",".join(str(s) for s in range(args.jobs))
     results = {}
     for name in names:
         dev = f"device={args.device}"
-        r = {"device": args.device, "baseline_s": baseline(models_dir, name, args.jobs, args.device)}
+        r = {"device": args.device, "baseline_s": baseline(models_dir, name, sizes[-1], args.device)}
         modes = args.modes.split(",")
-        if "none" in modes:
-            r["none"] = sweep(models_dir, args.work, name, [seeds, dev, "tracking=none"], "none")
-        if "mlflow" in modes:
-            r["mlflow"] = sweep(models_dir, args.work, name, [seeds, dev], "mlflow")
+        for mode, extra in (("none", ["tracking=none"]), ("mlflow", [])):
+            if mode in modes:
+                r[mode] = [sweep(models_dir, args.work, name, [seeds(n), dev, *extra], f"{mode}{n}") for n in sizes]
         if has_lora and "lora" in modes:
             lora = tiny_lora(models_dir, name, args.work / f"{name}-lora.safetensors")
-            alphas = "lora.alpha=" + ",".join(f"{a / args.jobs:g}" for a in range(1, args.jobs + 1))
-            r["lora"] = sweep(models_dir, args.work, name,
-                              ["lora=file", f"lora.path={lora}", alphas, dev, "tracking=none"], "lora")
+            n = sizes[-1]
+            alphas = "lora.alpha=" + ",".join(f"{a / n:g}" for a in range(1, n + 1))
+            r["lora"] = [sweep(models_dir, args.work, name,
+                               ["lora=file", f"lora.path={lora}", alphas, dev, "tracking=none"], "lora")]
         results[name] = r
-
-    print(f"\ndevice {args.device}, {os.cpu_count()} CPU cores")
-    print(f"{'model':6} {'mode':7} {'inference/job':>14} {'overhead/job (median)':>22} {'overhead %':>11} "
-          f"{'amortised/job':>14} {'alpha switch':>13}")
-    for name, r in results.items():
-        base = statistics.median(r["baseline_s"])
-        print(f"{name:6} {'library':7} {base:13.3f}s {'-':>22} {'-':>11} {'-':>14} {'-':>13}")
-        for mode in ("none", "mlflow", "lora"):
-            if mode not in r:
-                continue
-            s = r[mode]
-            inf = statistics.median(s["inference_s"][1:])
-            ov = statistics.median(s["overhead_s"]) if s["overhead_s"] else float("nan")
-            switch = f"{statistics.median(s['lora_s'][1:]) * 1000:10.1f}ms" if mode == "lora" else "-"
-            am = f"{s['amortised_s'] * 1000:12.1f}ms" if s.get("amortised_s") is not None else "-"
-            print(f"{name:6} {mode:7} {inf:13.3f}s {ov * 1000:20.1f}ms {100 * ov / inf:10.1f}% {am:>14} {switch:>13}")
+    print_table(results, sizes)
     out = args.out or args.work / "sweep_overhead.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"\nraw figures: {out}")
+
+
+def seeds(n: int) -> str:
+    return "seed=" + ",".join(str(s) for s in range(n))
+
+
+def print_table(results: dict, sizes: list[int]) -> None:
+    print(f"\n{results[next(iter(results))]['device']}, {os.cpu_count()} CPU cores; sweeps of {sizes[0]} and "
+          f"{sizes[-1]} jobs; beyond the jobs' own inference and the weights' load")
+    print(f"{'model':6} {'mode':7} {'inference/job':>14} {'per job':>9} {'per command':>12} {'steady/job':>11} "
+          f"{'start':>7} {'alpha switch':>13}")
+    for name, r in results.items():
+        print(f"{name:6} {'library':7} {statistics.median(r['baseline_s']):13.3f}s")
+        for mode in ("none", "mlflow", "lora"):
+            if mode not in r:
+                continue
+            runs = r[mode]
+            big = runs[-1]
+            inf = statistics.median(big["inference_s"][1:])
+            steady = statistics.median(big["overhead_s"]) if big["overhead_s"] else float("nan")
+            per_job, per_command = split_costs(*runs) if len(runs) == 2 else (float("nan"), float("nan"))
+            switch = f"{statistics.median(big['lora_s'][1:]) * 1000:11.1f}ms" if mode == "lora" else "-"
+            start = f"{big['start_s']:6.2f}s" if big.get("start_s") is not None else "-"
+            print(f"{name:6} {mode:7} {inf:13.3f}s {per_job * 1000:7.1f}ms {per_command:11.2f}s {steady * 1000:9.1f}ms "
+                  f"{start:>7} {switch:>13}")
 
 
 if __name__ == "__main__":

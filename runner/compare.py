@@ -47,6 +47,7 @@ import hashlib
 import html
 import io
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .report import METRICS, atomic_write
+from .report import METRICS, PNG_LEVEL, atomic_write
 
 FINISHED, FAILED, KILLED, SKIPPED = "FINISHED", "FAILED", "KILLED", "SKIPPED"
 OK_STATUSES = (FINISHED, SKIPPED)  # a skipped job (resume) shows the image of its earlier run
@@ -638,15 +639,59 @@ def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, job: Optional[Grid
         draw.text((x0 + pad, y0 + pad + line_h + k * small_h), line, fill=(40, 40, 40), font=small)
 
 
+@dataclass
+class _Picture:
+    """What the grid and the page show of one job's image, all made from one decode."""
+
+    width: int
+    height: int
+    thumbs: dict[tuple[int, bool], Image.Image]  # (size, upscale) -> thumbnail
+    jpegs: dict[tuple[int, int], tuple[str, int, int, int]]  # (longest side, quality) -> (URI, bytes, w, h)
+
+
 class _Images:
-    """Thumbnails made once per job and size (the PNG grid and the HTML share them); full-size
-    images are opened when needed and not kept, so a big sweep does not pile up in memory."""
+    """Each job's image decoded once; the thumbnails and the page's JPEGs come from that decode
+    and are kept, the full-size pixels are not (a big sweep does not pile up in memory).
+    `prepare` makes them for many jobs on a few threads: Pillow's codecs release the GIL, and at
+    a sweep's end the cores are otherwise idle."""
 
     def __init__(self) -> None:
-        self._thumbs: dict[tuple[int, int, bool], Optional[Image.Image]] = {}
+        self._pictures: dict[int, Optional[_Picture]] = {}
+
+    def prepare(self, jobs: Sequence[GridJob], thumbs: Sequence[tuple[int, bool]] = (),
+                jpegs: Sequence[tuple[int, int]] = ()) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [j for j in jobs if j.ok]
+        if not todo:
+            return
+        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+            for job, picture in zip(todo, pool.map(lambda j: self._make(j, thumbs, jpegs), todo)):
+                self._pictures[job.num] = picture
+
+    def _make(self, job: GridJob, thumbs: Sequence[tuple[int, bool]], jpegs: Sequence[tuple[int, int]]
+              ) -> Optional[_Picture]:
+        picture = self._pictures.get(job.num)
+        missing_thumbs = [t for t in thumbs if picture is None or t not in picture.thumbs]
+        missing_jpegs = [j for j in jpegs if picture is None or j not in picture.jpegs]
+        if job.num in self._pictures and not missing_thumbs and not missing_jpegs:
+            return picture
+        full = self._open(job)
+        if full is None:
+            return None
+        picture = picture or _Picture(full.width, full.height, {}, {})
+        for size, upscale in missing_thumbs:
+            picture.thumbs[(size, upscale)] = (
+                ImageOps.contain(full, (size, size), Image.Resampling.LANCZOS)
+                if upscale or full.width > size or full.height > size else full)
+        for longest, quality in missing_jpegs:
+            shown = full if max(full.size) <= longest else ImageOps.contain(full, (longest, longest),
+                                                                           Image.Resampling.LANCZOS)
+            picture.jpegs[(longest, quality)] = (*_jpeg_uri(shown, quality), shown.width, shown.height)
+        return picture
 
     @staticmethod
-    def image(job: GridJob) -> Optional[Image.Image]:
+    def _open(job: GridJob) -> Optional[Image.Image]:
         if job.image_path is None or not Path(job.image_path).is_file():
             return None
         try:
@@ -655,15 +700,15 @@ class _Images:
         except OSError:
             return None
 
-    def thumb(self, job: GridJob, size: int, upscale: bool = True, full: Optional[Image.Image] = None
-              ) -> Optional[Image.Image]:
-        key = (job.num, size, upscale)
-        if key not in self._thumbs:
-            im = full if full is not None else self.image(job)
-            if im is not None and (upscale or im.width > size or im.height > size):
-                im = ImageOps.contain(im, (size, size), Image.Resampling.LANCZOS)
-            self._thumbs[key] = im
-        return self._thumbs[key]
+    def picture(self, job: GridJob, thumbs: Sequence[tuple[int, bool]] = (),
+                jpegs: Sequence[tuple[int, int]] = ()) -> Optional[_Picture]:
+        picture = self._make(job, thumbs, jpegs)
+        self._pictures[job.num] = picture
+        return picture
+
+    def thumb(self, job: GridJob, size: int, upscale: bool = True) -> Optional[Image.Image]:
+        picture = self.picture(job, thumbs=[(size, upscale)])
+        return picture.thumbs[(size, upscale)] if picture is not None else None
 
 
 def write_grids(jobs: Sequence[GridJob], out_dir: Path, axes: Axes, thumb: int = 256,
@@ -675,7 +720,8 @@ def write_grids(jobs: Sequence[GridJob], out_dir: Path, axes: Axes, thumb: int =
     written = []
     for page in grid_pages(jobs, axes):
         sheet = render_page(page, axes, thumb, images)
-        written.append(atomic_write(out_dir / page.filename, lambda tmp, s=sheet: s.save(tmp, format="PNG")))
+        written.append(atomic_write(out_dir / page.filename,
+                                    lambda tmp, s=sheet: s.save(tmp, format="PNG", compress_level=PNG_LEVEL)))
     for stale in list(out_dir.glob("grid.png")) + list(out_dir.glob("grid_*.png")):
         if stale not in written:
             stale.unlink(missing_ok=True)
@@ -913,6 +959,7 @@ _JS = """
 """
 
 FULL_PIXELS = 200_000_000  # all full-size copies in report.html together
+THUMB_QUALITY, FULL_QUALITY = 85, 90  # JPEG quality of the page's thumbnails and full-size copies
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 _METRIC_FORMAT = {"s_per_step": "{:.4f}", "peak_mem_mb": "{:.0f}"}
 _COMMON_GEN = (("prompt", "Prompt"), ("negative_prompt", "Negative prompt"), ("model", "Model"), ("steps", "Steps"),
@@ -922,7 +969,7 @@ _COMMON_GEN = (("prompt", "Prompt"), ("negative_prompt", "Negative prompt"), ("m
 
 def _jpeg_uri(im: Image.Image, quality: int) -> tuple[str, int]:
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality, optimize=True)
+    im.save(buf, format="JPEG", quality=quality)
     data = buf.getvalue()
     return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii"), len(data)
 
@@ -932,16 +979,14 @@ def _size(n: int) -> str:
 
 
 def report_html(jobs: Sequence[GridJob], axes: Axes, *, keys: Optional[Sequence[str]] = None, title: str = "",
-                overrides: Sequence[str] = (), thumb: int = 256, full_max: int = 2048, full_quality: int = 90,
+                overrides: Sequence[str] = (), thumb: int = 256, full_max: int = 2048, full_quality: int = FULL_QUALITY,
                 images: Optional[_Images] = None) -> str:
     """The whole report as one HTML document."""
     images = images or _Images()
     keys = list(keys) if keys is not None else _keys_in_order(jobs)
     title = title or "Sweep report"
-    # the full-size images, once each; thumbnails point at them by job number. Their longest
-    # side is capped so that all of them stay within FULL_PIXELS (about 50 MB of JPEG)
-    n_ok = sum(1 for j in jobs if j.ok)
-    full_max = min(full_max, max(512, int(math.sqrt(FULL_PIXELS / max(1, n_ok)))))
+    # the full-size images, once each; thumbnails point at them by job number
+    full_max = _full_max(jobs, full_max)
     embedded = _embed_images(jobs, keys, images, thumb, full_max, full_quality)
     out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
@@ -976,21 +1021,29 @@ def _embed_images(jobs: Sequence[GridJob], keys: Sequence[str], images: _Images,
                   full_quality: int) -> _Embedded:
     embedded = _Embedded([], {}, 0)
     for job in jobs:
-        full = images.image(job) if job.ok else None
-        if full is None:
+        picture = images.picture(job, jpegs=_page_jpegs(thumb, full_max, full_quality)) if job.ok else None
+        if picture is None:
             continue
-        shown = full if max(full.size) <= full_max else ImageOps.contain(full, (full_max, full_max),
-                                                                         Image.Resampling.LANCZOS)
-        uri, size = _jpeg_uri(shown, full_quality)
-        small = images.thumb(job, thumb, upscale=False, full=full)
-        turi, tsize = _jpeg_uri(small, 85)
-        embedded.thumbs[job.num] = (turi, small.width, small.height)
+        uri, size, width, height = picture.jpegs[(full_max, full_quality)]
+        turi, tsize, twidth, theight = picture.jpegs[(thumb, THUMB_QUALITY)]
+        embedded.thumbs[job.num] = (turi, twidth, theight)
         embedded.nbytes += size + tsize
-        caption = f"job {job.num}: {job.label(keys)} ({job.status}, {full.width}x{full.height})"
+        caption = f"job {job.num}: {job.label(keys)} ({job.status}, {picture.width}x{picture.height})"
         embedded.templates.append(
             f'<template id="full-{job.num}" data-caption="{_e(caption)}">'
-            f'<img src="{uri}" alt="{_e(caption)}" width="{shown.width}" height="{shown.height}"></template>')
+            f'<img src="{uri}" alt="{_e(caption)}" width="{width}" height="{height}"></template>')
     return embedded
+
+
+def _page_jpegs(thumb: int, full_max: int, full_quality: int) -> list[tuple[int, int]]:
+    """The JPEGs the page embeds of each image: the thumbnail and the full-size copy."""
+    return [(thumb, THUMB_QUALITY), (full_max, full_quality)]
+
+
+def _full_max(jobs: Sequence[GridJob], full_max: int) -> int:
+    """The full-size copies' longest side: all of them stay within FULL_PIXELS (about 50 MB of JPEG)."""
+    n_ok = sum(1 for j in jobs if j.ok)
+    return min(full_max, max(512, int(math.sqrt(FULL_PIXELS / max(1, n_ok)))))
 
 
 def _header(jobs: Sequence[GridJob], axes: Axes, keys: Sequence[str], title: str,
@@ -1137,21 +1190,36 @@ def write_report(jobs: Sequence[GridJob], out_dir: Path, *, keys: Optional[Seque
                  full_max: int = 2048) -> ReportFiles:
     """The grid PNG(s) and report.html in `out_dir`. x/y/z: a swept key, "none" or None (default).
     Raises AxisError for an unknown or repeated axis key."""
-    if keys is None:
-        keys = getattr(jobs, "keys", None)
-    if title is None:
-        title = getattr(jobs, "title", "")
-    if overrides is None:
-        overrides = getattr(jobs, "overrides", [])
-    jobs = sorted(jobs, key=lambda j: j.num)
-    axes = choose_axes(jobs, keys, x, y, z)
-    images = _Images()
-    out_dir = Path(out_dir)
-    grids = write_grids(jobs, out_dir, axes, thumb, images)
-    text = report_html(jobs, axes, keys=keys, title=title or "", overrides=overrides, thumb=thumb,
-                       full_max=full_max, images=images)
-    page = atomic_write(out_dir / "report.html", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return ReportFiles(page, grids)
+    pending = PendingReport(jobs, out_dir, keys=keys, x=x, y=y, z=z, thumb=thumb, full_max=full_max)
+    return pending.finish(jobs, title=title, overrides=overrides)
+
+
+class PendingReport:
+    """A report in two steps: the grid PNG(s) when made, report.html by `finish(jobs)`. A sweep
+    draws its grid while MLflow still records its last job, and writes the page, which shows
+    each job's run, once that is done. The jobs given to `finish` are the same jobs (their runs
+    and tracked flags may have changed)."""
+
+    def __init__(self, jobs: Sequence[GridJob], out_dir: Path, *, keys: Optional[Sequence[str]] = None,
+                 x: Optional[str] = None, y: Optional[str] = None, z: Optional[str] = None, thumb: int = 256,
+                 full_max: int = 2048) -> None:
+        self.keys = list(keys) if keys is not None else getattr(jobs, "keys", None)
+        self.out_dir, self.thumb, self.full_max = Path(out_dir), thumb, full_max
+        jobs = sorted(jobs, key=lambda j: j.num)
+        self.axes = choose_axes(jobs, self.keys, x, y, z)
+        self.images = _Images()
+        self.images.prepare(jobs, thumbs=[(thumb, True)],
+                            jpegs=_page_jpegs(thumb, _full_max(jobs, full_max), FULL_QUALITY))
+        self.grids = write_grids(jobs, self.out_dir, self.axes, thumb, self.images)
+
+    def finish(self, jobs: Sequence[GridJob], title: Optional[str] = None,
+               overrides: Optional[Sequence[str]] = None) -> ReportFiles:
+        title = title if title is not None else getattr(jobs, "title", "")
+        overrides = overrides if overrides is not None else getattr(jobs, "overrides", [])
+        text = report_html(sorted(jobs, key=lambda j: j.num), self.axes, keys=self.keys, title=title or "",
+                           overrides=overrides, thumb=self.thumb, full_max=self.full_max, images=self.images)
+        page = atomic_write(self.out_dir / "report.html", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return ReportFiles(page, self.grids)
 
 
 REPORT_FILES = ("report.html", "jobs.csv")  # beside the grid PNG(s)

@@ -26,6 +26,9 @@ RUNNING, FINISHED, FAILED, KILLED, SKIPPED = "RUNNING", "FINISHED", "FAILED", "K
 JOB_FORMAT, SWEEP_FORMAT = "runner.job/1", "runner.sweep/1"
 CONFIG_HASH_TAG = "runner.config_hash"  # the identity of a job's result (resume=true)
 RECORD_TAG = "runner.record_id"  # the record a run was logged from (sync is idempotent)
+# zlib level of the PNGs written: 4 instead of Pillow's 6 writes a 1328x1328 image ~2.5x faster
+# for ~4% more bytes (level 1: ~4x faster, ~25% more bytes)
+PNG_LEVEL = 4
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
 
 
@@ -104,12 +107,13 @@ def save_png(image: Image.Image, path: Path, gen: dict[str, Any]) -> Path:
     info = PngInfo()
     info.add_text("parameters", parameters_text(gen))
     info.add_text("generation", json.dumps(gen, sort_keys=True))
-    return exclusive_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return exclusive_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info,
+                                                                 compress_level=PNG_LEVEL))
 
 
 def read_generation(path: Path) -> dict[str, Any]:
-    with Image.open(path) as im:
-        return json.loads(im.text["generation"])
+    with Image.open(path) as im:  # save_png's chunks precede the pixels: `info` has them without a decode
+        return json.loads(im.info["generation"] if "generation" in im.info else im.text["generation"])
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -580,6 +581,60 @@ def test_a_deleted_experiment_is_a_config_error_with_the_restore_command(tmp_pat
     with pytest.raises(ConfigError, match="mlflow experiments restore --experiment-id") as err:
         Tracker(spec, "old")
     assert err.value.key == "experiment" and "is deleted" in str(err.value)
+
+
+def test_a_deleted_sqlite_experiment_is_refused_before_the_writer_starts(tmp_path):
+    from runner.recorder import Recorder
+    from runner.spec import ConfigError
+    from runner.tracking import check_sqlite_experiment
+
+    spec = spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking
+    uri = f"sqlite:///{(tmp_path / 'store').resolve()}/mlflow.db"
+    assert check_sqlite_experiment(uri, "any") is True  # no store yet: the writer creates it
+    tracker = Tracker(spec, "old")
+    assert check_sqlite_experiment(uri, "old") is True and check_sqlite_experiment(uri, "new") is True
+    tracker.client.delete_experiment(tracker.experiment_id)
+    with pytest.raises(ConfigError, match="mlflow experiments restore --experiment-id") as err:
+        Recorder(spec, "old")
+    assert err.value.key == "experiment"
+    assert check_sqlite_experiment("http://127.0.0.1:5000", "old") is None  # a server: the writer tells
+    (tmp_path / "other.db").write_bytes(b"not a database")
+    assert check_sqlite_experiment(f"sqlite:///{tmp_path / 'other.db'}", "old") is None
+
+
+def test_a_sqlite_recorder_lets_the_run_go_on_while_its_writer_connects(tmp_path, monkeypatch):
+    """The writer imports MLflow and opens the store (seconds) while the run loads its weights:
+    Recorder() returns with the writer held in its connection; the job logged meanwhile is
+    tracked once it connects. An experiment deleted meanwhile stops the tracking, not the run."""
+    from runner import job
+    from runner.recorder import Recorder
+
+    monkeypatch.setenv("RUNNER_HOLD", "writer_connect")
+    monkeypatch.setenv("RUNNER_HOLD_DIR", str(tmp_path))
+    plans = [_plan(tmp_path, n) for n in range(2)]
+    spec = plans[0].spec.tracking
+    Tracker(spec, "kept"), Tracker(spec, "deleted meanwhile")
+    for experiment, plan in zip(("kept", "deleted meanwhile"), plans):
+        recorder = Recorder(spec, experiment)  # returns: the writer waits at its connection
+        held, deadline = tmp_path / "writer_connect.held", time.monotonic() + 120
+        while not held.exists():
+            assert time.monotonic() < deadline, "the writer never reached its connection"
+            time.sleep(0.01)
+        record = job.new_record(plan)
+        record.status = FINISHED
+        recorder.job_started(plan)
+        recorder.job_done(record)
+        if experiment == "deleted meanwhile":
+            tracker = Tracker(spec, experiment)
+            tracker.client.delete_experiment(tracker.experiment_id)
+        (tmp_path / "writer_connect.go").touch()
+        recorder.drain()
+        recorder.close(KILLED)
+        held.unlink(), (tmp_path / "writer_connect.go").unlink()
+        if experiment == "kept":
+            assert record.tracked is True and record.run_id and recorder.dead is None
+        else:
+            assert record.tracked is False and "is deleted" in recorder.dead
 
 
 def _open_store(store: str, barrier) -> str:
