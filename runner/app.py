@@ -36,7 +36,7 @@ from .job import JobPlan
 from .recorder import Recorder
 from .report import JobRecord
 from .spec import register_configs
-from .state import STATE, close_recorders, open_recorder, shield
+from .state import STATE, close_recorders, open_recorder, prestart_recorder, shield
 
 logger = logging.getLogger("runner")
 
@@ -101,6 +101,7 @@ class SweepCallback(Callback):
 def start_single(config: DictConfig) -> None:
     """`on_run_start`: refuse a bad config before any folder or MLflow run exists."""
     overrides = [str(o) for o in config.hydra.overrides.task]
+    prestart_recorder(config)
     try:
         plan = job.prepare(config, 0, overrides)
     except ConfigError as error:

@@ -319,14 +319,16 @@ def run_pool(sweep: Any) -> None:
     if not pending:
         return
     pool = Pool(sweep.pool)
+    pace = Pace(len(pending))
     try:
         pool.start()
         logger.info("Launching %d jobs on Ray", len(pending))
         while pending or pool.busy():
-            pool.dispatch(pending, lambda task: _started(sweep, task))
+            pool.dispatch(pending, lambda task: _started(sweep, task, pace))
             for task, result, error in pool.collect():
                 record = _outcome(sweep, task, result, error, pending)
                 if record is not None:
+                    pace.finished.append(time.perf_counter())
                     _done(sweep, record)
     except BaseException:
         _abandon(sweep, pool)
@@ -355,9 +357,28 @@ def _tasks(sweep: Any) -> list[Task]:
     return pending
 
 
-def _started(sweep: Any, task: Task) -> None:
+@dataclass
+class Pace:
+    """`job 5 (6/16, 3 done, ETA 0:01:10)`: the jobs launched and done, and the time left at the
+    pool's pace since its first job ended (that one also loaded the weights)."""
+
+    total: int
+    launched: int = 0
+    finished: list[float] = field(default_factory=list)  # perf_counter() of each job's end
+
+    def launch(self) -> str:
+        self.launched += 1
+        text = f"{self.launched}/{self.total}, {len(self.finished)} done"
+        if len(self.finished) < 2:
+            return text
+        per_job = (self.finished[-1] - self.finished[0]) / (len(self.finished) - 1)
+        left = round(per_job * (self.total - len(self.finished)))
+        return f"{text}, ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+
+def _started(sweep: Any, task: Task, pace: Pace) -> None:
     plan = task.launch.plan
-    logger.info("\t#%d : %s", plan.num, " ".join(o for o in plan.overrides if not o.startswith("hydra.")))
+    logger.info("job %d (%s): %s", plan.num, pace.launch(), plan.label)
     if sweep.recorder is not None:
         sweep.recorder.job_started(plan)
 

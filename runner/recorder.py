@@ -21,10 +21,11 @@ of the driver): a run left RUNNING by a process that died is recognised and ende
 `cleanup` or a sweep with resume=true. The writer ignores Ctrl-C (the driver decides) and
 ends with the driver: told to, or on noticing that its parent is gone.
 
-The writer opens the store while the run goes on (importing MLflow and opening a SQLite store
-takes ~5 s on a 2-core machine, a run's load of its weights hides it): a deleted experiment of
-a SQLite store is read beforehand with sqlite3 and refuses the run at once; any other store is
-waited for, so that its deleted experiment too is refused before anything happens.
+Importing MLflow and opening a SQLite store take ~5 s on a 2-core machine, so the writer starts
+while the config is checked (`prestart_writer`: it imports MLflow while this process imports
+torch) and opens the store while the run loads its weights. A deleted experiment of a SQLite
+store is read beforehand with sqlite3 and refuses the run at once; any other store is waited
+for, so that its deleted experiment too is refused before anything happens.
 
 The first request that cannot reach the store (a dead or hung server, within
 tracking.request_timeout_s x request_retries) marks it dead: nothing more is sent, no job waits
@@ -167,8 +168,10 @@ def _yaml(config: Mapping[str, Any]) -> str:
 class _Writer:
     """Runs in the writer process: every MLflow call of a run or sweep."""
 
-    def __init__(self, outbox: Any, hurry: Any, tracking: dict, experiment: str, owner: dict) -> None:
-        self.outbox, self.hurry, self.tracking, self.experiment, self.owner = outbox, hurry, tracking, experiment, owner
+    def __init__(self, outbox: Any, hurry: Any) -> None:
+        self.outbox, self.hurry = outbox, hurry
+        self.tracking: dict = {}
+        self.experiment, self.owner = "", {}
         self.tracker: Optional[Tracker] = None
         self.dead: Optional[str] = None
         self.parent_id: Optional[str] = None
@@ -179,10 +182,11 @@ class _Writer:
     def log(self, level: int, text: str) -> None:
         self.outbox.put(("log", level, text))
 
-    def connect(self) -> dict:
+    def connect(self, tracking: dict, experiment: str, owner: dict) -> dict:
         from . import failpoints
         from .tracking import Tracker
 
+        self.tracking, self.experiment, self.owner = tracking, experiment, owner
         failpoints.hold("writer_connect")
 
         try:
@@ -322,8 +326,9 @@ class _Writer:
         return str(box[0]) if box[0] else None
 
 
-def _serve(inbox: Any, outbox: Any, hurry: Any, tracking: dict, experiment: str, owner: dict) -> None:
-    """The writer process's loop: requests in order until told to stop or the driver is gone."""
+def _serve(inbox: Any, outbox: Any, hurry: Any) -> None:
+    """The writer process's loop: requests in order (the first one: connect) until told to stop
+    or the driver is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the driver decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:  # background work: on a busy CPU the images come first, the writer catches up between them
@@ -331,7 +336,11 @@ def _serve(inbox: Any, outbox: Any, hurry: Any, tracking: dict, experiment: str,
     except OSError:
         pass
     driver = os.getppid()
-    writer = _Writer(outbox, hurry, tracking, experiment, owner)
+    try:  # while the driver imports torch and checks its config: MLflow's import takes seconds
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    except ImportError:  # pragma: no cover - an MLflow without it: the connection says what is missing
+        pass
+    writer = _Writer(outbox, hurry)
     while True:
         try:
             message = inbox.get(timeout=0.5)
@@ -357,6 +366,45 @@ def _serve(inbox: Any, outbox: Any, hurry: Any, tracking: dict, experiment: str,
 # ---------------------------------------------------------- the driver's side
 
 
+_started: list[tuple] = []  # a writer process started ahead (prestart_writer), not yet taken
+
+
+def _new_writer() -> tuple:
+    ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no torch, no inherited locks
+    inbox, outbox, hurry = ctx.Queue(), ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_serve, name="runner-mlflow-writer", daemon=True, args=(inbox, outbox, hurry))
+    proc.start()
+    return proc, inbox, outbox, hurry
+
+
+def prestart_writer() -> None:
+    """Start a writer process now, so that it imports MLflow (seconds) while this process
+    imports torch and checks the config; the next Recorder takes it. Nothing is connected:
+    a config refused meanwhile leaves no trace (`discard_prestarted_writer`)."""
+    if not _started:
+        _started.append(_new_writer())
+
+
+def _take_writer() -> tuple:
+    while _started:
+        writer = _started.pop()
+        if writer[0].is_alive():
+            return writer
+    return _new_writer()
+
+
+def discard_prestarted_writer() -> None:
+    """Stop a writer started ahead that no Recorder took (a refused config, an interruption):
+    it has connected to nothing and written nothing, so it is killed, not waited for."""
+    while _started:
+        proc, inbox, outbox, _ = _started.pop()
+        proc.kill()
+        proc.join()
+        for q in (inbox, outbox):
+            q.close()
+            q.join_thread()
+
+
 class Recorder:
     """MLflow logging for one experiment in one store, done by the writer process."""
 
@@ -378,23 +426,20 @@ class Recorder:
         self._connecting: Optional[int] = None  # the connection request answered while the run goes on
         self._done = threading.Condition()
         self._gone = False
-        ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no torch, no inherited locks
-        self._inbox, self._outbox, self._hurry = ctx.Queue(), ctx.Queue(), ctx.Event()
+        self._proc, self._inbox, self._outbox, self._hurry = _take_writer()
         settings = {"uri": tracking.uri, "store_dir": str(Path(tracking.store_dir).resolve()),
                     "artifact_location": tracking.artifact_location, "request_timeout_s": tracking.request_timeout_s,
                     "request_retries": tracking.request_retries}
-        self._proc = ctx.Process(target=_serve, name="runner-mlflow-writer", daemon=True,
-                                 args=(self._inbox, self._outbox, self._hurry, settings, experiment, owner_tags()))
-        self._proc.start()
         self._reader = threading.Thread(target=self._read, name="runner-mlflow-results", daemon=True)
         self._reader.start()
+        connect = (settings, experiment, owner_tags())
         if checked:  # the reply comes to _connected
             with self._done:
                 self._seq += 1
                 self._connecting = self._seq
-            self._inbox.put((self._connecting, "connect", ()))
+            self._inbox.put((self._connecting, "connect", connect))
             return
-        reply = self._request("connect")
+        reply = self._request("connect", *connect)
         if reply is not None and reply.get("error") is not None:
             self.close()
             raise reply["error"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .errors import EXIT_REFUSED, ConfigError, Stop
-from .recorder import Recorder
+from .recorder import Recorder, discard_prestarted_writer, prestart_writer
 from .report import JobRecord
 
 logger = logging.getLogger("runner")
@@ -33,6 +33,16 @@ class State:
 
 
 STATE = State()
+
+
+def prestart_recorder(config: Any) -> None:
+    """Start the MLflow writer while the config is checked, unless tracking is off
+    (runner.recorder.prestart_writer; the recorder opened after the check takes it)."""
+    from omegaconf import OmegaConf
+
+    backend = OmegaConf.select(config, "tracking.backend", default=None)
+    if backend is not None and str(getattr(backend, "name", backend)) != "none":
+        prestart_writer()
 
 
 def open_recorder(spec: Any) -> Optional[Recorder]:
@@ -54,6 +64,7 @@ def close_recorders(status: str) -> None:
     """Wait for every MLflow write, end what is still open with `status`."""
     while STATE.recorders:
         STATE.recorders.pop(0).close(status)
+    discard_prestarted_writer()
 
 
 def interrupt_handler(signum: int, frame: Any) -> None:  # noqa: ARG001

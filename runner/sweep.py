@@ -45,7 +45,7 @@ from .report import (
 )
 from .report import swept_keys as record_swept_keys
 from .spec import RunSpec, TrackingBackend, check_keys, composition_error
-from .state import STATE, open_recorder, shield
+from .state import STATE, open_recorder, prestart_recorder, shield
 
 logger = logging.getLogger("runner")
 
@@ -247,6 +247,7 @@ def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: P
         raise _refuse(ConfigError("hydra.sweep.dir", f"{folder} holds the results of an earlier run "
                                   f"({', '.join(used)})", "give a new folder, or leave hydra.sweep.dir at its "
                                   "default (a new folder each time)"))
+    prestart_recorder(config)
     launches = precheck(config, _job_overrides(config, overrides), swept)
     spec = launches[0].plan.spec
     check_report_axes(spec.report, swept)

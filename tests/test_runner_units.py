@@ -688,3 +688,12 @@ def test_sync_logs_a_single_run_folder_once(tmp_path, monkeypatch, caplog):
     assert run.data.tags["runner.synced_from"] == str(Path(plan.job_dir).resolve())
     assert run.info.end_time - run.info.start_time == 1000  # the job's own times, not the sync's
     assert {"image.png", "config.yaml", "images"} <= {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
+
+
+def test_a_ray_sweep_logs_each_launch_with_the_pools_pace():
+    from runner.ray_pool import Pace
+
+    pace = Pace(total=5)
+    assert pace.launch() == "1/5, 0 done" and pace.launch() == "2/5, 0 done"
+    pace.finished += [10.0, 14.0, 16.0]  # after the first end (a load), 3 s a job at the pool's pace
+    assert pace.launch() == "3/5, 3 done, ETA 0:00:06"
