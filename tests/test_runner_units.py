@@ -602,7 +602,7 @@ def test_a_deleted_sqlite_experiment_is_refused_before_the_writer_starts(tmp_pat
     assert check_sqlite_experiment(f"sqlite:///{tmp_path / 'other.db'}", "old") is None
 
 
-def test_a_sqlite_recorder_lets_the_run_go_on_while_its_writer_connects(tmp_path, monkeypatch):
+def test_a_sqlite_recorder_lets_the_run_go_on_while_its_writer_connects(tmp_path, monkeypatch, caplog):
     """The writer imports MLflow and opens the store (seconds) while the run loads its weights:
     Recorder() returns with the writer held in its connection; the job logged meanwhile is
     tracked once it connects. An experiment deleted meanwhile stops the tracking, not the run."""
@@ -635,6 +635,9 @@ def test_a_sqlite_recorder_lets_the_run_go_on_while_its_writer_connects(tmp_path
             assert record.tracked is True and record.run_id and recorder.dead is None
         else:
             assert record.tracked is False and "is deleted" in recorder.dead
+            said = caplog.text  # what went wrong, where, and how to get the jobs logged
+            assert "'deleted meanwhile'" in said and "mlflow experiments restore" in said
+            assert "python -m runner sync" in said
 
 
 def _open_store(store: str, barrier) -> str:
