@@ -33,6 +33,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from sweep_overhead import MODELS, PROMPT, build_models, model_overrides  # noqa: E402
+from warm_cpu import environment  # noqa: E402
 
 LIBRARY = """
 import sys, time
@@ -49,12 +50,6 @@ image = pipe(%r, seed=0, height=size, width=size, num_inference_steps=steps, cfg
 image.save(out)
 print("IMAGE", time.time(), flush=True)
 """ % PROMPT
-
-
-def environment(work: Path) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, DIFFSYNTH_MODEL_BASE_PATH=str(work / "models"), DIFFSYNTH_SKIP_DOWNLOAD="True",
-                PYTHONPATH=path)
 
 
 def run(argv: list[str], work: Path, env: dict[str, str]) -> tuple[float, float]:

@@ -1284,8 +1284,10 @@ def _report_jobs(args: _ReportArgs) -> tuple[JobList, Path]:
             raise ReportError(f"{out / 'jobs.csv'} lists no jobs")
         return jobs, out
     out = Path(args.out or Path("outputs") / "reports" / str(args.run))
-    db = args.tracking_uri.removeprefix("sqlite:///") if args.tracking_uri.startswith("sqlite:///") else None
-    if db is not None and not Path(db).is_file():  # MLflow would create an empty store there
+    from .tracking import sqlite_path
+
+    db = sqlite_path(args.tracking_uri)
+    if db is not None and not db.is_file():  # MLflow would create an empty store there
         raise ReportError(f"no MLflow store {db}: give the store of the sweep with --tracking-uri sqlite:///PATH "
                           "(a sweep prints it when it starts)")
     jobs = jobs_from_mlflow(args.tracking_uri, str(args.run), out)

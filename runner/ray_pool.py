@@ -371,9 +371,10 @@ class Pace:
         text = f"{self.launched}/{self.total}, {len(self.finished)} done"
         if len(self.finished) < 2:
             return text
+        from .sweep import clock
+
         per_job = (self.finished[-1] - self.finished[0]) / (len(self.finished) - 1)
-        left = round(per_job * (self.total - len(self.finished)))
-        return f"{text}, ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        return f"{text}, ETA {clock(per_job * (self.total - len(self.finished)))}"
 
 
 def _started(sweep: Any, task: Task, pace: Pace) -> None:

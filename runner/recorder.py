@@ -393,6 +393,12 @@ def _take_writer() -> tuple:
     return _new_writer()
 
 
+def _close_queues(*queues: Any) -> None:
+    for q in queues:
+        q.close()
+        q.join_thread()
+
+
 def discard_prestarted_writer() -> None:
     """Stop a writer started ahead that no Recorder took (a refused config, an interruption):
     it has connected to nothing and written nothing, so it is killed, not waited for."""
@@ -400,9 +406,7 @@ def discard_prestarted_writer() -> None:
         proc, inbox, outbox, _ = _started.pop()
         proc.kill()
         proc.join()
-        for q in (inbox, outbox):
-            q.close()
-            q.join_thread()
+        _close_queues(inbox, outbox)
 
 
 class Recorder:
@@ -434,9 +438,7 @@ class Recorder:
         self._reader.start()
         connect = (settings, experiment, owner_tags())
         if checked:  # the reply comes to _connected
-            with self._done:
-                self._seq += 1
-                self._connecting = self._seq
+            self._connecting = self._next_seq()
             self._inbox.put((self._connecting, "connect", connect))
             return
         reply = self._request("connect", *connect)
@@ -506,11 +508,14 @@ class Recorder:
         if not self._gone:
             self._inbox.put((None, op, args))
 
-    def _request(self, op: str, *args: Any) -> Any:
-        """Ask the writer and wait for its answer (None when it is gone)."""
+    def _next_seq(self) -> int:
         with self._done:
             self._seq += 1
-            seq = self._seq
+            return self._seq
+
+    def _request(self, op: str, *args: Any) -> Any:
+        """Ask the writer and wait for its answer (None when it is gone)."""
+        seq = self._next_seq()
         if self._gone:
             return None
         self._inbox.put((seq, op, args))
@@ -548,9 +553,7 @@ class Recorder:
             self._inbox.put(None)
         self._reader.join()
         self._proc.join()
-        for q in (self._inbox, self._outbox):
-            q.close()
-            q.join_thread()
+        _close_queues(self._inbox, self._outbox)
 
     def finished_runs(self, hashes: Iterable[str]) -> dict[str, dict]:
         """config hash -> {run_id, metrics} of its newest FINISHED run (resume=true). A store

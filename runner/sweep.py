@@ -158,8 +158,10 @@ class Composer:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parsed = OverridesParser.create().parse_overrides(list(overrides))
-        values = [o for o in parsed if self._is_value(o)]
-        groups = tuple(o.input_line for o in parsed if not self._is_value(o))
+        values, chosen = [], []
+        for override in parsed:
+            (values if self._is_value(override) else chosen).append(override)
+        groups = tuple(o.input_line for o in chosen)
         if groups not in self.bases:
             self.bases[groups] = self.loader.load_sweep_config(self.config, list(groups))
         cfg = copy.deepcopy(self.bases[groups])
@@ -387,8 +389,13 @@ def progress(done: int, total: int, started: float, records: list[JobRecord]) ->
     elapsed = time.perf_counter() - started
     first = records[0].metrics.get("total_s", 0.0) if records and done > 1 else 0.0
     per_job = (elapsed - first) / (done - 1) if done > 1 and elapsed > first else elapsed / done
-    left = round(per_job * (total - done))
-    return f"{text}, ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    return f"{text}, ETA {clock(per_job * (total - done))}"
+
+
+def clock(seconds: float) -> str:
+    """`1:02:03` for 3723 seconds."""
+    left = round(seconds)
+    return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
 
 def job_folder(sweep: Sweep, launch: Launch) -> Path:

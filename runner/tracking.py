@@ -85,13 +85,19 @@ def configure_http(spec: TrackingSpec) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the runner logs its own lines
 
 
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a `sqlite:///PATH` store, None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """Exclusive access to a SQLite store's file while it is created or migrated."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
-    with locked(Path(uri[len("sqlite:///"):])):
+    with locked(db):
         yield
 
 
@@ -106,12 +112,12 @@ def check_sqlite_experiment(uri: str, name: str) -> Optional[bool]:
     ConfigError), read with Python's sqlite3 in milliseconds; None when this cannot tell (another
     store, no database yet, another schema): the MLflow writer decides. Importing MLflow and
     opening its store takes ~5 s here, which a run spends loading its weights meanwhile."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         return None
     import sqlite3
     from contextlib import closing
 
-    db = Path(uri[len("sqlite:///"):])
     if not db.is_file():
         return True
     try:
@@ -130,9 +136,8 @@ def default_artifact_location(spec: TrackingSpec, experiment: str) -> Optional[s
     if spec.artifact_location:
         loc = spec.artifact_location
         return loc if "://" in loc or loc.startswith("mlflow-artifacts:") else Path(loc).resolve().as_uri()
-    uri = store_uri(spec)
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+    db = sqlite_path(store_uri(spec))
+    if db is not None:
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment) or "experiment"
         return (db.parent / "artifacts" / safe).resolve().as_uri()
     return None
