@@ -12,6 +12,9 @@ long-lived Ray actors; this process stays the only writer of MLflow and of the s
   bytes, the record (job.json) and its log records; this process writes image.png and
   job.json into the job's folder, replays the log into the job's log file and the console,
   and hands the record to the recorder. No shared file system is needed.
+- Placement: the sweep begins once one worker has started; the others (a cluster busy with
+  other work, a node being added) join when Ray places them. None started within
+  `start_timeout_s` stops the sweep, saying what a worker needs and what the cluster has free.
 - Faults: a worker that dies (killed, out of memory, its node lost) is replaced and its job
   runs again on a free worker, up to `max_retries` times, then is recorded FAILED; a job that
   raises is FAILED as in-process and its worker goes on. Ctrl-C kills the workers and records
@@ -49,6 +52,7 @@ LAUNCHER = "hydra_plugins.runner_ray_launcher.ray_launcher.RunnerRayLauncher"
 # what a job's files and numerics depend on besides its config: sent along to the workers
 FORWARDED_ENV = ("DIFFSYNTH_", "MODELSCOPE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "RUNNER_HOLD")
 WAIT_S = 0.5  # the longest one wait for results blocks: a Ctrl-C is handled in between
+WAITING_LOG_S = 30.0  # how often a pool with no worker started says it is waiting
 _FIX_CLUSTER = ("start the cluster first (`ray start --head --port=6379` on its head), check "
                 "hydra.launcher.address, or leave it null to start a Ray runtime on this machine")
 
@@ -62,6 +66,7 @@ class Settings:
     num_gpus_per_worker: Optional[float] = None
     threads_per_worker: Optional[int] = None
     max_retries: int = 1
+    start_timeout_s: float = 300.0
     init: dict = field(default_factory=dict)
 
 
@@ -71,11 +76,12 @@ def settings_of(config: DictConfig) -> Settings:
     node.pop("_target_", None)
     settings = Settings(**node)
     for key, least in (("num_workers", 1), ("threads_per_worker", 1), ("num_gpus_per_worker", 0),
-                       ("max_retries", 0)):
+                       ("max_retries", 0), ("start_timeout_s", 1)):
         value = getattr(settings, key)
         if value is not None and value < least:
+            default = key in ("num_workers", "threads_per_worker", "num_gpus_per_worker")
             raise ConfigError(f"hydra.launcher.{key}", f"{value} is below {least}",
-                              f"give {least} or more{'' if key == 'max_retries' else ', or null for the default'}")
+                              f"give {least} or more{', or null for the default' if default else ''}")
     if settings.address is not None and not str(settings.address).strip():
         raise ConfigError("hydra.launcher.address", "is empty", "give `auto`, HOST:6379, ray://HOST:10001, or null")
     if importlib.util.find_spec("ray") is None:
@@ -152,6 +158,9 @@ class Task:
 @dataclass
 class Member:
     actor: Any
+    starting: Any = None  # its `ready` call until the worker has started: no job is sent before
+    name: str = ""  # host:pid, once started
+    since: float = field(default_factory=time.monotonic)  # when it was asked for
     key: Optional[str] = None  # the weights it holds, or loads for its job in flight
     task: Optional[Task] = None
     ref: Any = None  # the result of that job
@@ -177,33 +186,92 @@ class Pool:
         self.members: list[Member] = []
         self.ray: Any = None
         self.options: dict[str, Any] = {}
-        self.threads = 1
+        self.threads, self.gpus = 1, 0.0
+        self.running = False  # the sweep has begun: a worker starting now joins it
+        self.said_slow = False
 
     def start(self) -> None:
+        """Ask for the workers; return once one has started (Stop if none does within
+        start_timeout_s, or none can start at all)."""
         self.ray = _connect(self.settings)
-        workers, gpus, self.threads = _sizes(self.settings, self.ray.cluster_resources())
+        workers, self.gpus, self.threads = _sizes(self.settings, self.ray.cluster_resources())
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
         env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        self.options = {"num_cpus": self.threads, "num_gpus": gpus, "max_restarts": 0,
+        self.options = {"num_cpus": self.threads, "num_gpus": self.gpus, "max_restarts": 0,
                         "runtime_env": {"env_vars": env}}
         self.remote = self.ray.remote(Worker)
-        self.members = [Member(self._actor()) for _ in range(workers)]
-        try:
-            names = self.ray.get([m.actor.ready.remote() for m in self.members])
-        except self.ray.exceptions.RayError as error:
-            raise Stop(f"the Ray workers could not start: {_first_line(error)}. Fix: install this project with its "
-                       'ray extra (`pip install -e ".[ray]"`) and the models on every node of the cluster',
-                       EXIT_FAILED) from None
-        logger.info("Ray: %d workers (%d threads, %g GPUs each): %s", workers, self.threads, gpus, ", ".join(names))
+        self.members = [self._member() for _ in range(workers)]
+        said = time.monotonic()
+        while not self._started():
+            self._note_starts(self._wait([m.starting for m in self.members]))
+            self._check_placement()
+            if time.monotonic() - said >= WAITING_LOG_S:
+                said = time.monotonic()
+                logger.info("Ray: waiting for the workers to start (%s)", self._needs())
+        names = [m.name for m in self._started()]
+        logger.info("Ray: %d of %d workers started (%d threads, %g GPUs each): %s", len(names), workers,
+                    self.threads, self.gpus, ", ".join(names))
+        self.running = True
 
-    def _actor(self) -> Any:
-        return self.remote.options(**self.options).remote(os.getcwd(), self.threads)
+    def _member(self) -> Member:
+        actor = self.remote.options(**self.options).remote(os.getcwd(), self.threads)
+        return Member(actor, starting=actor.ready.remote())
+
+    def _started(self) -> list[Member]:
+        return [m for m in self.members if m.starting is None]
+
+    def _wait(self, refs: list[Any]) -> set:
+        """The refs that are ready, after waiting up to WAIT_S for the first."""
+        if not refs:
+            return set()
+        self.ray.wait(refs, num_returns=1, timeout=WAIT_S)
+        return set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+
+    def _note_starts(self, done: set) -> None:
+        """Members whose `ready` returned become workers; one that failed to start is dropped."""
+        for member in [m for m in self.members if m.starting is not None and m.starting in done]:
+            try:
+                member.name = self.ray.get(member.starting)
+                member.starting = None
+                if self.running:
+                    logger.info("Ray: worker %s joined the sweep", member.name)
+            except self.ray.exceptions.RayError as error:
+                self.members.remove(member)
+                logger.warning("Ray: a worker could not start: %s", _first_line(error))
+                if not self.members:
+                    raise Stop(f"the Ray workers could not start: {_first_line(error)}. Fix: install this project "
+                               'with its ray extra (`pip install -e ".[ray]"`) and the models on every node of the '
+                               "cluster", EXIT_FAILED) from None
+
+    def _check_placement(self) -> None:
+        """Stop when no worker has started for start_timeout_s; say once when some wait that long
+        while others work."""
+        waiting = [m for m in self.members if m.starting is not None]
+        if not waiting:
+            return
+        waited = time.monotonic() - min(m.since for m in waiting)
+        if waited < self.settings.start_timeout_s:
+            return
+        if not self._started():
+            raise Stop(f"no Ray worker started within {self.settings.start_timeout_s:g} s: {self._needs()}. Fix: "
+                       "free those resources (`ray status` shows them), lower hydra.launcher.num_workers, "
+                       "threads_per_worker or num_gpus_per_worker, or wait longer with "
+                       "hydra.launcher.start_timeout_s", EXIT_FAILED)
+        if not self.said_slow:
+            self.said_slow = True
+            logger.warning("Ray: %d worker(s) not started after %.0f s (%s); the sweep goes on with %d, and they "
+                           "join when placed", len(waiting), waited, self._needs(), len(self._started()))
+
+    def _needs(self) -> str:
+        free = self.ray.available_resources()
+        return (f"each worker needs {self.threads} CPU(s) and {self.gpus:g} GPU(s); free in the cluster: "
+                f"{free.get('CPU', 0):g} CPU(s), {free.get('GPU', 0):g} GPU(s)")
 
     def busy(self) -> bool:
         return any(m.task is not None for m in self.members)
 
     def dispatch(self, pending: list[Task], started: Callable[[Task], None]) -> None:
-        for member in self.members:
+        for member in self._started():
             if member.task is None and pending:
                 task = pending.pop(pick(member, pending, self.members))
                 task.attempts += 1
@@ -213,9 +281,11 @@ class Pool:
                 member.ref = member.actor.compute.remote(_shipped(task.launch.plan), task.launch.env)
 
     def collect(self) -> list[tuple[Task, Any, Optional[BaseException]]]:
-        """The jobs that ended within WAIT_S: (task, what the worker returned, or the error)."""
-        refs = [m.ref for m in self.members if m.ref is not None]
-        done = set(self.ray.wait(refs, num_returns=1, timeout=WAIT_S)[0]) if refs else set()
+        """The jobs that ended within WAIT_S: (task, what the worker returned, or the error);
+        workers that started meanwhile join."""
+        done = self._wait([m.ref for m in self.members if m.ref is not None] +
+                          [m.starting for m in self.members if m.starting is not None])
+        self._note_starts(done)
         ended = []
         for member in [m for m in self.members if m.ref is not None and m.ref in done]:
             task, ref = member.task, member.ref
@@ -226,8 +296,9 @@ class Pool:
                 ended.append((task, None, error))
             except self.ray.exceptions.RayError as error:
                 self._kill(member)
-                member.actor, member.key = self._actor(), None  # a fresh worker in its place
+                self.members[self.members.index(member)] = self._member()  # a fresh worker in its place
                 ended.append((task, None, WorkerLost(_first_line(error))))
+        self._check_placement()
         return ended
 
     def in_flight(self) -> list[Task]:

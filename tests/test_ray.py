@@ -254,6 +254,62 @@ def test_resume_skips_what_a_sequential_sweep_finished(env, tmp_path):
     assert [ch.data.params["seed"] for ch in new] == ["2"] and new[0].info.status == "FINISHED"
 
 
+def blocker(cpus: int):
+    """An actor of the test's own that holds `cpus` of the cluster's 2 CPUs (placed: it answered)."""
+    import ray
+
+    @ray.remote(num_cpus=cpus)
+    class Blocker:
+        def ping(self) -> int:
+            return os.getpid()
+
+    actor = Blocker.remote()
+    ray.get(actor.ping.remote(), timeout=120)
+    return actor
+
+
+def test_a_pool_whose_workers_cannot_be_placed_stops_after_start_timeout_s(env, tmp_path):
+    import ray
+
+    block = blocker(2)  # the cluster's CPUs are taken: neither worker can be placed
+    try:
+        result = run(env, tmp_path, "-m", *SMALL, "seed=0,1", "experiment=unplaced", *env["ray"],
+                     "hydra.launcher.start_timeout_s=3")
+    finally:
+        ray.kill(block)
+    text = result.stdout + result.stderr
+    assert_exit(result.returncode, 1, text)
+    assert "no Ray worker started within 3 s: each worker needs 1 CPU(s) and 0 GPU(s); free in the cluster: 0 CPU(s)" \
+        in text
+    assert "Fix: free those resources" in text and "hydra.launcher.start_timeout_s" in text
+    parents, children = runs(tmp_path, "unplaced")
+    assert [p.info.status for p in parents] == ["FAILED"] and children == []
+
+
+def test_a_worker_placed_after_the_sweep_began_joins_it(env, tmp_path):
+    """One CPU taken: the sweep begins on the one worker Ray could place; freeing the CPU
+    places the other, which takes the next job while the first is still in its job."""
+    import ray
+
+    block = blocker(1)
+    proc = start(env, tmp_path, "-m", *SMALL, "seed=0,1", "experiment=join", *env["ray"], hold="job0,job1")
+    try:
+        first = held(tmp_path, "job0", proc)
+    finally:
+        ray.kill(block)
+    second = held(tmp_path, "job1", proc)  # job 0 still holds the first worker: a second one runs job 1
+    assert second != first
+    for name in ("job0", "job1"):
+        (tmp_path / "holds" / f"{name}.go").write_text("")
+    out, err = finish(proc)
+    text = out + err
+    assert_exit(proc.returncode, 0, text)
+    assert "Ray: 1 of 2 workers started" in text and "joined the sweep" in text
+    _, children = runs(tmp_path, "join")
+    assert [ch.info.status for ch in children] == ["FINISHED", "FINISHED"]
+    assert children[0].data.tags["runner.worker"] != children[1].data.tags["runner.worker"]
+
+
 # ------------------------------------------------------------- in-process units
 
 
@@ -271,7 +327,8 @@ def test_a_free_worker_takes_a_job_whose_weights_it_holds_else_one_nobody_holds(
 
 @pytest.mark.parametrize("override,key", [("hydra.launcher.num_workers=0", "hydra.launcher.num_workers"),
                                           ("hydra.launcher.threads_per_worker=0", "hydra.launcher.threads_per_worker"),
-                                          ("hydra.launcher.max_retries=-1", "hydra.launcher.max_retries")])
+                                          ("hydra.launcher.max_retries=-1", "hydra.launcher.max_retries"),
+                                          ("hydra.launcher.start_timeout_s=0", "hydra.launcher.start_timeout_s")])
 def test_launcher_settings_are_checked_naming_the_key(override, key):
     from hydra import compose, initialize_config_dir
 

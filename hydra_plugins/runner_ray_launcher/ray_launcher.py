@@ -33,6 +33,8 @@ class RayLauncherConf:
     threads_per_worker: Optional[int] = None
     # a job whose worker died (killed, out of memory, node lost) runs again this many times, then FAILED
     max_retries: int = 1
+    # seconds to wait for a first worker to start (placed by Ray, torch imported); others join later
+    start_timeout_s: float = 300.0
     # further keyword arguments of ray.init, e.g. {num_cpus: 8, object_store_memory: 2000000000}
     init: Dict[str, Any] = field(default_factory=dict)
 
