@@ -108,6 +108,9 @@ def _command(name: str, argv: list[str]) -> int:
 
 
 def cli() -> int:
+    # MLflow 3 reports usage to its makers unless told not to: nothing leaves this machine
+    # unasked (as for Ray's runtime); MLFLOW_DISABLE_TELEMETRY=false turns it back on
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if sys.argv[1:2] and sys.argv[1] in COMMANDS:
         return _command(sys.argv[1], sys.argv[2:])
     if any(a in ("-h", "--help") for a in sys.argv[1:]):  # ours, without importing Hydra, torch or MLflow

@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .report import METRICS, PNG_LEVEL, atomic_write
+from .report import GRID_PNG_LEVEL, METRICS, atomic_write
 
 FINISHED, FAILED, KILLED, SKIPPED = "FINISHED", "FAILED", "KILLED", "SKIPPED"
 OK_STATUSES = (FINISHED, SKIPPED)  # a skipped job (resume) shows the image of its earlier run
@@ -721,7 +721,7 @@ def write_grids(jobs: Sequence[GridJob], out_dir: Path, axes: Axes, thumb: int =
     for page in grid_pages(jobs, axes):
         sheet = render_page(page, axes, thumb, images)
         written.append(atomic_write(out_dir / page.filename,
-                                    lambda tmp, s=sheet: s.save(tmp, format="PNG", compress_level=PNG_LEVEL)))
+                                    lambda tmp, s=sheet: s.save(tmp, format="PNG", compress_level=GRID_PNG_LEVEL)))
     for stale in list(out_dir.glob("grid.png")) + list(out_dir.glob("grid_*.png")):
         if stale not in written:
             stale.unlink(missing_ok=True)
