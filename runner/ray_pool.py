@@ -53,6 +53,7 @@ LAUNCHER = "hydra_plugins.runner_ray_launcher.ray_launcher.RunnerRayLauncher"
 FORWARDED_ENV = ("DIFFSYNTH_", "MODELSCOPE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "RUNNER_HOLD")
 WAIT_S = 0.5  # the longest one wait for results blocks: a Ctrl-C is handled in between
 WAITING_LOG_S = 30.0  # how often a pool with no worker started says it is waiting
+PROBE_TIMEOUT_S = 10.0  # a cluster's address that does not answer a TCP connection within this is refused
 _FIX_CLUSTER = ("start the cluster first (`ray start --head --port=6379` on its head), check "
                 "hydra.launcher.address, or leave it null to start a Ray runtime on this machine")
 
@@ -340,6 +341,8 @@ def _connect(settings: Settings) -> Any:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report sent
     import ray
 
+    if not local:
+        _probe(settings.address)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     arguments = {"address": "local", "include_dashboard": False} if local else {"address": settings.address}
     try:
@@ -352,6 +355,24 @@ def _connect(settings: Settings) -> Any:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return ray
+
+
+def _probe(address: str) -> None:
+    """Stop at once when nothing answers at a cluster's HOST:PORT: Ray's own join retries for
+    minutes before it gives up. `auto` is Ray's to find (it says at once when there is none)."""
+    rest = address.removeprefix("ray://")
+    host, colon, port = rest.rpartition(":")
+    if not colon and rest != address:  # ray://HOST: Ray Client's default port
+        host, port = rest, "10001"
+    if not host or not port.isdigit():  # `auto`, or a form Ray reads itself
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as error:
+        why = error.strerror or str(error) or "no answer"
+        raise Stop(f"cannot join the Ray cluster at {address}: nothing answers at {host}:{port} ({why}). "
+                   f"Fix: {_FIX_CLUSTER}", EXIT_FAILED) from None
 
 
 def _loopback(address: str) -> bool:

@@ -254,6 +254,23 @@ def test_resume_skips_what_a_sequential_sweep_finished(env, tmp_path):
     assert [ch.data.params["seed"] for ch in new] == ["2"] and new[0].info.status == "FINISHED"
 
 
+def test_a_cluster_address_where_nothing_answers_is_refused_at_once(env, tmp_path):
+    """Ray's own join would retry for minutes (beyond run()'s timeout): a TCP probe refuses it."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run(env, tmp_path, "-m", *SMALL, "seed=0,1", "experiment=nocluster", "hydra/launcher=ray",
+                 f"hydra.launcher.address=127.0.0.1:{port}")
+    text = result.stdout + result.stderr
+    assert_exit(result.returncode, 1, text)
+    assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers" in text
+    assert "Fix: start the cluster first (`ray start --head" in text
+    parents, children = runs(tmp_path, "nocluster")
+    assert all(p.info.status == "FAILED" for p in parents) and children == []
+
+
 def blocker(cpus: int):
     """An actor of the test's own that holds `cpus` of the cluster's 2 CPUs (placed: it answered)."""
     import ray
