@@ -208,6 +208,36 @@ def test_a_killed_worker_makes_the_next_command_run_here(warm_env, reference, tm
     assert not (folder / f"{worker['wid']}.sock").exists()  # cleaned: the next command starts a new worker
 
 
+def test_a_worker_killed_during_the_job_has_the_job_run_again_here(warm_env, reference, tmp_path):
+    env, folder = warm_env
+    cwd, holds = tmp_path / "work", tmp_path / "holds"
+    cwd.mkdir()
+    holds.mkdir()
+    argv = [sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none", f"hydra.run.dir={cwd / 'cut'}"]
+    proc = subprocess.Popen(argv, cwd=cwd, env=dict(env, RUNNER_HOLD="job0", RUNNER_HOLD_DIR=str(holds)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held = holds / "job0.held"
+    try:
+        wait_until(lambda: held.exists() and held.read_text() or proc.poll() is not None, "job held in the worker")
+        worker = the_worker(folder)
+        assert held.read_text() == str(worker["pid"])
+        held.unlink()
+        os.kill(worker["pid"], signal.SIGKILL)
+        # the command runs the job itself: it reaches the same hold point, in its own process
+        wait_until(lambda: held.exists() and held.read_text() or proc.poll() is not None, "job held in the command")
+        assert held.read_text() == str(proc.pid)
+        (holds / "job0.go").write_text("")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out + err
+    assert proc.returncode == 0, text[-3000:]
+    assert f"Warm worker pid {worker['pid']} ended during the job" in text and "The job runs again in this" in text
+    assert record(cwd / "cut")["status"] == "FINISHED" and record(cwd / "cut")["metrics"]["load_s"] > 0
+    assert outputs(cwd / "cut") == reference["outputs"]
+
+
 def test_a_folder_open_to_other_users_is_not_used(warm_env, tmp_path):
     env, folder = warm_env
     folder.mkdir(mode=0o755)
