@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .processes import runner_env
+from .processes import free_port, runner_env
 
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
          "progress_bar=false", "prompt=a red fox in the snow", "device=cpu"]
@@ -256,11 +256,7 @@ def test_resume_skips_what_a_sequential_sweep_finished(env, tmp_path):
 
 def test_a_cluster_address_where_nothing_answers_is_refused_at_once(env, tmp_path):
     """Ray's own join would retry for minutes (beyond run()'s timeout): a TCP probe refuses it."""
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     result = run(env, tmp_path, "-m", *SMALL, "seed=0,1", "experiment=nocluster", "hydra/launcher=ray",
                  f"hydra.launcher.address=127.0.0.1:{port}")
     text = result.stdout + result.stderr

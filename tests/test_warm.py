@@ -2,7 +2,9 @@
 the tiny model: the second command reuses the loaded weights and leaves the very same image, PNG
 metadata and MLflow params as a command without keep_warm; a worker exits by itself when idle;
 Ctrl-C stops the job in the worker, which stays warm; a killed worker makes the next command
-warn and run in its own process; `runner warm stop`; a folder open to other users is refused.
+warn and run in its own process, and a worker killed during a job has that job run again in
+the command; a command arriving while the worker is busy waits for it (saying so) and is then
+served by it; `runner warm stop`; a folder open to other users is refused.
 Each test's workers live in a folder under tmp_path, and a fixture stops every one of them at
 teardown (and asserts that none outlived the test).
 
@@ -236,6 +238,38 @@ def test_a_worker_killed_during_the_job_has_the_job_run_again_here(warm_env, ref
     assert f"Warm worker pid {worker['pid']} ended during the job" in text and "The job runs again in this" in text
     assert record(cwd / "cut")["status"] == "FINISHED" and record(cwd / "cut")["metrics"]["load_s"] > 0
     assert outputs(cwd / "cut") == reference["outputs"]
+
+
+def test_a_command_arriving_while_the_worker_is_busy_waits_for_it_then_uses_it(warm_env, reference, tmp_path):
+    env, folder = warm_env
+    cwd, holds = tmp_path / "work", tmp_path / "holds"
+    cwd.mkdir()
+    holds.mkdir()
+    first = subprocess.Popen([sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none",
+                              f"hydra.run.dir={cwd / 'first'}"], cwd=cwd,
+                             env=dict(env, RUNNER_HOLD="job0", RUNNER_HOLD_DIR=str(holds)),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second, log = None, tmp_path / "second.log"
+    try:
+        wait_until(lambda: (holds / "job0.held").exists() or first.poll() is not None, "job held in the worker")
+        worker = the_worker(folder)
+        with open(log, "w") as out:  # the hold is the first command's: the second one's job is not held
+            second = subprocess.Popen([sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none",
+                                       f"hydra.run.dir={cwd / 'second'}"], cwd=cwd, env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: "is busy with another command: this one waits" in log.read_text()
+                   or second.poll() is not None, "the second command's notice")
+        assert second.poll() is None, log.read_text()[-3000:]
+        (holds / "job0.go").write_text("")
+        assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]
+        assert second.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert the_worker(folder)["pid"] == worker["pid"] and the_worker(folder)["jobs"] == 2
+    assert record(cwd / "second")["metrics"]["load_s"] == 0  # served by the warm worker, after the first job
+    assert outputs(cwd / "first") == outputs(cwd / "second") == reference["outputs"]
 
 
 def test_a_folder_open_to_other_users_is_not_used(warm_env, tmp_path):
