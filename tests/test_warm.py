@@ -4,7 +4,8 @@ metadata and MLflow params as a command without keep_warm; a worker exits by its
 Ctrl-C stops the job in the worker, which stays warm; a killed worker makes the next command
 warn and run in its own process, and a worker killed during a job has that job run again in
 the command; a command arriving while the worker is busy waits for it (saying so) and is then
-served by it; `runner warm stop`; a folder open to other users is refused.
+served by it; a LoRA file rewritten between commands is applied again; `runner warm stop`; a
+folder open to other users is refused.
 Each test's workers live in a folder under tmp_path, and a fixture stops every one of them at
 teardown (and asserts that none outlived the test).
 
@@ -270,6 +271,24 @@ def test_a_command_arriving_while_the_worker_is_busy_waits_for_it_then_uses_it(w
     assert the_worker(folder)["pid"] == worker["pid"] and the_worker(folder)["jobs"] == 2
     assert record(cwd / "second")["metrics"]["load_s"] == 0  # served by the warm worker, after the first job
     assert outputs(cwd / "first") == outputs(cwd / "second") == reference["outputs"]
+
+
+def test_a_lora_file_rewritten_between_commands_is_applied_again(warm_env, tmp_path):
+    from pipelines.testing.tiny import build_tiny_lora
+
+    env, folder = warm_env
+    cwd, lora = tmp_path / "work", tmp_path / "lora.safetensors"
+    build_tiny_lora(lora, seed=1)
+    args = ("lora=file", f"lora.path={lora}", "tracking=none")
+    job(env, cwd, "before", "keep_warm=15m", *args)
+    build_tiny_lora(tmp_path / "newer.safetensors", seed=2)
+    os.replace(tmp_path / "newer.safetensors", lora)  # same name and size, other weights
+    after, job_dir = job(env, cwd, "after", "keep_warm=15m", *args)
+    assert "its file changed since it was applied: applying it again" in after.stdout + after.stderr
+    assert the_worker(folder)["jobs"] == 2 and record(job_dir)["metrics"]["load_s"] == 0  # the weights kept
+    _, cold = job(env, cwd, "cold", *args)  # no keep_warm: the new file applied in a fresh process
+    assert outputs(job_dir) == outputs(cold)
+    assert outputs(job_dir)[0] != outputs(cwd / "before")[0]
 
 
 def test_a_folder_open_to_other_users_is_not_used(warm_env, tmp_path):
