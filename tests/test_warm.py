@@ -4,8 +4,8 @@ metadata and MLflow params as a command without keep_warm; a worker exits by its
 Ctrl-C stops the job in the worker, which stays warm; a killed worker makes the next command
 warn and run in its own process, and a worker killed during a job has that job run again in
 the command; a command arriving while the worker is busy waits for it (saying so) and is then
-served by it; a LoRA file rewritten between commands is applied again; `runner warm stop`; a
-folder open to other users is refused.
+served by it; a LoRA file or checkpoint rewritten between commands is used anew; `runner warm
+stop`; a folder open to other users is refused.
 Each test's workers live in a folder under tmp_path, and a fixture stops every one of them at
 teardown (and asserts that none outlived the test).
 
@@ -287,6 +287,26 @@ def test_a_lora_file_rewritten_between_commands_is_applied_again(warm_env, tmp_p
     assert "its file changed since it was applied: applying it again" in after.stdout + after.stderr
     assert the_worker(folder)["jobs"] == 2 and record(job_dir)["metrics"]["load_s"] == 0  # the weights kept
     _, cold = job(env, cwd, "cold", *args)  # no keep_warm: the new file applied in a fresh process
+    assert outputs(job_dir) == outputs(cold)
+    assert outputs(job_dir)[0] != outputs(cwd / "before")[0]
+
+
+def test_checkpoint_files_rewritten_between_commands_are_loaded_again(warm_env, tmp_path):
+    from pipelines.testing.tiny import build_tiny_repo
+
+    env, folder = warm_env
+    models, cwd = tmp_path / "models", tmp_path / "work"
+    repo = build_tiny_repo(models / "tiny" / "Qwen-Image-Tiny")  # this test's own copy: it is rewritten
+    env = dict(env, DIFFSYNTH_MODEL_BASE_PATH=str(models))
+    job(env, cwd, "before", "keep_warm=15m", "tracking=none")
+    worker = the_worker(folder)
+    other = build_tiny_repo(tmp_path / "other", seed=1)  # same shapes, other weights
+    for shard in (other / "transformer").glob("*.safetensors"):
+        os.replace(shard, repo / "transformer" / shard.name)
+    after, job_dir = job(env, cwd, "after", "keep_warm=15m", "tracking=none")
+    assert "the checkpoint's files changed since they were loaded: loading them again" in after.stdout + after.stderr
+    assert the_worker(folder)["pid"] == worker["pid"] and record(job_dir)["metrics"]["load_s"] > 0
+    _, cold = job(env, cwd, "cold", "tracking=none")  # no keep_warm: the new files loaded in a fresh process
     assert outputs(job_dir) == outputs(cold)
     assert outputs(job_dir)[0] != outputs(cwd / "before")[0]
 
