@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 
@@ -101,6 +102,24 @@ def the_worker(folder: Path) -> dict:
     return live[0]
 
 
+def start_warm(env: dict[str, str], cwd: Path, name: str, holds: Optional[Path] = None,
+               stderr: int = subprocess.PIPE, stdout: Any = subprocess.PIPE) -> subprocess.Popen:
+    """A keep_warm single-image command into cwd/name, not waited for; with `holds`, its job
+    stops at hold point job0 (in the worker, or in the command if it runs the job itself)."""
+    hold = {"RUNNER_HOLD": "job0", "RUNNER_HOLD_DIR": str(holds)} if holds is not None else {}
+    argv = [sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none", f"hydra.run.dir={cwd / name}"]
+    return subprocess.Popen(argv, cwd=cwd, env=dict(env, **hold), stdout=stdout, stderr=stderr, text=True)
+
+
+def held_in_worker(folder: Path, holds: Path, proc: subprocess.Popen) -> dict:
+    """The warm worker, once `proc`'s job is held in it (not in the command)."""
+    held = holds / "job0.held"
+    wait_until(lambda: held.exists() and held.read_text() or proc.poll() is not None, "job held in the worker")
+    worker = the_worker(folder)
+    assert held.read_text() == str(worker["pid"])  # the job runs in the worker
+    return worker
+
+
 @pytest.fixture(scope="module")
 def reference(base_env, tmp_path_factory):
     """The same job without keep_warm: loaded and computed in the command's own process."""
@@ -173,13 +192,9 @@ def test_ctrl_c_stops_the_job_in_the_worker_which_stays_warm(warm_env, tmp_path)
     cwd, holds = tmp_path / "work", tmp_path / "holds"
     cwd.mkdir()
     holds.mkdir()
-    argv = [sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none", f"hydra.run.dir={cwd / 'cut'}"]
-    proc = subprocess.Popen(argv, cwd=cwd, env=dict(env, RUNNER_HOLD="job0", RUNNER_HOLD_DIR=str(holds)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_warm(env, cwd, "cut", holds)
     try:
-        wait_until(lambda: (holds / "job0.held").exists() or proc.poll() is not None, "job held in the worker")
-        worker = the_worker(folder)
-        assert (holds / "job0.held").read_text() == str(worker["pid"])  # the job runs in the worker
+        worker = held_in_worker(folder, holds, proc)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -216,14 +231,10 @@ def test_a_worker_killed_during_the_job_has_the_job_run_again_here(warm_env, ref
     cwd, holds = tmp_path / "work", tmp_path / "holds"
     cwd.mkdir()
     holds.mkdir()
-    argv = [sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none", f"hydra.run.dir={cwd / 'cut'}"]
-    proc = subprocess.Popen(argv, cwd=cwd, env=dict(env, RUNNER_HOLD="job0", RUNNER_HOLD_DIR=str(holds)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_warm(env, cwd, "cut", holds)
     held = holds / "job0.held"
     try:
-        wait_until(lambda: held.exists() and held.read_text() or proc.poll() is not None, "job held in the worker")
-        worker = the_worker(folder)
-        assert held.read_text() == str(worker["pid"])
+        worker = held_in_worker(folder, holds, proc)
         held.unlink()
         os.kill(worker["pid"], signal.SIGKILL)
         # the command runs the job itself: it reaches the same hold point, in its own process
@@ -246,18 +257,12 @@ def test_a_command_arriving_while_the_worker_is_busy_waits_for_it_then_uses_it(w
     cwd, holds = tmp_path / "work", tmp_path / "holds"
     cwd.mkdir()
     holds.mkdir()
-    first = subprocess.Popen([sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none",
-                              f"hydra.run.dir={cwd / 'first'}"], cwd=cwd,
-                             env=dict(env, RUNNER_HOLD="job0", RUNNER_HOLD_DIR=str(holds)),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = start_warm(env, cwd, "first", holds, stderr=subprocess.STDOUT)
     second, log = None, tmp_path / "second.log"
     try:
-        wait_until(lambda: (holds / "job0.held").exists() or first.poll() is not None, "job held in the worker")
-        worker = the_worker(folder)
+        worker = held_in_worker(folder, holds, first)
         with open(log, "w") as out:  # the hold is the first command's: the second one's job is not held
-            second = subprocess.Popen([sys.executable, "-m", "runner", *SMALL, "keep_warm=15m", "tracking=none",
-                                       f"hydra.run.dir={cwd / 'second'}"], cwd=cwd, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT, text=True)
+            second = start_warm(env, cwd, "second", stdout=out, stderr=subprocess.STDOUT)
         wait_until(lambda: "is busy with another command: this one waits" in log.read_text()
                    or second.poll() is not None, "the second command's notice")
         assert second.poll() is None, log.read_text()[-3000:]
