@@ -23,6 +23,8 @@ _EXPORTS = {
     "model_folder": "pipelines.core.download",
     "check_repo_path": "pipelines.core.download",
     "parse_download_source": "pipelines.core.download",
+    # pictures: the one reader of every picture argument
+    "open_picture": "pipelines.core.images",
     # values
     "parse_dtype": "pipelines.core.parse",
     "parse_compute_dtype": "pipelines.core.parse",
@@ -37,6 +39,7 @@ _EXPORTS = {
     "check_vram_limit": "pipelines.core.vram.settings",
     # errors
     "SettingError": "pipelines.core.parse",
+    "PictureError": "pipelines.core.images",
     "CheckpointError": "pipelines.core.loader",
     "DownloadError": "pipelines.core.download",
     "UnsafePathError": "pipelines.core.download",

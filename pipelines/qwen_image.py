@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .core.images import ImageInput, image_to_tensor, open_image, pack_latents, tensor_to_image, unpack_latents
+from .core.files import check_folder_files
+from .core.images import ImageInput, image_to_tensor, open_picture, pack_latents, tensor_to_image, unpack_latents
 from .core.model_config import ModelConfig
-from .core.parse import SettingError, check_seed, finite
+from .core.parse import SettingError, check_seed, finite, parse_device
 from .core.pipeline import Pipeline, generation
 from .core.sampling import FlowMatchScheduler, denoise
 from .models.qwen_image_dit import QwenImageDiT
@@ -49,6 +50,7 @@ MAX_PROMPT_TOKENS = 1024  # tokenizer limit after the template prefix
 MAX_TEXT_EMBEDDINGS = 512  # the DiT sees at most this many prompt tokens
 SIZE_MULTIPLE = 16  # 8x VAE compression times the 2x2 latent packing
 MAX_PIXELS = 4096 * 4096  # beyond, latents and attention outgrow any device; `max_pixels` raises it
+MAX_STEPS = 10_000  # the schedule is computed in the checks; beyond, a typo (1e9 steps) would fill the memory
 DEFAULT_SIZE = 1328
 
 EDIT_SYSTEM = (
@@ -61,9 +63,12 @@ EDIT_TEMPLATE = EDIT_SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n"  # 2509, 2
 SINGLE_EDIT_TEMPLATE = EDIT_SYSTEM + "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
 PICTURE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 EDIT_PREFIX_TOKENS = 64  # the edit template's system part, dropped from the embeddings
+# diffusers' QwenImageEditPlusPipeline's areas (CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE); the class
+# attributes of the same name (lower case) are what a pipeline uses, so a family variant may change them
 CONDITION_AREA = 384 * 384  # pictures as the vision-language encoder sees them (2509, 2511)
 REFERENCE_AREA = 1024 * 1024  # pictures as the VAE encodes them
 OUTPUT_AREA = 1024 * 1024  # the default output size of an edit, with the last picture's aspect
+FLAGS = ("edit_image_auto_resize", "tiled", "progress_bar", "cfg_norm_rescale", "cfg_batch")  # call arguments: bools
 
 
 @dataclass
@@ -78,6 +83,10 @@ class QwenImagePipeline(Pipeline):
     components = {"dit": QwenImageDiT, "text_encoder": QwenImageTextEncoder, "vae": QwenImageVAE}
     lora_target = "dit"
     image_arguments = ("input_image", "edit_image")
+    # the pictures' areas in pixels (an edit); a variant for other models may set its own
+    condition_area: int = CONDITION_AREA
+    reference_area: int = REFERENCE_AREA
+    output_area: int = OUTPUT_AREA
 
     def __init__(self, torch_dtype: torch.dtype, device: str | torch.device):
         super().__init__(torch_dtype, device)
@@ -100,7 +109,9 @@ class QwenImagePipeline(Pipeline):
     def load_processor(cls, paths: Sequence[Path]):
         from .models.qwen_image_vision import QwenVLProcessor
 
-        return QwenVLProcessor.from_folder(paths[0] if paths[0].is_dir() else paths[0].parent)
+        folder = paths[0] if paths[0].is_dir() else paths[0].parent
+        check_folder_files(folder, "processor_config")
+        return QwenVLProcessor.from_folder(folder)
 
     def on_loaded(self) -> None:
         """The DiT reads the text encoder's hidden states and the VAE's packed latents; an edit
@@ -193,27 +204,30 @@ class QwenImagePipeline(Pipeline):
     @classmethod
     def check_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Every call argument checked before any work (the runner calls this before loading):
-        finite numbers, sizes within `max_pixels`, a seed in range (None: a random one, logged),
-        readable pictures (opened here; `edit_image` becomes an EditInput)."""
+        finite numbers, flags that are bools, a random-number device this machine has, sizes
+        within `max_pixels`, a seed in range (None: a random one, logged), a schedule that can
+        be computed (the shift `exponential_shift_mu` included), readable pictures (read here;
+        `edit_image` becomes an EditInput)."""
         a = super().check_arguments(arguments)
         if not isinstance(a["prompt"], str) or not isinstance(a["negative_prompt"], str):
             raise SettingError("prompt and negative_prompt must be strings.")
         for key in ("cfg_scale", "denoising_strength"):
             a[key] = finite(a[key], key)
-        if a["exponential_shift_mu"] is not None:
-            a["exponential_shift_mu"] = finite(a["exponential_shift_mu"], "exponential_shift_mu")
         if not 0.0 < a["denoising_strength"] <= 1.0:
             raise SettingError(f"denoising_strength must be in (0, 1], got {a['denoising_strength']}.")
+        check_flags(a)
         steps = a["num_inference_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise SettingError(f"num_inference_steps must be an integer >= 1, got {steps!r}.")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise SettingError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}.")
         check_tiling(a["tile_size"], a["tile_stride"])
+        a["rand_device"] = parse_device(a["rand_device"], "rand_device")
         a["seed"] = random_seed() if a["seed"] is None else check_seed(a["seed"])
         if a["input_image"] is not None:
-            a["input_image"] = open_image(a["input_image"], "input_image")
+            a["input_image"] = open_picture(a["input_image"], "input_image")
         a["edit_image"] = edit_input(a["edit_image"])
-        a["height"], a["width"] = check_size(*default_size(a["height"], a["width"], a["edit_image"]),
-                                             a["max_pixels"])
+        a["height"], a["width"] = check_size(*default_size(a["height"], a["width"], a["edit_image"],
+                                                           cls.output_area), a["max_pixels"])
+        check_schedule(a)
         return a
 
     def _encode_references(self, edit: EditInput | None, auto_resize: bool,
@@ -224,7 +238,7 @@ class QwenImagePipeline(Pipeline):
         self.use_stage("vae")
         latents, grids = [], []
         for picture in edit.pictures:
-            width, height = reference_size(picture, auto_resize)
+            width, height = reference_size(picture, auto_resize, self.reference_area)
             encoded = self.vae.encode(image_to_tensor(picture, height, width).to(self.device), **tiling)
             latents.append(pack_latents(encoded))
             grids.append((height // SIZE_MULTIPLE, width // SIZE_MULTIPLE))
@@ -303,10 +317,10 @@ class QwenImagePipeline(Pipeline):
         if edit.multi:
             numbered = "".join(PICTURE_PROMPT.format(i + 1) for i in range(len(edit.pictures)))
             text = EDIT_TEMPLATE.format(numbered + prompt)
-            seen = [resized(p, *fit_area(p, CONDITION_AREA)) for p in edit.pictures]
+            seen = [resized(p, *fit_area(p, self.condition_area)) for p in edit.pictures]
         else:
             text = SINGLE_EDIT_TEMPLATE.format(prompt)
-            seen = [resized(p, *fit_area(p, REFERENCE_AREA)) for p in edit.pictures]
+            seen = [resized(p, *fit_area(p, self.reference_area)) for p in edit.pictures]
         inputs = self.processor([text], images=seen).to(self.device)
         hidden = self.text_encoder(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                    inputs["image_grid_thw"])
@@ -324,7 +338,9 @@ class QwenImagePipeline(Pipeline):
 def load_tokenizer(paths: Sequence[Path]) -> QwenTokenizer:
     """The Qwen2.5-VL tokenizer of a `tokenizer/` folder, read with the `tokenizers` library (no
     transformers import); its errors name the folder or file, the fault and the fix."""
-    return QwenTokenizer.from_folder(paths[0] if paths[0].is_dir() else paths[0].parent)
+    folder = paths[0] if paths[0].is_dir() else paths[0].parent
+    check_folder_files(folder, "tokenizer_config")
+    return QwenTokenizer.from_folder(folder)
 
 
 def stack_texts(texts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -369,6 +385,40 @@ def check_size(height: int, width: int, max_pixels: int = MAX_PIXELS) -> tuple[i
     return height, width
 
 
+def check_flags(a: dict[str, Any]) -> None:
+    """The on/off arguments are bools (a string such as "false" would count as on)."""
+    for key in FLAGS:
+        if not isinstance(a[key], bool):
+            raise SettingError(f"{key} must be true or false, got {a[key]!r}.")
+    if a["zero_cond_t"] is not None and not isinstance(a["zero_cond_t"], bool):
+        raise SettingError(f"zero_cond_t must be true, false or None (the transformer's config.json decides), got "
+                           f"{a['zero_cond_t']!r}.")
+
+
+def check_schedule(a: dict[str, Any]) -> None:
+    """The sigma schedule of the call, computed as the call will (it needs no model): a shift
+    `exponential_shift_mu` so large or small that exp() overflows, or that leaves NaN or steps
+    that do not move, is refused here rather than after loading."""
+    scheduler = a["scheduler"]
+    if scheduler is not None and not callable(getattr(scheduler, "sigmas", None)):
+        raise SettingError(f"scheduler must be a FlowMatchScheduler (or None for the default), got "
+                           f"{type(scheduler).__name__}.")
+    mu = a["exponential_shift_mu"]
+    if mu is not None:
+        a["exponential_shift_mu"] = mu = finite(mu, "exponential_shift_mu")
+    tokens = (a["height"] // SIZE_MULTIPLE) * (a["width"] // SIZE_MULTIPLE)
+    try:
+        sigmas = (scheduler or FlowMatchScheduler()).sigmas(a["num_inference_steps"], tokens, mu)
+    except OverflowError:
+        sigmas = None
+    if sigmas is None or not bool(torch.isfinite(sigmas).all()) or not bool((sigmas[1:] < sigmas[:-1]).all()):
+        what = f"exponential_shift_mu={mu!r}" if mu is not None else "the scheduler's settings"
+        raise SettingError(
+            f"{what} gives no usable sigma schedule for {a['num_inference_steps']} step(s) (exp(mu) overflows, or "
+            "the sigmas are not finite or do not decrease at every step). Qwen-Image's own shift is mu of about "
+            "0.5 to 0.9 (Lightning: ln 3 = 1.1): give a value of that order, or leave it null for the default.")
+
+
 def check_tiling(tile_size: int, tile_stride: int) -> None:
     for key, value in (("tile_size", tile_size), ("tile_stride", tile_stride)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -385,10 +435,11 @@ def edit_input(value: Any) -> EditInput | None:
     if isinstance(value, EditInput):
         return value
     if isinstance(value, (Image.Image, str, Path)):
-        return EditInput([open_image(value, "edit_image")], multi=False)
+        return EditInput([open_picture(value, "edit_image", alpha=True)], multi=False)
     if not isinstance(value, Sequence) or not value:
         raise SettingError(f"edit_image must be a picture, a path, or a non-empty list of them, got {value!r}.")
-    return EditInput([open_image(v, f"edit_image[{i}]") for i, v in enumerate(value)], multi=True)
+    # RGBA kept: the vision-language path composites onto white after resizing, as transformers does
+    return EditInput([open_picture(v, f"edit_image[{i}]", alpha=True) for i, v in enumerate(value)], multi=True)
 
 
 def fit_area(picture: Image.Image, area: int) -> tuple[int, int]:
@@ -403,11 +454,11 @@ def resized(picture: Image.Image, width: int, height: int) -> Image.Image:
     return picture if picture.size == (width, height) else picture.resize((width, height), Image.LANCZOS)
 
 
-def reference_size(picture: Image.Image, auto_resize: bool) -> tuple[int, int]:
-    """(width, height) a picture is VAE-encoded at: ~1024x1024 with its aspect, or with
+def reference_size(picture: Image.Image, auto_resize: bool, area: int = REFERENCE_AREA) -> tuple[int, int]:
+    """(width, height) a picture is VAE-encoded at: `area` (~1024x1024) with its aspect, or with
     `auto_resize=False` its own size rounded down to multiples of 16."""
     if auto_resize:
-        return fit_area(picture, REFERENCE_AREA)
+        return fit_area(picture, area)
     size = (max(SIZE_MULTIPLE, picture.width // SIZE_MULTIPLE * SIZE_MULTIPLE),
             max(SIZE_MULTIPLE, picture.height // SIZE_MULTIPLE * SIZE_MULTIPLE))
     if size != picture.size:
@@ -416,11 +467,12 @@ def reference_size(picture: Image.Image, auto_resize: bool) -> tuple[int, int]:
     return size
 
 
-def default_size(height: int | None, width: int | None, edit: EditInput | None) -> tuple[int, int]:
-    """1328x1328, or with pictures the last one's aspect at ~1024x1024 (multiples of 16 below)."""
+def default_size(height: int | None, width: int | None, edit: EditInput | None,
+                 area: int = OUTPUT_AREA) -> tuple[int, int]:
+    """1328x1328, or with pictures the last one's aspect at `area` (~1024x1024; multiples of 16 below)."""
     if edit is None:
         return (DEFAULT_SIZE if height is None else height), (DEFAULT_SIZE if width is None else width)
-    fit_width, fit_height = fit_area(edit.pictures[-1], OUTPUT_AREA)
+    fit_width, fit_height = fit_area(edit.pictures[-1], area)
     height = fit_height if height is None else height
     width = fit_width if width is None else width
     return height // SIZE_MULTIPLE * SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE

@@ -70,14 +70,25 @@ def pipes(repo):
     return ours(root), ours(root, root_2511)
 
 
+def test_the_picture_areas_are_diffusers_own():
+    """Our areas equal diffusers' before any test shrinks both (a changed constant of ours would
+    otherwise pass every parity test, which patch both sides to the same small areas)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    assert QwenImagePipeline.condition_area == qwen_image.CONDITION_AREA == plus.CONDITION_IMAGE_SIZE == 384 * 384
+    assert QwenImagePipeline.reference_area == qwen_image.REFERENCE_AREA == plus.VAE_IMAGE_SIZE == 1024 * 1024
+    assert QwenImagePipeline.output_area == qwen_image.OUTPUT_AREA == 1024 * 1024  # diffusers: inline 1024 * 1024
+
+
 @pytest.fixture()
 def small_areas(monkeypatch):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
 
-    for module, condition, vae in ((plus, "CONDITION_IMAGE_SIZE", "VAE_IMAGE_SIZE"),
-                                   (qwen_image, "CONDITION_AREA", "REFERENCE_AREA")):
-        monkeypatch.setattr(module, condition, 96 * 96)
-        monkeypatch.setattr(module, vae, 128 * 128)
+    test_the_picture_areas_are_diffusers_own()  # what is patched below is the same on both sides
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 96 * 96)
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 128 * 128)
+    monkeypatch.setattr(QwenImagePipeline, "condition_area", 96 * 96)
+    monkeypatch.setattr(QwenImagePipeline, "reference_area", 128 * 128)
 
 
 def oracle_embeddings(reference, processor_dir, text: str, images: list[Image.Image], monkeypatch) -> torch.Tensor:
@@ -305,3 +316,34 @@ def test_lora_cold_hot_and_clear_on_the_edit_dit(tiny_edit_repo, edit_pictures, 
     assert np.abs(cold - base).mean() > 2  # the LoRA shows
     assert np.abs(hot - cold).max() <= 2  # fused or added in the forward: the same update
     assert np.array_equal(np.asarray(pipe(**args), dtype=np.int16), base)
+
+
+def test_the_readme_edit_demo_names_shipped_pictures_and_encodes_them_small(tiny_edit_repo):
+    """The README's edit-demo line works in a fresh clone: its pictures ship with the repository,
+    and the preset's pipeline (conf/model/qwen_image_edit_tiny.yaml) encodes them at the tiny
+    model's small areas: the DiT sees 60 tokens a picture, not ~4096 (~1024x1024)."""
+    import importlib
+    import re
+
+    import yaml
+
+    from .processes import REPO
+
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if "model=qwen_image_edit_tiny" in x)
+    pictures = [REPO / p for p in re.search(r"call\.edit_image=\[([^\]]*)\]", line).group(1).split(",")]
+    assert len(pictures) == 2 and all(p.is_file() for p in pictures), pictures
+    preset = yaml.safe_load((REPO / "conf" / "model" / "qwen_image_edit_tiny.yaml").read_text())
+    module, _, name = preset["pipeline"].rpartition(".")
+    cls = importlib.import_module(module).__dict__[name]
+    assert issubclass(cls, QwenImagePipeline) and cls.reference_area < QwenImagePipeline.reference_area
+    pipe = cls.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", processor_config=ModelConfig(path=tiny_edit_repo / "processor"),
+        model_configs=[ModelConfig(path=tiny_edit_repo / f) for f in ("transformer", "text_encoder", "vae")])
+    seen = []
+    pipe.dit.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape[1], args[6])))
+    image = pipe("put the fox on the cushion", edit_image=[str(p) for p in pictures], seed=0, num_inference_steps=2,
+                 height=128, width=128, progress_bar=False)  # sampler=tiny's size
+    assert image.size == (128, 128)
+    length, grids = seen[0]
+    assert grids == ((6, 10), (10, 6))  # 128x96 and 96x128 at ~128x128: 160x96 and 96x160 pixels
+    assert length == 64 + 60 + 60

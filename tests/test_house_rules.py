@@ -15,20 +15,47 @@ def python_files(*folders: str) -> list[Path]:
     return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in a file, relative imports resolved."""
+def public_exports() -> dict[str, str]:
+    """pipelines/__init__.py's _EXPORTS (public name -> the module that defines it), read statically."""
+    tree = ast.parse((ROOT / "pipelines" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("pipelines/__init__.py has no _EXPORTS")
+
+
+def imported_modules(path: Path, source: str | None = None) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a file, relative imports resolved. Inside
+    the library, `from pipelines import X` (or `from .. import X` reaching the package) is resolved
+    through _EXPORTS to the module X comes from: the public surface must not hide an arrow."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    in_library = path.relative_to(ROOT).parts[0] == "pipelines"
+    exports = public_exports() if in_library else {}
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             module = ".".join([*base, node.module] if node.module else base)
             found.append((node.lineno, module))
-            if node.module is None:  # `from . import x`: x may be a module
+            if module == "pipelines" and in_library:  # the public surface, from inside: where each name lives
+                found += [(node.lineno, exports.get(alias.name, f"pipelines.{alias.name}")) for alias in node.names]
+            elif node.module is None:  # `from . import x`: x may be a module
                 found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
     return found
+
+
+def test_the_public_surface_is_resolved_inside_the_library():
+    """A model file importing `from pipelines import fetch` (or `from .. import VramSettings`)
+    reaches the downloader (the VRAM code): the rules see the module behind the name. The
+    runner's `from pipelines import X` stays what it is, the public surface."""
+    model = ROOT / "pipelines" / "models" / "qwen_image_dit.py"
+    source = "from pipelines import fetch\nfrom .. import VramSettings\nfrom pipelines import testing\n"
+    assert [m for _, m in imported_modules(model, source)] == [
+        "pipelines", "pipelines.core.download", "pipelines", "pipelines.core.vram", "pipelines", "pipelines.testing"]
+    runner_file = ROOT / "runner" / "build.py"
+    assert [m for _, m in imported_modules(runner_file, "from pipelines import fetch\n")] == ["pipelines"]
 
 
 def test_the_runner_uses_the_library_only_through_its_public_surface():

@@ -40,6 +40,17 @@ def pipe(tiny_repo):
     (dict(tile_size=8, tile_stride=16), "tile_stride"),
     (dict(input_image="/no/such/picture.png"), "no such file"),
     (dict(edit_image=[]), "edit_image"),
+    # values that passed the checks and failed only after loading (21.5)
+    (dict(exponential_shift_mu=1e6), "exponential_shift_mu=1000000.0 gives no usable sigma schedule"),
+    (dict(exponential_shift_mu=-1e6), "exponential_shift_mu=-1000000.0 gives no usable sigma schedule"),
+    (dict(rand_device="bogus"), "rand_device='bogus' is not a device"),
+    (dict(rand_device="cuda:7"), "rand_device='cuda:7'"),
+    (dict(num_inference_steps=10**9), "num_inference_steps must be an integer from 1 to 10000"),
+    (dict(tiled="false"), "tiled must be true or false"),
+    (dict(cfg_batch=1), "cfg_batch must be true or false"),
+    (dict(zero_cond_t="yes"), "zero_cond_t must be true, false or None"),
+    (dict(scheduler="lightning"), "scheduler must be a FlowMatchScheduler"),
+    (dict(input_image=3), "input_image must be a PIL.Image or the path"),
 ])
 def test_bad_call_arguments_are_refused_before_any_work(pipe, override, needle, monkeypatch):
     calls = []
@@ -48,6 +59,17 @@ def test_bad_call_arguments_are_refused_before_any_work(pipe, override, needle, 
             "*", r"\*").replace("(", r"\(").replace(")", r"\)")):
         pipe(**{**ARGS, **override})
     assert not calls  # refused before the text encoder ran
+
+
+def test_the_argument_checks_need_no_model():
+    """What the runner calls before loading: the same refusals without a pipeline."""
+    with pytest.raises(SettingError, match="exponential_shift_mu=1000000.0"):
+        QwenImagePipeline.check_arguments(dict(prompt="p", exponential_shift_mu=1e6))
+    if not torch.cuda.is_available():
+        with pytest.raises(SettingError, match="rand_device='cuda' but CUDA is not available"):
+            QwenImagePipeline.check_arguments(dict(prompt="p", rand_device="cuda"))
+    checked = QwenImagePipeline.check_arguments(dict(prompt="p", exponential_shift_mu=1.1, rand_device="cpu"))
+    assert checked["exponential_shift_mu"] == 1.1 and checked["rand_device"] == torch.device("cpu")
 
 
 def test_an_unreadable_picture_names_the_file(pipe, tmp_path):
@@ -131,3 +153,79 @@ def test_an_edit_needs_a_processor_and_the_vision_tower(pipe):
     picture = Image.fromarray(np.full((48, 64, 3), 120, dtype=np.uint8))
     with pytest.raises(RuntimeError, match="processor"):
         pipe(**ARGS, edit_image=[picture])
+
+
+FIFO_CASES = r"""
+import json, sys
+from pathlib import Path
+import torch
+from pipelines import ModelConfig, QwenImagePipeline
+from pipelines.core.lora import read_lora
+
+root = Path(sys.argv[1])
+cases = {
+    "shard in a folder": lambda: QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=root / "shard")]),
+    "shard by path": lambda: QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[ModelConfig(path=sorted((root / "shard").glob("*.safetensors")))]),
+    "shard index": lambda: QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=root / "index")]),
+    "config.json": lambda: QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=root / "config")]),
+    "lora": lambda: read_lora(root / "lora.safetensors"),
+    "tokenizer": lambda: QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", tokenizer_config=ModelConfig(path=root / "tokenizer")),
+    "processor": lambda: QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", processor_config=ModelConfig(path=root / "processor")),
+}
+for name, case in cases.items():
+    try:
+        case()
+        print(json.dumps([name, None, "loaded"]), flush=True)
+    except Exception as error:
+        print(json.dumps([name, type(error).__name__, str(error)]), flush=True)
+"""
+
+
+def test_fifos_as_model_lora_tokenizer_and_processor_files_are_refused_not_waited_on(tiny_repo, tmp_path):
+    """Each FIFO would block its reader forever (a shard inside safetensors, deaf to SIGINT and
+    SIGTERM). The cases run in a child process that is killed after a timeout, so a missing
+    refusal fails the test instead of hanging it."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from .processes import REPO, runner_env
+
+    def fifo_instead_of(path):
+        path.unlink()
+        os.mkfifo(path)
+        return path
+
+    for case in ("shard", "index", "config"):
+        shutil.copytree(tiny_repo / "transformer", tmp_path / case)
+    fifos = {"shard in a folder": fifo_instead_of(sorted((tmp_path / "shard").glob("*.safetensors"))[1]),
+             "shard index": fifo_instead_of(tmp_path / "index" / "diffusion_pytorch_model.safetensors.index.json"),
+             "config.json": fifo_instead_of(tmp_path / "config" / "config.json")}
+    fifos["shard by path"] = fifos["shard in a folder"]
+    fifos["lora"] = tmp_path / "lora.safetensors"
+    os.mkfifo(fifos["lora"])
+    shutil.copytree(tiny_repo / "tokenizer", tmp_path / "tokenizer")
+    fifos["tokenizer"] = fifo_instead_of(tmp_path / "tokenizer" / "tokenizer.json")
+    shutil.copytree(tiny_repo / "tokenizer", tmp_path / "processor")
+    fifos["processor"] = tmp_path / "processor" / "preprocessor_config.json"
+    os.mkfifo(fifos["processor"])
+    try:
+        proc = subprocess.run([sys.executable, "-c", FIFO_CASES, str(tmp_path)], cwd=REPO, capture_output=True,
+                              text=True, timeout=180, env=runner_env(tmp_path / "models"))
+    except subprocess.TimeoutExpired as expired:  # the child is killed: a reader waited on a FIFO
+        pytest.fail(f"a FIFO was opened and waited on; cases done: {expired.stdout}")
+    results = {name: (kind, message) for name, kind, message in map(json.loads, proc.stdout.splitlines())}
+    assert set(results) == set(fifos), proc.stderr[-3000:]
+    for name, fifo in fifos.items():
+        kind, message = results[name]
+        assert kind in ("CheckpointError", "SettingError"), (name, kind, message)
+        assert str(fifo) in message and "FIFO (named pipe)" in message and "not opened" in message, (name, message)

@@ -231,3 +231,67 @@ def test_loaded_and_managed_weights_are_host_aligned(tiny_repo, monkeypatch):
         monkeypatch.undo()
         vram.manager_of(managed).offload()
     assert len(seen) == 1 and seen[0].device.type == "cpu" and seen[0].data_ptr() % HOST_ALIGNMENT == 0
+
+
+# ---------------------------------------------------------------- shards of one checkpoint
+
+
+@pytest.fixture(scope="module")
+def other_transformer(tiny_repo, tmp_path_factory):
+    """A second checkpoint of the same architecture (other random weights), sharded and indexed
+    the same way as the tiny repo's transformer: its shards have the same names and keys."""
+    from pipelines.testing.checkpoints import random_state_dict, save_sharded
+
+    state = {}
+    for shard in sorted((tiny_repo / "transformer").glob("*.safetensors")):
+        state.update(load_file(shard))
+    folder = tmp_path_factory.mktemp("other") / "transformer"
+    save_sharded(random_state_dict({k: tuple(v.shape) for k, v in state.items()}, seed=99), folder,
+                 "diffusion_pytorch_model", 2)
+    return folder
+
+
+def test_shards_of_two_checkpoints_are_refused_naming_both(tiny_repo, other_transformer):
+    """Shard 1 of one checkpoint and shard 2 of another, each beside its own index (the same
+    weight map: the index alone could not tell) load as one model no more."""
+    mine, theirs = sorted((tiny_repo / "transformer").glob("*.safetensors")), sorted(other_transformer.glob("*.s*s"))
+    with pytest.raises(CheckpointError, match=rf"{mine[0]} and {theirs[1]} are shards of two checkpoints"):
+        load([mine[0], theirs[1]])
+    assert torch.equal(load(theirs).img_in.weight, load_file(theirs[0])["img_in.weight"])  # one checkpoint loads
+
+
+def test_a_shard_the_index_does_not_list_or_that_holds_other_keys_is_refused(tiny_repo, tmp_path):
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny_repo / "transformer", folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    stale = folder / "diffusion_pytorch_model-00001-of-00003.safetensors"  # an older download's sharding
+    shutil.copy(shards[0], stale)
+    with pytest.raises(CheckpointError, match=rf"{stale.name} is not listed in the shard index .*index\.json"):
+        load(sorted(folder.glob("*.safetensors")))
+    stale.unlink()
+    index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    moved = next(k for k, name in index["weight_map"].items() if name == shards[0].name)
+    index["weight_map"][moved] = shards[1].name  # the index says the key lives in the other shard
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"({shards[0].name} holds '{moved}', which the index puts in "
+                                              rf"{shards[1].name}|{shards[1].name} lacks '{moved}', which the index "
+                                              r"puts in it).*different checkpoints"):
+        load([folder])
+
+
+def test_shards_whose_metadata_disagree_are_refused(tiny_repo, tmp_path):
+    """Without an index: safetensors metadata the files share must agree (a training tool's
+    fields, the format). Two same-architecture checkpoints written alike cannot be told apart."""
+    state = {}
+    for shard in sorted((tiny_repo / "transformer").glob("*.safetensors")):
+        state.update(load_file(shard))
+    keys = sorted(state)
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({k: state[k] for k in keys[:10]}, str(first), metadata={"format": "pt", "ss_output_name": "fox"})
+    save_file({k: state[k] for k in keys[10:]}, str(second), metadata={"format": "pt", "ss_output_name": "cat"})
+    with pytest.raises(CheckpointError, match=r"a\.safetensors and .*b\.safetensors disagree on their metadata "
+                                              r"'ss_output_name' \('fox' vs 'cat'\)"):
+        load([first, second])
+    save_file({k: state[k] for k in keys[10:]}, str(second), metadata={"format": "pt", "ss_output_name": "fox"})
+    assert torch.equal(load([first, second]).img_in.weight, state["img_in.weight"])

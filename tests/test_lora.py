@@ -434,6 +434,32 @@ def test_stacking_equals_fusing_both(dit, tmp_path):
     assert [h.hot for h in loaded_loras(dit)] == [False, True]
 
 
+def test_the_same_file_loaded_twice_stacks_with_a_warning(dit, lora_file, tmp_path, caplog):
+    """Twice the same file (by another spelling of its path too): applied twice, as before, the
+    effect equal to one load at twice the alpha; a warning names the file and the way out."""
+    once = load_lora(dit, lora_file, alpha=1.0)
+    doubled = snapshot(dit)
+    clear_lora(dit)
+    load_lora(dit, lora_file, alpha=0.5)
+    with caplog.at_level(logging.WARNING, logger="pipelines.core.lora.apply"):
+        load_lora(dit, tmp_path / "." / lora_file.name, alpha=0.5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(lora_file.resolve()) in warnings[0]
+    assert "applied 2 times" in warnings[0] and "set_alpha" in warnings[0] and "clear_lora" in warnings[0]
+    assert len(loaded_loras(dit)) == 2
+    for key, weight in snapshot(dit).items():
+        torch.testing.assert_close(weight, doubled[key], rtol=1e-5, atol=1e-6)
+    assert not once.active
+    caplog.clear()
+    clear_lora(dit)
+    with caplog.at_level(logging.WARNING, logger="pipelines.core.lora.apply"):
+        load_lora(dit, lora_file)  # after clear_lora: once again
+        load_lora(dit, save_lora(tmp_path / "other.safetensors", random_lora(shapes_of(dit), rank=2, seed=3),
+                                 "diffusers"))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    clear_lora(dit)
+
+
 def test_alpha_change_in_place_equals_a_fresh_load(dit, lora_file, tmp_path):
     other = save_lora(tmp_path / "o.safetensors", random_lora(shapes_of(dit), seed=9), "diffsynth")
     inputs = dit_inputs(2)

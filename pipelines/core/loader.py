@@ -37,6 +37,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .checkpoint import CheckpointModel
+from .files import is_regular_file, regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class CheckpointFile:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # on-disk key -> shape
     # safetensors only: key -> (dtype, absolute byte offset, byte length)
     layout: dict[str, tuple[torch.dtype, int, int]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors' __metadata__ (format, ...)
 
 
 # ---------------------------------------------------------------- files and headers
@@ -89,7 +91,7 @@ def expand_checkpoint_paths(paths: Sequence[Path]) -> list[Path]:
                 "a *.index.json or a folder of them)."
             )
     for index in {p.parent / name for p in files for name in _index_names(p)}:
-        if index.is_file():
+        if is_regular_file(index, "shard index", CheckpointError):
             _check_index_shards_present(index)
     unique = list(dict.fromkeys(files))
     if not unique:
@@ -120,6 +122,7 @@ def _files_of_index(index: Path) -> list[Path]:
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    regular_file(index, "shard index", CheckpointError)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -130,7 +133,8 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def _check_index_shards_present(index: Path) -> None:
-    missing = sorted({name for name in _read_index(index).values() if not (index.parent / name).is_file()})
+    missing = sorted({name for name in _read_index(index).values()
+                      if not is_regular_file(index.parent / name, "checkpoint shard", CheckpointError)})
     if missing:
         raise CheckpointError(
             f"{index} lists shard(s) that are not on disk: {', '.join(missing)}. "
@@ -139,12 +143,15 @@ def _check_index_shards_present(index: Path) -> None:
 
 
 def read_header(path: Path) -> CheckpointFile:
-    """Key names and shapes, without reading tensor data (safetensors) or with mmap (torch)."""
-    layout = {}
+    """Key names and shapes, without reading tensor data (safetensors) or with mmap (torch).
+    Only a regular file is opened (a FIFO would block the read forever)."""
+    regular_file(path, "checkpoint file", CheckpointError)
+    layout, metadata = {}, {}
     try:
         if path.suffix in SAFETENSORS_SUFFIXES:
             with safe_open(str(path), framework="pt") as f:  # validates header and file size
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                metadata = dict(f.metadata() or {})
             layout = _safetensors_layout(path)
         else:
             shapes = {k: tuple(t.shape) for k, t in _torch_state_dict(path).items()}
@@ -157,7 +164,76 @@ def read_header(path: Path) -> CheckpointFile:
         ) from error
     if not shapes:
         raise CheckpointError(f"{path}: the checkpoint holds no tensor.")
-    return CheckpointFile(path, shapes, layout)
+    return CheckpointFile(path, shapes, layout, metadata)
+
+
+def read_checkpoint(paths: Sequence[Path]) -> list[CheckpointFile]:
+    """The headers of every weight file of `paths` (files, folders, indexes), checked to be the
+    shards of one checkpoint (`check_one_checkpoint`)."""
+    files = [read_header(p) for p in expand_checkpoint_paths(paths)]
+    check_one_checkpoint(files)
+    return files
+
+
+def check_one_checkpoint(files: Sequence[CheckpointFile]) -> None:
+    """Shards given together are one checkpoint, as far as the files can tell:
+    - a shard with an index beside it (`model-00001-of-00002.safetensors` and
+      `model.safetensors.index.json`) is listed there and holds exactly the keys the index puts
+      in it; every file given with it belongs to the same index (same folder);
+    - safetensors metadata the shards share (`format`, a training tool's fields) is equal.
+    Shards of two checkpoints of one architecture written the same way, without an index or
+    each copied under the other's name, cannot be told apart: same keys, same shapes."""
+    indexes: dict[Path, list[CheckpointFile]] = {}
+    for file in files:
+        index = _index_beside(file.path)
+        if index is not None:
+            indexes.setdefault(index, []).append(file)
+    if indexes:
+        _check_against_index(files, indexes)
+    for file in files[1:]:
+        for key in sorted(set(file.metadata) & set(files[0].metadata)):
+            if file.metadata[key] != files[0].metadata[key]:
+                raise CheckpointError(
+                    f"{files[0].path} and {file.path} disagree on their metadata {key!r} "
+                    f"({files[0].metadata[key]!r} vs {file.metadata[key]!r}): shards of one checkpoint carry the "
+                    "same, so these come from two checkpoints. Give the shards of one of them.")
+
+
+def _index_beside(path: Path) -> Path | None:
+    for name in _index_names(path):
+        if is_regular_file(path.parent / name, "shard index", CheckpointError):
+            return path.parent / name
+    return None
+
+
+def _check_against_index(files: Sequence[CheckpointFile], indexes: dict[Path, list[CheckpointFile]]) -> None:
+    if len(indexes) > 1:
+        (first, a), (second, b) = list(indexes.items())[:2]
+        raise CheckpointError(
+            f"{a[0].path} and {b[0].path} are shards of two checkpoints (indexed by {first} and {second}). Give the "
+            "shards of one checkpoint: its folder, or its index.")
+    [(index, indexed)] = indexes.items()
+    weight_map = _read_index(index)
+    outside = [file for file in files if not any(file is f for f in indexed)]
+    if outside:
+        raise CheckpointError(
+            f"{outside[0].path} is given with the shards of {index}, which does not list it: it belongs to another "
+            "checkpoint. Give the shards of one checkpoint: its folder, or its index.")
+    for file in indexed:
+        listed = {key for key, name in weight_map.items() if name == file.path.name}
+        if not listed:
+            raise CheckpointError(
+                f"{file.path} is not listed in the shard index {index} (it lists "
+                f"{', '.join(sorted(set(weight_map.values())))}): a shard of another checkpoint or of an older "
+                "download. Remove it, or fetch the model again.")
+        extra, lacking = sorted(set(file.shapes) - listed), sorted(listed - set(file.shapes))
+        if extra or lacking:
+            said = (f"holds {extra[0]!r}, which the index puts in {weight_map.get(extra[0], 'no shard')}" if extra
+                    else f"lacks {lacking[0]!r}, which the index puts in it")
+            raise CheckpointError(
+                f"{file.path} {said} ({len(extra)} key(s) the index does not put there, {len(lacking)} it lacks): "
+                f"the shard and {index} belong to different checkpoints. Fetch the model again (or remove the "
+                "stray shard).")
 
 
 def _safetensors_layout(path: Path) -> dict[str, tuple[torch.dtype, int, int]]:
@@ -545,7 +621,7 @@ def parameters_on_meta() -> Iterator[None]:
 
 def read_config(files: Sequence[CheckpointFile]) -> dict | None:
     config_path = files[0].path.parent / "config.json"
-    if not config_path.is_file():
+    if not is_regular_file(config_path, "config.json beside the weights", CheckpointError):
         return None
     try:
         return json.loads(config_path.read_text())
@@ -565,7 +641,8 @@ def load_model(
     as a view over the file where possible: for VRAM management, which moves every tensor on
     to its storage itself."""
     files = [read_header(p) for p in expand_checkpoint_paths(paths)]
-    model_class = recognise(files, candidates)
+    model_class = recognise(files, candidates)  # files of two different models: named as such first
+    check_one_checkpoint(files)
 
     # on-disk key -> (file, converted key); None converted keys are deliberately not loaded
     plan: dict[str, tuple[CheckpointFile, str]] = {}

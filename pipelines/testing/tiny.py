@@ -11,6 +11,9 @@ a `processor/` folder is added. Weights are seeded and deterministic; a 128x128 
 about a second on a CPU. Tests, benchmarks and the runner's demo models use them. `--lora`
 writes a LoRA for the tiny transformer instead (diffusers format, DiffSynth-Studio's targets,
 seeded): strong enough that each alpha shows, the runner's `lora=tiny_demo` preset.
+
+`TinyQwenImagePipeline` is the demo's pipeline (`model=qwen_image_edit_tiny`): QwenImagePipeline
+with small picture areas, fitting pictures of the demo's size (`pictures/a.png`, `b.png`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from ..models.qwen_image_text_encoder import (
     QwenVisionParams,
 )
 from ..models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams
+from ..qwen_image import QwenImagePipeline
 from .checkpoints import random_state_dict, save_sharded, write_json
 from .tokenizer import build_qwen_tokenizer
 from .vision import build_processor_folder
@@ -45,6 +49,20 @@ TEXT_ENCODER = QwenTextEncoderParams(hidden_size=TEXT_HIDDEN, intermediate_size=
 VAE = QwenImageVAEParams(base_dim=16, num_res_blocks=1)
 VISION = QwenVisionParams(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_HIDDEN,
                           fullatt_block_indexes=[1])
+
+PICTURES = Path(__file__).parent / "pictures"  # the edit demo's pictures, a.png (128x96) and b.png (96x128)
+
+
+class TinyQwenImagePipeline(QwenImagePipeline):
+    """QwenImagePipeline for the tiny demo models: an edit's pictures at about 96x96 for the
+    vision-language encoder and 128x128 for the VAE (and the default output), instead of the
+    real models' 384x384 and 1024x1024, so a step takes milliseconds on a CPU rather than seconds
+    (the DiT's sequence holds 64 tokens per picture instead of 4096)."""
+
+    condition_area = 96 * 96
+    reference_area = 128 * 128
+    output_area = 128 * 128
+
 
 SCHEDULER_CONFIG = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",

@@ -147,10 +147,23 @@ def _apply(module: nn.Module, lora: LoraSource, alpha: float, hot: bool, strict:
         except BaseException:  # all or nothing, even on an out-of-memory error
             _rebuild(module, state, touched)  # the original + the LoRAs loaded before this one
             raise
+    _warn_if_applied_before(module, state, handle)
     state.handles.append(handle)
     logger.info("LoRA %s (%s, %s) applied %s to %d layer(s) of %s at alpha %g", name, prepared.origin,
                 prepared.format, "hot" if hot else "cold", len(prepared.layers), type(module).__name__, alpha)
     return handle
+
+
+def _warn_if_applied_before(module: nn.Module, state: _ModuleLoras, handle: LoraHandle) -> None:
+    """The same file(s) loaded again stack: allowed (as before), but said, since it is rarely meant."""
+    files = handle.prepared.files
+    earlier = [h for h in state.handles if files and h.prepared.files == files]
+    if earlier:
+        logger.warning(
+            "LoRA %s (%s) is already applied to %s (as %s, alpha %g): it is now applied %d times, its effects "
+            "added. To change its strength instead, call set_alpha on the handle load_lora returned (handle.alpha = "
+            "...); to start over, clear_lora() and load it once.", ", ".join(files), handle.name,
+            type(module).__name__, earlier[0].name, earlier[0].alpha, len(earlier) + 1)
 
 
 def loaded_loras(module: nn.Module) -> list[LoraHandle]:

@@ -13,6 +13,7 @@ the module's `named_modules()`):
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import torch
 from safetensors import safe_open
 
 from ..download import resolve_files
-from ..loader import SAFETENSORS_SUFFIXES, CheckpointError, expand_checkpoint_paths, read_header
+from ..files import is_regular_file
+from ..loader import SAFETENSORS_SUFFIXES, CheckpointError, read_checkpoint
 from ..model_config import ModelConfig
 
 LoraSource = Union[str, Path, ModelConfig, Mapping[str, torch.Tensor], "LoraFile"]
@@ -57,6 +59,7 @@ class LoraFile:
     read: Callable[[Sequence[str]], dict[str, torch.Tensor]]
     origin: str
     adapter_config: dict[str, Any] | None = None  # peft LoraConfig fields (lora_alpha, r, ...)
+    files: tuple[str, ...] = ()  # the files read (real paths): the same LoRA loaded twice is told
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.read(list(self.shapes))
@@ -66,7 +69,7 @@ class LoraFile:
         reading the file again; unlike a plain state dict it keeps the file's scaling config)."""
         state = self.state_dict()
         return LoraFile(dict(self.shapes), lambda keys: {k: state[k] for k in keys}, self.origin,
-                        self.adapter_config)
+                        self.adapter_config, self.files)
 
 
 def read_lora(source: LoraSource) -> LoraFile:
@@ -97,7 +100,7 @@ def read_lora(source: LoraSource) -> LoraFile:
     if missing:
         raise FileNotFoundError(f"LoRA file(s) not found: {', '.join(missing)}. Check the path.")
 
-    files = [read_header(p) for p in expand_checkpoint_paths(paths)]
+    files = read_checkpoint(paths)
     shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, int] = {}  # key -> index of its file
     for i, file in enumerate(files):
@@ -112,7 +115,8 @@ def read_lora(source: LoraSource) -> LoraFile:
             by_file.setdefault(where[key], []).append(key)
         return {k: t for i, ks in by_file.items() for k, t in _read_tensors(files[i].path, ks).items()}
 
-    return LoraFile(shapes, read, origin, _adapter_config([f.path for f in files]))
+    return LoraFile(shapes, read, origin, _adapter_config([f.path for f in files]),
+                    tuple(os.path.realpath(f.path) for f in files))
 
 
 def _read_tensors(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -136,7 +140,7 @@ def _adapter_config(paths: Sequence[Path]) -> dict[str, Any] | None:
     """peft's `adapter_config.json` beside the file, or diffusers' `lora_adapter_metadata`."""
     for path in paths:
         config_path = path.parent / "adapter_config.json"
-        if config_path.is_file():
+        if is_regular_file(config_path, "adapter_config.json beside the LoRA", CheckpointError):
             try:
                 return json.loads(config_path.read_text())
             except ValueError as error:

@@ -56,6 +56,7 @@ class PreparedLora:
     format: str
     origin: str
     skipped_keys: list[str] = field(default_factory=list)
+    files: tuple[str, ...] = ()  # the LoRA's files (real paths); empty for a state dict
 
 
 def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -90,7 +91,8 @@ def prepare_lora(module: nn.Module, lora: LoraSource, strict: bool = True) -> Pr
     layer_paths = sorted(matched.items(), key=lambda item: order[item[0]])  # the first misfit is named
     for layer, path in layer_paths:
         _check_shapes(source, groups[path], layer, targets[layer], type(module).__name__)
-    return PreparedLora(_read_layers(source, groups, layer_paths), fmt, source.origin, skipped_keys=skipped)
+    return PreparedLora(_read_layers(source, groups, layer_paths), fmt, source.origin, skipped_keys=skipped,
+                        files=source.files)
 
 
 def _group_keys(source: LoraFile) -> tuple[Groups, list[str]]:
