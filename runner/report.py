@@ -218,7 +218,7 @@ class _Record:
         if not isinstance(data, dict):
             return f"it holds {_shown(data)}, not a {cls.FORMAT} record"
         if not str(data.get("format", "")).startswith(cls.FORMAT.split("/")[0]):
-            return f"`format` is {_shown(data.get('format'))}, not {cls.FORMAT!r}"
+            return f"`format` is {_shown(data.get('format'))}: not a {cls.FORMAT} record"
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name not in data:

@@ -230,13 +230,15 @@ def test_cleanup_removes_only_the_runners_own_leftovers(tmp_path):
     pid = dead_pid()
     mine = tmp_path / "mine"
     sweep = make_sweep(mine)
-    ours = [temp_path(sweep / "1" / "image.png", pid), temp_path(sweep / "jobs.csv", pid)]
+    store = tmp_path / "store"
+    ours = [temp_path(sweep / "1" / "image.png", pid), temp_path(sweep / "jobs.csv", pid),
+            temp_path(sweep / "2" / "image.png", pid),  # a job killed in its first write: no job.json yet
+            temp_path(store / "fingerprints.json", pid)]
     theirs = [sweep / f".notes.txt.tmp{pid}", mine / f".thesis.tex.tmp{pid}", mine / ".thesis.tex.tmp3999999",
               mine / "thesis" / f".thesis.tex.runner-tmp{pid}", temp_path(sweep / "0" / "job.json", os.getpid())]
     for path in ours + theirs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("half")
-    store = tmp_path / "store"
     proc = runner(tmp_path, "cleanup", "--dir", str(mine), f"tracking.store_dir={store}", "experiment=e")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"cleanup: experiment 'e' of sqlite:///{store.resolve() / 'mlflow.db'} (from the command line)" in \

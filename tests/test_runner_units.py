@@ -420,7 +420,6 @@ def test_claimed_folders_are_never_shared(tmp_path, monkeypatch):
 
 
 def test_leftovers_of_dead_processes_are_removed(tmp_path):
-    import os
     import subprocess
     import sys
 
