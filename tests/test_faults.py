@@ -395,14 +395,16 @@ def test_kill_9_mid_job_then_resume_ends_the_dead_runs_and_finishes(env, tmp_pat
     from runner.report import temp_path
 
     leftover = temp_path(sweep / "2" / "image.png", proc.pid)  # as an interrupted write leaves it
-    leftover.write_bytes(b"\x89PNG half")
+    lookalike = sweep / "2" / f".image.png.tmp{proc.pid}"
+    for path in (leftover, lookalike):
+        path.write_bytes(b"\x89PNG half")
     runs = runs_of(c, "k9")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "RUNNING", "RUNNING"]
 
     resumed = run(env, tmp_path, "-m", *common, "resume=true", f"hydra.sweep.dir={tmp_path / 'sweep2'}")
     text = assert_exit(resumed, 0)
     assert text.count("as KILLED: its process") == 2
-    assert leftover.exists()  # the dead runs' tags name its folder, but tags never choose what is deleted
+    assert leftover.exists() and lookalike.exists()  # the dead runs' tags name the folder: they choose nothing
     assert f"Not searched for leftovers of interrupted writes: {sweep}" in text and f"--dir {sweep}" in text
     parents, children = split(runs_of(c, "k9"))
     assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]

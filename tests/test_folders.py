@@ -95,19 +95,19 @@ def test_sync_reads_no_file_outside_the_folder_and_uses_only_the_stores_it_is_gi
                        artifact_location=(other / "art").as_uri())
     edit_job(sweep, 0, inputs=[{"arg": "edit_image", "index": 0, "path": str(key), "sha256": "ab" * 32}],
              tracking={"backend": "mlflow", "uri": f"sqlite:///{other / 'mlflow.db'}", "image_key": "../../x"})
-    store = tmp_path / "store"
-    proc = runner(tmp_path, "sync", str(sweep), f"tracking.store_dir={store}")
+    proc = runner(tmp_path, "sync", str(sweep))  # no store given: the config's default, not the folder's
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
-    assert f"sync: logging into experiment 'crafted' of sqlite:///{store.resolve() / 'mlflow.db'} (from the command " \
-           "line" in text
-    assert f"the folder's records name the store 'sqlite:///{other / 'mlflow.db'}': not used" in text
-    assert f"the input picture {key} lies outside the folder: not read, only its sha256 is logged" in text
     assert not other.exists()  # the store the folder named received nothing
+    store = tmp_path / "outputs" / "mlflow"
     assert files_hold(store, SECRET) == []  # the key's bytes are in no artifact
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("crafted").experiment_id])
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert f"sync: logging into experiment 'crafted' of sqlite:///{store.resolve() / 'mlflow.db'} (from the config " \
+           "defaults" in text
+    assert f"the folder's records name the store 'sqlite:///{other / 'mlflow.db'}': not used" in text
+    assert f"the input picture {key} lies outside the folder: not read, only its sha256 is logged" in text
 
 
 @pytest.mark.parametrize("how", ["absolute path", "link out"])
@@ -172,10 +172,9 @@ def test_report_never_reads_a_picture_outside_the_sweep_folder(tmp_path):
     (sweep / "jobs.csv").write_text("\n".join(table) + "\n")
     proc = runner(tmp_path, "report", str(sweep))
     assert proc.returncode == 0, proc.stderr
-    assert "names 3 picture(s) outside the sweep folder" in proc.stderr and "not read" in proc.stderr
-    [page] = sweep.glob("report_*.html")
-    text = page.read_text(encoding="utf-8")
+    text = Path(proc.stdout.split()[-1]).read_text(encoding="utf-8")  # the page it printed
     assert SECRET not in text and 'class="thumb"' not in text and "data:image/jpeg" not in text
+    assert "names 3 picture(s) outside the sweep folder" in proc.stderr and "not read" in proc.stderr
 
 
 @pytest.mark.parametrize("damage", ["missing", "not UTF-8"])
@@ -241,7 +240,7 @@ def test_cleanup_removes_only_the_runners_own_leftovers(tmp_path):
         path.write_text("half")
     proc = runner(tmp_path, "cleanup", "--dir", str(mine), f"tracking.store_dir={store}", "experiment=e")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p for p in ours if p.exists()] == [] and [p for p in theirs if not p.exists()] == []
     assert f"cleanup: experiment 'e' of sqlite:///{store.resolve() / 'mlflow.db'} (from the command line)" in \
         proc.stderr
-    assert [p for p in ours if p.exists()] == [] and [p for p in theirs if not p.exists()] == []
     assert all(f"Removed {p}" in proc.stderr for p in ours)
