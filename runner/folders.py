@@ -146,7 +146,8 @@ def inside(root: Path, path: Union[str, Path], base: Optional[Path] = None) -> O
 
 
 def _record_kind(folder: Path) -> Optional[str]:
-    """"sweep" / "job" when `folder` holds the runner's claim or record of one, else None."""
+    """The kind of runner folder `folder` is by what it holds: its claim or sweep.json ("sweep":
+    everything below is the runner's too), its job.json ("job"), or nothing of the runner (None)."""
     for name, kind in ((CLAIM_FILE, "claim"), ("sweep.json", "runner.sweep"), ("job.json", "runner.job")):
         path = folder / name
         if not path.is_file():

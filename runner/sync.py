@@ -188,9 +188,7 @@ def sync_main(argv: list[str]) -> int:
 
 
 def _say_where(tracker: Tracker, tracking: Any, experiment: str, source: str, first: Any) -> None:
-    recorded = "" if experiment != first.experiment else \
-        f"; the experiment as recorded in {'sweep' if isinstance(first, SweepRecord) else 'job'}.json"
-    logger.info("sync: logging into experiment %r of %s (from %s%s)", experiment, tracker.uri, source, recorded)
+    logger.info("sync: logging into experiment %r of %s (from %s)", experiment, tracker.uri, source)
     named = first.tracking.get("uri") or first.tracking.get("store_dir")
     ours = {str(tracking.uri), str(Path(tracking.store_dir).resolve()), tracker.uri}
     if named and str(named) not in ours:
@@ -271,7 +269,7 @@ def _checked_job(root: Path, path: Path, kind: str) -> JobRecord:
             raise ValueError(f"{where}: image_path names {record.image_path}{leads} outside the {kind} folder {root}: "
                              f"refused. {_HOSTILE}")
         record.image_path = str(image)
-    for i, item in enumerate(record.inputs):
+    for item in record.inputs:
         picture = inside(root, item["path"], job_folder)
         item["outside"] = "" if picture is not None else item["path"]
         item["path"] = str(picture) if picture is not None else ""

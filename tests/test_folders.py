@@ -110,21 +110,24 @@ def test_sync_reads_no_file_outside_the_folder_and_uses_only_the_stores_it_is_gi
     assert f"the input picture {key} lies outside the folder: not read, only its sha256 is logged" in text
 
 
-@pytest.mark.parametrize("how", ["absolute path", "link out"])
+@pytest.mark.parametrize("how", ["absolute path", "link out", "grid link"])
 def test_sync_refuses_a_folder_whose_image_lies_outside_it(tmp_path, how):
     _, picture = secret_files(tmp_path)
     sweep = make_sweep(tmp_path)
     if how == "absolute path":
         edit_job(sweep, 1, image_path=str(picture))
-    else:  # image_path names the job's own image.png, which is a link to the user's picture
+    elif how == "link out":  # image_path names the job's own image.png, which is a link to the user's picture
         (sweep / "1" / "image.png").unlink()
         (sweep / "1" / "image.png").symlink_to(picture)
+    else:  # the sweep's grid, which sync puts on the parent run
+        (sweep / "grid.png").symlink_to(picture)
     store = tmp_path / "store"
     proc = runner(tmp_path, "sync", str(sweep), f"tracking.store_dir={store}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     [line] = [x for x in proc.stderr.splitlines() if "ERROR" in x]
-    assert "sync: 1/job.json: image_path names" in line and f"{picture}" in line and "refused" in line
-    assert "outside the sweep folder" in line and "Fix:" in line and "Traceback" not in proc.stderr
+    said = "sync: grid.png leads to" if how == "grid link" else "sync: 1/job.json: image_path names"
+    assert said in line and f"{picture}" in line and "refused" in line
+    assert "outside the" in line and "Fix:" in line and "Traceback" not in proc.stderr
     assert not store.exists()  # refused before any store was opened: nothing logged
 
 
