@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from . import job, sweep
 from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, SweepDone, output_fix
-from .folders import holds_results, register_resolvers
+from .folders import claim_folder, register_resolvers
 from .job import JobPlan
 from .recorder import Recorder
 from .report import JobRecord
@@ -118,11 +118,7 @@ def run_single(cfg: DictConfig) -> JobRecord:
     if single is None:  # the callback was removed from the config
         raise Stop(str(ConfigError("hydra.callbacks.runner_sweep", "the runner's callback is missing",
                                    "keep hydra.callbacks.runner_sweep of conf/config.yaml")), EXIT_REFUSED)
-    used = holds_results(job_dir)
-    if used:
-        raise Stop(str(ConfigError("hydra.run.dir", f"{job_dir} holds the results of an earlier run "
-                                   f"({', '.join(used)})", "give a new folder, or leave hydra.run.dir at its default "
-                                   "(a new folder each time)")), EXIT_REFUSED)
+    claim_folder(job_dir, "hydra.run.dir")  # refused (exit 2) when used or claimed by another command
     record = sweep.run_plan(single.plan, job_dir, single.recorder, single.resume)
     if single.recorder is not None:
         shield()

@@ -26,8 +26,11 @@ Axes
     their status and the first line of their error; a combination without a job is an empty cell.
 
 Output (in the sweep folder)
-    `grid.png`, or `grid_<z>=<value>.png` per page (several page keys: joined by `_`); grid
-    files of an earlier report that the new one does not write are removed. `report.html`: one
+    `grid.png`, or `grid_<z>=<value>.png` per page (several page keys: joined by `_`), and
+    `report.html`, written by the sweep. `python -m runner report` names its files by their axes
+    (`grid_x=seed_y=lora.alpha[_<page>].png`, `report_x=seed_y=lora.alpha.html`): it never
+    replaces or deletes the sweep's files or those of a rebuild with other axes (the same axes
+    again replace their own files, atomically). The report page: one
     file with no external resources (a CSP forbids any), fine inside MLflow's sandboxed
     artifact viewer: the grids (click a thumbnail for the full-size image), plots as inline SVG
     (seconds per step vs steps, time per phase, peak memory), and a table of the jobs sortable
@@ -36,8 +39,11 @@ Output (in the sweep folder)
 Mapping of `jobs.csv` / `runner.report.JobRecord` onto `GridJob`: job/num -> num, the swept-key
 columns (between `run_id` and `overrides`) / the record's overrides of the swept keys -> values,
 status, run_id, error, metrics (the METRICS columns, empty = absent), image / image_path ->
-image_path (a path that no longer exists falls back to `<sweep_dir>/<job>/image.png`, so a
-moved sweep folder still reports), overrides -> overrides (text).
+image_path (relative to the sweep folder; a path that no longer exists falls back to
+`<sweep_dir>/<job>/image.png`, so a moved sweep folder still reports), overrides -> overrides
+(text). Without a readable jobs.csv the job folders' job.json are read instead. No picture
+outside the sweep folder is read (an absolute path elsewhere, `../`, a link out): such a cell
+shows no image, and the command says so.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ import csv
 import hashlib
 import html
 import io
+import json
 import math
 import os
 import re
@@ -56,7 +63,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .report import GRID_PNG_LEVEL, METRICS, atomic_write
+from .folders import inside
+from .report import GRID_PNG_LEVEL, METRICS, OVERRIDES_JSON_TAG, atomic_write
 
 FINISHED, FAILED, KILLED, SKIPPED = "FINISHED", "FAILED", "KILLED", "SKIPPED"
 OK_STATUSES = (FINISHED, SKIPPED)  # a skipped job (resume) shows the image of its earlier run
@@ -168,22 +176,47 @@ def jobs_from_records(records: Sequence[Any], overrides: Sequence[str] = (), tit
     return JobList(jobs, keys, title, overrides)
 
 
+def _say(text: str) -> None:
+    print(f"report: {text}", file=sys.stderr)
+
+
 def jobs_from_sweep_dir(path: Path) -> JobList:
-    """A finished sweep folder: its `jobs.csv` and each job's `image.png`."""
+    """A sweep folder: its `jobs.csv` and each job's `image.png`; without a readable jobs.csv
+    (missing: a full disk at the sweep's end; not UTF-8), its job folders' job.json and
+    image.png. Nothing outside the folder is read (a picture named elsewhere is left out, and
+    said)."""
     path = Path(path)
     if not path.is_dir():
         raise ReportError(f"no sweep folder {path}")
     table = path / "jobs.csv"
     if not table.is_file():
-        raise ReportError(f"{path} has no jobs.csv (a sweep writes it into its folder when it ends)")
-    with open(table, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+        jobs = _jobs_from_job_folders(path)
+        if not jobs:
+            raise ReportError(f"{path} has no jobs.csv (a sweep writes it into its folder when it ends) and no job "
+                              "folder with a job.json")
+        _say(f"{table} is missing: rebuilt from the {len(jobs)} job folders' job.json and image.png")
+        return jobs
+    _own(path, table)
+    try:
+        with open(table, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        jobs = _jobs_from_job_folders(path)
+        if not jobs:
+            raise ReportError(f"{table} is not UTF-8 text (byte {error.start}) and {path} has no job folder with a "
+                              "job.json to rebuild it from") from None
+        _say(f"{table} is not UTF-8 text (byte {error.start}): rebuilt from the job folders' job.json instead")
+        return jobs
+    return _jobs_from_table(path, table, header, rows)
+
+
+def _jobs_from_table(path: Path, table: Path, header: list[str], rows: list[dict]) -> JobList:
     if "job" not in header or "status" not in header:
         raise ReportError(f"{table} is not a sweep's job table (no job/status columns)")
     keys = [c for c in header if c not in _FIXED_COLUMNS]
-    jobs = []
+    jobs, outside = [], []
     for i, row in enumerate(rows):
         try:
             num = int(row["job"])
@@ -196,19 +229,59 @@ def jobs_from_sweep_dir(path: Path) -> JobList:
                 metrics[m] = value
         jobs.append(GridJob(
             num=num, values={k: row.get(k) or "" for k in keys}, status=row.get("status") or "",
-            image_path=_find_image(path, num, row.get("image") or ""), metrics=metrics,
+            image_path=_find_image(path, row.get("image") or "", path / str(num) / "image.png", outside),
+            metrics=metrics,
             error=row.get("error") or "", run_id=row.get("run_id") or "", overrides=row.get("overrides") or ""))
+    _say_outside(table, outside)
     return JobList(jobs, keys, _title_of_dir(path), _sweep_overrides(path))
 
 
-def _find_image(sweep_dir: Path, num: int, recorded: str) -> Optional[Path]:
+def _jobs_from_job_folders(path: Path) -> JobList:
+    """The jobs of a sweep folder from `<job>/job.json` (a malformed one: ReportError naming it)."""
+    from .report import JobRecord, RecordError
+
+    records, outside = [], []
+    for record_file in sorted(path.glob("*/job.json")):
+        _own(path, record_file)
+        try:
+            record = JobRecord.read(record_file)
+        except RecordError as error:
+            raise ReportError(str(error)) from None
+        recorded = record.image_path or ""
+        if recorded and record.job_dir and Path(recorded).is_relative_to(record.job_dir):
+            recorded = str(record_file.parent / Path(recorded).relative_to(record.job_dir))  # a moved folder
+        image = _find_image(path, recorded, record_file.parent / "image.png", outside, base=record_file.parent)
+        record.image_path = str(image) if image is not None else None
+        records.append(record)
+    _say_outside(path / "*/job.json", outside)
+    return jobs_from_records(records, _sweep_overrides(path), _title_of_dir(path))
+
+
+def _own(path: Path, file: Path) -> None:
+    if inside(path, file) is None:
+        raise ReportError(f"{file} leads to {file.resolve()}, outside the sweep folder: refused")
+
+
+def _find_image(root: Path, recorded: str, fallback: Path, outside: list[str],
+                base: Optional[Path] = None) -> Optional[Path]:
+    """A job's picture: the one recorded (relative to `base`, default `root`) when it lies in the
+    sweep folder `root` (links resolved), else `fallback` (its folder's image.png) when that does;
+    a recorded picture outside is never read (it is listed in `outside`)."""
     if recorded:
-        p = Path(recorded)
-        p = p if p.is_absolute() else sweep_dir / p
-        if p.is_file():
+        p = inside(root, recorded, base)
+        if p is None:
+            outside.append(recorded)
+        elif p.is_file():
             return p
-    fallback = sweep_dir / str(num) / "image.png"
-    return fallback if fallback.is_file() else None
+    p = inside(root, fallback)
+    return p if p is not None and p.is_file() else None
+
+
+def _say_outside(where: Path, outside: list[str]) -> None:
+    if outside:
+        _say(f"{where} names {len(outside)} picture(s) outside the sweep folder ({outside[0]!r}"
+             f"{', ...' if len(outside) > 1 else ''}): not read; a job folder's own image.png is shown instead "
+             "where there is one")
 
 
 def _title_of_dir(path: Path) -> str:
@@ -218,6 +291,8 @@ def _title_of_dir(path: Path) -> str:
 
 def _sweep_overrides(path: Path) -> list[str]:
     """The sweep's command-line overrides, from Hydra's `multirun.yaml` when it is there."""
+    if inside(path, "multirun.yaml") is None:  # a link out of the folder: not read
+        return []
     try:
         from omegaconf import OmegaConf
 
@@ -266,8 +341,7 @@ def jobs_from_mlflow(tracking_uri: str, parent_run_id: str, dst: Path) -> JobLis
         token = page.token
         if not token:
             break
-    overrides = [dict(_split_override(o) for o in split_overrides(c.data.tags.get("runner.overrides", "")))
-                 for c in children]
+    overrides = [dict(_split_override(o) for o in overrides_of(c.data.tags)) for c in children]
     keys = parent.data.tags.get("runner.swept_keys", "").split()
     if not keys:
         keys = _differing(overrides) or _differing([dict(c.data.params) for c in children])
@@ -290,9 +364,19 @@ def jobs_from_mlflow(tracking_uri: str, parent_run_id: str, dst: Path) -> JobLis
             num=num, values=values, status=child.info.status, image_path=image,
             metrics={k: float(v) for k, v in child.data.metrics.items() if k in METRICS},
             error=tags.get("runner.error", ""), run_id=child.info.run_id, overrides=tags.get("runner.overrides", "")))
-    parent_overrides = parent.data.tags.get("runner.overrides", "")
-    return JobList(jobs, keys, parent.info.run_name or f"Sweep {parent_run_id}",
-                   [parent_overrides] if parent_overrides else [])
+    return JobList(jobs, keys, parent.info.run_name or f"Sweep {parent_run_id}", overrides_of(parent.data.tags))
+
+
+def overrides_of(tags: Mapping[str, str]) -> list[str]:
+    """A run's overrides: the JSON list of its tag runner.overrides_json, else (a run logged
+    before it existed) its tag runner.overrides split where a word starts like `key=`."""
+    try:
+        found = json.loads(tags[OVERRIDES_JSON_TAG])
+        if isinstance(found, list) and all(isinstance(o, str) for o in found):
+            return found
+    except (KeyError, ValueError):
+        pass
+    return split_overrides(tags.get("runner.overrides", ""))
 
 
 def _mkdir(path: Path) -> Path:
@@ -712,20 +796,27 @@ class _Images:
 
 
 def write_grids(jobs: Sequence[GridJob], out_dir: Path, axes: Axes, thumb: int = 256,
-                images: Optional[_Images] = None) -> list[Path]:
-    """The grid page(s) as PNG files in `out_dir`; grid files of an earlier report that this one
-    does not write are removed."""
+                images: Optional[_Images] = None, name: str = "") -> list[Path]:
+    """The grid page(s) as PNG files in `out_dir`: `grid.png` / `grid_<page>.png`, or with a
+    `name` (a rebuild's axes, axes_name without the pages) `grid_x=X_y=Y.png` /
+    `grid_x=X_y=Y_<page>.png` (the page names its keys). A file of the same name is replaced
+    atomically; nothing else is touched."""
     out_dir = Path(out_dir)
     images = images or _Images()
     written = []
     for page in grid_pages(jobs, axes):
+        filename = page.filename if not name else f"grid_{name}{page.filename[len('grid'):]}"
         sheet = render_page(page, axes, thumb, images)
-        written.append(atomic_write(out_dir / page.filename,
+        written.append(atomic_write(out_dir / filename,
                                     lambda tmp, s=sheet: s.save(tmp, format="PNG", compress_level=GRID_PNG_LEVEL)))
-    for stale in list(out_dir.glob("grid.png")) + list(out_dir.glob("grid_*.png")):
-        if stale not in written:
-            stale.unlink(missing_ok=True)
     return written
+
+
+def axes_name(axes: Axes, pages: bool = True) -> str:
+    """A rebuild's files are named by its axes: `x=seed_y=lora.alpha[_z=sampler.steps]`."""
+    raw = f"x={axes.x or NONE}_y={axes.y or NONE}" + (f"_z={'+'.join(axes.pages)}" if axes.pages and pages else "")
+    safe = re.sub(r"[^A-Za-z0-9._=+,-]+", "-", raw)
+    return safe if len(safe) <= 100 else f"{safe[:90]}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
 
 
 # --------------------------------------------------------------------- SVG plots
@@ -1187,10 +1278,13 @@ class ReportFiles:
 def write_report(jobs: Sequence[GridJob], out_dir: Path, *, keys: Optional[Sequence[str]] = None,
                  x: Optional[str] = None, y: Optional[str] = None, z: Optional[str] = None, thumb: int = 256,
                  title: Optional[str] = None, overrides: Optional[Sequence[str]] = None,
-                 full_max: int = 2048) -> ReportFiles:
+                 full_max: int = 2048, by_axes: bool = False) -> ReportFiles:
     """The grid PNG(s) and report.html in `out_dir`. x/y/z: a swept key, "none" or None (default).
+    `by_axes` (a rebuild): the files are named by the axes (`report_x=seed_y=lora.alpha.html`),
+    so that a rebuild with other axes leaves the sweep's own and earlier rebuilds' files alone.
     Raises AxisError for an unknown or repeated axis key."""
-    pending = PendingReport(jobs, out_dir, keys=keys, x=x, y=y, z=z, thumb=thumb, full_max=full_max)
+    pending = PendingReport(jobs, out_dir, keys=keys, x=x, y=y, z=z, thumb=thumb, full_max=full_max,
+                            by_axes=by_axes)
     return pending.finish(jobs, title=title, overrides=overrides)
 
 
@@ -1202,15 +1296,17 @@ class PendingReport:
 
     def __init__(self, jobs: Sequence[GridJob], out_dir: Path, *, keys: Optional[Sequence[str]] = None,
                  x: Optional[str] = None, y: Optional[str] = None, z: Optional[str] = None, thumb: int = 256,
-                 full_max: int = 2048) -> None:
+                 full_max: int = 2048, by_axes: bool = False) -> None:
         self.keys = list(keys) if keys is not None else getattr(jobs, "keys", None)
         self.out_dir, self.thumb, self.full_max = Path(out_dir), thumb, full_max
         jobs = sorted(jobs, key=lambda j: j.num)
         self.axes = choose_axes(jobs, self.keys, x, y, z)
+        self.name = axes_name(self.axes) if by_axes else ""
         self.images = _Images()
         self.images.prepare(jobs, thumbs=[(thumb, True)],
                             jpegs=_page_jpegs(thumb, _full_max(jobs, full_max), FULL_QUALITY))
-        self.grids = write_grids(jobs, self.out_dir, self.axes, thumb, self.images)
+        self.grids = write_grids(jobs, self.out_dir, self.axes, thumb, self.images,
+                                 axes_name(self.axes, pages=False) if by_axes else "")
 
     def finish(self, jobs: Sequence[GridJob], title: Optional[str] = None,
                overrides: Optional[Sequence[str]] = None) -> ReportFiles:
@@ -1218,7 +1314,8 @@ class PendingReport:
         overrides = overrides if overrides is not None else getattr(jobs, "overrides", [])
         text = report_html(sorted(jobs, key=lambda j: j.num), self.axes, keys=self.keys, title=title or "",
                            overrides=overrides, thumb=self.thumb, full_max=self.full_max, images=self.images)
-        page = atomic_write(self.out_dir / "report.html", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        html_name = f"report_{self.name}.html" if self.name else "report.html"
+        page = atomic_write(self.out_dir / html_name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return ReportFiles(page, self.grids)
 
 
@@ -1226,10 +1323,11 @@ REPORT_FILES = ("report.html", "jobs.csv")  # beside the grid PNG(s)
 
 
 def sweep_outputs(folder: Path) -> list[Path]:
-    """The comparison files a sweep folder holds (grid PNGs, report.html, jobs.csv): what goes
-    onto the sweep's parent run."""
+    """The comparison files the sweep itself wrote into its folder (grid PNGs, report.html,
+    jobs.csv; not the rebuilds named by their axes): what goes onto the sweep's parent run."""
     folder = Path(folder)
-    return sorted(folder.glob("grid*.png")) + [folder / n for n in REPORT_FILES if (folder / n).is_file()]
+    grids = [p for p in folder.glob("grid*.png") if p.name == "grid.png" or not p.name.startswith("grid_x=")]
+    return sorted(grids) + [folder / n for n in REPORT_FILES if (folder / n).is_file()]
 
 
 @dataclass
@@ -1299,10 +1397,14 @@ def _report_jobs(args: _ReportArgs) -> tuple[JobList, Path]:
 
 def report_main(argv: Sequence[str]) -> int:
     """`python -m runner report SWEEP_DIR [x=KEY] [y=KEY] [z=KEY] [thumb=N] [title=TEXT]`: rebuild
-    the grid(s) and report.html in a sweep folder from its jobs.csv; with `--run PARENT_RUN_ID
-    [--tracking-uri URI] [--out DIR]` from a sweep's MLflow parent run (its children's images are
-    downloaded into DIR, default outputs/reports/<run id>). 0 when written, 2 (one line on stderr)
-    for a missing folder or run, no jobs, an unknown axis key or a bad argument."""
+    the grid(s) and the report of a sweep folder from its jobs.csv (or its job folders); with
+    `--run PARENT_RUN_ID [--tracking-uri URI] [--out DIR]` from a sweep's MLflow parent run (its
+    children's images are downloaded into DIR, default outputs/reports/<run id>), and the new
+    files are logged to that parent run. The files are named by their axes
+    (`grid_x=seed_y=lora.alpha.png`, `report_x=seed_y=lora.alpha.html`): a rebuild never
+    replaces the sweep's own grid.png and report.html, nor a rebuild with other axes. 0 when
+    written, 2 (one line on stderr) for a missing folder or run, no jobs, an unknown axis key
+    or a bad argument, 1 when the files could not be logged to the parent run."""
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
@@ -1312,12 +1414,32 @@ def report_main(argv: Sequence[str]) -> int:
         thumb = _thumb(args.options)
         jobs, out = _report_jobs(args)
         files = write_report(jobs, out, x=args.options.get("x") or None, y=args.options.get("y") or None,
-                             z=args.options.get("z") or None, thumb=thumb, title=args.options.get("title"))
+                             z=args.options.get("z") or None, thumb=thumb, title=args.options.get("title"),
+                             by_axes=True)
     except ReportError as e:
         print(f"report: {e}", file=sys.stderr)
         return 2
     for path in files.all:
         print(path)
+    if args.run is not None:
+        return _log_to_parent(args, files)
+    return 0
+
+
+def _log_to_parent(args: _ReportArgs, files: ReportFiles) -> int:
+    """The rebuilt files onto the sweep's parent run, beside its own (never over them)."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=args.tracking_uri)
+        for path in files.all:
+            client.log_artifact(str(args.run), str(path))
+    except Exception as e:  # noqa: BLE001 - one line: the files are written, only their upload failed
+        print(f"report: could not log {', '.join(p.name for p in files.all)} to run {args.run} in "
+              f"{args.tracking_uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+    print(f"report: logged {', '.join(p.name for p in files.all)} to run {args.run} in {args.tracking_uri}",
+          file=sys.stderr)
     return 0
 
 

@@ -35,6 +35,7 @@ name those jobs, and `python -m runner sync DIR` logs them later. The same funct
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 from .errors import EXIT_REFUSED, ConfigError, Stop
 from .owner import owner_tags
-from .report import FAILED, FINISHED, KILLED, SKIPPED, JobRecord, SweepRecord
+from .report import FAILED, FINISHED, KILLED, OVERRIDES_JSON_TAG, SKIPPED, JobRecord, SweepRecord
 
 if TYPE_CHECKING:  # the writer process imports no torch
     from .job import JobPlan
@@ -94,7 +95,7 @@ def log_job(tracker: Tracker, record: JobRecord, run_id: str, parent_id: Optiona
     import shutil
     import tempfile
 
-    tags = {**record.tags, LOGGED_TAG: "true"}
+    tags = {**record.tags, LOGGED_TAG: "true", OVERRIDES_JSON_TAG: json.dumps(record.overrides)}
     if record.error:
         tags["runner.error"] = record.error
     with tempfile.TemporaryDirectory(prefix="runner-artifacts-") as tmp:
@@ -114,10 +115,11 @@ def log_job(tracker: Tracker, record: JobRecord, run_id: str, parent_id: Optiona
 
 def _log_inputs(tracker: Tracker, record: JobRecord, target: str, logged: set) -> None:
     """The input pictures as artifacts under `inputs/`: on the sweep's parent run once per
-    picture, on the run itself for a single run."""
+    picture, on the run itself for a single run. An input without a path (sync: a picture
+    outside the folder, never read) has only its sha256, a param of the run."""
     for item in record.inputs:
-        path = Path(item["path"])
-        if item["sha256"] in logged or not path.is_file():
+        path = Path(item["path"]) if item.get("path") else None
+        if item["sha256"] in logged or path is None or not path.is_file():
             continue
         tracker.log_file(target, path, "inputs")
         logged.add(item["sha256"])

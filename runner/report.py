@@ -16,7 +16,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -26,6 +26,7 @@ RUNNING, FINISHED, FAILED, KILLED, SKIPPED = "RUNNING", "FINISHED", "FAILED", "K
 JOB_FORMAT, SWEEP_FORMAT = "runner.job/1", "runner.sweep/1"
 CONFIG_HASH_TAG = "runner.config_hash"  # the identity of a job's result (resume=true)
 RECORD_TAG = "runner.record_id"  # the record a run was logged from (sync is idempotent)
+OVERRIDES_JSON_TAG = "runner.overrides_json"  # a run's overrides as a JSON list (runner.overrides: joined by spaces)
 # zlib level of the PNGs written: 4 instead of Pillow's 6 writes a 1328x1328 image ~2.5x faster
 # for ~4% more bytes (level 1: ~4x faster, ~25% more bytes)
 PNG_LEVEL = 4
@@ -50,10 +51,14 @@ def parameters_text(gen: dict[str, Any]) -> str:
     )
 
 
-def temp_path(path: Path) -> Path:
-    """The temporary name of a write to `path`: hidden, beside it, carrying this process's pid
-    (runner.folders.remove_stale_temp_files finds those of dead processes)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+TEMP_MARK = ".runner-tmp"  # `.<name>.runner-tmp<pid>`: only the runner writes such names
+
+
+def temp_path(path: Path, pid: Optional[int] = None) -> Path:
+    """The temporary name of a write to `path`: hidden, beside it, marked as the runner's and
+    carrying this process's pid (runner.folders.remove_stale_temp_files removes those of dead
+    processes, in the runner's own folders only)."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid() if pid is None else pid}")
 
 
 @contextmanager
@@ -158,6 +163,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class RecordError(ValueError):
+    """A record file (job.json, sweep.json) that is not as the runner writes it: bad JSON, a
+    key missing or of the wrong type. The message names the file and the key."""
+
+
+def _type_problem(value: Any, hint: Any, key: str) -> Optional[str]:
+    """Why `value` does not fit the type `hint` (None: it fits), naming the key inside it."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return None
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        return _type_problem(value, next(a for a in args if a is not type(None)), key)
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            return f"`{key}` is {_shown(value)}, not a {'list' if origin is list else 'mapping'}"
+        items = enumerate(value) if origin is list else value.items()
+        for k, v in items:
+            inner = f"{key}[{k}]" if origin is list else f"{key}.{k}"
+            problem = _type_problem(v, args[-1], inner) if args else None
+            if problem:
+                return problem
+        return None
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    ok = isinstance(value, (int, float) if hint is float else hint) and (hint is bool or not isinstance(value, bool))
+    return None if ok else f"`{key}` is {_shown(value)}, not {names.get(hint, hint)}"
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class _Record:
     """JSON round trip of a record dataclass; unknown keys of a newer format are ignored."""
 
@@ -174,11 +213,49 @@ class _Record:
         return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
-    def read(cls, path: Path):
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    def problems(cls, data: Any) -> Optional[str]:
+        """What makes `data` not a record of this kind (None: it is one)."""
+        if not isinstance(data, dict):
+            return f"it holds {_shown(data)}, not a {cls.FORMAT} record"
         if not str(data.get("format", "")).startswith(cls.FORMAT.split("/")[0]):
-            raise ValueError(f"{path} is not a {cls.FORMAT} record")
+            return f"`format` is {_shown(data.get('format'))}: not a {cls.FORMAT} record"
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    return f"`{f.name}` is missing"
+                continue
+            problem = _type_problem(data[f.name], hints[f.name], f.name)
+            if problem:
+                return problem
+        return cls._value_problems(data)
+
+    @classmethod
+    def _value_problems(cls, data: dict) -> Optional[str]:
+        status = data.get("status", RUNNING)
+        if status not in (RUNNING, FINISHED, FAILED, KILLED, SKIPPED):
+            return f"`status` is {_shown(status)}, not one of {RUNNING}, {FINISHED}, {FAILED}, {KILLED}, {SKIPPED}"
+        return None
+
+    @classmethod
+    def read(cls, path: Path):
+        """The record in `path`; RecordError naming the file and the key when it is not one."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise RecordError(f"{path}: not UTF-8 text (byte {error.start}): {_NOT_OURS}") from None
+        except json.JSONDecodeError as error:
+            raise RecordError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column "
+                              f"{error.colno}): {_NOT_OURS}") from None
+        problem = cls.problems(data)
+        if problem:
+            raise RecordError(f"{path}: {problem}: {_NOT_OURS}")
         return cls.from_json(data)
+
+
+_NOT_OURS = ("the runner did not write it so (damaged or edited). Fix: restore the file, or move its folder "
+             "out of the way")
 
 
 @dataclass
@@ -211,6 +288,15 @@ class JobRecord(_Record):
     tracking: dict[str, Any] = field(default_factory=dict)  # where it was meant to be logged
     sweep_id: Optional[str] = None
     tracked: Optional[bool] = None  # None: tracking off; False: not (fully) in MLflow
+
+    @classmethod
+    def _value_problems(cls, data: dict) -> Optional[str]:
+        for i, item in enumerate(data.get("inputs", [])):
+            for key, kind in (("arg", str), ("index", int), ("path", str), ("sha256", str)):
+                problem = _type_problem(item.get(key), kind, f"inputs[{i}].{key}")
+                if problem:
+                    return problem
+        return super()._value_problems(data)
 
 
 @dataclass
@@ -257,8 +343,8 @@ def _split(override: str) -> tuple[str, str]:
 
 def write_table(records: Sequence[JobRecord], path: Path) -> Path:
     """A CSV row per job: number, status, MLflow run, swept values, overrides, metrics,
-    image, error, and (when the sweep tracked to MLflow) `tracked`: yes, or no for a job
-    whose record did not reach the store (`python -m runner sync` logs it later)."""
+    image (relative to the table's folder), error, and (when the sweep tracked to MLflow)
+    `tracked`: yes, or no for a job whose record did not reach the store (`python -m runner sync` logs it later)."""
     keys = swept_keys(records)
     with_tracked = any(getattr(r, "tracked", None) is not None for r in records)
     header = ["job", "status", "run_id", *keys, "overrides", *METRICS, "image", "error"]
@@ -271,12 +357,23 @@ def write_table(records: Sequence[JobRecord], path: Path) -> Path:
             for r in records:
                 wanted = dict(_split(o) for o in r.overrides)
                 row = ([r.num, r.status, r.run_id or "", *(wanted.get(k, "") for k in keys), " ".join(r.overrides)]
-                       + [_fmt(r.metrics.get(m)) for m in METRICS] + [str(r.image_path or ""), r.error])
+                       + [_fmt(r.metrics.get(m)) for m in METRICS] + [_relative(r.image_path, path.parent), r.error])
                 if with_tracked:
                     row.append("yes" if getattr(r, "tracked", None) else "no")
                 writer.writerow(row)
 
     return atomic_write(path, write)
+
+
+def _relative(image: Optional[str], folder: Path) -> str:
+    """An image's path as jobs.csv holds it: relative to the table's folder when inside it (the
+    folder can move; `runner report` reads no picture outside it)."""
+    if not image:
+        return ""
+    try:
+        return Path(image).resolve().relative_to(Path(folder).resolve()).as_posix()
+    except ValueError:
+        return str(image)
 
 
 def _fmt(value: Optional[float]) -> str:

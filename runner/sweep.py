@@ -15,6 +15,7 @@ the plans in workers (runner.job.compute), hand each record to `recorder.job_don
 """
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import os
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import failpoints, job
 from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, output_fix
-from .folders import holds_results, release_claim, remove_stale_temp_files
+from .folders import claim_folder, release_claim
 from .job import JobPlan
 from .owner import owner_tags
 from .provenance import provenance_tags
@@ -38,6 +39,7 @@ from .report import (
     FINISHED,
     KILLED,
     METRICS,
+    OVERRIDES_JSON_TAG,
     SKIPPED,
     JobRecord,
     SweepRecord,
@@ -218,13 +220,12 @@ def _resume(spec: RunSpec, recorder: Optional[Recorder], hashes: list[str]) -> d
     configs that have a FINISHED run."""
     if not spec.resume or recorder is None:
         return {}
-    from .sync import folders_of, report_dead_runs
+    from .sync import remove_leftovers, report_dead_runs
 
     found = recorder.end_dead_runs()
     if found is not None:
         report_dead_runs(*found)
-        for path in remove_stale_temp_files(sorted(folders_of(found[2]) | {Path(spec.tracking.store_dir)})):
-            logger.info("Removed %s (an interrupted write of a process that is gone)", path)
+        remove_leftovers([], [Path(spec.tracking.store_dir)], found[2])
     return recorder.finished_runs(hashes)
 
 
@@ -245,9 +246,13 @@ def start(config: DictConfig) -> Sweep:
             raise _refuse(ConfigError(key, "cannot be swept: every job of a sweep logs under the sweep's parent "
                                       "run", f"run one sweep per value of {key}"))
     folder = Path(str(config.hydra.sweep.dir))  # unique_dir claims a new folder
+    claim = None
     try:
+        claim = claim_folder(folder, "hydra.sweep.dir")  # before anything is written into it
         sweep = _start(config, overrides, swept, folder)
     except BaseException:
+        if claim is not None:
+            claim.release()
         release_claim(folder)  # a refused sweep leaves no folder
         raise
     sweep.pool = pool
@@ -255,11 +260,6 @@ def start(config: DictConfig) -> Sweep:
 
 
 def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: Path) -> Sweep:
-    used = holds_results(folder)
-    if used:
-        raise _refuse(ConfigError("hydra.sweep.dir", f"{folder} holds the results of an earlier run "
-                                  f"({', '.join(used)})", "give a new folder, or leave hydra.sweep.dir at its "
-                                  "default (a new folder each time)"))
     prestart_recorder(config)
     launches = precheck(config, _job_overrides(config, overrides), swept)
     spec = launches[0].plan.spec
@@ -310,7 +310,8 @@ def check_report_axes(report: Any, swept: list[str]) -> None:
 
 
 def _sweep_record(config: DictConfig, overrides: list[str], folder: Path, spec: RunSpec, jobs: int) -> SweepRecord:
-    tags = {"runner.kind": "sweep", "runner.sweep_dir": str(folder), "runner.overrides": " ".join(overrides)}
+    tags = {"runner.kind": "sweep", "runner.sweep_dir": str(folder), "runner.overrides": " ".join(overrides),
+            OVERRIDES_JSON_TAG: json.dumps(overrides)}  # the list itself: a value may hold ` key=value`
     tags.update({k: v for k, v in provenance_tags("cpu").items() if not k.startswith("device.")})
     record = SweepRecord(sweep_dir=str(folder), overrides=overrides, experiment=spec.experiment,
                          tracking=job.tracking_of(spec), jobs=jobs, started=time.time(), owner=owner_tags(),

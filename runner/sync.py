@@ -1,26 +1,33 @@
 """`python -m runner sync DIR [overrides]` and `python -m runner cleanup [overrides] [--dir DIR]`.
 
 sync: log a finished sweep folder (sweep.json + each `<job>/job.json`) or a single run folder
-(job.json) into an MLflow store: by default the store and experiment the folder was meant
-for, or those of `tracking.*` / `experiment=` overrides. Idempotent: every record carries an
-id (tag runner.record_id) and a completely logged run the tag runner.logged, so a second sync
-logs nothing twice; a run left incomplete by a dead process is completed in place. Runs it
-creates or completes get the tag runner.synced_from.
+(job.json) into an MLflow store: the store of the command line (`tracking.*`), else the
+config's default; never one the folder's records name. The experiment: `experiment=`, else the
+recorded one. Idempotent: every record carries an id (tag runner.record_id) and a completely
+logged run the tag runner.logged, so a second sync logs nothing twice; a run left incomplete
+by a dead process is completed in place. Runs it creates or completes get the tag
+runner.synced_from. The folder is read as if someone else wrote it: every record is checked
+(a malformed one refuses the sync, naming the file and the key), no file outside the folder is
+read (an image or a link leading out refuses the sync, exit 2, nothing logged; an input
+picture outside it has only its sha256 logged).
 
 cleanup: end the RUNNING runs of the experiment whose owner process is gone on this host as
 KILLED (runs of other hosts are left alone, and listed), and remove the temporary files of
-interrupted writes (`.<name>.tmp<pid>` of dead pids) in their folders, the store folder,
-`outputs/` and the folders given with --dir. A sweep with resume=true does the same first.
+interrupted writes (`.<name>.runner-tmp<pid>` of dead pids) in the runner's own folders under
+`outputs/` and the folders given with --dir, and in the store folder. The folders a run's tags
+name are never searched (the log says how to clean them). A sweep with resume=true does the
+same first, for the store folder.
 """
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .compare import sweep_outputs
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConfigError
-from .folders import remove_stale_temp_files
+from .folders import inside, remove_stale_temp_files
 from .owner import ALIVE, DEAD, OTHER_HOST, describe, owner_state, owner_tags
 from .recorder import LOGGED_TAG, log_job, log_sweep_end, start_sweep_run
 from .report import KILLED, RUNNING, SKIPPED, JobRecord, SweepRecord
@@ -84,10 +91,25 @@ def folders_of(runs: Sequence[dict]) -> set[Path]:
     return out
 
 
+def remove_leftovers(folders: Sequence[Path], stores: Sequence[Path], ended: Sequence[dict]) -> None:
+    """Remove the leftovers of interrupted writes of dead processes in the runner's folders
+    under `folders` and in `stores` (runner.folders.remove_stale_temp_files). The folders the
+    `ended` runs' tags name are not searched: a store's tags never choose what is deleted;
+    the log says how to clean them."""
+    for path in remove_stale_temp_files(folders, stores):
+        logger.info("Removed %s (an interrupted write of a process that is gone)", path)
+    roots = [Path(f).resolve() for f in folders]
+    named = sorted(p for p in folders_of(ended) if not any(p == r or r in p.parents for r in roots))
+    if named:
+        logger.info("Not searched for leftovers of interrupted writes: %s (named by the ended runs' tags, which "
+                    "never choose what is deleted). To clean them: python -m runner cleanup %s",
+                    ", ".join(map(str, named)), " ".join(f"--dir {shlex.quote(str(p))}" for p in named))
+
+
 def cleanup_main(argv: list[str]) -> int:
     dirs, overrides = _split_dirs(argv)
     try:
-        tracking, experiment = _store_of(overrides)
+        tracking, experiment, source = _store_of(overrides)
         tracker = Tracker(tracking, experiment)
     except ConfigError as error:
         logger.error("%s", error)
@@ -95,12 +117,10 @@ def cleanup_main(argv: list[str]) -> int:
     except Exception as error:  # noqa: BLE001 - one line: the store cannot be reached
         logger.error("cleanup: cannot open the MLflow store: %s", _line(error))
         return EXIT_FAILED
+    logger.info("cleanup: experiment %r of %s (from %s)", experiment, tracker.uri, source)
     ended, left, unknown = ([plain_run(r) for r in group] for group in end_dead_runs(tracker))
     report_dead_runs(tracker.experiment_name, tracker.uri, ended, left, unknown)
-    folders = folders_of(ended) | {Path(tracking.store_dir), Path("outputs"), *dirs}
-    removed = remove_stale_temp_files(sorted(folders))
-    for path in removed:
-        logger.info("Removed %s (an interrupted write of a process that is gone)", path)
+    remove_leftovers([Path("outputs"), *dirs], [Path(tracking.store_dir)], ended)
     return EXIT_OK
 
 
@@ -116,25 +136,23 @@ def _split_dirs(argv: list[str]) -> tuple[list[Path], list[str]]:
     return dirs, rest
 
 
-def _store_of(overrides: list[str], recorded: Optional[dict] = None,
-              recorded_experiment: Optional[str] = None) -> tuple[Any, str]:
-    """The store and experiment: from the overrides, else from the record, else the defaults."""
+def _store_of(overrides: list[str], recorded_experiment: str = "") -> tuple[Any, str, str]:
+    """The store (from the command line, else the config's defaults: never from a folder's
+    records), the experiment (the command line's, else the one recorded, else the default) and
+    where the store came from."""
     from omegaconf import OmegaConf
 
-    from .spec import TrackingBackend, TrackingSpec, compose
+    from .spec import TrackingBackend, compose
 
     cfg = compose(overrides)
     keys = {o.lstrip("+~").partition("=")[0] for o in overrides}
     tracking = OmegaConf.to_object(cfg.tracking)
-    if recorded and recorded.get("backend") != TrackingBackend.none.value \
-            and not any(k == "tracking" or k.startswith("tracking.") for k in keys):
-        tracking = TrackingSpec(uri=recorded.get("uri"), store_dir=recorded.get("store_dir") or tracking.store_dir,
-                                artifact_location=recorded.get("artifact_location"),
-                                image_key=recorded.get("image_key") or "image")
     if tracking.backend is TrackingBackend.none:
         raise ConfigError("tracking", "tracking=none names no store", "use tracking=mlflow (the default)")
+    source = "the command line" if any(k == "tracking" or k.startswith("tracking.") for k in keys) else \
+        "the config defaults"
     experiment = str(cfg.experiment) if "experiment" in keys or not recorded_experiment else recorded_experiment
-    return tracking, experiment
+    return tracking, experiment, source
 
 
 # ------------------------------------------------------------------------- sync
@@ -148,7 +166,7 @@ def sync_main(argv: list[str]) -> int:
     try:
         sweep, jobs = read_folder(folder)
         first = sweep if sweep is not None else jobs[0]
-        tracking, experiment = _store_of(overrides, first.tracking, first.experiment)
+        tracking, experiment, source = _store_of(overrides, first.experiment)
         tracker = Tracker(tracking, experiment)
     except (ConfigError, ValueError, OSError) as error:
         logger.error("sync: %s", error)
@@ -156,8 +174,10 @@ def sync_main(argv: list[str]) -> int:
     except Exception as error:  # noqa: BLE001 - one line: the store cannot be reached
         logger.error("sync: cannot open the MLflow store: %s", _line(error))
         return EXIT_FAILED
+    _say_where(tracker, tracking, experiment, source, first)
+    _say_inputs_outside(jobs)
     try:
-        logged, present = Syncer(tracker, folder).run(sweep, jobs)
+        logged, present = Syncer(tracker, folder, tracking.image_key).run(sweep, jobs)
     except Exception as error:  # noqa: BLE001
         level = "cannot reach the MLflow store" if is_unreachable(error) else "failed"
         logger.error("sync: %s: %s (run sync again: what was logged is not logged twice)", level, _line(error))
@@ -167,24 +187,99 @@ def sync_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _say_where(tracker: Tracker, tracking: Any, experiment: str, source: str, first: Any) -> None:
+    logger.info("sync: logging into experiment %r of %s (from %s)", experiment, tracker.uri, source)
+    named = first.tracking.get("uri") or first.tracking.get("store_dir")
+    ours = {str(tracking.uri), str(Path(tracking.store_dir).resolve()), tracker.uri}
+    if named and str(named) not in ours:
+        logger.info("sync: the folder's records name the store %r: not used (the store comes from the command line "
+                    "or the config; give tracking.uri=... / tracking.store_dir=... to log there)", str(named))
+
+
+def _say_inputs_outside(jobs: Sequence[JobRecord]) -> None:
+    outside: dict[str, list[str]] = {}
+    for record in jobs:
+        for item in record.inputs:
+            if item.get("outside"):
+                outside.setdefault(item["outside"], []).append(f"inputs.{item['arg']}.{item['index']}.sha256")
+    for path, params in outside.items():
+        logger.info("sync: the input picture %s lies outside the folder: not read, only its sha256 is logged "
+                    "(param %s of %d run(s))", path, params[0], len(params))
+
+
+# -------------------------------------------------------------- reading a folder
+
+
 def read_folder(folder: Path) -> tuple[Optional[SweepRecord], list[JobRecord]]:
-    """The sweep record (None for a single run) and the job records of a folder."""
+    """The sweep record (None for a single run) and the job records of a folder, checked: every
+    record as the runner writes it, every file they name inside the folder (links resolved).
+    ValueError naming the file and the key otherwise: a folder that names files elsewhere (a
+    folder someone sent) is refused whole."""
     if not folder.is_dir():
         raise ValueError(f"no folder {folder}")
-    sweep = SweepRecord.read(folder / "sweep.json") if (folder / "sweep.json").is_file() else None
-    if sweep is None and (folder / "job.json").is_file():
-        return None, [JobRecord.read(folder / "job.json")]
-    if sweep is None:
+    root = folder.resolve()
+    if (folder / "sweep.json").is_file():
+        sweep = SweepRecord.read(_own(root, folder / "sweep.json"))
+    elif (folder / "job.json").is_file():
+        return None, [_checked_job(root, _own(root, folder / "job.json"), "run")]
+    else:
         raise ValueError(f"{folder} holds neither sweep.json (a sweep) nor job.json (a run): nothing to sync")
     if sweep.status == RUNNING and owner_state(sweep.owner) == ALIVE:
         raise ValueError(f"the sweep in {folder} is still running ({describe(sweep.owner)}): sync it when it ended")
-    jobs = [JobRecord.read(p) for p in folder.glob("*/job.json")]
+    for path in sweep_outputs(folder):
+        _own(root, path)
+    jobs = [_checked_job(root, _own(root, p), "sweep") for p in sorted(folder.glob("*/job.json"))]
     return sweep, sorted(jobs, key=lambda r: r.num)
 
 
+_HOSTILE = ("Fix: sync only folders the runner wrote (a folder that names files elsewhere could make sync send "
+            "your files to MLflow); restore the record if you edited it")
+
+
+def _own(root: Path, path: Path) -> Path:
+    """`path`, if it lies in the folder `root` (a link out of it is refused)."""
+    if inside(root, path) is None:
+        raise ValueError(f"{_where(root, path)} leads to {path.resolve()}, outside the folder {root}: refused. "
+                         f"{_HOSTILE}")
+    return path
+
+
+def _where(root: Path, path: Path) -> str:
+    """`path` as the message names it: relative to the folder synced (`3/job.json`)."""
+    try:
+        return str((path.parent.resolve() / path.name).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _checked_job(root: Path, path: Path, kind: str) -> JobRecord:
+    """A job's record with the files it names made safe: its image inside the folder (else
+    refused), its input pictures kept only when inside (else only their sha256 is logged), no
+    store of its own."""
+    record = JobRecord.read(path)
+    where, job_folder = _where(root, path), path.parent
+    if record.image_path:
+        image = Path(record.image_path)
+        if not image.is_absolute():
+            image = job_folder / image
+        elif inside(root, image) is None and record.job_dir and image.is_relative_to(record.job_dir):
+            image = job_folder / image.relative_to(record.job_dir)  # the folder was moved or copied here
+        if inside(root, image) is None:
+            leads = f", which leads to {image.resolve()}," if str(image.resolve()) != record.image_path else ""
+            raise ValueError(f"{where}: image_path names {record.image_path}{leads} outside the {kind} folder {root}: "
+                             f"refused. {_HOSTILE}")
+        record.image_path = str(image)
+    for item in record.inputs:
+        picture = inside(root, item["path"], job_folder)
+        item["outside"] = "" if picture is not None else item["path"]
+        item["path"] = str(picture) if picture is not None else ""
+    record.tracking = {}
+    return record
+
+
 class Syncer:
-    def __init__(self, tracker: Tracker, folder: Path) -> None:
-        self.tracker, self.folder = tracker, folder.resolve()
+    def __init__(self, tracker: Tracker, folder: Path, image_key: str = "image") -> None:
+        self.tracker, self.folder, self.image_key = tracker, folder.resolve(), image_key
         self.logged = self.present = 0
         self.inputs: set[str] = set()
         self._parent_open = False
@@ -232,6 +327,7 @@ class Syncer:
             self.present += 1
             return
         tags = {SYNCED_TAG: str(self.folder)}
+        record.tracking = {"image_key": self.image_key}
         if run is None:
             run_id = self.tracker.start_run(record.name or f"job {record.num}", {**record.tags, **tags},
                                             parent_id=parent_id, start_time=record.started)

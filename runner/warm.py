@@ -580,7 +580,9 @@ def _clear_job_folder(plan: Any, pid: Any) -> None:
         with contextlib.suppress(OSError):
             (folder / name).unlink()
     if isinstance(pid, int):
-        for tmp in folder.glob(f".*.tmp{pid}"):
+        from .report import TEMP_MARK
+
+        for tmp in folder.glob(f".*{TEMP_MARK}{pid}"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 

@@ -78,7 +78,7 @@ def test_demo_lora_sweep_writes_grid_and_report_and_logs_them_on_the_parent(tmp_
 
     store = tmp_path / "store"
     args = ["-m", *SMALL, "lora=tiny_demo", "lora.alpha=0,1", "seed=0,1", f"tracking.store_dir={store}",
-            "report.x=seed"]
+            "report.x=seed", 'prompt="a cat seed=5"']  # a value holding ` key=value`, after the swept seed
     proc = _runner(tmp_path, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", models=models)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
@@ -108,11 +108,23 @@ def test_demo_lora_sweep_writes_grid_and_report_and_logs_them_on_the_parent(tmp_
     assert f"mlflow ui --backend-store-uri sqlite:///{store.resolve() / 'mlflow.db'}" in log
     assert "click Model training (top left), Experiments, the experiment" in log
 
+    from runner.compare import jobs_from_mlflow
+
+    jobs = jobs_from_mlflow(f"sqlite:///{store / 'mlflow.db'}", parent.info.run_id, tmp_path / "dl")
+    assert sorted(j.values["seed"] for j in jobs) == ["0", "0", "1", "1"]  # not 5: the prompt is not split
+    assert 'prompt="a cat seed=5"' in jobs.overrides
+
     out = tmp_path / "from_mlflow"
     rebuilt = _runner(tmp_path, "report", "--run", parent.info.run_id, "--tracking-uri",
                       f"sqlite:///{store / 'mlflow.db'}", "--out", str(out), "x=lora.alpha", models=models)
     assert rebuilt.returncode == 0, rebuilt.stderr
-    assert (out / "grid.png").is_file() and "columns: <code>lora.alpha</code>" in (out / "report.html").read_text()
+    page = out / "report_x=lora.alpha_y=seed.html"
+    assert (out / "grid_x=lora.alpha_y=seed.png").is_file() and "columns: <code>lora.alpha</code>" in page.read_text()
+    # the parent run gets the rebuilt files beside its own, which are left as they were
+    arts = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id)}
+    assert {"grid_x=lora.alpha_y=seed.png", "report_x=lora.alpha_y=seed.html"} <= set(arts)
+    assert arts["grid.png"] == (sweep / "grid.png").stat().st_size
+    assert arts["report.html"] == (sweep / "report.html").stat().st_size
 
     again = _runner(tmp_path, *args, "resume=true", f"hydra.sweep.dir={tmp_path / 'again'}", models=models)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -226,10 +226,11 @@ def test_four_key_sweep_extra_keys_become_pages(tmp_path):
     files = write_report(jobs, sweep, thumb=48)
     names = sorted(p.name for p in files.grids)
     assert len(names) == 4 and all(re.fullmatch(r"grid_[A-Za-z0-9._=+,-]+\.png", n) for n in names), names
-    # z=none: the third and fourth keys still make pages; the grid files of the last report go
-    files = write_report(jobs, sweep, thumb=48, x="seed", y="lora.alpha", z="none")
-    assert len(files.grids) == 4
-    assert sorted(p.name for p in sweep.glob("grid*.png")) == sorted(p.name for p in files.grids)
+    # z=none: the third and fourth keys still make pages; a rebuild leaves the earlier files
+    again = write_report(jobs, sweep, thumb=48, x="seed", y="lora.alpha", z="none", by_axes=True)
+    assert len(again.grids) == 4 and all(p.name.startswith("grid_x=seed_y=lora.alpha_") for p in again.grids)
+    assert again.html.name == "report_x=seed_y=lora.alpha_z=sampler.steps+prompt.html"
+    assert sorted(p.name for p in sweep.glob("grid*.png")) == sorted(p.name for p in files.grids + again.grids)
 
 
 def test_the_report_has_every_job_and_escapes_user_strings(tmp_path):
@@ -295,24 +296,36 @@ def test_full_size_copies_are_capped_so_the_report_stays_small(tmp_path, monkeyp
 
 
 def test_report_command_on_a_sweep_folder(tmp_path, capsys):
+    """A rebuild writes files named by its axes and never replaces or deletes the sweep's own
+    files or those of a rebuild with other axes; the same axes again replace only their own."""
     sweep = make_sweep_dir(tmp_path, failed={5}, missing={9})
-    (sweep / "grid_old=1.png").write_bytes(b"stale")
+    (sweep / "grid.png").write_bytes(b"the sweep's grid")
+    (sweep / "report.html").write_text("the sweep's report")
     assert report_main([str(sweep), "thumb=64"]) == 0
     printed = capsys.readouterr().out.split()
-    assert [Path(p).name for p in printed] == ["grid_sampler.steps=2.png", "grid_sampler.steps=4.png", "report.html"]
-    assert not (sweep / "grid_old=1.png").exists()
-    text = (sweep / "report.html").read_text(encoding="utf-8")
+    assert [Path(p).name for p in printed] == ["grid_x=lora.alpha_y=seed_sampler.steps=2.png",
+                                               "grid_x=lora.alpha_y=seed_sampler.steps=4.png",
+                                               "report_x=lora.alpha_y=seed_z=sampler.steps.html"]
+    text = Path(printed[-1]).read_text(encoding="utf-8")
     assert text.count('class="thumb"') == 10  # 11 jobs ran, 1 failed
-    with Image.open(sweep / "grid_sampler.steps=2.png") as im:
+    with Image.open(printed[0]) as im:
         assert im.width > 3 * 64
+    first = {p.name: p.read_bytes() for p in sweep.iterdir() if p.is_file()}
 
-    # the folder moved elsewhere: jobs.csv's absolute image paths are gone, <job>/image.png is used
+    assert report_main([str(sweep), "x=seed", "y=sampler.steps", "z=none", "thumb=48"]) == 0
+    other = [Path(p).name for p in capsys.readouterr().out.split()]
+    assert other == [f"grid_x=seed_y=sampler.steps_lora.alpha={a}.png" for a in ("0", "0.5", "1")] + [
+        "report_x=seed_y=sampler.steps_z=lora.alpha.html"]
+    assert all((sweep / name).read_bytes() == data for name, data in first.items())  # nothing replaced or deleted
+    assert report_main([str(sweep), "thumb=64"]) == 0  # the first axes again: their own files, replaced
+    assert sorted(p.name for p in sweep.iterdir() if p.is_file()) == sorted([*first, *other])
+
+    # the folder moved elsewhere: jobs.csv's image paths are relative, <job>/image.png is used
     moved = shutil.copytree(sweep, tmp_path / "moved")
     shutil.rmtree(sweep)
     assert report_main([str(moved), "x=seed", "y=sampler.steps", "z=none", "thumb=48"]) == 0
-    capsys.readouterr()
-    assert (moved / "grid_lora.alpha=0.png").is_file() and not (moved / "grid_sampler.steps=2.png").exists()
-    assert (moved / "report.html").read_text(encoding="utf-8").count('class="thumb"') == 10
+    assert "outside" not in capsys.readouterr().err
+    assert (moved / other[-1]).read_text(encoding="utf-8").count('class="thumb"') == 10
 
 
 @pytest.mark.parametrize("args, message", [
@@ -407,7 +420,7 @@ def test_jobs_from_mlflow_round_trip(mlflow_sweep, tmp_path):
     assert jobs[0].metrics == {"total_s": 1.5, "peak_mem_mb": 900.0}
     assert jobs[3].image_path == tmp_path / "dl" / "3" / "image.png" and jobs[3].gen()["seed"] == 1
     assert jobs.title == "sweep 2025-01-02 03-04-05" and jobs.overrides == [
-        "model=qwen_image_tiny prompt=a red fox seed=0,1 lora.alpha=0,1"]
+        "model=qwen_image_tiny", "prompt=a red fox", "seed=0,1", "lora.alpha=0,1"]
     files = write_report(jobs, tmp_path / "out", thumb=48)
     assert [p.name for p in files.grids] == ["grid.png"]
     text = files.html.read_text(encoding="utf-8")

@@ -157,6 +157,39 @@ def test_two_sweeps_started_together_never_share_a_folder(env, tmp_path):
         assert len(mine) == 2 and all(ch.info.status == "FINISHED" for ch in mine)
 
 
+def test_two_sweeps_given_the_same_folder_at_once_one_runs_the_other_touches_nothing(env, tmp_path):
+    """Both find the folder free (each held just before claiming it), then are released
+    together: exactly one claims it and runs; the other exits 2 naming the folder and the fix,
+    having written nothing there (the winner's job.json matches its image)."""
+    store, sweep = tmp_path / "store", tmp_path / "same"
+    holds = [tmp_path / "holds_a", tmp_path / "holds_b"]
+    procs = [start(env, tmp_path, "-m", *SMALL, f"seed={seed}", f"tracking.store_dir={store}", "experiment=same",
+                   f"hydra.sweep.dir={sweep}", holds=h, hold="claim") for seed, h in ((0, holds[0]), (10, holds[1]))]
+    for proc, h in zip(procs, holds):
+        wait_until(lambda h=h: (h / "claim.held").exists(), proc, "the claim")
+    for h in holds:  # released together
+        release(h, "claim")
+    outputs = [finish(p) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [output(p, *o)[-3000:] for p, o in zip(procs, outputs)]
+    [(winner, won)] = [(p, o) for p, o in zip(procs, outputs) if p.returncode == 0]
+    [(loser, lost)] = [(p, o) for p, o in zip(procs, outputs) if p.returncode == 2]
+    [line] = error_lines(assert_exit(loser, 2, *lost))
+    assert "config `hydra.sweep.dir`" in line and str(sweep) in line and "claimed at the same moment" in line
+    seed = 0 if winner is procs[0] else 10
+    from runner.report import read_generation
+
+    record = json.loads((sweep / "0" / "job.json").read_text())
+    assert record["status"] == "FINISHED" and record["params"]["seed"] == seed
+    assert read_generation(sweep / "0" / "image.png")["seed"] == seed
+    assert f"seed={seed}" in json.loads((sweep / "sweep.json").read_text())["overrides"]
+    assert [r["seed"] for r in csv.DictReader(open(sweep / "jobs.csv"))] == [str(seed)]
+    assert sorted(p.name for p in sweep.iterdir()) == [".runner-claim", "0", "grid.png", "jobs.csv",
+                                                       "multirun.yaml", "report.html", "sweep.json"]
+    parents, children = split(runs_of(client(store), "same"))
+    assert len(parents) == 1 and [ch.data.params["seed"] for ch in children] == [str(seed)]
+
+
 # --------------------------------------------------------- 2 and 6. refused early
 
 
@@ -359,14 +392,20 @@ def test_kill_9_mid_job_then_resume_ends_the_dead_runs_and_finishes(env, tmp_pat
     wait_until(job2_running, proc, "job 2's run in the store")
     proc.kill()  # SIGKILL: nothing of the runner gets to clean up
     finish(proc)
-    leftover = sweep / "2" / f".image.png.tmp{proc.pid}"  # as an interrupted write leaves it
-    leftover.write_bytes(b"\x89PNG half")
+    from runner.report import temp_path
+
+    leftover = temp_path(sweep / "2" / "image.png", proc.pid)  # as an interrupted write leaves it
+    lookalike = sweep / "2" / f".image.png.tmp{proc.pid}"
+    for path in (leftover, lookalike):
+        path.write_bytes(b"\x89PNG half")
     runs = runs_of(c, "k9")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "RUNNING", "RUNNING"]
 
     resumed = run(env, tmp_path, "-m", *common, "resume=true", f"hydra.sweep.dir={tmp_path / 'sweep2'}")
     text = assert_exit(resumed, 0)
-    assert text.count("as KILLED: its process") == 2 and not leftover.exists()
+    assert text.count("as KILLED: its process") == 2
+    assert leftover.exists() and lookalike.exists()  # the dead runs' tags name the folder: they choose nothing
+    assert f"Not searched for leftovers of interrupted writes: {sweep}" in text and f"--dir {sweep}" in text
     parents, children = split(runs_of(c, "k9"))
     assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
     first = [ch for ch in children if ch.data.tags["mlflow.parentRunId"] == parents[0].info.run_id]
@@ -386,10 +425,12 @@ def test_cleanup_ends_runs_of_dead_processes_here_and_leaves_other_hosts(env, tm
     exp = c.create_experiment("cleanup", artifact_location=(store / "artifacts" / "cleanup").as_uri())
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = gone.stdout.strip()
-    folder = tmp_path / "sweep" / "0"
+    folder = tmp_path / "elsewhere" / "0"  # a folder the dead run's tags name: nothing in it is deleted
     folder.mkdir(parents=True)
-    leftover = folder / f".job.json.tmp{dead_pid}"
-    leftover.write_text("{")
+    leftovers = [folder / f".job.json.tmp{dead_pid}", folder / f".thesis.tex.runner-tmp{dead_pid}",
+                 folder / f".notes.tmp{dead_pid}"]
+    for leftover in leftovers:
+        leftover.write_text("{")
     mine = owner_tags()
     dead = c.create_run(exp, run_name="dead", tags=mine | {"runner.owner.pid": dead_pid,
                                                            "runner.job_dir": str(folder)}).info.run_id
@@ -401,7 +442,10 @@ def test_cleanup_ends_runs_of_dead_processes_here_and_leaves_other_hosts(env, tm
     status = {r.info.run_id: r.info.status for r in runs_of(c, "cleanup")}
     assert status == {dead: "KILLED", other: "RUNNING", alive: "RUNNING", unknown: "RUNNING"}
     assert "another host" in proc.stderr and "no owner tags" in proc.stderr and "still runs" in proc.stderr
-    assert not leftover.exists()
+    assert all(leftover.exists() for leftover in leftovers)  # a store's tags never choose what is deleted
+    assert f"cleanup: experiment 'cleanup' of sqlite:///{store.resolve() / 'mlflow.db'} (from the command line)" \
+        in proc.stderr
+    assert f"Not searched for leftovers of interrupted writes: {folder}" in proc.stderr
     again = run(env, tmp_path, "cleanup", f"tracking.store_dir={store}", "experiment=cleanup")
     assert_exit(again, 0)
     assert "as KILLED" not in again.stderr

@@ -420,17 +420,17 @@ def test_claimed_folders_are_never_shared(tmp_path, monkeypatch):
 
 
 def test_leftovers_of_dead_processes_are_removed(tmp_path):
-    import os
     import subprocess
     import sys
 
     from runner.folders import remove_stale_temp_files
+    from runner.report import JobRecord, temp_path
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
-    (tmp_path / "0").mkdir()
-    dead = tmp_path / "0" / f".image.png.tmp{dead_pid}"
-    alive = tmp_path / "0" / f".job.json.tmp{os.getpid()}"
+    JobRecord(0, []).write(tmp_path / "0" / "job.json")  # a job folder of the runner's
+    dead = temp_path(tmp_path / "0" / "image.png", dead_pid)
+    alive = temp_path(tmp_path / "0" / "job.json")
     keep = tmp_path / "0" / "image.png"
     for p in (dead, alive, keep):
         p.write_text("x")
