@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -303,6 +304,26 @@ def test_fingerprints_are_hashed_once_and_cached_on_disk(tmp_path):
     (tmp_path / "m" / "w.safetensors").write_bytes(b"y" * 1000)  # changed file: hashed again
     d3 = second.describe([tmp_path / "m" / "w.safetensors"])
     assert second.hashed == [tmp_path / "m" / "w.safetensors"] and d3["sha256"] != d1["sha256"]
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_kept_is_hashed_again(tmp_path):
+    """What `cp -p`, `rsync -t` or `touch -r` leave: new content in the same file (same inode),
+    the same size and modification time. Neither the memory nor the disk cache answers the old hash."""
+    import hashlib
+
+    path, cache_file = tmp_path / "lora.safetensors", tmp_path / "store" / "fingerprints.json"
+    path.write_bytes(b"x" * 1000)
+    before = path.stat()
+    cache = FingerprintCache(cache_file)
+    assert cache.sha256(path) == hashlib.sha256(b"x" * 1000).hexdigest()
+    with open(path, "r+b") as f:  # in place: the inode stays
+        f.write(b"y" * 1000)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    new = hashlib.sha256(b"y" * 1000).hexdigest()
+    assert cache.sha256(path) == new  # this process's memory
+    assert FingerprintCache(cache_file).sha256(path) == new  # another process: the file on disk
 
 
 # ------------------------------------------------------------------------ tracking
