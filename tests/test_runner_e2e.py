@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .processes import runner_env, start_mlflow
+from .processes import rewrite_keeping_size_and_mtime, runner_env, start_mlflow
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
@@ -289,18 +289,6 @@ def test_ctrl_c_ends_runs_killed_and_resume_finishes_the_sweep(env, tiny_repo):
     assert all(ch.info.status == "FINISHED" for ch in new)
     rows = list(csv.DictReader(open(env["root"] / "interrupt_resume" / "sweep" / "jobs.csv")))
     assert [r["status"] for r in rows] == ["SKIPPED", "SKIPPED"] + ["FINISHED"] * 4
-
-
-def rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
-    """New content written into the same file (same inode), its size and modification time as
-    before: what `cp -p`, `rsync -t` or `touch -r` leave."""
-    before = path.stat()
-    assert len(data) == before.st_size and data != path.read_bytes()
-    with open(path, "r+b") as f:
-        f.write(data)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = path.stat()
-    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
 
 
 def test_resume_takes_an_earlier_run_only_for_the_same_files_and_an_intact_image(env, tiny_repo):

@@ -28,7 +28,7 @@ import pytest
 
 from runner import warm
 
-from .processes import runner_env
+from .processes import rewrite_keeping_size_and_mtime, runner_env
 
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
          "progress_bar=false", "prompt=a red fox in the snow", "seed=7", "device=cpu"]
@@ -286,8 +286,8 @@ def test_a_lora_file_rewritten_between_commands_is_applied_again(warm_env, tmp_p
     build_tiny_lora(lora, seed=1)
     args = ("lora=file", f"lora.path={lora}", "tracking=none")
     job(env, cwd, "before", "keep_warm=15m", *args)
-    build_tiny_lora(tmp_path / "newer.safetensors", seed=2)
-    os.replace(tmp_path / "newer.safetensors", lora)  # same name and size, other weights
+    newer = build_tiny_lora(tmp_path / "newer.safetensors", seed=2).read_bytes()
+    rewrite_keeping_size_and_mtime(lora, newer)  # other weights, in place, the same size and mtime (`cp -p`)
     after, job_dir = job(env, cwd, "after", "keep_warm=15m", *args)
     assert "its file changed since it was applied: applying it again" in after.stdout + after.stderr
     assert the_worker(folder)["jobs"] == 2 and record(job_dir)["metrics"]["load_s"] == 0  # the weights kept
@@ -306,8 +306,8 @@ def test_checkpoint_files_rewritten_between_commands_are_loaded_again(warm_env, 
     job(env, cwd, "before", "keep_warm=15m", "tracking=none")
     worker = the_worker(folder)
     other = build_tiny_repo(tmp_path / "other", seed=1)  # same shapes, other weights
-    for shard in (other / "transformer").glob("*.safetensors"):
-        os.replace(shard, repo / "transformer" / shard.name)
+    for shard in (other / "transformer").glob("*.safetensors"):  # in place, the same size and mtime (`cp -p`)
+        rewrite_keeping_size_and_mtime(repo / "transformer" / shard.name, shard.read_bytes())
     after, job_dir = job(env, cwd, "after", "keep_warm=15m", "tracking=none")
     assert "the checkpoint's files changed since they were loaded: loading them again" in after.stdout + after.stderr
     assert the_worker(folder)["pid"] == worker["pid"] and record(job_dir)["metrics"]["load_s"] > 0
