@@ -254,6 +254,7 @@ def _generate(plan: JobPlan, record: JobRecord) -> None:
     record.image_path = str(png)
     record.tags[IMAGE_SHA256_TAG] = hashlib.sha256(Path(png).read_bytes()).hexdigest()  # resume checks the artifact
     record.inputs = inputs
+    fingerprint_cache(spec).save()  # the hashes of the job's identity (file_identity), for the next command
     record.params.update({f"inputs.{i['arg']}.{i['index']}.sha256": i["sha256"] for i in inputs})
     if spec.seed is None:
         record.params["runtime.seed"] = seed

@@ -175,18 +175,25 @@ class FingerprintCache:
                 self._unsaved.add(key)
         if store and key in self._unsaved:
             self._unsaved.discard(key)
-            self._store(key, self._memory[key])
+            self._store({key: self._memory[key]})
         return self._memory[key]
 
-    def _store(self, key: str, value: str) -> None:
-        """Add one entry to the file; a cache that cannot be written (read-only or full
-        store folder) only costs hashing again next time."""
+    def save(self) -> None:
+        """Write what was hashed with store=False (once the job is accepted and has run)."""
+        if self._unsaved:
+            entries = {key: self._memory[key] for key in self._unsaved}
+            self._unsaved.clear()
+            self._store(entries)
+
+    def _store(self, entries: dict[str, str]) -> None:
+        """Add entries to the file; a cache that cannot be written (read-only or full store
+        folder) only costs hashing again next time."""
         if self.cache_file is None:
             return
         try:
             with locked(self.cache_file):
                 stored = self._load()
-                stored[key] = value
+                stored.update(entries)
                 text = json.dumps(stored, indent=0, sort_keys=True)
                 atomic_write(self.cache_file, lambda tmp: tmp.write_text(text))
         except OSError as error:
