@@ -107,7 +107,7 @@ def start_single(config: DictConfig) -> None:
     except ConfigError as error:
         raise Stop(str(error), EXIT_REFUSED) from None
     recorder = open_recorder(plan.spec)
-    STATE.single = Single(plan, recorder, sweep._resume(plan.spec, recorder, [plan.config_hash]))
+    STATE.single = Single(plan, recorder, sweep._resume(plan.spec, recorder, [plan]))
 
 
 def run_single(cfg: DictConfig) -> JobRecord:

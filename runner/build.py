@@ -370,11 +370,60 @@ def generate(entry: LoadedPipeline, arguments: dict[str, Any]):
 
 def checkpoint_files(entry: LoadedPipeline) -> list[Path]:
     """The files the pipeline was loaded from (local: no hub query)."""
+    return _local_files(entry.model_configs + entry.other_configs)
+
+
+def spec_checkpoint_files(spec: RunSpec, rt: Runtime) -> list[Path]:
+    """The files this spec's pipeline loads, as they are on disk now (no hub query, nothing
+    built); an error when they are not all here."""
+    configs, tokenizer, processor = model_configs(spec, rt)
+    return _local_files(configs + [c for c in (tokenizer, processor) if c is not None])
+
+
+def _local_files(configs: list) -> list[Path]:
     from pipelines import resolve_files
 
     files: list[Path] = []
-    for config in entry.model_configs + entry.other_configs:
+    for config in configs:
         files.extend(resolve_files(config, download=False))
     return files
+
+
+# ------------------------------------------------------------------ what a job reads
+
+
+def read_files(spec: RunSpec, arguments: dict[str, Any]) -> dict[str, Path]:
+    """The local files a job reads that its config names by path, by config path: each LoRA's
+    `path` (`lora.path`, `lora.stack.NAME.path`) and each picture of the pipeline's image
+    arguments (`call.input_image`, `call.edit_image[1]`). Relative paths are this process's."""
+    files = {f"{where}.path": Path(item.path) for _, where, item in spec.lora.items() if item.path is not None}
+    for arg in getattr(pipeline_class(spec), "image_arguments", ()):
+        value = arguments.get(arg)
+        many = isinstance(value, (list, tuple))
+        for i, v in enumerate(value if many else [value]):
+            if isinstance(v, (str, Path)):
+                files[config_key(arg) + (f"[{i}]" if many else "")] = Path(v)
+    return files
+
+
+def file_locations(spec: RunSpec) -> dict[str, str]:
+    """Where the files a job reads without hashing them are (checkpoints are tens of GB): the
+    absolute folder of each hub model id (`<models folder>/<id>`, the models folder as this
+    process's environment and working directory name it) and each model file given by path."""
+    from pipelines import ModelConfig, model_folder
+
+    found: dict[str, str] = {}
+    named = [(f"model.files[{i}]", f) for i, f in enumerate(spec.model.files)]
+    named += [(f"model.{k}", getattr(spec.model, k)) for k in ("tokenizer", "processor")]
+    named += [(where, item) for _, where, item in spec.lora.items() if item.path is None]
+    for where, f in named:
+        if f is None:
+            continue
+        if getattr(f, "path", None) is not None and where.startswith("model."):
+            paths = f.path if isinstance(f.path, (list, tuple)) else [f.path]
+            found[where] = ", ".join(str(Path(p).resolve()) for p in paths)
+        elif f.model_id is not None:
+            found[where] = str(model_folder(ModelConfig(model_id=f.model_id)).resolve())
+    return found
 
 

@@ -25,7 +25,17 @@ from omegaconf import DictConfig, OmegaConf
 from . import build, failpoints
 from .errors import OutputError, is_storage_error
 from .provenance import fingerprint_tags, provenance_tags
-from .report import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, JobRecord, flatten, save_png
+from .report import (
+    CONFIG_HASH_TAG,
+    FAILED,
+    FINISHED,
+    IMAGE_SHA256_TAG,
+    KILLED,
+    RECORD_TAG,
+    JobRecord,
+    flatten,
+    save_png,
+)
 from .spec import ConfigError, RunSpec, TrackingBackend, to_spec, validate, without_hydra
 
 logger = logging.getLogger("runner")
@@ -70,12 +80,64 @@ def plain_config(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
 
 
-def config_hash(resolved: dict, rt: build.Runtime) -> str:
-    """Identity of a job's result: the resolved config without run-control keys, plus the
-    device and dtype that `auto` resolved to."""
+def config_hash(resolved: dict, rt: build.Runtime, files: Optional[dict[str, Any]] = None) -> str:
+    """Identity of a job's result: the resolved config without run-control keys, the device and
+    dtype that `auto` resolved to, and what `file_identity` says of the files the job reads."""
     core = {k: v for k, v in resolved.items() if k not in _NOT_IN_HASH}
-    blob = json.dumps({"config": core, "device": rt.device, "dtype": rt.dtype}, sort_keys=True, default=str)
+    blob = json.dumps({"config": core, "device": rt.device, "dtype": rt.dtype, "files": files or {}},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fingerprint_cache(spec: RunSpec):
+    """This process's fingerprint cache of the run's store folder (runner.provenance)."""
+    from .provenance import FingerprintCache
+
+    return FingerprintCache.shared(Path(spec.tracking.store_dir) / "fingerprints.json")
+
+
+def file_identity(spec: RunSpec, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The files a job reads, for its identity: the sha256 of every file its config names by
+    path (LoRAs, input pictures: the same relative path read from another working directory,
+    or a file rewritten in place, is another job), and the absolute folders of its checkpoint
+    and hub LoRAs (not hashed here: tens of GB; `changed_since` compares their fingerprints
+    when resume=true finds an earlier run). Hashes go through the fingerprint cache: a big
+    LoRA is read once, not once per job or command."""
+    cache = fingerprint_cache(spec)
+    content = {}
+    for key, path in build.read_files(spec, arguments).items():
+        try:
+            content[key] = cache.sha256(path, store=False)  # refused configs leave no cache file behind
+        except OSError as error:
+            raise ConfigError(key, f"cannot read {path}: {error.strerror or error}",
+                              "give a readable file") from None
+    return {"sha256": content, "at": build.file_locations(spec)}
+
+
+def changed_since(plan: JobPlan, tags: dict[str, str]) -> Optional[str]:
+    """Why an earlier run with this job's config hash is not this job's result (its checkpoint
+    or hub LoRA files were others than those here now), or None. Files not on this machine
+    (a Ray cluster's own) are known by their model id and folder only."""
+    spec = plan.spec
+    wanted: list[tuple[str, str, Callable[[], list]]] = [
+        ("checkpoint", "the checkpoint", lambda: build.spec_checkpoint_files(spec, plan.runtime))]
+    for label, _, item in spec.lora.items():
+        if item.path is None:
+            wanted.append((f"lora.{label}", f"LoRA {label}",
+                           lambda item=item: build.lora_files(item, spec, download=False)))
+    cache = fingerprint_cache(spec)
+    for prefix, what, files in wanted:
+        recorded = tags.get(f"{prefix}.sha256")
+        if recorded is None:
+            return f"the earlier run recorded no sha256 of {what}"
+        try:
+            paths = files()
+            current = cache.describe(paths)["sha256"] if paths else None
+        except Exception:  # noqa: BLE001 - not here (a cluster's files, or gone): the id is the identity
+            continue
+        if current is not None and current != recorded:
+            return f"the files of {what} changed since the earlier run (sha256 {recorded[:12]}, now {current[:12]})"
+    return None
 
 
 def prepare(cfg: DictConfig, num: int = 0, overrides: Sequence[str] = (), label: str = "",
@@ -86,11 +148,12 @@ def prepare(cfg: DictConfig, num: int = 0, overrides: Sequence[str] = (), label:
     spec = to_spec(cfg)
     validate(spec)
     runtime = build.resolve_runtime(spec)
-    build.preflight(spec)
+    arguments = build.preflight(spec)
     resolved = plain_config(cfg)
     label = label or " ".join(overrides) or "defaults"
     name = (f"{spec.run_name} {label}" if in_sweep else spec.run_name) if spec.run_name else label
-    return JobPlan(num, list(overrides), spec, resolved, runtime, config_hash(resolved, runtime), label, name)
+    identity = config_hash(resolved, runtime, file_identity(spec, arguments))
+    return JobPlan(num, list(overrides), spec, resolved, runtime, identity, label, name)
 
 
 def tracking_of(spec: RunSpec) -> dict[str, Any]:
@@ -189,7 +252,9 @@ def _generate(plan: JobPlan, record: JobRecord) -> None:
     png = _writing(path, lambda: save_png(image, path, gen))
     record.metrics = _metrics(timings, spec, load_s, lora_s, started, rt.device)
     record.image_path = str(png)
+    record.tags[IMAGE_SHA256_TAG] = hashlib.sha256(Path(png).read_bytes()).hexdigest()  # resume checks the artifact
     record.inputs = inputs
+    fingerprint_cache(spec).save()  # the hashes of the job's identity (file_identity), for the next command
     record.params.update({f"inputs.{i['arg']}.{i['index']}.sha256": i["sha256"] for i in inputs})
     if spec.seed is None:
         record.params["runtime.seed"] = seed
@@ -249,9 +314,7 @@ def _by_argument(inputs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 
 def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
     """Checkpoint (once per loaded pipeline) and LoRA fingerprints, through the on-disk cache."""
-    from .provenance import FingerprintCache
-
-    cache = FingerprintCache(Path(spec.tracking.store_dir) / "fingerprints.json")
+    cache = fingerprint_cache(spec)
     if entry.fingerprint is None:
         entry.fingerprint = cache.describe(build.checkpoint_files(entry))
     tags = fingerprint_tags("checkpoint", entry.fingerprint)
@@ -266,16 +329,13 @@ def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
 def _input_pictures(entry: build.LoadedPipeline, spec: RunSpec, arguments: dict[str, Any]) -> list[dict[str, Any]]:
     """The picture files the call read (the pipeline's image arguments given as paths), with
     their sha256, through the fingerprint cache."""
-    from .provenance import FingerprintCache
-
     found: list[dict[str, Any]] = []
-    cache = None
+    cache = fingerprint_cache(spec)
     for arg in getattr(entry.pipe, "image_arguments", ()):
         value = arguments.get(arg)
         values = value if isinstance(value, (list, tuple)) else [value]
         paths = [Path(v) for v in values if isinstance(v, (str, Path))]
         for i, p in enumerate(paths):
-            cache = cache or FingerprintCache(Path(spec.tracking.store_dir) / "fingerprints.json")
             found.append({"arg": arg, "index": i, "path": str(p.resolve()), "sha256": cache.sha256(p)})
     return found
 

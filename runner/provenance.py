@@ -1,7 +1,10 @@
 """Where a result came from: git commit, package versions, device name, file fingerprints.
 
-Fingerprints (name, size, sha256) are cached in a JSON file keyed by absolute path, size and
-modification time, so a 50 GB checkpoint is hashed once, not once per job or per process.
+Fingerprints (name, size, sha256) are cached in a JSON file keyed by the file's absolute path
+and its `stat_key` (size, modification and change times, inode, device), so a 50 GB checkpoint
+is hashed once, not once per job or per process. The change time (st_ctime) is what makes the
+key safe: every write of the content moves it, and neither `cp -p`, `rsync -t` nor `touch -r`
+can set it back, while they do keep a rewritten file's size and modification time.
 """
 from __future__ import annotations
 
@@ -112,17 +115,37 @@ def _cpu_name() -> str:
 # ------------------------------------------------------------------ fingerprints
 
 
+def stat_key(st: os.stat_result) -> tuple[int, ...]:
+    """What tells a file's content changed without reading it: size, modification and change
+    times, inode and device. The change time moves on every write and cannot be set by a
+    user (`cp -p`, `rsync -t`, `touch -r` restore the modification time only); a file replaced
+    by another (`os.replace`, `mv`) has another inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
 class FingerprintCache:
-    """sha256 of files, cached on disk by (absolute path, size, mtime)."""
+    """sha256 of files, cached on disk by (absolute path, `stat_key`)."""
+
+    _shared: dict[str, "FingerprintCache"] = {}
 
     def __init__(self, cache_file: Path | None) -> None:
         self.cache_file = cache_file
         self._memory: dict[str, str] = {}
+        self._unsaved: set[str] = set()  # hashed with store=False, not yet in the file
         self.hashed: list[Path] = []  # files actually read (for tests and logs)
+
+    @classmethod
+    def shared(cls, cache_file: Path | None) -> "FingerprintCache":
+        """One cache per file and process: a sweep's jobs do not read the JSON file again for
+        every job (each lookup still checks the file's `stat_key`)."""
+        key = str(Path(cache_file).absolute()) if cache_file is not None else ""
+        if key not in cls._shared:
+            cls._shared[key] = cls(cache_file)
+        return cls._shared[key]
 
     def _key(self, path: Path) -> str:
         st = path.stat()
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return f"{path.resolve()}|" + "|".join(str(v) for v in stat_key(st))
 
     def _load(self) -> dict[str, str]:
         if self.cache_file is None or not self.cache_file.is_file():
@@ -133,34 +156,44 @@ class FingerprintCache:
             logger.warning("Ignoring an unreadable fingerprint cache %s", self.cache_file)
             return {}
 
-    def sha256(self, path: Path) -> str:
+    def sha256(self, path: Path, store: bool = True) -> str:
+        """The file's sha256, hashed only when no entry has its path and `stat_key`. With
+        store=False a new hash is kept in memory only (written by a later call with store)."""
         key = self._key(path)
-        if key in self._memory:
-            return self._memory[key]
-        stored = self._load()
-        if key not in stored:
-            logger.info("Hashing %s (%.1f MB), once", path, path.stat().st_size / 2**20)
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(_HASH_CHUNK):
-                    digest.update(chunk)
-            self.hashed.append(path)
-            stored_value = digest.hexdigest()
-            self._store(key, stored_value)
-            self._memory[key] = stored_value
-        else:
-            self._memory[key] = stored[key]
+        if key not in self._memory:
+            stored = self._load()
+            if key in stored:
+                self._memory[key] = stored[key]
+            else:
+                logger.info("Hashing %s (%.1f MB), once", path, path.stat().st_size / 2**20)
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(_HASH_CHUNK):
+                        digest.update(chunk)
+                self.hashed.append(path)
+                self._memory[key] = digest.hexdigest()
+                self._unsaved.add(key)
+        if store and key in self._unsaved:
+            self._unsaved.discard(key)
+            self._store({key: self._memory[key]})
         return self._memory[key]
 
-    def _store(self, key: str, value: str) -> None:
-        """Add one entry to the file; a cache that cannot be written (read-only or full
-        store folder) only costs hashing again next time."""
+    def save(self) -> None:
+        """Write what was hashed with store=False (once the job is accepted and has run)."""
+        if self._unsaved:
+            entries = {key: self._memory[key] for key in self._unsaved}
+            self._unsaved.clear()
+            self._store(entries)
+
+    def _store(self, entries: dict[str, str]) -> None:
+        """Add entries to the file; a cache that cannot be written (read-only or full store
+        folder) only costs hashing again next time."""
         if self.cache_file is None:
             return
         try:
             with locked(self.cache_file):
                 stored = self._load()
-                stored[key] = value
+                stored.update(entries)
                 text = json.dumps(stored, indent=0, sort_keys=True)
                 atomic_write(self.cache_file, lambda tmp: tmp.write_text(text))
         except OSError as error:

@@ -432,19 +432,19 @@ def run_pool(sweep: Any) -> None:
 
 def _tasks(sweep: Any) -> list[Task]:
     """Every job's folder made; jobs that resume=true skips are recorded here, the others wait."""
-    from .sweep import _job_log, _skip, job_folder
+    from .sweep import _job_log, job_folder, resumed, skip
 
     pending = []
     for launch in sweep.launches:
         plan = launch.plan
         job_dir = job_folder(sweep, launch)
         plan.job_dir = str(job_dir)
-        previous = sweep.resume.get(plan.config_hash)
-        if previous is None:
+        with _job_log(sweep, job_dir):
+            previous = resumed(plan, sweep.resume)
+            record = skip(plan, previous) if previous is not None else None
+        if record is None:
             pending.append(Task(launch, job_dir, build.cache_key(plan.spec, plan.runtime)))
             continue
-        with _job_log(sweep, job_dir):
-            record = _skip(plan, sweep.recorder, previous)
         _done(sweep, record)
     return pending
 

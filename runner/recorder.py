@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 from .errors import EXIT_REFUSED, ConfigError, Stop
 from .owner import owner_tags
-from .report import FAILED, FINISHED, KILLED, OVERRIDES_JSON_TAG, SKIPPED, JobRecord, SweepRecord
+from .report import FAILED, FINISHED, IMAGE_SHA256_TAG, KILLED, OVERRIDES_JSON_TAG, SKIPPED, JobRecord, SweepRecord
 
 if TYPE_CHECKING:  # the writer process imports no torch
     from .job import JobPlan
@@ -149,6 +149,29 @@ def log_sweep_end(tracker: Tracker, sweep: SweepRecord, files: Iterable[Path]) -
             tracker.log_dir(run_id, folder)
     tracker.log_batch(run_id, metrics=sweep.metrics, tags=tags)
     tracker.end_run(run_id, sweep.status, end_time=sweep.ended, force=True)
+
+
+def checked_run(tracker: Tracker, run: Any, folder: Path) -> dict[str, Any]:
+    """What resume=true may take from a FINISHED run: {run_id, metrics, tags (its files'
+    sha256), image (its image.png, fetched into `folder` and equal to the sha256 the run
+    recorded)}; or {run_id, rerun: why not} when its image is missing, another, or unknown."""
+    import hashlib
+
+    run_id, tags = run.info.run_id, run.data.tags
+    recorded = tags.get(IMAGE_SHA256_TAG)
+    if not recorded:
+        return {"run_id": run_id, "rerun": f"the earlier run {run_id} recorded no sha256 of its image (an older "
+                                           "runner logged it)"}
+    image = tracker.download(run_id, "image.png", folder)
+    if image is None or not image.is_file():
+        return {"run_id": run_id, "rerun": f"the earlier run's image is missing (run {run_id} has no image.png)"}
+    found = hashlib.sha256(image.read_bytes()).hexdigest()
+    if found != recorded:
+        image.unlink()
+        return {"run_id": run_id, "rerun": f"the earlier run's image is not the one it recorded (run {run_id}: "
+                                           f"sha256 {found[:12]}, recorded {recorded[:12]})"}
+    return {"run_id": run_id, "metrics": dict(run.data.metrics), "image": str(image),
+            "tags": {k: v for k, v in tags.items() if k.endswith(".sha256")}}
 
 
 def start_sweep_run(tracker: Tracker, sweep: SweepRecord, extra_tags: Mapping[str, str]) -> str:
@@ -296,14 +319,14 @@ class _Writer:
         for run_id in list(self.tracker.open_runs):
             self._do(f"end run {run_id}", self.tracker.end_run, run_id, status)
 
-    def finished_runs(self, hashes: list[str]) -> Optional[dict]:
+    def finished_runs(self, hashes: list[str], folder: str) -> Optional[dict]:
         found: dict[str, dict] = {}
 
         def find() -> None:
-            for h in hashes:
+            for n, h in enumerate(hashes):
                 run = self.tracker.find_finished(h)
                 if run is not None:
-                    found[h] = {"run_id": run.info.run_id, "metrics": dict(run.data.metrics)}
+                    found[h] = checked_run(self.tracker, run, Path(folder) / str(n))
 
         return found if self._do("look up finished runs", find) else None
 
@@ -557,10 +580,10 @@ class Recorder:
         self._proc.join()
         _close_queues(self._inbox, self._outbox)
 
-    def finished_runs(self, hashes: Iterable[str]) -> dict[str, dict]:
-        """config hash -> {run_id, metrics} of its newest FINISHED run (resume=true). A store
-        that cannot be reached refuses resume."""
-        found = self._request("finished_runs", sorted(set(hashes)))
+    def finished_runs(self, hashes: Iterable[str], folder: Path) -> dict[str, dict]:
+        """config hash -> what `checked_run` says of its newest FINISHED run (resume=true), its
+        image fetched under `folder`. A store that cannot be reached refuses resume."""
+        found = self._request("finished_runs", sorted(set(hashes)), str(folder))
         if found is None:
             raise Stop(f"resume=true needs the MLflow store {self.uri}, which cannot be reached ({self.dead}). "
                        f"Fix: start the tracking server (or fix tracking.uri), or run without resume", EXIT_REFUSED)

@@ -25,6 +25,7 @@ METRICS = ("load_s", "lora_s", "encode_s", "denoise_s", "s_per_step", "decode_s"
 RUNNING, FINISHED, FAILED, KILLED, SKIPPED = "RUNNING", "FINISHED", "FAILED", "KILLED", "SKIPPED"
 JOB_FORMAT, SWEEP_FORMAT = "runner.job/1", "runner.sweep/1"
 CONFIG_HASH_TAG = "runner.config_hash"  # the identity of a job's result (resume=true)
+IMAGE_SHA256_TAG = "runner.image_sha256"  # the sha256 of the run's image.png (resume=true checks the artifact)
 RECORD_TAG = "runner.record_id"  # the record a run was logged from (sync is idempotent)
 OVERRIDES_JSON_TAG = "runner.overrides_json"  # a run's overrides as a JSON list (runner.overrides: joined by spaces)
 # zlib level of the PNGs written: 4 instead of Pillow's 6 writes a 1328x1328 image ~2.5x faster

@@ -383,11 +383,13 @@ def validate(spec: RunSpec) -> None:
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+KEEP_WARM_MAX = "365d"  # the longest keep_warm (a worker's idle time); more is refused
 
 
 def keep_warm_seconds(value: Optional[str]) -> Optional[float]:
-    """`keep_warm` in seconds: `90s`, `15m`, `2h`, `1d`, `1h30m`, `1.5h`; `0` (use a running
-    worker once, then stop it); None (no worker). Raises ConfigError at `keep_warm`."""
+    """`keep_warm` in seconds: `90s`, `15m`, `2h`, `1d`, `1h30m`, `1.5h`, at most KEEP_WARM_MAX;
+    `0` (use a running worker once, then stop it); None (no worker). Raises ConfigError at
+    `keep_warm`."""
     if value is None:
         return None
     text = str(value).strip().lower()
@@ -398,7 +400,12 @@ def keep_warm_seconds(value: Optional[str]) -> Optional[float]:
         raise ConfigError("keep_warm", f"{value!r} is not a duration",
                           "give a number with a unit s, m, h or d (keep_warm=15m, keep_warm=2h, keep_warm=1h30m), "
                           "0 to stop a running warm worker after this command, or null for no worker")
-    return float(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    seconds = float(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    if seconds > 365 * 86400:
+        raise ConfigError("keep_warm", f"{value!r} is longer than the maximum, {KEEP_WARM_MAX}",
+                          f"give at most keep_warm={KEEP_WARM_MAX} (a warm worker exits after that long without a "
+                          "command; `python -m runner warm stop` ends it sooner)")
+    return seconds
 
 
 def _setting(key: str, check: Any, *args: Any, fix: str) -> Any:

@@ -215,18 +215,44 @@ def precheck(config: DictConfig, jobs: list[list[str]], swept: list[str]) -> lis
     return launches
 
 
-def _resume(spec: RunSpec, recorder: Optional[Recorder], hashes: list[str]) -> dict[str, Any]:
+def _resume(spec: RunSpec, recorder: Optional[Recorder], plans: list[JobPlan]) -> dict[str, Any]:
     """resume=true: end the runs of dead processes (and their leftovers), then find the
-    configs that have a FINISHED run."""
+    configs that have a FINISHED run: config hash -> what recorder.checked_run says of it
+    (its image fetched and checked), or {run_id, rerun: why} when the job must run again."""
     if not spec.resume or recorder is None:
         return {}
+    import atexit
+    import shutil
+    import tempfile
+
     from .sync import remove_leftovers, report_dead_runs
 
     found = recorder.end_dead_runs()
     if found is not None:
         report_dead_runs(*found)
         remove_leftovers([], [Path(spec.tracking.store_dir)], found[2])
-    return recorder.finished_runs(hashes)
+    images = Path(tempfile.mkdtemp(prefix="runner-resume-"))  # the earlier runs' images, checked
+    atexit.register(shutil.rmtree, images, True)
+    resume = recorder.finished_runs([plan.config_hash for plan in plans], images)
+    for plan in plans:
+        previous = resume.get(plan.config_hash)
+        if previous is not None and "rerun" not in previous:
+            why = job.changed_since(plan, previous["tags"])
+            if why is not None:
+                resume[plan.config_hash] = {"run_id": previous["run_id"], "rerun": why}
+    return resume
+
+
+def resumed(plan: JobPlan, resume: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The earlier run that resume=true takes for this job, or None (the job runs; when an
+    earlier run was found but cannot be taken, the log says why)."""
+    previous = resume.get(plan.config_hash)
+    if previous is None:
+        return None
+    if "rerun" in previous:
+        logger.info("job %d [%s]: rerun: %s", plan.num, plan.label, previous["rerun"])
+        return None
+    return previous
 
 
 def start(config: DictConfig) -> Sweep:
@@ -265,7 +291,7 @@ def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: P
     spec = launches[0].plan.spec
     check_report_axes(spec.report, swept)
     recorder = open_recorder(spec)
-    resume = _resume(spec, recorder, [la.plan.config_hash for la in launches])
+    resume = _resume(spec, recorder, [la.plan for la in launches])
     folder = folder.resolve()
     record = _sweep_record(config, overrides, folder, spec, len(launches))
     try:
@@ -277,7 +303,7 @@ def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: P
                    f"Fix: {output_fix(folder, error.errno, resume=False)}", EXIT_FAILED) from None
     for launch in launches:
         launch.plan.sweep_id = record.sweep_id
-    if recorder is not None and all(la.plan.config_hash in resume for la in launches):
+    if recorder is not None and all("image" in resume.get(la.plan.config_hash, {}) for la in launches):
         logger.info("Sweep %s: every job already has a FINISHED run (resume=true): no new MLflow run", folder)
     elif recorder is not None:
         recorder.start_sweep(record)
@@ -423,9 +449,9 @@ def job_folder(sweep: Sweep, launch: Launch) -> Path:
 def run_plan(plan: JobPlan, job_dir: Path, recorder: Optional[Recorder], resume: dict[str, Any]) -> JobRecord:
     """One job: skipped (resume), or computed here and handed to the recorder."""
     plan.job_dir = str(job_dir.resolve())
-    previous = resume.get(plan.config_hash)
+    previous = resumed(plan, resume)
     if previous is not None:
-        return _skip(plan, recorder, previous)
+        return skip(plan, previous)
     if recorder is not None:
         recorder.job_started(plan)
     record = job.compute(plan)
@@ -447,13 +473,20 @@ def after(record: JobRecord) -> None:
                    EXIT_FAILED)
 
 
-def _skip(plan: JobPlan, recorder: Optional[Recorder], previous: dict[str, Any]) -> JobRecord:
+def skip(plan: JobPlan, previous: dict[str, Any]) -> JobRecord:
+    """The job's record when resume=true takes an earlier run: SKIPPED, that run's metrics, and
+    its image (fetched and checked by `_resume`) copied into the job's folder."""
+    import shutil
+
     record = job.new_record(plan)
     record.status, record.run_id, record.ended, record.tracked = SKIPPED, previous["run_id"], time.time(), True
     record.metrics = {k: v for k, v in previous["metrics"].items() if k in METRICS}
-    if recorder is not None:
-        image = recorder.download(previous["run_id"], "image.png", Path(plan.job_dir))
-        record.image_path = str(image) if image else None
+    image = Path(plan.job_dir) / "image.png"
+    try:
+        shutil.copyfile(previous["image"], image)
+        record.image_path = str(image)
+    except OSError as error:
+        logger.warning("Could not copy the image of run %s into %s: %s", record.run_id, image, error)
     try:
         record.write(Path(plan.job_dir) / "job.json")
     except OSError as error:

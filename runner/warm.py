@@ -14,8 +14,9 @@ first command starts one (it loads the weights, then stays), the next ones reuse
 Files, in a folder of this user (`$RUNNER_WARM_DIR`, else `$XDG_RUNTIME_DIR/qwen-image-runner`,
 else `~/.cache/qwen-image-runner/warm`), per worker `<id>`: `<id>.sock` (its Unix socket),
 `<id>.lock` (flocked by the worker while it lives), `<id>.json` (pid, what it holds, counters),
-`<id>.log` (its own output); `<id>.spawn` is flocked by a client while it decides to connect
-or start one, so two commands never start two workers of one identity.
+`<id>.log` (its own output), `<id>.beat` (its heartbeat); `<id>.spawn` is flocked by a client
+while it decides to connect or start one, so two commands never start two workers of one
+identity.
 
 - Identity: runner.build.cache_key (model, VRAM preset, dtype, device), the Python
   executable, the sources of runner/ and pipelines/ (sizes and times: edited code gets a new
@@ -26,6 +27,12 @@ or start one, so two commands never start two workers of one identity.
   not fit side by side). A sweep over models with keep_warm leaves the last one warm.
 - One request at a time: the worker serves one connection, then the next. A second command
   waits for it (it says so); it does not load a second copy beside it.
+- Every wait on the other process is bounded. A thread of the worker touches `<id>.beat`
+  every HEARTBEAT_S, busy or idle; a command waiting for a hello or a record watches it: a
+  worker silent for FROZEN_S (SIGSTOP, a hang) is frozen: the command says so and runs the
+  job itself, leaving the worker alone, or killing it when it holds this command's job or
+  was started by it. Sends time out after SEND_TIMEOUT_S on both sides; the lock a command
+  takes to start a worker is waited for at most START_TIMEOUT_S plus a margin.
 - Idle exit: the worker exits when no command came for the latest command's keep_warm.
   `keep_warm=0` uses a running worker once and stops it after the job (no worker: the job
   runs in this process); `python -m runner warm stop` stops every worker of this user.
@@ -87,6 +94,11 @@ IDENTITY_ENV = ("DIFFSYNTH_", "HF_", "HUGGINGFACE_", "MODELSCOPE_", "TRANSFORMER
                 "OPENBLAS_", "PYTORCH_", "TORCH_", "PYTHON")
 START_TIMEOUT_S = 300.0  # the worker's imports (torch), not the load: that happens in the job
 BUSY_NOTICE_S = 2.0  # no hello within this: the worker serves another command; say so and wait
+HEARTBEAT_S = 0.5  # the worker touches <id>.beat this often, idle or busy (a thread of its own)
+FROZEN_ENV = "RUNNER_WARM_FROZEN_S"
+FROZEN_S = 60.0  # no heartbeat for this long: the worker is frozen (stopped, hung); $RUNNER_WARM_FROZEN_S
+SEND_TIMEOUT_S = 60.0  # a peer that takes nothing for this long is frozen: the send fails
+ACCEPT_POLL_S = 1.0  # the idle worker's accept() waits at most this long at a time
 REQUEST_TIMEOUT_S = 30.0  # a connected client sends its request at once
 CANCEL_WAIT_S = 120.0  # after Ctrl-C: how long to wait for the worker's KILLED record
 STOP_WAIT_S = 60.0  # how long to wait for a stopped worker to exit
@@ -102,6 +114,10 @@ class WarmError(Exception):
 
 class _Closed(Exception):
     """The worker closed the connection before taking the job (it was exiting)."""
+
+
+class _Frozen(Exception):
+    """The worker sent no heartbeat for `frozen_after()` seconds (stopped, hung)."""
 
 
 # --------------------------------------------------------------------------- folder
@@ -143,13 +159,44 @@ def _path(folder: Path, wid: str, ext: str) -> Path:
 
 
 @contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def _flock(path: Path, timeout: float, holder: str) -> Iterator[None]:
+    """`path` flocked, waited for at most `timeout` seconds (saying so after BUSY_NOTICE_S);
+    WarmError naming `holder` when it stays taken."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        started, said = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if waited > timeout:
+                    raise WarmError(f"{holder} has held {path} for {waited:.0f} s") from None
+                if not said and waited > BUSY_NOTICE_S:
+                    said = True
+                    logger.info("Waiting for %s (%s), at most %s", holder, path, duration(round(timeout)))
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)
+
+
+def frozen_after() -> float:
+    """How long a worker may send no heartbeat before it counts as frozen ($RUNNER_WARM_FROZEN_S)."""
+    try:
+        value = float(os.environ.get(FROZEN_ENV) or FROZEN_S)
+    except ValueError:
+        return FROZEN_S
+    return value if 0 < value < float("inf") else FROZEN_S
+
+
+def silent_for(folder: Path, wid: str) -> float:
+    """Seconds since the worker's last heartbeat (`<id>.beat` touched); inf without one."""
+    try:
+        return max(time.time() - os.stat(_path(folder, wid, "beat")).st_mtime, 0.0)
+    except OSError:
+        return float("inf")
 
 
 def is_alive(folder: Path, wid: str) -> bool:
@@ -213,14 +260,15 @@ class Identity:
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """The runner's and the library's sources, by path, size and modification time."""
+    """The runner's and the library's sources, by path and stat (size, times, inode)."""
     import pipelines
+
+    from .provenance import stat_key
 
     h = hashlib.sha256()
     for root in (Path(__file__).resolve().parent, Path(pipelines.__file__).resolve().parent):
         for path in sorted(root.rglob("*.py")):
-            st = path.stat()
-            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            h.update(f"{path}:{stat_key(path.stat())}\n".encode())
     return h.hexdigest()
 
 
@@ -342,6 +390,7 @@ class _Client:
         self.folder = warm_dir()
         self.wid = self.ident.wid
         self.started_here = False
+        self.frozen_s = frozen_after()
 
     def path(self, ext: str) -> Path:
         return _path(self.folder, self.wid, ext)
@@ -367,7 +416,7 @@ class _Client:
         if len(os.fsencode(sock_path)) > _UNIX_PATH_MAX:
             raise WarmError(f"the socket path {sock_path} is too long for a Unix socket: set {DIR_ENV} to a "
                             "shorter folder")
-        with _flock(self.path("spawn")):
+        with _flock(self.path("spawn"), START_TIMEOUT_S + 60, "another command starting or reaching this warm worker"):
             sock = self.connect(sock_path)
             if sock is None:
                 if self.seconds == 0:
@@ -387,6 +436,7 @@ class _Client:
 
     def connect(self, sock_path: Path) -> Optional[socket.socket]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(SEND_TIMEOUT_S)  # no read or send waits for ever on a frozen worker (see `wait`)
         try:
             sock.connect(str(sock_path))
         except FileNotFoundError:
@@ -395,6 +445,9 @@ class _Client:
         except ConnectionRefusedError:
             sock.close()
             self.gone()
+        except (BlockingIOError, TimeoutError):
+            sock.close()
+            raise WarmError(f"the warm worker does not take connections on {sock_path} (its queue is full)") from None
         pid, uid = peer(sock)
         if uid != os.getuid():
             sock.close()
@@ -406,7 +459,7 @@ class _Client:
         info = _read_info(self.folder, self.wid)
         if is_alive(self.folder, self.wid):
             raise WarmError(f"the warm worker pid {info.get('pid')} holds its lock but refuses connections")
-        _remove(self.folder, self.wid, "sock", "json")
+        _remove(self.folder, self.wid, "sock", "json", "beat")
         raise WarmError(f"the warm worker of {describe(self.ident.about)} (pid {info.get('pid', '?')}) is gone "
                         f"(killed or crashed; its log: {self.path('log')}); its socket is removed and the next "
                         "command starts a new one")
@@ -417,11 +470,14 @@ class _Client:
                 kind, hello = channel.read(timeout=BUSY_NOTICE_S)
             except TimeoutError:
                 pid = _read_info(self.folder, self.wid).get("pid", "?")
-                logger.info("Warm worker pid %s is busy with another command: this one waits for it "
-                            "(Ctrl-C stops waiting)", pid)
-                kind, hello = channel.read()
+                if silent_for(self.folder, self.wid) < self.frozen_s:
+                    logger.info("Warm worker pid %s is busy with another command: this one waits for it while "
+                                "its heartbeat goes on (Ctrl-C stops waiting)", pid)
+                kind, hello = self.wait(channel, "its hello")
         except (EOFError, ConnectionResetError):
             raise _Closed() from None
+        except _Frozen as error:
+            raise self.frozen(error, holds_job=False) from None
         if kind != "hello" or not isinstance(hello, dict) or hello.get("digest") != self.ident.digest:
             raise WarmError("the process behind the socket is not this identity's warm worker")
         return hello
@@ -467,15 +523,42 @@ class _Client:
             return self.result(channel)
         except KeyboardInterrupt:
             return self.cancel(channel)
+        except _Frozen as error:  # it holds the job: killed, then the job runs here
+            logger.warning("Warm worker not used: %s. The job runs again in this process (it loads the weights).",
+                           self.frozen(error, holds_job=True))
+            _clear_job_folder(self.plan, hello.get("pid"))
+            return None
         except Exception as error:  # noqa: BLE001 - the worker ended or failed: the job's folder tells
             return self.recover(error, hello)
 
     def result(self, channel: Channel) -> Any:
         while True:
-            kind, body = channel.read()
+            kind, body = self.wait(channel, "the job's record")
             if kind == "record":
                 return body
             _relay(kind, body)
+
+    def wait(self, channel: Channel, what: str) -> tuple[str, Any]:
+        """The next message, waited for as long as the worker's heartbeat goes on (a busy
+        worker); _Frozen once it has been silent for `frozen_s`."""
+        while True:
+            try:
+                return channel.read(timeout=HEARTBEAT_S)
+            except TimeoutError:
+                silent = silent_for(self.folder, self.wid)
+                if silent >= self.frozen_s:
+                    raise _Frozen(f"no heartbeat for {silent:.0f} s while this command waited for {what}") from None
+
+    def frozen(self, error: _Frozen, holds_job: bool) -> WarmError:
+        """What to say of a frozen worker, which is killed when it holds this command's job or
+        this command started it, else left alone (it may be stopped on purpose)."""
+        info = _read_info(self.folder, self.wid)
+        pid = info.get("pid", "?")
+        if holds_job or self.started_here:
+            fate = "stopped it (SIGKILL)" if _kill(self.folder, info) else "could not stop it (no such process)"
+        else:
+            fate = f"left it as it is (`kill -CONT {pid}` resumes a stopped worker, `kill -9 {pid}` ends it)"
+        return WarmError(f"the warm worker pid {pid} does not answer ({error}: stopped or hung); this command {fate}")
 
     def cancel(self, channel: Channel) -> Any:
         """Ctrl-C while the worker computes: it stops the job (KILLED) and stays warm."""
@@ -610,6 +693,24 @@ def terminate(folder: Path, info: dict[str, Any], wait: float = STOP_WAIT_S) -> 
     return True
 
 
+def _kill(folder: Path, info: dict[str, Any]) -> bool:
+    """SIGKILL to a frozen worker (a stopped one cannot handle SIGTERM), only a pid whose start
+    time matches its record; True once it has exited (within STOP_WAIT_S)."""
+    from .owner import process_start
+
+    wid, pid = info.get("wid", ""), info.get("pid")
+    if not isinstance(pid, int) or process_start(pid) != info.get("start"):
+        return False
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + STOP_WAIT_S
+    while is_alive(folder, wid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_alive(folder, wid):
+        return False
+    _remove(folder, wid, "sock", "json", "beat")  # what it cannot clean itself: the next command starts anew
+    return True
+
+
 def stop_others(folder: Path, ident: Identity) -> None:
     """One warm worker per device: stop the others on this device."""
     for info in workers(folder):
@@ -683,11 +784,14 @@ def _as_client(channel: Channel, env: dict[str, str]) -> Iterator[None]:
 
 
 def _file_state(paths: list[Path]) -> tuple:
+    """What tells that files changed without reading them (runner.provenance.stat_key: the
+    change time included, which `cp -p` or `touch -r` cannot set back)."""
+    from .provenance import stat_key
+
     out = []
     for path in paths:
         try:
-            st = os.stat(path)
-            out.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+            out.append((str(path), *stat_key(os.stat(path))))
         except OSError:
             out.append((str(path), None))
     return tuple(out)
@@ -738,6 +842,8 @@ class Worker:
             import torch  # noqa: F401 - the imports are paid before the first command waits on them
 
             from . import job  # noqa: F401
+            _write_private(self.path("beat"), "")
+            threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
             listener = self.listen()
             _write_private(self.path("json"), json.dumps(self.info(), indent=1))
             signal.signal(signal.SIGTERM, self.on_sigterm)
@@ -750,9 +856,18 @@ class Worker:
             _remove(self.folder, self.wid, "sock")  # first: a new command starts a new worker
             if listener is not None:
                 listener.close()  # a connection still queued sees EOF and tries again
-            _remove(self.folder, self.wid, "json")
+            _remove(self.folder, self.wid, "json", "beat")
             os.close(lock_fd)
         return 0
+
+    def heartbeat(self) -> None:
+        """`<id>.beat` touched every HEARTBEAT_S while this process runs, busy or idle: a command
+        waiting for this worker tells a busy one from a frozen one (stopped, hung) by it."""
+        path = self.path("beat")
+        while True:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+            time.sleep(HEARTBEAT_S)
 
     def listen(self) -> socket.socket:
         sock_path = self.path("sock")
@@ -768,16 +883,24 @@ class Worker:
         return listener
 
     def loop(self, listener: socket.socket) -> None:
+        """Serve commands until none came for `idle_s` (the latest command's keep_warm). The
+        accept waits ACCEPT_POLL_S at a time: no timeout to overflow, whatever keep_warm is."""
+        last = time.monotonic()
         while not self.stopping:
-            listener.settimeout(self.idle_s)
+            left = self.idle_s - (time.monotonic() - last)
+            if left <= 0:
+                logger.info("no command for %s: exiting", duration(self.idle_s))
+                return
+            listener.settimeout(min(left, ACCEPT_POLL_S))
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
-                logger.info("no command for %s: exiting", duration(self.idle_s))
-                return
+                continue
             conn.setblocking(True)
+            _send_timeout(conn)
             with conn:
                 self.serve(conn)
+            last = time.monotonic()
         logger.info("stopped")
 
     def on_sigterm(self, signum: int, frame: Any) -> None:  # noqa: ARG002
@@ -887,6 +1010,13 @@ class Worker:
             self.lora_files[build.lora_state_key(item)] = _lora_file_state(item, spec)
 
 
+def _send_timeout(conn: socket.socket) -> None:
+    """A blocking socket whose sends fail after SEND_TIMEOUT_S (a frozen command takes nothing):
+    the job's log and record are never what keeps the worker from its next command."""
+    seconds = int(SEND_TIMEOUT_S)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
+
+
 def _interrupted(plan: Any) -> Any:
     from . import build
 
@@ -936,7 +1066,7 @@ def stop_all(folder: Path, wait: float = STOP_WAIT_S) -> int:
                 print(f"  pid {info.get('pid')} is still busy after {wait:g} s: it exits after its job")
                 left += 1
                 continue
-        _remove(folder, wid, "sock", "json")
+        _remove(folder, wid, "sock", "json", "beat")
     return left
 
 

@@ -1,5 +1,6 @@
 """What the tests that start processes share: the environment of a `python -m runner` child,
-a free loopback port, an MLflow server or UI waited for until it answers."""
+a free loopback port, an MLflow server or UI waited for until it answers, a file rewritten as
+`cp -p` leaves it."""
 from __future__ import annotations
 
 import os
@@ -61,3 +62,15 @@ def start_mlflow(command: str, args: list[str], folder: Path, env: Optional[Mapp
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+
+
+def rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """New content written into the same file (same inode), its size and modification time as
+    before: what `cp -p`, `rsync -t` or `touch -r` leave behind."""
+    before = path.stat()
+    assert len(data) == before.st_size and data != path.read_bytes()
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)

@@ -25,6 +25,7 @@ from .processes import free_port, runner_env
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
          "progress_bar=false", "prompt=a red fox in the snow", "device=cpu"]
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
+MODELS_SEED = 5  # not the demo builder's (0): a model built by a worker would differ
 # Ray rewrites 127.0.0.1 into the machine's address unless told not to: the runtime stays on loopback
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -34,13 +35,18 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    """The module's Ray runtime, and the models folder that only the drivers' environment names
+    (DIFFSYNTH_MODEL_BASE_PATH, not in the runtime's own): it holds the tiny model built with
+    another seed than the demo's builder, so a worker that missed the variable would build and
+    use other weights (in its working directory's ./models)."""
     from pipelines.testing.tiny import build_tiny_repo
 
     root = tmp_path_factory.mktemp("runner_ray")
     models = root / "models"
-    build_tiny_repo(models / "tiny" / "Qwen-Image-Tiny")
+    build_tiny_repo(models / "tiny" / "Qwen-Image-Tiny", seed=MODELS_SEED)
     saved = dict(os.environ)
     os.environ.update(LOOPBACK_ENV)
+    os.environ.pop("DIFFSYNTH_MODEL_BASE_PATH", None)
     import ray
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -179,7 +185,13 @@ def test_a_ray_sweep_gives_the_sequential_sweeps_images_and_records_loading_once
     [seq_parent], seq = runs(tmp_path, "sequential")
     [parent], children = runs(tmp_path, "ray")
     assert parent.info.status == "FINISHED" and [ch.info.status for ch in children] == ["FINISHED"] * 8
-    assert all(ch.data.tags["mlflow.parentRunId"] == parent.info.run_id for ch in children)
+    # the workers loaded the driver's models folder: no model built anywhere else, the same checkpoint
+    assert not (tmp_path / "models").exists() and "Building tiny/Qwen-Image-Tiny" not in on_ray.stdout + on_ray.stderr
+    assert len(seq) == 8 and len({ch.data.tags["checkpoint.sha256"] for ch in seq}) == 1
+    for mine, theirs in zip(children, seq):
+        for key in ("checkpoint.sha256", "checkpoint.files", "lora.file.sha256"):
+            assert mine.data.tags[key] == theirs.data.tags[key], key
+    assert [ch.data.tags["mlflow.parentRunId"] for ch in children] == [parent.info.run_id] * 8
     assert {k: v for k, v in parent.data.params.items() if k != "experiment"} == {
         k: v for k, v in seq_parent.data.params.items() if k != "experiment"}
     for mine, theirs in zip(children, seq):
@@ -234,7 +246,7 @@ def test_ctrl_c_kills_the_workers_and_ends_the_runs_killed(env, tmp_path):
         wait_until(lambda: gone(pid), None, f"the end of worker {pid}")
 
     parents, children = runs(tmp_path, "interrupt")
-    assert all(r.info.status in TERMINAL for r in parents + children)
+    assert len(parents) == 1 and len(children) == 4 and all(r.info.status in TERMINAL for r in parents + children)
     assert parents[0].info.status == "KILLED"
     assert [ch.info.status for ch in children] == ["FINISHED", "FINISHED", "KILLED", "KILLED"]  # 4, 5 never began
     assert [r["status"] for r in table(tmp_path / "sweep-0")] == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
@@ -264,7 +276,7 @@ def test_a_cluster_address_where_nothing_answers_is_refused_at_once(env, tmp_pat
     assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers" in text
     assert "Fix: start the cluster first (`ray start --head" in text
     parents, children = runs(tmp_path, "nocluster")
-    assert all(p.info.status == "FAILED" for p in parents) and children == []
+    assert [p.info.status for p in parents] == ["FAILED"] and children == []
 
 
 def blocker(cpus: int):

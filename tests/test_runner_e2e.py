@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .processes import runner_env, start_mlflow
+from .processes import rewrite_keeping_size_and_mtime, runner_env, start_mlflow
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
@@ -289,6 +289,54 @@ def test_ctrl_c_ends_runs_killed_and_resume_finishes_the_sweep(env, tiny_repo):
     assert all(ch.info.status == "FINISHED" for ch in new)
     rows = list(csv.DictReader(open(env["root"] / "interrupt_resume" / "sweep" / "jobs.csv")))
     assert [r["status"] for r in rows] == ["SKIPPED", "SKIPPED"] + ["FINISHED"] * 4
+
+
+def test_resume_takes_an_earlier_run_only_for_the_same_files_and_an_intact_image(env, tiny_repo):
+    """One single-image config with `lora.path=lora.safetensors` (relative), resume=true each
+    time, one experiment: run from folder A; from folder B, whose lora.safetensors is another
+    file (not skipped); from A again after its LoRA was rewritten in place with the same size
+    and mtime (run again: the new file, not the first run's image); then from C, holding A's
+    new file, after the image artifact of A's second run was deleted from the store (run
+    again, saying why), which is a fresh run with that file: the same image as A's second."""
+    from pipelines.testing.tiny import build_tiny_lora
+
+    def lora_bytes(seed: int) -> bytes:
+        return build_tiny_lora(env["root"] / f"resume_files_lora{seed}.safetensors", seed=seed).read_bytes()
+
+    def run(folder: str, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        cwd = env["root"] / "resume_files" / folder
+        proc = subprocess.run([sys.executable, "-m", "runner", *SMALL, "seed=0", "lora=file",
+                               "lora.path=lora.safetensors", "experiment=resume_files", "resume=true",
+                               f"tracking.store_dir={env['store']}", f"hydra.run.dir={cwd / name}"],
+                              cwd=cwd, env=env["env"], capture_output=True, text=True, timeout=240)
+        assert_done(proc)
+        return proc, cwd / name
+
+    def status(job_dir: Path) -> str:
+        return json.loads((job_dir / "job.json").read_text())["status"]
+
+    for folder, seed in (("a", 1), ("b", 2), ("c", 3)):
+        (env["root"] / "resume_files" / folder).mkdir(parents=True)
+        (env["root"] / "resume_files" / folder / "lora.safetensors").write_bytes(lora_bytes(seed))
+    _, first = run("a", "1")
+    assert status(first) == "FINISHED"
+    _, other = run("b", "2")  # the same relative path names another file there
+    assert status(other) == "FINISHED"
+    rewrite_keeping_size_and_mtime(env["root"] / "resume_files" / "a" / "lora.safetensors", lora_bytes(3))
+    _, rewritten = run("a", "3")
+    assert status(rewritten) == "FINISHED"
+    assert (rewritten / "image.png").read_bytes() != (first / "image.png").read_bytes()
+
+    c = client(env)
+    [earlier] = [r for r in runs_of(c, "resume_files") if r.data.tags["runner.job_dir"] == str(rewritten)]
+    artifact = Path(earlier.info.artifact_uri.removeprefix("file://")) / "image.png"
+    artifact.unlink()  # the store lost the image of the run that resume would take
+    proc, fresh = run("c", "4")
+    why = f"rerun: the earlier run's image is missing (run {earlier.info.run_id} has no image.png)"
+    assert why in proc.stdout + proc.stderr
+    assert status(fresh) == "FINISHED" and json.loads((fresh / "job.json").read_text())["metrics"]["load_s"] > 0
+    assert (fresh / "image.png").read_bytes() == (rewritten / "image.png").read_bytes()
+    assert len(runs_of(c, "resume_files")) == 4  # every command ran its job: none was skipped
 
 
 def test_edit_sweep_records_its_input_pictures(env):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -303,6 +304,59 @@ def test_fingerprints_are_hashed_once_and_cached_on_disk(tmp_path):
     (tmp_path / "m" / "w.safetensors").write_bytes(b"y" * 1000)  # changed file: hashed again
     d3 = second.describe([tmp_path / "m" / "w.safetensors"])
     assert second.hashed == [tmp_path / "m" / "w.safetensors"] and d3["sha256"] != d1["sha256"]
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_kept_is_hashed_again(tmp_path):
+    """What `cp -p`, `rsync -t` or `touch -r` leave: new content in the same file (same inode),
+    the same size and modification time. Neither the memory nor the disk cache answers the old hash."""
+    import hashlib
+
+    path, cache_file = tmp_path / "lora.safetensors", tmp_path / "store" / "fingerprints.json"
+    path.write_bytes(b"x" * 1000)
+    before = path.stat()
+    cache = FingerprintCache(cache_file)
+    assert cache.sha256(path) == hashlib.sha256(b"x" * 1000).hexdigest()
+    with open(path, "r+b") as f:  # in place: the inode stays
+        f.write(b"y" * 1000)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    new = hashlib.sha256(b"y" * 1000).hexdigest()
+    assert cache.sha256(path) == new  # this process's memory
+    assert FingerprintCache(cache_file).sha256(path) == new  # another process: the file on disk
+
+
+def test_a_jobs_identity_knows_its_models_folder_and_resume_its_checkpoint_files(tmp_path, monkeypatch):
+    """The checkpoint is not hashed into a job's config hash (tens of GB): the hash holds the
+    models folder it loads from (another folder: another job), and resume compares the earlier
+    run's checkpoint fingerprint with the files there now, a rewrite that keeps size and mtime
+    (`cp -p`) included."""
+    from pipelines.testing.tiny import build_tiny_repo
+    from runner import job
+    from runner.provenance import fingerprint_tags
+
+    from .processes import rewrite_keeping_size_and_mtime
+
+    def plan_in(models: Path):
+        monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(models))
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["model=qwen_image_tiny", "device=cpu",
+                                               f"tracking.store_dir={tmp_path / 'store'}"])
+        return job.prepare(cfg)
+
+    repo = build_tiny_repo(tmp_path / "models" / "tiny" / "Qwen-Image-Tiny")
+    elsewhere = plan_in(tmp_path / "elsewhere")
+    plan = plan_in(tmp_path / "models")
+    assert plan.config_hash != elsewhere.config_hash
+    files = build.spec_checkpoint_files(plan.spec, plan.runtime)
+    tags = fingerprint_tags("checkpoint", job.fingerprint_cache(plan.spec).describe(files))
+    assert job.changed_since(plan, tags) is None
+    assert job.changed_since(plan, {}) == "the earlier run recorded no sha256 of the checkpoint"
+
+    other = build_tiny_repo(tmp_path / "other", seed=1)
+    shard = sorted((repo / "transformer").glob("*.safetensors"))[0]
+    rewrite_keeping_size_and_mtime(shard, (other / "transformer" / shard.name).read_bytes())
+    assert job.changed_since(plan, tags).startswith("the files of the checkpoint changed since the earlier run")
 
 
 # ------------------------------------------------------------------------ tracking

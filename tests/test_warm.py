@@ -28,10 +28,11 @@ import pytest
 
 from runner import warm
 
-from .processes import runner_env
+from .processes import rewrite_keeping_size_and_mtime, runner_env
 
 SMALL = ["model=qwen_image_tiny", "sampler=tiny", "sampler.height=64", "sampler.width=64", "sampler.steps=2",
          "progress_bar=false", "prompt=a red fox in the snow", "seed=7", "device=cpu"]
+OTHER = [*SMALL[:-3], "prompt=a grey cat on a red sofa", "seed=8", "device=cpu"]  # another job for the same weights
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +55,10 @@ def run(env: dict[str, str], cwd: Path, *args: str, timeout: float = 300) -> sub
                           timeout=timeout)
 
 
-def job(env: dict[str, str], cwd: Path, name: str, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """One single-image command writing into `cwd/name`; asserts it succeeded."""
-    proc = run(env, cwd, *SMALL, *extra, f"hydra.run.dir={cwd / name}")
+def job(env: dict[str, str], cwd: Path, name: str, *extra: str, base: list[str] = SMALL,
+        timeout: float = 300) -> tuple[subprocess.CompletedProcess, Path]:
+    """One single-image command (`base`, then `extra`) writing into `cwd/name`; asserts it succeeded."""
+    proc = run(env, cwd, *base, *extra, f"hydra.run.dir={cwd / name}", timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, cwd / name
 
@@ -122,11 +124,15 @@ def held_in_worker(folder: Path, holds: Path, proc: subprocess.Popen) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(base_env, tmp_path_factory):
-    """The same job without keep_warm: loaded and computed in the command's own process."""
+    """The same jobs without keep_warm (SMALL; OTHER under "other"): loaded and computed in the
+    command's own process."""
     cwd = tmp_path_factory.mktemp("warm_reference")
-    _, job_dir = job(base_env, cwd, "cold")
-    run_ = mlflow_run(cwd, job_dir)
-    return {"outputs": outputs(job_dir), "params": run_.data.params, "metrics": set(run_.data.metrics)}
+    found = {}
+    for name, base in (("cold", SMALL), ("other", OTHER)):
+        _, job_dir = job(base_env, cwd, name, base=base)
+        run_ = mlflow_run(cwd, job_dir)
+        found[name] = {"outputs": outputs(job_dir), "params": run_.data.params, "metrics": set(run_.data.metrics)}
+    return found["cold"] | {"other": found["other"]}
 
 
 @pytest.fixture
@@ -153,24 +159,28 @@ def test_the_second_command_reuses_the_loaded_weights_with_identical_results(war
     assert "Warm worker pid" in first.stdout + first.stderr
     worker = the_worker(folder)
     second, second_dir = job(env, cwd, "second", "keep_warm=15m")
+    third, third_dir = job(env, cwd, "third", "keep_warm=15m", base=OTHER)  # another seed and prompt
 
-    # no load in the second command: the worker's counters, the job's record, its MLflow metrics
+    # no load in the later commands: the worker's counters, the jobs' records, their MLflow metrics
     again = the_worker(folder)
-    assert again["pid"] == worker["pid"] and again["loads"] == 1 and again["jobs"] == 2
+    assert again["pid"] == worker["pid"] and again["loads"] == 1 and again["jobs"] == 3
     assert record(first_dir)["metrics"]["load_s"] > 0
-    assert record(second_dir)["metrics"]["load_s"] == 0.0
-    assert "Loading qwen_image_tiny" not in second.stdout + second.stderr
-    assert "weights loaded, no load" in second.stdout + second.stderr
+    for proc, job_dir in ((second, second_dir), (third, third_dir)):
+        assert record(job_dir)["metrics"]["load_s"] == 0.0
+        assert "Loading qwen_image_tiny" not in proc.stdout + proc.stderr
+        assert "weights loaded, no load" in proc.stdout + proc.stderr
 
     # what a command without keep_warm leaves: the same bytes, PNG text, MLflow params and metric names
     assert outputs(first_dir) == reference["outputs"] and outputs(second_dir) == reference["outputs"]
-    logged = mlflow_run(cwd, second_dir)
-    assert without_keep_warm(logged.data.params) == without_keep_warm(reference["params"])
-    assert logged.data.params["keep_warm"] == "15m"
-    assert set(logged.data.metrics) == reference["metrics"] and logged.data.metrics["load_s"] == 0.0
+    assert outputs(third_dir) == reference["other"]["outputs"] != reference["outputs"]
+    for job_dir, cold in ((second_dir, reference), (third_dir, reference["other"])):
+        logged = mlflow_run(cwd, job_dir)
+        assert without_keep_warm(logged.data.params) == without_keep_warm(cold["params"])
+        assert logged.data.params["keep_warm"] == "15m"
+        assert set(logged.data.metrics) == cold["metrics"] and logged.data.metrics["load_s"] == 0.0
 
     status = run(env, cwd, "warm", "status")
-    assert status.returncode == 0 and f"pid {worker['pid']}" in status.stdout and "jobs 2" in status.stdout
+    assert status.returncode == 0 and f"pid {worker['pid']}" in status.stdout and "jobs 3" in status.stdout
     stop = run(env, cwd, "warm", "stop")
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert not warm.is_alive(folder, worker["wid"])  # stop returns once the worker has exited
@@ -224,6 +234,27 @@ def test_a_killed_worker_makes_the_next_command_run_here(warm_env, reference, tm
     assert record(job_dir)["metrics"]["load_s"] > 0  # loaded in the command's own process
     assert outputs(job_dir) == reference["outputs"]
     assert not (folder / f"{worker['wid']}.sock").exists()  # cleaned: the next command starts a new worker
+
+
+def test_a_frozen_worker_is_left_and_the_next_command_runs_the_job_itself(warm_env, reference, tmp_path):
+    """A worker stopped with SIGSTOP accepts the connection (the kernel queues it) and never
+    answers: the next command notices that its heartbeat stopped, says so, and runs the job
+    itself instead of waiting for ever (the bound is the command's own timeout here)."""
+    env, folder = warm_env
+    cwd = tmp_path / "work"
+    job(env, cwd, "first", "keep_warm=15m", "tracking=none")
+    worker = the_worker(folder)
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        after, job_dir = job(dict(env, **{warm.FROZEN_ENV: "3"}), cwd, "after", "keep_warm=15m", "tracking=none",
+                             timeout=120)
+        text = after.stdout + after.stderr
+        assert f"the warm worker pid {worker['pid']} does not answer (no heartbeat for" in text, text[-3000:]
+        assert "this command left it as it is" in text and "The job runs in this process" in text
+        assert record(job_dir)["metrics"]["load_s"] > 0 and outputs(job_dir) == reference["outputs"]
+        assert the_worker(folder)["pid"] == worker["pid"]  # not ours: left alone
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)  # the fixture stops it
 
 
 def test_a_worker_killed_during_the_job_has_the_job_run_again_here(warm_env, reference, tmp_path):
@@ -286,8 +317,8 @@ def test_a_lora_file_rewritten_between_commands_is_applied_again(warm_env, tmp_p
     build_tiny_lora(lora, seed=1)
     args = ("lora=file", f"lora.path={lora}", "tracking=none")
     job(env, cwd, "before", "keep_warm=15m", *args)
-    build_tiny_lora(tmp_path / "newer.safetensors", seed=2)
-    os.replace(tmp_path / "newer.safetensors", lora)  # same name and size, other weights
+    newer = build_tiny_lora(tmp_path / "newer.safetensors", seed=2).read_bytes()
+    rewrite_keeping_size_and_mtime(lora, newer)  # other weights, in place, the same size and mtime (`cp -p`)
     after, job_dir = job(env, cwd, "after", "keep_warm=15m", *args)
     assert "its file changed since it was applied: applying it again" in after.stdout + after.stderr
     assert the_worker(folder)["jobs"] == 2 and record(job_dir)["metrics"]["load_s"] == 0  # the weights kept
@@ -306,8 +337,8 @@ def test_checkpoint_files_rewritten_between_commands_are_loaded_again(warm_env, 
     job(env, cwd, "before", "keep_warm=15m", "tracking=none")
     worker = the_worker(folder)
     other = build_tiny_repo(tmp_path / "other", seed=1)  # same shapes, other weights
-    for shard in (other / "transformer").glob("*.safetensors"):
-        os.replace(shard, repo / "transformer" / shard.name)
+    for shard in (other / "transformer").glob("*.safetensors"):  # in place, the same size and mtime (`cp -p`)
+        rewrite_keeping_size_and_mtime(repo / "transformer" / shard.name, shard.read_bytes())
     after, job_dir = job(env, cwd, "after", "keep_warm=15m", "tracking=none")
     assert "the checkpoint's files changed since they were loaded: loading them again" in after.stdout + after.stderr
     assert the_worker(folder)["pid"] == worker["pid"] and record(job_dir)["metrics"]["load_s"] > 0
@@ -335,3 +366,39 @@ def test_keep_warm_takes_durations_and_refuses_anything_else():
     for bad in ("15", "15 minutes", "-1m", "m"):
         with pytest.raises(ConfigError, match="keep_warm.*is not a duration.*keep_warm=15m"):
             keep_warm_seconds(bad)
+    assert keep_warm_seconds("365d") == keep_warm_seconds("8760h") == 365 * 86400  # the maximum
+    for long in ("99999999999d", "365d1s", "1" + "0" * 400 + "s"):
+        with pytest.raises(ConfigError, match="keep_warm.* is longer than the maximum, 365d. Fix: give at most "
+                                              "keep_warm=365d"):
+            keep_warm_seconds(long)
+
+
+@pytest.mark.parametrize("idle", ["365d", "far beyond"])
+def test_a_worker_waits_for_commands_whatever_its_idle_time(tmp_path, idle):
+    """The worker's accept loop with keep_warm's maximum, and with an idle time beyond what
+    any timeout can hold: it serves a command (its hello) and stops when asked."""
+    import socket
+    import threading
+
+    from runner.spec import keep_warm_seconds
+
+    folder = tmp_path / "w"
+    folder.mkdir(mode=0o700)
+    worker = warm.Worker(folder, "0" * 64, keep_warm_seconds(idle) if idle != "far beyond" else 1e30, {})
+    listener = worker.listen()
+    hellos = []
+
+    def command() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(worker.path("sock")))
+            hellos.append(warm.Channel(sock).read(timeout=60))
+            worker.stopping = True
+
+    thread = threading.Thread(target=command, daemon=True)
+    thread.start()
+    try:
+        worker.loop(listener)
+    finally:
+        listener.close()
+        thread.join(timeout=60)
+    assert [kind for kind, _ in hellos] == ["hello"]
