@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import failpoints, job
-from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, output_fix
+from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, brief_on_console, output_fix
 from .folders import holds_results, release_claim, remove_stale_temp_files
 from .job import JobPlan
 from .owner import owner_tags
@@ -44,7 +44,7 @@ from .report import (
     write_table,
 )
 from .report import swept_keys as record_swept_keys
-from .spec import RunSpec, TrackingBackend, check_keys, composition_error
+from .spec import RunSpec, TrackingBackend, check_keys, composition_error, task_overrides
 from .state import STATE, open_recorder, prestart_recorder, shield
 
 logger = logging.getLogger("runner")
@@ -230,7 +230,7 @@ def _resume(spec: RunSpec, recorder: Optional[Recorder], hashes: list[str]) -> d
 
 def start(config: DictConfig) -> Sweep:
     """`on_multirun_start`: claim the folder, check every job, open the parent run."""
-    overrides = [str(o) for o in config.hydra.overrides.task]
+    overrides = task_overrides(config)
     plain = config.copy()
     with open_dict(plain):
         plain.pop("hydra", None)
@@ -375,6 +375,7 @@ def run(sweep: Sweep) -> None:
     write into its folder stops the sweep (Stop): no later one could."""
     if sweep.logging is not None:
         logging.config.dictConfig(sweep.logging)
+    brief_on_console()  # a job's known user error: one line here, its traceback in the job's log
     if sweep.pool is not None:  # hydra/launcher=ray: the same jobs, computed by a pool of Ray actors
         from .ray_pool import run_pool
 

@@ -700,3 +700,47 @@ def test_a_ray_sweep_logs_each_launch_with_the_pools_pace():
     assert pace.launch() == "1/5, 0 done" and pace.launch() == "2/5, 0 done"
     pace.finished += [10.0, 14.0, 16.0]  # after the first end (a load), 3 s a job at the pool's pace
     assert pace.launch() == "3/5, 3 done, ETA 0:00:06"
+
+
+# ------------------------------------------- the Ray launcher's units (no Ray needed)
+
+
+def test_a_free_worker_takes_a_job_whose_weights_it_holds_else_one_nobody_holds():
+    from runner.ray_pool import Member, Task, pick
+
+    a, b = Member(actor=None, key="A"), Member(actor=None, key="B")
+    jobs = [Task(None, Path("."), key) for key in ("B", "C", "A", "B")]
+    assert pick(a, jobs, [a, b]) == 2  # its own weights, though later in the queue
+    assert pick(b, jobs, [a, b]) == 0
+    fresh = Member(actor=None)  # a new worker (a replacement): weights no other worker holds
+    assert pick(fresh, jobs, [a, b, fresh]) == 1
+    assert pick(fresh, [Task(None, Path("."), "A")], [a, b, fresh]) == 0  # else the first
+
+
+@pytest.mark.parametrize("override,key", [("hydra.launcher.num_workers=0", "hydra.launcher.num_workers"),
+                                          ("hydra.launcher.threads_per_worker=0", "hydra.launcher.threads_per_worker"),
+                                          ("hydra.launcher.max_retries=-1", "hydra.launcher.max_retries"),
+                                          ("hydra.launcher.start_timeout_s=0", "hydra.launcher.start_timeout_s")])
+def test_launcher_settings_are_checked_naming_the_key(override, key):
+    from hydra import compose, initialize_config_dir
+
+    from runner.app import CONF_DIR
+    from runner.errors import ConfigError
+    from runner.ray_pool import settings_of
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("config", ["hydra/launcher=ray", override], return_hydra_config=True)
+    with pytest.raises(ConfigError) as caught:
+        settings_of(config)
+    assert caught.value.key == key and "Fix:" in str(caught.value)
+
+
+def test_a_pool_that_does_not_fit_the_cluster_is_refused_with_the_fix():
+    from runner.errors import Stop
+    from runner.ray_pool import Settings, _sizes
+
+    assert _sizes(Settings(), {"CPU": 16.0, "GPU": 4.0}) == (4, 1.0, 4)  # one worker per GPU
+    assert _sizes(Settings(), {"CPU": 2.0}) == (1, 0.0, 2)
+    with pytest.raises(Stop) as caught:
+        _sizes(Settings(num_workers=3, threads_per_worker=1), {"CPU": 2.0})
+    assert "2 CPUs" in caught.value.message and "Fix: lower hydra.launcher.num_workers" in caught.value.message
