@@ -332,7 +332,7 @@ def task_overrides(config: DictConfig) -> list[str]:
     return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
 
 
-# text for the model, not config: taken as typed, `${...}` in it is not resolved (docs/prompts.md)
+# text for the model, not config: taken as typed, `${...}` in it is not resolved (docs/config.md)
 LITERAL_KEYS = ("prompt", "negative_prompt")
 
 

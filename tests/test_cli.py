@@ -112,6 +112,7 @@ def test_demo_lora_sweep_writes_grid_and_report_and_logs_them_on_the_parent(tmp_
     rebuilt = _runner(tmp_path, "report", "--run", parent.info.run_id, "--tracking-uri",
                       f"sqlite:///{store / 'mlflow.db'}", "--out", str(out), "x=lora.alpha", models=models)
     assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "Downloading artifacts" not in rebuilt.stdout + rebuilt.stderr  # no progress bar per image fetched
     assert (out / "grid.png").is_file() and "columns: <code>lora.alpha</code>" in (out / "report.html").read_text()
 
     again = _runner(tmp_path, *args, "resume=true", f"hydra.sweep.dir={tmp_path / 'again'}", models=models)
