@@ -46,7 +46,7 @@ Config groups (conf/<group>/<option>.yaml; pick one with GROUP=OPTION):
 
 Keys: any key of the composed config (sampler.steps=20, lora.alpha=0.8, vram.vram_limit=12,
   "prompt=a red fox"); call.NAME=VALUE for any other argument of the pipeline's call.
-  prompt and negative_prompt are taken as typed (a ${...} in them is text, not an interpolation).
+  prompt and negative_prompt are taken as typed (a ${{...}} in them is text, not an interpolation).
   seed=N (default 0); seed=null draws a random seed per job, logged as the run's runtime.seed.
   python -m runner --cfg job [overrides]    print the composed config (every key and its value)
 
