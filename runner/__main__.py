@@ -46,6 +46,7 @@ Config groups (conf/<group>/<option>.yaml; pick one with GROUP=OPTION):
 
 Keys: any key of the composed config (sampler.steps=20, lora.alpha=0.8, vram.vram_limit=12,
   "prompt=a red fox"); call.NAME=VALUE for any other argument of the pipeline's call.
+  prompt and negative_prompt are taken as typed (a ${{...}} in them is text, not an interpolation).
   seed=N (default 0); seed=null draws a random seed per job, logged as the run's runtime.seed.
   python -m runner --cfg job [overrides]    print the composed config (every key and its value)
 
@@ -111,6 +112,9 @@ def cli() -> int:
     # MLflow 3 reports usage to its makers unless told not to: nothing leaves this machine
     # unasked (as for Ray's runtime); MLFLOW_DISABLE_TELEMETRY=false turns it back on
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # no progress bar per artifact MLflow fetches (`report --run` fetches each job's image: one bar
+    # each); MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true turns them back on
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if sys.argv[1:2] and sys.argv[1] in COMMANDS:
         return _command(sys.argv[1], sys.argv[2:])
     if any(a in ("-h", "--help") for a in sys.argv[1:]):  # ours, without importing Hydra, torch or MLflow
@@ -154,12 +158,16 @@ def cli() -> int:
 
 def _report(error: Exception, user_full_error: str | None) -> int:
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from .errors import is_storage_error
-    from .spec import composition_error
+    from .spec import composition_error, omegaconf_error
 
     if isinstance(error, HydraException) and not user_full_error:
         logger.error("%s", composition_error(error, [a for a in sys.argv[1:] if not a.startswith("-")]))
+        return EXIT_REFUSED
+    if isinstance(error, OmegaConfBaseException) and not user_full_error:  # Hydra resolving its own keys
+        logger.error("%s", omegaconf_error(error))
         return EXIT_REFUSED
     if is_storage_error(error) and not user_full_error:
         logger.error("%s: %s (errno %s)", getattr(error, "filename", "") or "output", error.strerror, error.errno)

@@ -30,12 +30,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from . import job, sweep
-from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, SweepDone, output_fix
+from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, SweepDone, brief_on_console, output_fix
 from .folders import claim_folder, register_resolvers
 from .job import JobPlan
 from .recorder import Recorder
 from .report import JobRecord
-from .spec import register_configs
+from .spec import register_configs, task_overrides
 from .state import STATE, close_recorders, open_recorder, prestart_recorder, shield
 
 logger = logging.getLogger("runner")
@@ -100,7 +100,7 @@ class SweepCallback(Callback):
 
 def start_single(config: DictConfig) -> None:
     """`on_run_start`: refuse a bad config before any folder or MLflow run exists."""
-    overrides = [str(o) for o in config.hydra.overrides.task]
+    overrides = task_overrides(config)
     prestart_recorder(config)
     try:
         plan = job.prepare(config, 0, overrides)
@@ -113,6 +113,7 @@ def start_single(config: DictConfig) -> None:
 def run_single(cfg: DictConfig) -> JobRecord:
     """Hydra's task function: the single run, in the folder Hydra made for it."""
     hc = HydraConfig.get()
+    brief_on_console()  # Hydra's job logging is configured now: a known user error is one line on the console
     job_dir = Path(hc.runtime.output_dir)
     single = STATE.single
     if single is None:  # the callback was removed from the config

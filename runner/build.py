@@ -97,13 +97,27 @@ def preflight(spec: RunSpec, seed: Optional[int] = None) -> dict[str, Any]:
     arguments = call_arguments(spec, cls, seed)
     try:
         cls.check_arguments(arguments)
-    except ValueError as error:  # SettingError, or a picture that cannot be read
+    except ARGUMENT_ERRORS as error:  # the library's checks: SettingError, a picture that cannot be read, ...
         key = config_key_of(str(error), arguments)
-        raise ConfigError(key, str(error).rstrip("."), f"change `{key}`") from None
-    except FileNotFoundError as error:
-        key = config_key_of(str(error), arguments)
-        raise ConfigError(key, str(error).rstrip("."), "give an existing file") from None
+        raise ConfigError(key, str(error).strip().rstrip("."), _argument_fix(error, key)) from None
     return arguments
+
+
+# what a pipeline's `check_arguments` raises for a value a user gave (a SettingError is a ValueError)
+ARGUMENT_ERRORS = (ValueError, TypeError, ArithmeticError, FileNotFoundError)
+
+
+def _argument_fix(error: Exception, key: str) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "give an existing file"
+    if isinstance(error, TypeError) and "path" in str(error):
+        return (f"give the path of a picture file; quote a name YAML would read as a number or a boolean "
+                f"({key}='5')")
+    if isinstance(error, TypeError):
+        return f"give `{key}` a value of the type the pipeline takes"
+    if isinstance(error, ArithmeticError):
+        return f"give `{key}` a smaller value"
+    return f"change `{key}`"
 
 
 def call_arguments(spec: RunSpec, cls: Any, seed: Optional[int] = None) -> dict[str, Any]:
@@ -122,13 +136,24 @@ def call_arguments(spec: RunSpec, cls: Any, seed: Optional[int] = None) -> dict[
         arguments[name] = value
     missing = [name for name in arguments if name not in parameters]
     if missing:
-        import difflib
-
         name = missing[0]
-        close = difflib.get_close_matches(name, list(parameters), n=1)
-        hint = f"did you mean `call.{close[0]}`?" if close else f"its arguments are {', '.join(parameters)}"
-        raise ConfigError(config_key(name), f"{cls.__name__} takes no argument {name!r}", hint)
+        raise ConfigError(config_key(name), f"{cls.__name__} takes no argument {name!r}",
+                          _closest_key(name, parameters))
     return arguments
+
+
+def _closest_key(name: str, parameters: Any) -> str:
+    """`did you mean` with the config key that sets the closest argument (`call.cfg_sclae` ->
+    `sampler.cfg_scale`, `call.steps` -> `sampler.steps`), else the arguments there are."""
+    import difflib
+
+    keys = {config_key(p): p for p in parameters} | {f"sampler.{k}": n for k, n in SAMPLER_ARGUMENTS.items()}
+    by_name = {}
+    for key, argument in keys.items():
+        by_name.setdefault(argument, key)
+        by_name.setdefault(key.rpartition(".")[2], key)
+    close = difflib.get_close_matches(name, list(by_name), n=1)
+    return f"did you mean `{by_name[close[0]]}`?" if close else f"its arguments are {', '.join(parameters)}"
 
 
 def instantiate_scheduler(node: Any) -> Any:

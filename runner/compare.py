@@ -641,19 +641,14 @@ def first_line(error: str) -> str:
 def render_page(page: GridPage, axes: Axes, thumb: int = 256, images: Optional["_Images"] = None) -> Image.Image:
     """One grid page as an image; fills `page.boxes` with each job's cell."""
     images = images or _Images()
-    size = max(12, min(32, round(thumb / 14)))
+    size = label_size(thumb)
     font, small, big = _font(size), _font(max(11, size - 3)), _font(round(size * 1.25))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = size + max(4, size // 3)
     pad = max(4, thumb // 32)
     gap = max(4, thumb // 40)
     ncols, nrows = len(page.xs), len(page.ys)
     grid_w = ncols * thumb + (ncols - 1) * gap
-    # the row labels' column: as wide as its longest label, within bounds
-    row_w = 0
-    if axes.y:
-        want = max([probe.textlength(v, font=font) for v in page.ys] + [probe.textlength(axes.y, font=font)])
-        row_w = int(min(max(want, 3 * size), max(thumb, 12 * size)))
+    row_w, y_title, y_labels = row_labels(page, axes, thumb)
     left = pad + (row_w + pad if axes.y else 0)
     width = left + grid_w + pad
     top = pad
@@ -680,9 +675,8 @@ def render_page(page: GridPage, axes: Axes, thumb: int = 256, images: Optional["
             draw.text((x0 + (thumb - draw.textlength(text, font=font)) / 2, y_keys + key_line), text, fill="black",
                       font=font)
     if axes.y:
-        draw.text((pad, y_keys + key_line), shorten(axes.y, fits(font, row_w)), fill=(90, 90, 90), font=font)
-        for i, value in enumerate(page.ys):
-            text = shorten(value or "(unset)", fits(font, row_w), page.ys)
+        draw.text((pad, y_keys + key_line), y_title, fill=(90, 90, 90), font=font)
+        for i, text in enumerate(y_labels):
             y0 = top + i * (thumb + gap)
             draw.text((pad, y0 + (thumb - size) / 2), text, fill="black", font=font)
     page.boxes = {}
@@ -694,6 +688,25 @@ def render_page(page: GridPage, axes: Axes, thumb: int = 256, images: Optional["
                 page.boxes[job.num] = (x0, y0, x0 + thumb - 1, y0 + thumb - 1)
             _draw_cell(sheet, draw, job, (x0, y0), thumb, images, (font, small), size, pad, line_h)
     return sheet
+
+
+def label_size(thumb: int) -> int:
+    """The grid's text size for cells of `thumb` pixels."""
+    return max(12, min(32, round(thumb / 14)))
+
+
+def row_labels(page: GridPage, axes: Axes, thumb: int) -> tuple[int, str, list[str]]:
+    """The grid's row header: its column's width (as wide as its longest label within bounds,
+    rounded up: a label that fits is drawn whole), the rows' key and each row's value, shortened
+    only where they do not fit."""
+    if not axes.y:
+        return 0, "", []
+    size = label_size(thumb)
+    font, draw = _font(size), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    want = max([draw.textlength(v or "(unset)", font=font) for v in page.ys] + [draw.textlength(axes.y, font=font)])
+    width = math.ceil(min(max(want, 3 * size), max(thumb, 12 * size)))
+    fits = lambda s: draw.textlength(s, font=font) <= width  # noqa: E731
+    return width, shorten(axes.y, fits), [shorten(v or "(unset)", fits, page.ys) for v in page.ys]
 
 
 def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, job: Optional[GridJob], origin: tuple[int, int],
@@ -986,13 +999,14 @@ button.thumb img{width:100%;height:100%;object-fit:contain;display:block}
 .fail{background:#c8c8c8;width:var(--t);height:var(--t);box-sizing:border-box;padding:8px;text-align:left;
  overflow:hidden;font-size:.82em;overflow-wrap:anywhere}
 .fail b{display:block;color:#a00;margin-bottom:4px}.fail.KILLED b{color:#a85a00}
+#jobs .scroll{overflow:auto;max-height:85vh}
 table.jobs{border-collapse:collapse;font-size:.88em}
 table.jobs th,table.jobs td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 table.jobs td.n{text-align:right;font-variant-numeric:tabular-nums}
 table.jobs th{background:#f5f5f7;cursor:pointer;user-select:none;white-space:nowrap;position:sticky;top:0}
 table.jobs th[aria-sort=ascending]::after{content:" \\25B2"}
 table.jobs th[aria-sort=descending]::after{content:" \\25BC"}
-table.jobs td.err{min-width:22em;max-width:44em;white-space:pre-wrap;overflow-wrap:anywhere;color:#900}
+table.jobs td.err{min-width:14em;max-width:36em;white-space:pre-wrap;overflow-wrap:anywhere;color:#900}
 tr.FAILED td,tr.KILLED td{background:#fbf1f1}
 button.view{font:inherit;cursor:zoom-in;padding:0 6px}
 svg.plot{max-width:100%;height:auto;display:block;margin:8px 0 16px;font-size:11px}
@@ -1001,7 +1015,8 @@ svg.plot .bar:hover rect,svg.plot circle:hover{opacity:.7}
 #viewer{position:fixed;inset:0;background:rgba(0,0,0,.86);display:flex;flex-direction:column;align-items:center;
  justify-content:center;z-index:10;cursor:zoom-out;margin:0;padding:12px;box-sizing:border-box}
 #viewer[hidden]{display:none}
-#viewer .frame img{max-width:96vw;max-height:86vh;display:block;image-rendering:auto}
+#viewer .frame img{max-width:96vw;max-height:86vh;display:block;object-fit:contain;image-rendering:auto}
+#viewer .frame img.up{image-rendering:pixelated}
 #viewer figcaption{color:#eee;margin-top:8px;font-size:.9em;text-align:center;overflow-wrap:anywhere;max-width:96vw}
 """
 
@@ -1122,8 +1137,16 @@ def _embed_images(jobs: Sequence[GridJob], keys: Sequence[str], images: _Images,
         caption = f"job {job.num}: {job.label(keys)} ({job.status}, {picture.width}x{picture.height})"
         embedded.templates.append(
             f'<template id="full-{job.num}" data-caption="{_e(caption)}">'
-            f'<img src="{uri}" alt="{_e(caption)}" width="{width}" height="{height}"></template>')
+            f'<img src="{uri}" alt="{_e(caption)}" {_shown_size(width, height, thumb)}></template>')
     return embedded
+
+
+def _shown_size(width: int, height: int, thumb: int) -> str:
+    """The full-size view's size: the image's own, but never smaller than its thumbnail (a small
+    image is enlarged with its pixels kept sharp, class `up`); the viewport still limits it."""
+    scale = max(1.0, thumb / max(width, height))
+    size = f'width="{round(width * scale)}" height="{round(height * scale)}"'
+    return size + (' class="up"' if scale > 1 else "")
 
 
 def _page_jpegs(thumb: int, full_max: int, full_quality: int) -> list[tuple[int, int]]:

@@ -7,7 +7,9 @@ the way Ctrl-C does, so that the open MLflow runs and the sweep's files are fini
 """
 from __future__ import annotations
 
+import copy
 import errno
+import logging
 
 # exit statuses of `python -m runner` (runner/__main__.py documents them)
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_UNTRACKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -66,3 +68,44 @@ def output_fix(path: object, code: int | None = None, resume: bool = True) -> st
         first = f"check that {path} can be written (free space, permissions)"
     then = ", then run the same command again with resume=true" if resume else ""
     return f"{first}, or point hydra.sweep.dir / hydra.run.dir elsewhere{then}"
+
+
+# --------------------------------------------------------------- known user errors
+
+# a log record's attribute: its traceback is for the job's log file, not for the console
+BRIEF = "runner_brief"
+# the library's typed errors: what a user can cause (a setting, a checkpoint or LoRA file, a
+# download), whose message says what and how to fix it; any other exception is a bug
+USER_ERRORS = ("SettingError", "CheckpointError", "DownloadError", "LoraError", "NonFiniteError")
+
+
+def brief(error: BaseException) -> dict[str, bool]:
+    """`extra=` of a log call about `error`: a known user error is shown on the console as its
+    one line (`brief_on_console`), its traceback kept in the log file."""
+    import pipelines  # only where a job runs: the MLflow writer process never calls this
+
+    return {BRIEF: True} if isinstance(error, tuple(getattr(pipelines, n) for n in USER_ERRORS)) else {}
+
+
+class _BriefFormatter(logging.Formatter):
+    """A console handler's formatter that leaves out the traceback of a record marked BRIEF."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, BRIEF, False):
+            record = copy.copy(record)  # the log file's handler formats the same record, traceback included
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return self.inner.format(record)
+
+
+def brief_on_console(logger: logging.Logger | None = None) -> None:
+    """Let the console handlers of `logger` (the root logger) show a known user error as one
+    line; file handlers keep every traceback. Called once Hydra's job logging is configured."""
+    for handler in (logger or logging.getLogger()).handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not isinstance(handler.formatter, _BriefFormatter):
+            handler.setFormatter(_BriefFormatter(handler.formatter))
+

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from . import build, failpoints
-from .errors import OutputError, is_storage_error
+from .errors import OutputError, brief, is_storage_error
 from .provenance import fingerprint_tags, provenance_tags
 from .report import (
     CONFIG_HASH_TAG,
@@ -36,7 +36,7 @@ from .report import (
     flatten,
     save_png,
 )
-from .spec import ConfigError, RunSpec, TrackingBackend, to_spec, validate, without_hydra
+from .spec import ConfigError, RunSpec, TrackingBackend, job_config, to_spec, validate
 
 logger = logging.getLogger("runner")
 # keys that do not change the image: left out of the resume fingerprint
@@ -72,8 +72,9 @@ class JobPlan:
 
 
 def plain_config(cfg: DictConfig) -> dict:
-    """The resolved config as plain data (enums as their names), without Hydra's node."""
-    cfg = without_hydra(cfg)
+    """The resolved config as plain data (enums as their names), without Hydra's node, the
+    prompts as typed."""
+    cfg = job_config(cfg)
     try:
         return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception:  # noqa: BLE001 - a broken interpolation is reported by to_spec
@@ -199,7 +200,7 @@ def compute(plan: JobPlan) -> JobRecord:
         _fail(record, FAILED, f"ConfigError: {error}", "config")
     except Exception as error:  # noqa: BLE001 - a failed job must not stop the sweep
         _fail(record, FAILED, f"{type(error).__name__}: {error}", "runtime")
-        logger.exception("job %d [%s]: FAILED: %s", plan.num, plan.label, record.error)
+        logger.exception("job %d [%s]: FAILED: %s", plan.num, plan.label, record.error, extra=brief(error))
         _free_after_failure(error)
     record.ended = time.time()
     record.metrics.setdefault("total_s", time.perf_counter() - started)

@@ -40,6 +40,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -107,10 +108,39 @@ def log_job(tracker: Tracker, record: JobRecord, run_id: str, parent_id: Optiona
             tags.update(image_artifacts(folder, image, record.tracking.get("image_key") or "image"))
         tracker.log_dir(run_id, folder)
     _log_inputs(tracker, record, parent_id or run_id, logged_inputs if logged_inputs is not None else set())
-    params = {k: v for k, v in record.params.items() if k not in set(present)}
+    params = {k: v for k, v in logged_params(record).items() if k not in set(present)}
     tracker.log_batch(run_id, metrics=record.metrics, params=params, tags=tags)
     tracker.end_run(run_id, record.status if record.status != SKIPPED else FINISHED, end_time=record.ended,
                     force=True)
+
+
+# the params of a job's run: what a user filters and compares runs by (the run's card and the
+# Compare page stay readable); the whole config is the run's config.yaml artifact
+LOGGED_PARAMS = ("model.name", "prompt", "negative_prompt", "seed", "sampler.name", "sampler.steps",
+                 "sampler.cfg_scale", "sampler.height", "sampler.width", "lora.name", "vram.name", "dtype", "device")
+# call arguments, what `auto` resolved to and a drawn seed, the input pictures' sha256
+LOGGED_PREFIXES = ("call.", "runtime.", "inputs.")
+_LORA_PARAM = re.compile(r"lora\.(stack\.[^.]+\.)?(alpha|path|model_id)")  # each LoRA and its strength
+
+
+def logged_params(record: JobRecord) -> dict[str, Any]:
+    """The record's params that its run gets: LOGGED_PARAMS, the LoRAs, every key the job's
+    overrides set (a preset choice `vram=low_vram` as its `vram.name`)."""
+    params = record.params
+    chosen = set(LOGGED_PARAMS)
+    for override in record.overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key in params or f"{key}.name" in params:
+            chosen.add(key if key in params else f"{key}.name")
+        else:  # a mapping given whole (`call={...}`, `+lora.stack.mine={...}`): its keys
+            chosen.update(k for k in params if k.startswith(key + "."))
+
+    def wanted(key: str, value: Any) -> bool:
+        lora = _LORA_PARAM.fullmatch(key)
+        return key in chosen or key.startswith(LOGGED_PREFIXES) or bool(lora and (value is not None
+                                                                                   or lora.group(2) == "alpha"))
+
+    return {k: v for k, v in params.items() if wanted(k, v)}
 
 
 def _log_inputs(tracker: Tracker, record: JobRecord, target: str, logged: set) -> None:
@@ -223,11 +253,15 @@ class _Writer:
         return {"dead": self.dead}
 
     def _dead(self, error: BaseException, what: str) -> None:
+        from .tracking import store_problem
+
         self.dead = f"{what}: {_first_line(error)}"
         self.outbox.put(("dead", self.dead))
-        self.log(logging.ERROR, f"MLflow at {self.tracking.get('uri') or self.tracking['store_dir']} cannot be "
-                 f"reached ({self.dead}). Tracking stops here: the images and each job's job.json are kept; log "
-                 "them later with `python -m runner sync <sweep or run folder>`")
+        store = self.tracking.get("uri") or self.tracking["store_dir"]
+        problem, fix = store_problem(error, store)
+        self.log(logging.ERROR, f"MLflow store {store} {problem} ({self.dead}). Tracking stops here: the images and "
+                 f"each job's job.json are kept. Fix: {fix}; then log them with `python -m runner sync <sweep or run "
+                 "folder>`")
 
     def _do(self, what: str, fn: Any, *args: Any) -> bool:
         """One MLflow operation; False (logged) when it failed or the store is dead."""

@@ -41,15 +41,22 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, er
 
 
 def parameters_text(gen: dict[str, Any]) -> str:
-    """The A1111-style `parameters` text that image viewers and tools read."""
-    loras = ", ".join(f"{label}:{alpha:g}" for label, alpha in gen.get("loras", [])) or "none"
+    """The A1111-style `parameters` text that image viewers and tools read: the prompt, a
+    `Negative prompt:` line, a line of settings. The format has no escaping, so every value is
+    put on one line (its line breaks as spaces): a prompt holding a line `Negative prompt: x`
+    or `Steps: 9` cannot be read as another field. The `generation` chunk keeps the exact text."""
+    loras = ", ".join(f"{_one_line(label)}:{alpha:g}" for label, alpha in gen.get("loras", [])) or "none"
     return (
-        f"{gen['prompt']}\n"
-        f"Negative prompt: {gen['negative_prompt']}\n"
+        f"{_one_line(gen['prompt'])}\n"
+        f"Negative prompt: {_one_line(gen['negative_prompt'])}\n"
         f"Steps: {gen['steps']}, CFG scale: {gen['cfg_scale']}, Seed: {gen['seed']}, "
-        f"Size: {gen['width']}x{gen['height']}, Sampler: {gen.get('sampler')}, Model: {gen['model']}, "
-        f"LoRAs: {loras}"
+        f"Size: {gen['width']}x{gen['height']}, Sampler: {_one_line(gen.get('sampler'))}, "
+        f"Model: {_one_line(gen['model'])}, LoRAs: {loras}"
     )
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str(value).splitlines())
 
 
 TEMP_MARK = ".runner-tmp"  # `.<name>.runner-tmp<pid>`: only the runner writes such names

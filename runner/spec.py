@@ -326,12 +326,49 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def task_overrides(config: DictConfig) -> list[str]:
+    """The command line's overrides as typed (Hydra's hydra.overrides.task, not resolved: reading
+    its items would resolve an interpolation they hold, `prompt=${oc.env:HOME}`)."""
+    return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+
+
+# text for the model, not config: taken as typed, `${...}` in it is not resolved (docs/config.md)
+LITERAL_KEYS = ("prompt", "negative_prompt")
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """A job's config as the runner reads it: without Hydra's node, and with the LITERAL_KEYS
+    as typed. An OmegaConf interpolation written in a prompt (`${oc.env:HOME}`, `${x}`) is
+    escaped (in a copy), so that resolving the config gives the prompt's text unchanged."""
+    cfg = without_hydra(cfg)
+    typed = {}
+    for key in LITERAL_KEYS:
+        node = cfg._get_node(key, throw_on_missing_key=False) if key in cfg else None
+        if node is not None and node._is_interpolation():
+            typed[key] = str(node._value())
+    if not typed:
+        return cfg
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for key, text in typed.items():
+            cfg[key] = literal(text)
+    return cfg
+
+
+def literal(text: str) -> str:
+    """The OmegaConf string that resolves to `text` itself: each `${` escaped (the backslashes
+    before it doubled, as OmegaConf's grammar halves them)."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+
+
 def to_spec(cfg: DictConfig) -> RunSpec:
     """The composed config as typed objects. Raises ConfigError (with the config path) for
-    a key the schema lacks or a value left `???`."""
-    from omegaconf.errors import MissingMandatoryValue
+    a key the schema lacks, a value left `???` or an interpolation that does not resolve."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    cfg = without_hydra(cfg)
+    cfg = job_config(cfg)
     check_keys(cfg, RunSpec)
     try:
         spec = OmegaConf.to_object(cfg)
@@ -340,9 +377,31 @@ def to_spec(cfg: DictConfig) -> RunSpec:
         raise ConfigError(
             key, "no value given (it is `???` in the config)", f"set it on the command line: {key}=..."
         ) from None
+    except OmegaConfBaseException as e:
+        raise omegaconf_error(e) from None
     assert isinstance(spec, RunSpec), type(spec)
     spec.lora.stack = {str(k): _lora_item(v, f"lora.stack.{k}") for k, v in spec.lora.stack.items()}
     return spec
+
+
+def omegaconf_error(error: BaseException) -> ConfigError:
+    """An OmegaConf error of a composed config (an interpolation that does not resolve, a value
+    of the wrong type) as a ConfigError at its key."""
+    from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError, ValidationError
+
+    key = re.sub(r"\[(\w+)\]", r".\1", str(getattr(error, "full_key", None) or "config"))
+    problem = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    if isinstance(error, ValidationError):
+        fix = "give a value of the key's type (`python -m runner --cfg job` shows them)"
+    elif "Environment variable" in problem:
+        fix = "set that environment variable, or give a default: ${oc.env:NAME,default}"
+    elif isinstance(error, InterpolationKeyError):
+        fix = "name a key the config has (`python -m runner --cfg job` lists them), or give the value itself"
+    elif isinstance(error, InterpolationResolutionError):
+        fix = "give the value itself, or an interpolation that resolves (`python -m runner --cfg job --resolve`)"
+    else:
+        fix = "check the value against `python -m runner --cfg job`"
+    return ConfigError(key, problem, fix)
 
 
 def _lora_item(value: Any, where: str) -> LoraItem:
@@ -528,11 +587,32 @@ def _check_tracking(spec: RunSpec) -> None:
         raise ConfigError("tracking.request_retries", f"{t.request_retries} retries", "give 0 to 10 (MLflow's limit)")
     if spec.resume and spec.tracking.backend is TrackingBackend.none:
         raise ConfigError("resume", "resume looks up finished runs in MLflow, but tracking=none", "use tracking=mlflow")
+    if spec.tracking.backend is not TrackingBackend.none:
+        _check_store(spec)
+
+
+MAX_EXPERIMENT_NAME = 500  # MLflow's limit
+
+
+def _check_store(spec: RunSpec) -> None:
+    """The experiment's name and the store's place, which MLflow would refuse only once the
+    weights are loaded (and then as "cannot be reached")."""
+    name = spec.experiment
+    if not name.strip() or len(name) > MAX_EXPERIMENT_NAME:
+        raise ConfigError("experiment", f"{name!r} is not an MLflow experiment name",
+                          f"give a name of 1 to {MAX_EXPERIMENT_NAME} characters, e.g. experiment=qwen-image")
     uri = spec.tracking.uri
     if uri is not None and uri.partition(":")[0].split("+")[0].lower() not in TRACKING_SCHEMES:
         raise ConfigError("tracking.uri", f"{uri!r} is not an MLflow tracking URI this runner can use",
                           "use http://HOST:PORT for a tracking server, sqlite:////abs/path.db, or null for the "
                           "embedded store under tracking.store_dir")
+    if uri is None:
+        folder = Path(spec.tracking.store_dir)
+        blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise ConfigError("tracking.store_dir", f"{blocked} is a file, not a folder, so the store "
+                              f"{folder / 'mlflow.db'} cannot be made there",
+                              "give a folder (it is created if missing), e.g. tracking.store_dir=outputs/mlflow")
 
 
 # ---------------------------------------------------------------------- composing
@@ -601,9 +681,12 @@ def _unparsable(overrides: Sequence[str]) -> Optional[str]:
 
 
 def _fix_for(cause: BaseException, key: str) -> str:
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, GrammarParseError
 
     text = str(cause)
+    if isinstance(cause, GrammarParseError):
+        kept = " (in a prompt a whole `${...}` is kept as typed)" if key in LITERAL_KEYS else ""
+        return f"close each `${{` with `}}`: Hydra's parser reads `${{` as the start of an interpolation{kept}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         parent, _, name = key.rpartition(".")
         fields = schema_fields(parent)

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import failpoints, job
-from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, output_fix
+from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, brief_on_console, output_fix
 from .folders import claim_folder, release_claim
 from .job import JobPlan
 from .owner import owner_tags
@@ -46,7 +46,7 @@ from .report import (
     write_table,
 )
 from .report import swept_keys as record_swept_keys
-from .spec import RunSpec, TrackingBackend, check_keys, composition_error
+from .spec import RunSpec, TrackingBackend, check_keys, composition_error, task_overrides
 from .state import STATE, open_recorder, prestart_recorder, shield
 
 logger = logging.getLogger("runner")
@@ -257,7 +257,7 @@ def resumed(plan: JobPlan, resume: dict[str, Any]) -> Optional[dict[str, Any]]:
 
 def start(config: DictConfig) -> Sweep:
     """`on_multirun_start`: claim the folder, check every job, open the parent run."""
-    overrides = [str(o) for o in config.hydra.overrides.task]
+    overrides = task_overrides(config)
     plain = config.copy()
     with open_dict(plain):
         plain.pop("hydra", None)
@@ -402,6 +402,7 @@ def run(sweep: Sweep) -> None:
     write into its folder stops the sweep (Stop): no later one could."""
     if sweep.logging is not None:
         logging.config.dictConfig(sweep.logging)
+    brief_on_console()  # a job's known user error: one line here, its traceback in the job's log
     if sweep.pool is not None:  # hydra/launcher=ray: the same jobs, computed by a pool of Ray actors
         from .ray_pool import run_pool
 

@@ -16,6 +16,7 @@ variables win when set), so an unreachable server costs seconds, not minutes.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_HASH_TAG", "RECORD_TAG", "FAILED", "FINISHED", "KILLED", "Tracker", "flatten",
            "fingerprint_tags", "provenance_tags", "store_uri", "default_artifact_location", "is_unreachable",
-           "ui_hint"]
+           "store_problem", "ui_hint"]
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -73,6 +74,39 @@ def is_unreachable(error: BaseException) -> bool:
     except ImportError:  # pragma: no cover - mlflow depends on requests
         pass
     return bool(_UNREACHABLE.search(str(error)))
+
+
+_READ_ONLY = re.compile(r"readonly database|read-only file system|permission denied|\[errno (1|13|30)\]", re.I)
+_FULL = re.compile(r"database or disk is full|no space left on device|disk quota exceeded|\[errno (28|122)\]", re.I)
+
+
+def store_problem(error: BaseException, store: str) -> tuple[str, str]:
+    """(what is wrong with the MLflow store `store`, how to fix it), for an error MLflow raised
+    (its SQLAlchemy or OS error is the message, or the cause)."""
+    text = f"{error} {error.__cause__ or ''}"
+    code = getattr(error, "errno", None)
+    elsewhere = "or point tracking.store_dir (or tracking.uri) elsewhere"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or _READ_ONLY.search(text):
+        return "cannot be written (read-only)", f"make {store} writable, {elsewhere}"
+    if code in (errno.ENOSPC, errno.EDQUOT) or _FULL.search(text):
+        return "is full", f"free space on the file system of {store}, {elsewhere}"
+    if is_unreachable(error):
+        return "cannot be reached", "start the tracking server (or fix tracking.uri), or use tracking=none"
+    return "refused a request", f"check the store with `mlflow ui`, {elsewhere}"
+
+
+class _NoStoreTraceback(logging.Filter):
+    """MLflow logs a SQLAlchemy error's whole traceback before raising it (a read-only or full
+    SQLite store); the runner reports the error it raises, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+def quiet_store_errors() -> None:
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _NoStoreTraceback) for f in db_log.filters):
+        db_log.addFilter(_NoStoreTraceback())
 
 
 def configure_http(spec: TrackingSpec) -> None:
@@ -155,6 +189,7 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             configure_http(spec)
         self.experiment_name = experiment
+        quiet_store_errors()
         with store_lock(self.uri):  # the first request creates or migrates a SQLite store
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment(experiment)
@@ -225,7 +260,7 @@ class Tracker:
 
         now = int(time.time() * 1000)
         m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
-        p = [Param(k, _clip(_param_str(v), MAX_PARAM_LEN)) for k, v in (params or {}).items()]
+        p = [Param(k, clip_param(_param_str(v))) for k, v in (params or {}).items()]
         t = [RunTag(k, _clip(str(v), MAX_TAG_LEN)) for k, v in (tags or {}).items() if v is not None]
         while m or p or t:
             self.client.log_batch(run_id, metrics=m[:1000], params=p[:_BATCH], tags=t[:_BATCH])
@@ -312,6 +347,16 @@ def _param_str(value: Any) -> str:
     if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
         value = value.value  # an Enum
     return "null" if value is None else str(value)
+
+
+def clip_param(text: str) -> str:
+    """A param's value within MLflow's limit (MAX_PARAM_LEN characters); a longer one (a long
+    prompt) is cut with a note saying so and where the whole text is."""
+    if len(text) <= MAX_PARAM_LEN:
+        return text
+    note = (f" … (cut: {len(text)} characters, MLflow keeps {MAX_PARAM_LEN}; the whole text is in the job's "
+            "config.yaml and its image.png)")
+    return text[: MAX_PARAM_LEN - len(note)] + note
 
 
 def _clip(text: str, limit: int) -> str:

@@ -2,6 +2,8 @@
 own save_pretrained (the parity oracle), and the project's own tiny repo."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +11,42 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------- what a test needs
+
+def chromium() -> str | None:
+    """Debian's chromium (or $CHROMIUM), which playwright drives: a browser cannot be downloaded here."""
+    found = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    return found or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+# `@pytest.mark.needs("ray")`: name -> (whether this machine has it, what to install)
+REQUIREMENTS = {
+    "ray": (lambda: importlib.util.find_spec("ray") is not None, 'Ray: pip install -e ".[ray]"'),
+    "chromium": (lambda: importlib.util.find_spec("playwright") is not None and chromium() is not None,
+                 "playwright and a chromium: pip install -e \".[test]\" and apt-get install chromium "
+                 "fonts-dejavu-core (Debian/Ubuntu)"),
+}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*names): skipped without these (conftest.REQUIREMENTS); with CI=true "
+                                       "they fail instead: CI runs every test it can")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        for name in mark.args:
+            present, what = REQUIREMENTS[name]
+            if not present():
+                if in_ci():
+                    pytest.fail(f"CI=true, but this test needs {what}", pytrace=False)
+                pytest.skip(f"needs {what}")
 
 TINY_TEXT_HIDDEN = 32
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,

@@ -118,6 +118,7 @@ def test_demo_lora_sweep_writes_grid_and_report_and_logs_them_on_the_parent(tmp_
     rebuilt = _runner(tmp_path, "report", "--run", parent.info.run_id, "--tracking-uri",
                       f"sqlite:///{store / 'mlflow.db'}", "--out", str(out), "x=lora.alpha", models=models)
     assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "Downloading artifacts" not in rebuilt.stdout + rebuilt.stderr  # no progress bar per image fetched
     page = out / "report_x=lora.alpha_y=seed.html"
     assert (out / "grid_x=lora.alpha_y=seed.png").is_file() and "columns: <code>lora.alpha</code>" in page.read_text()
     # the parent run gets the rebuilt files beside its own, which are left as they were
@@ -131,3 +132,27 @@ def test_demo_lora_sweep_writes_grid_and_report_and_logs_them_on_the_parent(tmp_
     assert "every job already has a FINISHED run" in again.stdout + again.stderr
     assert len(client.search_runs([experiment.experiment_id])) == len(runs)  # no empty parent run
     assert (tmp_path / "again" / "grid.png").is_file()  # the skipped jobs' images, from their runs
+
+
+def test_a_prompt_arrives_as_typed(tmp_path, models):
+    """`${...}` in a prompt is text: the PNG, job.json, the MLflow run's param and config.yaml
+    hold it as typed; the prompt is not resolved (no environment variable leaks into it)."""
+    import json
+
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    prompt = "a fox named ${oc.env:HOME} in ${nope}"
+    store, run_dir = tmp_path / "store", tmp_path / "run"
+    proc = _runner(tmp_path, *SMALL, f"prompt={prompt}", f"tracking.store_dir={store}", f"hydra.run.dir={run_dir}",
+                   models=models)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with Image.open(run_dir / "image.png") as im:
+        assert json.loads(im.text["generation"])["prompt"] == prompt
+        assert im.text["parameters"].startswith(prompt + "\n")
+    assert json.loads((run_dir / "job.json").read_text())["config"]["prompt"] == prompt
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("qwen-image").experiment_id])
+    assert run.data.params["prompt"] == prompt and f"prompt={prompt}" in run.info.run_name
+    config_yaml = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert f"prompt: {prompt}" in config_yaml.read_text()

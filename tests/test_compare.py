@@ -28,6 +28,7 @@ from runner.compare import (
     render_page,
     report_html,
     report_main,
+    row_labels,
     shorten,
     split_overrides,
     write_report,
@@ -193,6 +194,15 @@ def test_long_values_are_shortened_in_the_png_headers(tmp_path):
     html_text = report_html(jobs, axes, keys=jobs.keys, thumb=64)
     assert re.search(r'<th title="[^"]+style_v2\.safetensors">…[^<]*/style_v2\.safetensors</th>', html_text)
     assert f'title="{LONG_PATH.format(2)}"' in html_text  # the full value on hover
+
+
+@pytest.mark.parametrize("thumb", [64, 128, 256, 512])
+def test_a_row_title_that_fits_is_drawn_whole(tmp_path, thumb):
+    """The row header's column is as wide as its longest label: `lora.alpha` is never cut."""
+    jobs = jobs_from_sweep_dir(make_sweep_dir(tmp_path))
+    axes = choose_axes(jobs, jobs.keys, x="seed", y="lora.alpha", z="sampler.steps")
+    width, title, labels = row_labels(grid_pages(jobs, axes)[0], axes, thumb)
+    assert (title, labels) == ("lora.alpha", ["0", "0.5", "1"]) and width > 0
 
 
 def test_one_key_sweep_is_one_row(tmp_path):

@@ -489,3 +489,91 @@ def test_a_sweep_whose_job_table_cannot_be_written_does_not_exit_0(env, tmp_path
     assert (sweep / "grid.png").is_file() and (sweep / "report.html").is_file()
     [parent], children = split(runs_of(client(store), "notable"))
     assert parent.info.status == "FAILED" and [ch.info.status for ch in children] == ["FINISHED", "FINISHED"]
+
+
+# ------------------------------------------------- 7. a user's mistake, never a traceback
+
+
+@pytest.mark.parametrize("case,key", [
+    ("call.input_image=5", "call.input_image"),  # a picture path YAML reads as a number
+    ("sampler.steps=${nope}", "sampler.steps"),  # an interpolation that does not resolve
+    ("call.tiled=${oc.env:RUNNER_TEST_UNSET}", "call.tiled"),
+    ("hydra.run.dir=${nope}", "hydra.run.dir"),  # ... in a key Hydra resolves itself
+    ("experiment=", "experiment"),  # MLflow refuses the name
+    ("store is a file", "tracking.store_dir"),
+    ("call.exponential_shift_mu=1e6", "call.exponential_shift_mu"),  # the library's checks of call values
+    ("call.rand_device=bogus", "call.rand_device"),
+    ("call.rand_device=cuda", "call.rand_device"),
+])
+def test_a_users_mistake_is_refused_before_loading_naming_the_key(env, tmp_path, case, key):
+    import torch
+
+    if case == "call.rand_device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    store = tmp_path / "store"
+    if case == "store is a file":
+        (tmp_path / "a-file").write_text("")
+        store = tmp_path / "a-file"
+    overrides = [] if case == "store is a file" else [case]
+    proc = run(env, tmp_path, *SMALL, f"tracking.store_dir={store}", f"hydra.run.dir={tmp_path}/run", *overrides)
+    text = assert_exit(proc, 2)  # no traceback
+    [line] = error_lines(text)
+    assert f"config `{key}`" in line, line
+    assert "Loading" not in text and not (tmp_path / "run").exists()  # before any weight, no folder
+    assert not store.is_dir() or runs_of(client(store), "qwen-image") == []  # no MLflow run
+
+
+@pytest.fixture(scope="module")
+def nan_lora(env) -> Path:
+    """A demo LoRA with one NaN: the library refuses it (LoraError) once the job applies it."""
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.testing.tiny import build_tiny_lora
+
+    path = env["root"] / "nan.safetensors"
+    build_tiny_lora(path)
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_known_user_error_in_a_job_is_one_line_on_the_console_and_a_traceback_in_its_log(env, tmp_path, nan_lora,
+                                                                                          sweep):
+    folder = tmp_path / "out"
+    args = (["-m", *SMALL, "seed=0,1", f"hydra.sweep.dir={folder}"] if sweep
+            else [*SMALL, f"hydra.run.dir={folder}"])
+    proc = run(env, tmp_path, *args, "lora=file", f"lora.path={nan_lora}", "tracking=none")
+    text = assert_exit(proc, 1)  # the job failed; no traceback on the console
+    assert text.count("FAILED: LoraError: ") == (2 if sweep else 1) and "holds NaN or infinite values" in text
+    logs = sorted(folder.glob("0/*.log" if sweep else "*.log"))
+    assert logs, sorted(folder.rglob("*"))
+    log = logs[0].read_text()
+    assert "Traceback (most recent call last)" in log and "LoraError" in log  # the job's log keeps it
+
+
+@needs_mounts
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_a_read_only_or_full_store_is_one_line_naming_it_and_the_fix(env, tmp_path, fault):
+    """A store that worked, then became read-only (its database file) or full: the job finishes,
+    untracked (exit 3), with one line naming the store and the fix, no MLflow/SQLAlchemy traceback."""
+    store = tmp_path / "store"
+    runner = " ".join(argv(*[f"'{a}'" for a in SMALL], f"tracking.store_dir={store}"))
+    spoil = (f"mount --bind {store}/mlflow.db {store}/mlflow.db && mount -o remount,bind,ro {store}/mlflow.db"
+             if fault == "read-only" else f"dd if=/dev/zero of={store}/fill bs=64k 2>/dev/null; true")
+    script = f"""
+mkdir -p {store} && mount -t tmpfs -o size=8m tmpfs {store} || exit 90
+{runner} experiment=first > first.txt 2>&1 || {{ cat first.txt; exit 91; }}
+{spoil} || exit 92
+{runner} experiment=second
+echo "exit=$?"
+"""
+    proc = _in_namespace(env, tmp_path, script)
+    text = output(proc)
+    assert "exit=3" in proc.stdout and "Traceback" not in text, text[-8000:]
+    [line] = [line for line in text.splitlines() if "Fix:" in line]
+    problem = "cannot be written (read-only)" if fault == "read-only" else "is full"
+    assert f"MLflow store {store} {problem}" in line and "python -m runner sync" in line, line
+    assert text.count("SQLAlchemy") == 0

@@ -98,3 +98,27 @@ def test_functions_stay_short(folder):
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_a_test_that_needs_what_the_machine_lacks_skips_but_fails_under_ci(tmp_path):
+    """`@pytest.mark.needs(...)` (tests/conftest.py): skipped where the requirement is missing,
+    failed with CI=true, where CI is meant to have installed it."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "conftest.py").write_text(
+        "from tests.conftest import REQUIREMENTS, pytest_configure, pytest_runtest_setup  # noqa: F401\n"
+        "REQUIREMENTS['absent'] = (lambda: False, 'a thing this machine lacks')\n")
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n\n\n@pytest.mark.needs('absent')\ndef test_it():\n    pass\n")
+    outcomes = {}
+    for ci in ("", "true"):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), CI=ci)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", str(tmp_path)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        outcomes[ci] = (proc.returncode, proc.stdout)
+    assert outcomes[""][0] == 0 and "1 skipped" in outcomes[""][1], outcomes[""][1]
+    assert "needs a thing this machine lacks" in outcomes[""][1]
+    assert outcomes["true"][0] == 1 and "1 error" in outcomes["true"][1], outcomes["true"][1]  # fails in its setup
+    assert "CI=true, but this test needs a thing this machine lacks" in outcomes["true"][1]

@@ -1,11 +1,10 @@
 """MLflow's own UI (a real `mlflow ui` on 127.0.0.1, driven by a headless Chromium) opened as the
 README says, on a store the runner's recording functions wrote: it lands on the runs list
 ("Model training"), not the GenAI overview, with the sweep's parent run and its children nested.
-Skipped when playwright or chromium is absent (CI installs both)."""
+Skipped when playwright or chromium is absent, failed instead with CI=true (CI installs both)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from .conftest import chromium
 from .processes import start_mlflow
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no chromium executable (apt-get install chromium)")
+pytestmark = pytest.mark.needs("chromium")
+CHROMIUM = chromium()
 
 def _sweep_store(tmp: Path) -> tuple[str, str, list[str]]:
     """A sweep of 2 jobs logged by runner.recorder's functions (the same calls as a real sweep)."""
@@ -60,6 +59,8 @@ def mlflow_ui(tmp_path):
 
 
 def test_mlflow_ui_opens_on_the_runs_list_with_the_sweep_nested(mlflow_ui):
+    from playwright import sync_api
+
     url, parent, children = mlflow_ui
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -71,8 +72,12 @@ def test_mlflow_ui_opens_on_the_runs_list_with_the_sweep_nested(mlflow_ui):
         row = page.locator("[role=row]", has_text=parent).first
         row.wait_for(timeout=60_000)
         assert "/runs" in page.url and "overview" not in page.url  # the runs view, not GenAI's overview
-        assert page.get_by_text(children[0], exact=True).count() == 0  # nested: hidden until expanded
-        row.locator("button").first.click()  # the parent's expander
+        # the parent's expander is drawn once the list knows the parent has children: only then
+        # does "no child row" mean they are nested (before, it could mean not drawn yet)
+        expander = row.get_by_role("button").first
+        expander.wait_for(timeout=30_000)
+        sync_api.expect(page.get_by_text(children[0], exact=True)).to_have_count(0)
+        expander.click()
         for name in children:
-            page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+            sync_api.expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
         browser.close()

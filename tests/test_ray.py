@@ -7,7 +7,6 @@ forwarded to the workers), never by sleeps or speed; no test asserts a time.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -29,8 +28,7 @@ MODELS_SEED = 5  # not the demo builder's (0): a model built by a worker would d
 # Ray rewrites 127.0.0.1 into the machine's address unless told not to: the runtime stays on loopback
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason='needs pip install -e ".[ray]"')]
+pytestmark = [pytest.mark.slow, pytest.mark.needs("ray")]  # the in-process units: tests/test_runner_units.py
 
 
 @pytest.fixture(scope="module")
@@ -333,47 +331,3 @@ def test_a_worker_placed_after_the_sweep_began_joins_it(env, tmp_path):
     _, children = runs(tmp_path, "join")
     assert [ch.info.status for ch in children] == ["FINISHED", "FINISHED"]
     assert children[0].data.tags["runner.worker"] != children[1].data.tags["runner.worker"]
-
-
-# ------------------------------------------------------------- in-process units
-
-
-def test_a_free_worker_takes_a_job_whose_weights_it_holds_else_one_nobody_holds():
-    from runner.ray_pool import Member, Task, pick
-
-    a, b = Member(actor=None, key="A"), Member(actor=None, key="B")
-    jobs = [Task(None, Path("."), key) for key in ("B", "C", "A", "B")]
-    assert pick(a, jobs, [a, b]) == 2  # its own weights, though later in the queue
-    assert pick(b, jobs, [a, b]) == 0
-    fresh = Member(actor=None)  # a new worker (a replacement): weights no other worker holds
-    assert pick(fresh, jobs, [a, b, fresh]) == 1
-    assert pick(fresh, [Task(None, Path("."), "A")], [a, b, fresh]) == 0  # else the first
-
-
-@pytest.mark.parametrize("override,key", [("hydra.launcher.num_workers=0", "hydra.launcher.num_workers"),
-                                          ("hydra.launcher.threads_per_worker=0", "hydra.launcher.threads_per_worker"),
-                                          ("hydra.launcher.max_retries=-1", "hydra.launcher.max_retries"),
-                                          ("hydra.launcher.start_timeout_s=0", "hydra.launcher.start_timeout_s")])
-def test_launcher_settings_are_checked_naming_the_key(override, key):
-    from hydra import compose, initialize_config_dir
-
-    from runner.app import CONF_DIR
-    from runner.errors import ConfigError
-    from runner.ray_pool import settings_of
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        config = compose("config", ["hydra/launcher=ray", override], return_hydra_config=True)
-    with pytest.raises(ConfigError) as caught:
-        settings_of(config)
-    assert caught.value.key == key and "Fix:" in str(caught.value)
-
-
-def test_a_pool_that_does_not_fit_the_cluster_is_refused_with_the_fix():
-    from runner.errors import Stop
-    from runner.ray_pool import Settings, _sizes
-
-    assert _sizes(Settings(), {"CPU": 16.0, "GPU": 4.0}) == (4, 1.0, 4)  # one worker per GPU
-    assert _sizes(Settings(), {"CPU": 2.0}) == (1, 0.0, 2)
-    with pytest.raises(Stop) as caught:
-        _sizes(Settings(num_workers=3, threads_per_worker=1), {"CPU": 2.0})
-    assert "2 CPUs" in caught.value.message and "Fix: lower hydra.launcher.num_workers" in caught.value.message

@@ -2,25 +2,20 @@
 from disk without errors or requests, every image decodes, the job table sorts, a thumbnail opens
 the full-size image, and the same holds inside a sandboxed iframe like MLflow's artifact viewer.
 
-Skipped only when the Python package `playwright` or the `chromium` executable is absent
-(`.ci/run` installs both); any other problem fails."""
+Skipped only when the Python package `playwright` or the `chromium` executable is absent, and
+failed instead with CI=true (`.ci/run` installs both); any other problem fails."""
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed "
-                                                              "(pip install -e '.[test]')")
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-if not CHROMIUM and os.path.exists("/usr/bin/chromium"):
-    CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no chromium executable (apt-get install chromium)")
+from runner.compare import jobs_from_sweep_dir, write_report
+from tests.conftest import chromium
+from tests.test_compare import EVIL_PROMPT, make_sweep_dir
 
-from runner.compare import jobs_from_sweep_dir, write_report  # noqa: E402
-from tests.test_compare import EVIL_PROMPT, make_sweep_dir  # noqa: E402
+pytestmark = pytest.mark.needs("chromium")
+CHROMIUM = chromium()
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -38,6 +33,8 @@ def report(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
+    from playwright import sync_api
+
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
         try:
@@ -177,4 +174,39 @@ def test_report_works_in_a_sandboxed_iframe_like_mlflows_artifact_viewer(watched
     frame.locator('button.thumb[data-job="0"]').click()
     frame.locator("#viewer img").wait_for(state="visible")
     assert frame.locator("#viewer img").evaluate("im => im.naturalWidth") == FULL[0]
+    assert watched.problems == []
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory) -> Path:
+    """A sweep whose images (48x36) are smaller than the grid's thumbnails (64 px)."""
+    sweep = make_sweep_dir(tmp_path_factory.mktemp("small"), size=(48, 36))
+    return write_report(jobs_from_sweep_dir(sweep), sweep, thumb=64).html
+
+
+def test_the_full_size_view_of_a_small_image_is_never_smaller_than_its_thumbnail(watched, small_images):
+    page = open_report(watched, small_images)
+    thumb = page.locator('button.thumb[data-job="0"] img')
+    shown = thumb.bounding_box()
+    assert thumb.evaluate("im => im.naturalWidth") == 48 and shown["width"] == 64  # the grid enlarges it
+    thumb.click()
+    full = page.locator("#viewer img")
+    full.wait_for(state="visible")
+    box = full.bounding_box()
+    assert full.evaluate("im => im.naturalWidth") == 48
+    assert (box["width"], box["height"]) == (64, 48)  # as large as in the grid, its shape kept
+    assert full.evaluate("im => getComputedStyle(im).imageRendering") == "pixelated"  # pixels, not a blur
+    assert watched.problems == []
+
+
+def test_the_job_table_scrolls_inside_a_box_that_fits_the_window(watched, report):
+    """At 1280x900 the page never scrolls sideways, and the job table's box (its scroll bars)
+    fits the window: a wide or long table scrolls inside it."""
+    page = open_report(watched, report)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    box = page.locator("#jobs .scroll")
+    size = box.bounding_box()
+    assert size["width"] <= 1280 and size["height"] <= 900, size
+    inner = box.evaluate("b => [b.scrollWidth, b.clientWidth, b.scrollHeight, b.clientHeight]")
+    assert inner[0] > inner[1] or inner[2] > inner[3]  # this table is larger than its box: it scrolls there
     assert watched.problems == []

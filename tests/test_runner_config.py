@@ -196,6 +196,13 @@ def test_bad_values_fail_validation_naming_path_and_fix(hydra_ctx, overrides, ke
         (["call.tile_size=0"], "call.tile_size", "positive"),
         (["call.denoising_strenght=0.5"], "call.denoising_strenght", "did you mean `call.denoising_strength`"),
         (["call.num_inference_steps=3"], "call.num_inference_steps", "sampler.steps"),
+        # a misspelt sampler argument: the key that sets it, at once (call.cfg_scale is refused)
+        (["call.cfg_sclae=3"], "call.cfg_sclae", "did you mean `sampler.cfg_scale`?"),
+        (["call.steps=3"], "call.steps", "did you mean `sampler.steps`?"),
+        (["call.promt=a cat"], "call.promt", "did you mean `prompt`?"),
+        # a picture path YAML reads as a number: the library's TypeError, at its key
+        (["call.input_image=5"], "call.input_image", "call.input_image='5'"),
+        (["call.edit_image=[5]"], "call.edit_image", "Fix: "),
     ],
 )
 def test_call_arguments_are_checked_by_the_pipeline_before_loading(hydra_ctx, overrides, key, needle):
@@ -229,12 +236,45 @@ def test_vram_none_passes_preflight(hydra_ctx):
         (["tracking.request_retries=11"], "tracking.request_retries"),
         (["lora=stack", "lora.stack.artaug.alpha=inf"], "lora.stack.artaug.alpha"),
         (["vram.vram_limit=nan"], "vram.vram_limit"),
+        (["experiment="], "experiment"),  # MLflow refuses it, once the weights are loaded
+        ([f"tracking.store_dir={__file__}"], "tracking.store_dir"),  # a file: no store can be made there
+        ([f"tracking.store_dir={__file__}/store"], "tracking.store_dir"),
     ],
 )
 def test_values_that_cannot_work_are_refused_before_any_weight(hydra_ctx, overrides, key):
     with pytest.raises(ConfigError) as err:
         validate(spec_of("model=qwen_image_tiny", *overrides))
     assert err.value.key == key and "Fix:" in str(err.value)
+
+
+@pytest.mark.parametrize("override,key,fix", [
+    ("sampler.steps=${nope}", "sampler.steps", "name a key the config has"),
+    ("call.tiled=${oc.env:RUNNER_TEST_UNSET}", "call.tiled", "set that environment variable"),
+    ("sampler.steps=${oc.env:HOME}", "sampler.steps", "give a value of the key's type"),
+    ("lora.alpha=${sampler.nope}", "lora.alpha", "name a key the config has"),
+])
+def test_an_interpolation_that_does_not_resolve_is_refused_at_its_key(hydra_ctx, monkeypatch, override, key, fix):
+    monkeypatch.delenv("RUNNER_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        spec_of(override)
+    assert err.value.key == key and fix in err.value.fix
+
+
+def test_prompts_arrive_as_typed_without_interpolation(hydra_ctx, monkeypatch):
+    """A prompt is text for the model, not config: `${...}` in it is kept (in the spec, the
+    resolved config that job.json, config.yaml and the params hold, and the hash)."""
+    from runner.job import plain_config
+
+    monkeypatch.setenv("RUNNER_TEST_SECRET", "leaked")
+    prompt, negative = "a ${oc.env:RUNNER_TEST_SECRET} fox with ${nope} and \\${x}", "no ${oc.env:HOME}"
+    cfg = compose("config", overrides=[f"prompt={prompt}", f"negative_prompt={negative}",
+                                       "experiment=${oc.env:RUNNER_TEST_SECRET}"])
+    spec = to_spec(cfg)
+    assert (spec.prompt, spec.negative_prompt) == (prompt, negative)
+    assert spec.experiment == "leaked"  # any other key is config: its interpolations resolve
+    resolved = plain_config(cfg)
+    assert (resolved["prompt"], resolved["negative_prompt"], resolved["experiment"]) == (prompt, negative, "leaked")
+    assert cfg._get_node("prompt")._value() == prompt
 
 
 def test_cuda_without_cuda_is_refused_by_the_library_parser(hydra_ctx):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -252,6 +253,67 @@ def test_png_keeps_its_generation_parameters(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["image.png"]  # no temp file left
 
 
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def read_a1111(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings) of a `parameters` text, read as AUTOMATIC1111's web UI
+    reads it (modules/infotext_utils.py, parse_generation_parameters)."""
+    prompt, negative, done = "", "", False
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done, line = True, line[16:].strip()
+        if done:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    return prompt, negative, {k: v.strip() for k, v in _PARAM.findall(last)}
+
+
+def test_png_parameters_text_reads_back_whatever_the_prompt_holds(tmp_path):
+    """A1111's `parameters` format has no escaping: a prompt's line breaks become spaces there, so
+    a line `Negative prompt: ...` or `Steps: ...` inside it stays part of the prompt; the
+    `generation` chunk keeps the exact text."""
+    prompt = "a cat\nNegative prompt: a dog\nSteps: 99, CFG scale: 1, Seed: 5, Size: 1x1"
+    gen = {"prompt": prompt, "negative_prompt": "blurry\r\nugly", "seed": 3, "steps": 4, "cfg_scale": 4.0,
+           "width": 64, "height": 32, "sampler": "tiny", "model": "qwen_image_tiny", "loras": [["a\nb", 0.5]]}
+    path = save_png(Image.new("RGB", (64, 32)), tmp_path / "image.png", gen)
+    with Image.open(path) as im:
+        text = im.text["parameters"]
+    read_prompt, read_negative, settings = read_a1111(text)
+    assert read_prompt == "a cat Negative prompt: a dog Steps: 99, CFG scale: 1, Seed: 5, Size: 1x1"
+    assert read_negative == "blurry ugly"
+    assert (settings["Steps"], settings["Seed"], settings["Size"], settings["LoRAs"]) == ("4", "3", "64x32", "a b:0.5")
+    assert read_generation(path)["prompt"] == prompt
+
+
+def test_a_job_run_gets_the_params_a_user_compares_by_and_every_overridden_key():
+    """~20 params instead of the whole flattened config (~60, ~120 for a real model): the run's
+    card and MLflow's Compare page stay readable; the config is the run's config.yaml."""
+    from runner import job
+    from runner.recorder import logged_params
+
+    overrides = ["model=qwen_image_tiny", "lora=file", f"lora.path={__file__}", "lora.alpha=0.5", "seed=3",
+                 "vram=disk", "vram.vram_limit=2", "call.tiled=true", "+lora.stack.extra.path=" + __file__,
+                 "+lora.stack.extra.alpha=0.25"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        plan = job.prepare(compose("config", overrides=overrides), 0, overrides)
+    record = job.new_record(plan)
+    params = logged_params(record)
+    assert {"model.name", "prompt", "negative_prompt", "seed", "sampler.steps", "sampler.cfg_scale",
+            "sampler.height", "sampler.width", "lora.name", "lora.alpha", "lora.path", "lora.stack.extra.alpha",
+            "lora.stack.extra.path", "vram.name", "vram.vram_limit", "dtype", "device", "runtime.device",
+            "runtime.dtype", "call.tiled"} <= set(params)
+    assert not [k for k in params if k.startswith(("model.files", "tracking.", "report.", "vram.offload"))]
+    assert all(params[k] == record.params[k] for k in params)
+    assert len(params) <= 25 < len(record.params)
+
+
 def _records(tmp_path: Path) -> list[JobRecord]:
     out = []
     for i, (seed, alpha) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
@@ -393,7 +455,9 @@ def test_tracker_on_sqlite_sets_artifacts_beside_the_store(tmp_path, monkeypatch
         parent: KILLED, child: FINISHED, failed: FAILED, open_one: KILLED}
     assert runs[child].data.tags["mlflow.parentRunId"] == parent
     assert len(runs[child].data.params) == 152 and runs[child].data.params["none"] == "null"
-    assert len(runs[child].data.params["long"]) == 6000
+    assert len(runs[child].data.params["long"]) == 6000  # MLflow's limit, with a note saying so
+    assert runs[child].data.params["long"].endswith("(cut: 9000 characters, MLflow keeps 6000; the whole text is "
+                                                    "in the job's config.yaml and its image.png)")
     assert not (tmp_path / "mlruns").exists()
 
 
@@ -754,3 +818,47 @@ def test_a_ray_sweep_logs_each_launch_with_the_pools_pace():
     assert pace.launch() == "1/5, 0 done" and pace.launch() == "2/5, 0 done"
     pace.finished += [10.0, 14.0, 16.0]  # after the first end (a load), 3 s a job at the pool's pace
     assert pace.launch() == "3/5, 3 done, ETA 0:00:06"
+
+
+# ------------------------------------------- the Ray launcher's units (no Ray needed)
+
+
+def test_a_free_worker_takes_a_job_whose_weights_it_holds_else_one_nobody_holds():
+    from runner.ray_pool import Member, Task, pick
+
+    a, b = Member(actor=None, key="A"), Member(actor=None, key="B")
+    jobs = [Task(None, Path("."), key) for key in ("B", "C", "A", "B")]
+    assert pick(a, jobs, [a, b]) == 2  # its own weights, though later in the queue
+    assert pick(b, jobs, [a, b]) == 0
+    fresh = Member(actor=None)  # a new worker (a replacement): weights no other worker holds
+    assert pick(fresh, jobs, [a, b, fresh]) == 1
+    assert pick(fresh, [Task(None, Path("."), "A")], [a, b, fresh]) == 0  # else the first
+
+
+@pytest.mark.parametrize("override,key", [("hydra.launcher.num_workers=0", "hydra.launcher.num_workers"),
+                                          ("hydra.launcher.threads_per_worker=0", "hydra.launcher.threads_per_worker"),
+                                          ("hydra.launcher.max_retries=-1", "hydra.launcher.max_retries"),
+                                          ("hydra.launcher.start_timeout_s=0", "hydra.launcher.start_timeout_s")])
+def test_launcher_settings_are_checked_naming_the_key(override, key):
+    from hydra import compose, initialize_config_dir
+
+    from runner.app import CONF_DIR
+    from runner.errors import ConfigError
+    from runner.ray_pool import settings_of
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("config", ["hydra/launcher=ray", override], return_hydra_config=True)
+    with pytest.raises(ConfigError) as caught:
+        settings_of(config)
+    assert caught.value.key == key and "Fix:" in str(caught.value)
+
+
+def test_a_pool_that_does_not_fit_the_cluster_is_refused_with_the_fix():
+    from runner.errors import Stop
+    from runner.ray_pool import Settings, _sizes
+
+    assert _sizes(Settings(), {"CPU": 16.0, "GPU": 4.0}) == (4, 1.0, 4)  # one worker per GPU
+    assert _sizes(Settings(), {"CPU": 2.0}) == (1, 0.0, 2)
+    with pytest.raises(Stop) as caught:
+        _sizes(Settings(num_workers=3, threads_per_worker=1), {"CPU": 2.0})
+    assert "2 CPUs" in caught.value.message and "Fix: lower hydra.launcher.num_workers" in caught.value.message
