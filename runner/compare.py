@@ -297,7 +297,8 @@ def _sweep_overrides(path: Path) -> list[str]:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(path / "multirun.yaml")
-        return [str(o) for o in cfg.hydra.overrides.task]
+        # unresolved: a folder's `${oc.env:...}` must not pull this machine's variables into the report
+        return [str(o) for o in OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False)]
     except Exception:  # noqa: BLE001 - only the report's header misses them
         return []
 

@@ -196,6 +196,21 @@ def test_report_rebuilds_from_the_job_folders_without_a_readable_jobs_csv(tmp_pa
     assert page.read_text(encoding="utf-8").count('class="thumb"') == 3
 
 
+def test_report_resolves_no_interpolation_a_folder_holds(tmp_path, capsys, monkeypatch):
+    """A multirun.yaml whose overrides hold `${oc.env:...}`: the page shows the text as written,
+    never this machine's value of the variable (report.html is shared and uploaded)."""
+    from runner.compare import report_main
+
+    monkeypatch.setenv("RUNNER_TEST_SECRET", SECRET)
+    sweep = make_sweep(tmp_path, jobs=2)
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - prompt=${oc.env:RUNNER_TEST_SECRET}\n    - seed=0,1\n")
+    assert report_main([str(sweep), "thumb=32"]) == 0
+    [page] = sweep.glob("report_*.html")
+    text = page.read_text(encoding="utf-8")
+    assert "oc.env:RUNNER_TEST_SECRET" in text and SECRET not in text
+
+
 # -------------------------------------------------------- 21.2 / 25.B2: folders
 
 
