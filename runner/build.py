@@ -98,8 +98,9 @@ def preflight(spec: RunSpec, seed: Optional[int] = None) -> dict[str, Any]:
     try:
         cls.check_arguments(arguments)
     except ARGUMENT_ERRORS as error:  # the library's checks: SettingError, a picture that cannot be read, ...
-        key = config_key_of(str(error), arguments)
-        raise ConfigError(key, str(error).strip().rstrip("."), _argument_fix(error, key)) from None
+        name = argument_named(str(error), arguments)
+        key = config_key(name) if name else "call"
+        raise ConfigError(key, str(error).strip().rstrip("."), _argument_fix(error, key, arguments.get(name))) from None
     return arguments
 
 
@@ -107,10 +108,10 @@ def preflight(spec: RunSpec, seed: Optional[int] = None) -> dict[str, Any]:
 ARGUMENT_ERRORS = (ValueError, TypeError, ArithmeticError, FileNotFoundError)
 
 
-def _argument_fix(error: Exception, key: str) -> str:
+def _argument_fix(error: Exception, key: str, value: Any) -> str:
     if isinstance(error, FileNotFoundError):
         return "give an existing file"
-    if isinstance(error, TypeError) and "path" in str(error):
+    if isinstance(value, (bool, int, float)) and "path" in str(error):
         return (f"give the path of a picture file; quote a name YAML would read as a number or a boolean "
                 f"({key}='5')")
     if isinstance(error, TypeError):
@@ -180,12 +181,12 @@ def config_key(argument: str) -> str:
     return argument if argument in RUN_ARGUMENTS else f"call.{argument}"
 
 
-def config_key_of(message: str, arguments: dict[str, Any]) -> str:
-    """The config path of the argument an error message names first."""
+def argument_named(message: str, arguments: dict[str, Any]) -> Optional[str]:
+    """The argument an error message names first, or None."""
     import re
 
     found = [(m.start(), name) for name in arguments if (m := re.search(rf"\b{re.escape(name)}\b", message))]
-    return config_key(min(found)[1]) if found else "call"
+    return min(found)[1] if found else None
 
 
 # ------------------------------------------------------------------ model configs
