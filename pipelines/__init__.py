@@ -19,6 +19,7 @@ _EXPORTS = {
     "VRAM_KEYS": "pipelines.core.model_config",
     "fetch": "pipelines.core.download",
     "resolve_files": "pipelines.core.download",
+    "regular_file": "pipelines.core.files",
     "model_base_path": "pipelines.core.download",
     "model_folder": "pipelines.core.download",
     "check_repo_path": "pipelines.core.download",

@@ -504,6 +504,9 @@ def _check_model(m: ModelSpec) -> None:
         ):
             raise ConfigError(f"{where}.path", f"must be a file path or a list of them, got {f.path!r}",
                               "give path strings")
+        paths = [f.path] if isinstance(f.path, str) else f.path or []
+        for i, path in enumerate(paths):
+            _check_local_file(f"{where}.path" + (f".{i}" if isinstance(f.path, list) else ""), path, folder_ok=True)
     if m.download_source is not None:
         from pipelines import parse_download_source
 
@@ -556,9 +559,24 @@ def _check_loras(lora: LoraSpec) -> None:
         if item.path is not None and item.model_id is not None:
             raise ConfigError(where, "give exactly one of `model_id` (+ origin_file_pattern) or `path`",
                               "set one of them")
-        if item.path is not None and not Path(item.path).is_file():
-            raise ConfigError(f"{where}.path", f"LoRA file not found: {item.path}",
-                              "give an existing .safetensors file")
+        if item.path is not None:
+            _check_local_file(f"{where}.path", item.path, folder_ok=False)
+
+
+def _check_local_file(key: str, path: str, folder_ok: bool) -> None:
+    """A local file a run names is there and is a regular file (a FIFO or a device would block
+    whoever reads it), or a folder where one is taken (a tokenizer folder)."""
+    from pipelines import SettingError, regular_file
+
+    if folder_ok and Path(path).is_dir():
+        return
+    try:
+        regular_file(path, "file")
+    except FileNotFoundError:
+        raise ConfigError(key, f"no such file: {path}", "give the path of an existing file") from None
+    except SettingError as error:
+        problem = str(error).removeprefix("file: ").rsplit(". Give ", 1)[0]  # the fix is ours
+        raise ConfigError(key, problem, "give the path of a regular file") from None
 
 
 def _check_report(report: ReportSpec) -> None:

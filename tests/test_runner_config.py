@@ -2,6 +2,7 @@
 fail before any weight is loaded, naming the config path."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,22 @@ def test_values_that_cannot_work_are_refused_before_any_weight(hydra_ctx, overri
     with pytest.raises(ConfigError) as err:
         validate(spec_of("model=qwen_image_tiny", *overrides))
     assert err.value.key == key and "Fix:" in str(err.value)
+
+
+@pytest.mark.parametrize("make, key, needle", [
+    (lambda p: None, "model.files.0.path", "no such file"),
+    (lambda p: os.mkfifo(p), "model.files.0.path", "FIFO"),  # its reader would wait forever
+    (lambda p: None, "lora.path", "no such file"),
+    (lambda p: os.mkfifo(p), "lora.path", "FIFO"),
+    (lambda p: p.mkdir(), "lora.path", "folder"),  # where a LoRA file is taken
+])
+def test_local_files_a_run_names_are_checked_before_any_weight(hydra_ctx, tmp_path, make, key, needle):
+    path = tmp_path / "weights.safetensors"
+    make(path)
+    override = f"model.files=[{{path:'{path}'}}]" if key.startswith("model") else f"lora.path={path}"
+    with pytest.raises(ConfigError) as err:
+        validate(spec_of("model=qwen_image_tiny", "lora=file", override))
+    assert err.value.key == key and str(path) in str(err.value) and needle in err.value.problem
 
 
 @pytest.mark.parametrize("override,key,fix", [
