@@ -128,7 +128,7 @@ def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], file_dtype: to
 
 def write_repo(root: Path, tiny: bool, file_dtype: torch.dtype, device: torch.device) -> dict:
     """DiT, text encoder, VAE folders; reused when a previous run left the same ones."""
-    from pipelines.testing import tiny as tiny_repo  # its config.json writers
+    from pipelines.demo import qwen_image_tiny as tiny_repo  # its config.json writers
 
     if tiny:
         dit, te, vae = tiny_repo.DIT, tiny_repo.TEXT_ENCODER, tiny_repo.VAE

@@ -240,7 +240,7 @@ def test_loaded_and_managed_weights_are_host_aligned(tiny_repo, monkeypatch):
 def other_transformer(tiny_repo, tmp_path_factory):
     """A second checkpoint of the same architecture (other random weights), sharded and indexed
     the same way as the tiny repo's transformer: its shards have the same names and keys."""
-    from pipelines.testing.checkpoints import random_state_dict, save_sharded
+    from pipelines.demo.checkpoints import random_state_dict, save_sharded
 
     state = {}
     for shard in sorted((tiny_repo / "transformer").glob("*.safetensors")):

@@ -21,7 +21,7 @@ from pipelines.core.download import (
     resolve_files,
 )
 from pipelines.core.model_config import ModelConfig
-from pipelines.testing.hub_server import HubServer
+from tests.support.hub_server import HubServer
 
 SOURCES = ("modelscope", "huggingface")
 BAD_IDS = ["../evil", "owner/../../evil", "/tmp/evil", "~/evil", "C:/evil", "c:evil", "owner\\evil", "owner/./name",
@@ -111,7 +111,7 @@ def test_legitimate_ids_and_patterns_resolve(base):
 
 
 def test_the_builder_refuses_a_folder_outside(tmp_path):
-    from pipelines.testing.tiny import build_tiny_repo
+    from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
     models = tmp_path / "models"
     for model_id in ("../escape", "tiny/../../escape"):

@@ -1,4 +1,4 @@
-"""The offline Qwen tokenizer (pipelines.testing.tokenizer) against tiktoken on the same ranks, with
+"""The offline Qwen tokenizer (pipelines.demo.tokenizer) against tiktoken on the same ranks, with
 the pre-tokenizer pattern and the special tokens taken from sources independent of the project:
 the pattern of transformers' own Qwen2Tokenizer (which Qwen's tiktoken tokenizer in dashscope
 publishes too), the added tokens of Qwen2.5-VL's hub tokenizer_config.json written out below and
@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PATTERN  # noqa: E402
 
-from pipelines.testing import tokenizer as qtok  # noqa: E402
+from pipelines.demo import tokenizer as qtok  # noqa: E402
 
 # The added tokens of Qwen2.5-VL (the hub's Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen-Image
 # tokenizer_config.json, `added_tokens_decoder`): id -> content, after the 151,643 BPE ranks.
@@ -111,7 +111,7 @@ def dashscope_resources() -> Path:
 @pytest.fixture(scope="session")
 def reference():
     """tiktoken on dashscope's Qwen ranks with transformers' Qwen2 pattern and the Qwen2.5-VL added
-    tokens above: nothing of it comes from pipelines.testing.tokenizer."""
+    tokens above: nothing of it comes from pipelines.demo.tokenizer."""
     from tiktoken.load import load_tiktoken_bpe
 
     ranks = load_tiktoken_bpe(str(dashscope_resources() / "qwen.tiktoken"))

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipelines.core.loader import CheckpointError, load_model, parameters_on_meta
+from pipelines.demo.processor import QWEN25_VL_PREPROCESSOR_CONFIG, build_processor_folder
 from pipelines.models.qwen_image_text_encoder import (
     QwenImageTextEncoder,
     QwenImageVLEncoder,
@@ -22,7 +23,6 @@ from pipelines.models.qwen_image_text_encoder import (
     QwenVisionParams,
 )
 from pipelines.models.qwen_image_vision import QwenVLImageProcessor, QwenVLProcessor, smart_resize
-from pipelines.testing.vision import QWEN25_VL_PREPROCESSOR_CONFIG, build_processor_folder
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2VLImageProcessorPil  # noqa: E402  (the PIL backend, no torchvision)

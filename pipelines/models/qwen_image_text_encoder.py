@@ -766,7 +766,7 @@ _QWEN2_SPECIAL_DEFAULTS = {"bos_token": None, "eos_token": "<|endoftext|>", "unk
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _TOKENIZER_FIX = ("fetch the model's `tokenizer/` folder again (for Qwen-Image: tokenizer.json or vocab.json + "
                   "merges.txt, with tokenizer_config.json), or write one with "
-                  "pipelines.testing.tokenizer.build_qwen_tokenizer")
+                  "pipelines.demo.tokenizer.build_qwen_tokenizer")
 
 
 class TokenizerOutput(dict):

@@ -290,7 +290,7 @@ def _read_image_processor_config(folder: Path) -> tuple[dict, Path]:
     raise FileNotFoundError(
         f"{folder}: no {PREPROCESSOR_CONFIG} (the image processor settings of Qwen2.5-VL). This is not "
         "a processor folder: give the `processor/` folder of a Qwen-Image-Edit repo, download its "
-        f"{PREPROCESSOR_CONFIG}, or write one with pipelines.testing.vision.build_processor_folder."
+        f"{PREPROCESSOR_CONFIG}, or write one with pipelines.demo.processor.build_processor_folder."
     )
 
 
