@@ -46,8 +46,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from pipelines.core import vram  # noqa: E402
 from pipelines.core.loader import parameters_on_meta  # noqa: E402
+from pipelines.models.qwen2_5_text import QwenImageTextEncoder, QwenTextEncoderParams  # noqa: E402
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams  # noqa: E402
-from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder, QwenTextEncoderParams  # noqa: E402
 from pipelines.models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams  # noqa: E402
 from pipelines.qwen_image import ModelConfig, QwenImagePipeline  # noqa: E402
 

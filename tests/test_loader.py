@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from pipelines.core.download import resolve_files
 from pipelines.core.loader import CheckpointError, load_model
 from pipelines.core.model_config import ModelConfig
+from pipelines.models.qwen2_5_text import QwenImageTextEncoder
 from pipelines.models.qwen_image_dit import QwenImageDiT
-from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder
 from pipelines.models.qwen_image_vae import QwenImageVAE
 from pipelines.qwen_image import QwenImagePipeline
 

@@ -257,13 +257,13 @@ LONG = " ".join(PROMPTS) * 40  # ~ 20,000 tokens
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer(tokenizer_dir):
-    from pipelines.models.qwen_image_text_encoder import QwenTokenizer
+    from pipelines.models.qwen_tokenizer import QwenTokenizer
 
     return QwenTokenizer.from_folder(tokenizer_dir)
 
 
 def test_pattern_is_transformers_qwen2_pattern():
-    from pipelines.models.qwen_image_text_encoder import QWEN2_PRETOKENIZE_PATTERN
+    from pipelines.models.qwen_tokenizer import QWEN2_PRETOKENIZE_PATTERN
 
     assert QWEN2_PRETOKENIZE_PATTERN == QWEN2_PATTERN
 
@@ -339,7 +339,7 @@ def test_qwen_tokenizer_folder_layouts(tokenizer_dir, hf_tokenizer, tmp_path):
     time the ids AutoTokenizer gives for the same folder."""
     from transformers import AutoTokenizer
 
-    from pipelines.models.qwen_image_text_encoder import QwenTokenizer
+    from pipelines.models.qwen_tokenizer import QwenTokenizer
 
     def whitespace_split(data):
         data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
@@ -372,7 +372,7 @@ def test_qwen_tokenizer_folder_layouts(tokenizer_dir, hf_tokenizer, tmp_path):
 
 
 def test_qwen_tokenizer_errors_name_the_file_and_the_fix(tokenizer_dir, tmp_path):
-    from pipelines.models.qwen_image_text_encoder import QwenTokenizer
+    from pipelines.models.qwen_tokenizer import QwenTokenizer
 
     fix = r"fetch the model's `tokenizer/` folder again"
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'missing'}: no such tokenizer folder; {fix}"):

@@ -25,13 +25,9 @@ import tempfile
 from pathlib import Path
 
 from ..core.loader import parameters_on_meta
+from ..models.qwen2_5_text import QwenImageTextEncoder, QwenTextEncoderParams
+from ..models.qwen2_5_vl_encoder import QwenImageVLEncoder, QwenVisionParams
 from ..models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
-from ..models.qwen_image_text_encoder import (
-    QwenImageTextEncoder,
-    QwenImageVLEncoder,
-    QwenTextEncoderParams,
-    QwenVisionParams,
-)
 from ..models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams
 from ..qwen_image import QwenImagePipeline
 from .checkpoints import random_state_dict, save_sharded, write_json

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .qwen_tokenizer import QwenTokenizer
+
 IMAGE_TOKEN = "<|image_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
 VISION_END_TOKEN = "<|vision_end|>"
@@ -328,8 +330,6 @@ class QwenVLProcessor:
                 "needs the Qwen2.5-VL tokenizer beside preprocessor_config.json: download the whole "
                 "`processor/` folder, or copy the repo's `tokenizer/` files into it."
             )
-        from .qwen_image_text_encoder import QwenTokenizer
-
         # its errors name the file, what is wrong with it and how to get a good one
         return cls(QwenTokenizer.from_folder(folder), image_processor)
 
