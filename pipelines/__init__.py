@@ -40,7 +40,7 @@ _EXPORTS = {
     # errors
     "SettingError": "pipelines.core.parse",
     "PictureError": "pipelines.core.images",
-    "CheckpointError": "pipelines.core.loader",
+    "CheckpointError": "pipelines.core.shards",
     "DownloadError": "pipelines.core.download",
     "UnsafePathError": "pipelines.core.download",
     "MissingModelFilesError": "pipelines.core.download",

@@ -207,10 +207,11 @@ def test_loaded_and_managed_weights_are_host_aligned(tiny_repo, monkeypatch):
     their code path by operand alignment, so weights computed from in place would differ in the
     last bits from the same weights in ordinary memory (seen as ~3e-6 on a fresh machine)."""
     from pipelines.core import vram
-    from pipelines.core.loader import HOST_ALIGNMENT, _safetensors_layout
+    from pipelines.core.reads import HOST_ALIGNMENT
+    from pipelines.core.shards import safetensors_layout
 
     file = next((tiny_repo / "transformer").glob("*.safetensors"))
-    offsets = [offset for _, offset, _ in _safetensors_layout(file).values()]
+    offsets = [offset for _, offset, _ in safetensors_layout(file).values()]
     assert any(o % HOST_ALIGNMENT for o in offsets)  # the file really holds misaligned tensors
     model = load([tiny_repo / "transformer"])
     assert all(p.data_ptr() % HOST_ALIGNMENT == 0 for p in model.parameters())

@@ -64,9 +64,9 @@ from .hubs import (
     RemoteFile,
     RemoteUnavailable,
 )
-from .loader import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, CheckpointError, read_header
 from .model_config import ModelConfig
 from .parse import SettingError
+from .shards import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, CheckpointError, read_header
 
 logger = logging.getLogger(__name__)
 

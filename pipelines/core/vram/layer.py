@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from ..loader import host_aligned
 from ..parse import DISK, FLOAT8
+from ..reads import host_aligned
 from .disk import DiskTensor
 from .host import HostArena, nbytes_of
 
