@@ -21,20 +21,11 @@ import pytest
 import torch
 
 from pipelines.core import download
-from pipelines.core.download import (
-    CorruptModelFileError,
-    DownloadError,
-    MissingModelFilesError,
-    download_source,
-    fetch,
-    matches,
-    model_base_path,
-    parse_download_source,
-    resolve_files,
-    skip_download,
-)
+from pipelines.core.download import fetch, resolve_files
+from pipelines.core.download_errors import CorruptModelFileError, DownloadError, MissingModelFilesError
 from pipelines.core.hubs import HuggingFaceHub, ModelScopeHub, RemoteUnavailable, classify
 from pipelines.core.model_config import ModelConfig
+from pipelines.core.repo_paths import download_source, matches, model_base_path, parse_download_source, skip_download
 from tests.support.hub_server import Fault, HubServer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,16 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines.core import download
-from pipelines.core.download import (
-    UnsafeListingError,
-    UnsafePathError,
-    check_repo_path,
-    fetch,
-    model_folder,
-    path_problem,
-    resolve_files,
-)
+from pipelines.core.download import fetch, resolve_files
+from pipelines.core.download_errors import UnsafeListingError, UnsafePathError
 from pipelines.core.model_config import ModelConfig
+from pipelines.core.repo_paths import check_repo_path, model_folder, path_problem
 from tests.support.hub_server import HubServer
 
 SOURCES = ("modelscope", "huggingface")
