@@ -190,11 +190,6 @@ class QwenVLImageProcessor:
             return height, width
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """How many `<|image_pad|>` tokens an image of this size becomes."""
-        h, w = self.target_size(height, width)
-        return (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2
-
     def _pixels(self, image, index: int) -> np.ndarray:
         """One image -> float32 (H, W, C) array, resized, rescaled, normalised."""
         from PIL import Image

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -22,9 +22,20 @@ from ..parse import DISK, FLOAT8
 from ..reads import host_aligned
 from .disk import DiskTensor
 from .host import HostArena, nbytes_of
+from .settings import VramSettings
 
-if TYPE_CHECKING:
-    from .manager import VramManager
+
+class LayerOwner(Protocol):
+    """What a Layer asks of the VramManager that owns it (manager.py builds the layers; this
+    module does not import it back)."""
+
+    settings: VramSettings
+    meter: Any  # the memory meter of the manager's options
+    model_name: str
+    cuda: bool
+    prefetcher: Any  # a prefetch.Prefetcher, or None
+
+    def room_for(self, nbytes: int) -> bool: ...
 
 
 class State(IntEnum):
@@ -81,7 +92,7 @@ class Layer:
     __slots__ = ("manager", "name", "module", "names", "stored", "held", "disk", "placeholders", "targets",
                  "nbytes", "state", "ready", "version", "swapped", "read_disk", "preparable", "__weakref__")
 
-    def __init__(self, manager: "VramManager", name: str, module: nn.Module, disk: dict[str, DiskTensor] | None):
+    def __init__(self, manager: LayerOwner, name: str, module: nn.Module, disk: dict[str, DiskTensor] | None):
         self.manager, self.name, self.module = manager, name, module
         self.names = [n for n, p in module._parameters.items() if p is not None]
         self.stored: dict[str, nn.Parameter] = {n: module._parameters[n] for n in self.names}
