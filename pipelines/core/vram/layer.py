@@ -55,7 +55,7 @@ Target = tuple[torch.dtype, "torch.device | None"]  # device None: on disk
 def convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`t` in `dtype` on `device`, the cast done on the GPU side of a host/GPU copy (fewer bytes
     over PCIe when storage is narrower, and GPU casts are fast). Returns `t` itself when it is
-    already there (a host tensor only when aligned: see loader.HOST_ALIGNMENT). Host-to-device
+    already there (a host tensor only when aligned: see reads.HOST_ALIGNMENT). Host-to-device
     copies are asynchronous (safe: pageable sources are staged before the call returns, pinned
     ones are never freed while in use)."""
     if t.device == device:
