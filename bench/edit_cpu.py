@@ -46,8 +46,8 @@ def write_checkpoint(root: Path):
     )
     from transformers.processing_utils import ProcessorMixin
 
-    from pipelines.testing.checkpoints import randomize_
-    from pipelines.testing.vision import build_processor_folder
+    from pipelines.demo.processor import build_processor_folder
+    from tests.support.weights import randomize_
 
     transformer = randomize_(QwenImageTransformer2DModel(
         num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=HIDDEN,

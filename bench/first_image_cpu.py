@@ -22,7 +22,7 @@ the result touched (diffusers keeps float32 weights as views over a memory map o
 copy, pages mapped as touched); in GB/s. Import stages: `import torch`, our pipeline module,
 transformers' Qwen2.5-VL model module (only an edit imports it, for the vision tower: our text
 encoder and tokenizer do without transformers), diffusers' pipeline. The tiny model
-(pipelines.testing.tiny): each stage from process start to its first 128x128 image, and whether
+(pipelines.demo.qwen_image_tiny): each stage from process start to its first 128x128 image, and whether
 transformers got imported on the way.
 
 Ratios are ours / diffusers of the medians; other processes on the machine disturb single
@@ -74,8 +74,8 @@ def write_checkpoint(folder: Path, blocks: int) -> None:
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     sys.path.insert(0, str(REPO))
-    from pipelines.testing.checkpoints import randomize_
-    from pipelines.testing.tokenizer import build_qwen_tokenizer
+    from pipelines.demo.tokenizer import build_qwen_tokenizer
+    from tests.support.weights import randomize_
 
     print(f"writing the checkpoint into {folder} (once)", flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ TINY_STAGES = ("import torch", "import pipelines.qwen_image", "load (DiT, text e
 
 
 def child_tiny(folder: Path, steps: int) -> dict:
-    """The project's tiny model (pipelines.testing.tiny): wall and CPU seconds of each stage from
+    """The project's tiny model (pipelines.demo.qwen_image_tiny): wall and CPU seconds of each stage from
     the start of this process to its first 128x128 image, and whether transformers was imported
     on the way (text-to-image does not need it)."""
     marks = [(time.perf_counter(), time.process_time())]
@@ -273,8 +273,8 @@ def child_tiny(folder: Path, steps: int) -> dict:
 
 def report_tiny(runs: list[dict]) -> dict:
     total = statistics.median(sum(r[name] for name in TINY_STAGES) for r in runs)
-    print(f"\ntiny model (pipelines.testing.tiny), ours, from process start to the first 128x128 image; median of "
-          f"{len(runs)}: wall s, CPU s, share of the wall total ({total:.2f} s)")
+    print(f"\ntiny model (pipelines.demo.qwen_image_tiny), ours, from process start to the first 128x128 image; "
+          f"median of {len(runs)}: wall s, CPU s, share of the wall total ({total:.2f} s)")
     results = {}
     for name in TINY_STAGES:
         wall, cpu = statistics.median(r[name] for r in runs), statistics.median(r[f"cpu {name}"] for r in runs)
@@ -327,7 +327,7 @@ def main() -> None:
         return
     if not (args.dir / "tiny").exists():
         sys.path.insert(0, str(REPO))
-        from pipelines.testing.tiny import build_tiny_repo
+        from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
         build_tiny_repo(args.dir / "tiny")
     if not args.only_tiny and not (folder / "model_index.json").exists():

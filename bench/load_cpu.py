@@ -43,9 +43,9 @@ def touch_every_page(model) -> None:
 
 def write_checkpoint(folder: Path, blocks: int) -> Path:
     from pipelines.core.loader import parameters_on_meta
+    from pipelines.demo.checkpoints import random_state_dict, save_sharded, write_json
+    from pipelines.demo.qwen_image_tiny import dit_config
     from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
-    from pipelines.testing.checkpoints import random_state_dict, save_sharded, write_json
-    from pipelines.testing.tiny import dit_config
 
     params = QwenImageDiTParams(num_layers=blocks)
     with parameters_on_meta():

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from pipelines.core.lora import clear_lora, load_lora
+from pipelines.demo.lora import lora_state_dict, random_lora, save_lora
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
-from pipelines.testing.lora import lora_state_dict, random_lora, save_lora
 
 DEVICE = torch.device("cpu")
 

@@ -63,7 +63,7 @@ def main() -> None:
         signal.signal(sig, handler)
     try:
         with tempfile.TemporaryDirectory(prefix="ray-scaling-") as tmp:
-            from pipelines.testing.tiny import build_tiny_repo
+            from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
             work = Path(tmp)
             build_tiny_repo(work / "models" / "tiny" / "Qwen-Image-Tiny")

@@ -52,9 +52,9 @@ def build_models(models_dir: Path, names: list[str]) -> None:
     bigger transformer (~40M parameters: 6 layers of width 512), same text encoder and VAE."""
     import shutil
 
+    from pipelines.demo import qwen_image_tiny as tiny
+    from pipelines.demo.checkpoints import random_state_dict, save_sharded, write_json
     from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
-    from pipelines.testing import tiny
-    from pipelines.testing.checkpoints import random_state_dict, save_sharded, write_json
 
     tiny_dir = models_dir / MODELS["tiny"][0]
     if not tiny_dir.exists():

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from pipelines.core import vram  # noqa: E402
 from pipelines.core.loader import load_model, parameters_on_meta  # noqa: E402
+from pipelines.demo.checkpoints import random_state_dict, save_sharded  # noqa: E402
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams  # noqa: E402
-from pipelines.testing.checkpoints import random_state_dict, save_sharded  # noqa: E402
 
 PARAMS = QwenImageDiTParams(num_layers=6, attention_head_dim=64, num_attention_heads=16, joint_attention_dim=512,
                             axes_dims_rope=(8, 28, 28))

@@ -46,8 +46,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from pipelines.core import vram  # noqa: E402
 from pipelines.core.loader import parameters_on_meta  # noqa: E402
+from pipelines.models.qwen2_5_text import QwenImageTextEncoder, QwenTextEncoderParams  # noqa: E402
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams  # noqa: E402
-from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder, QwenTextEncoderParams  # noqa: E402
 from pipelines.models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams  # noqa: E402
 from pipelines.qwen_image import ModelConfig, QwenImagePipeline  # noqa: E402
 
@@ -128,7 +128,7 @@ def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], file_dtype: to
 
 def write_repo(root: Path, tiny: bool, file_dtype: torch.dtype, device: torch.device) -> dict:
     """DiT, text encoder, VAE folders; reused when a previous run left the same ones."""
-    from pipelines.testing import tiny as tiny_repo  # its config.json writers
+    from pipelines.demo import qwen_image_tiny as tiny_repo  # its config.json writers
 
     if tiny:
         dit, te, vae = tiny_repo.DIT, tiny_repo.TEXT_ENCODER, tiny_repo.VAE

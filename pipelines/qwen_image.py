@@ -33,9 +33,11 @@ from .core.model_config import ModelConfig
 from .core.parse import SettingError, check_seed, finite, parse_device
 from .core.pipeline import Pipeline, generation
 from .core.sampling import FlowMatchScheduler, denoise
+from .models.qwen2_5_text import QwenImageTextEncoder
+from .models.qwen2_5_vl_encoder import QwenImageVLEncoder
 from .models.qwen_image_dit import QwenImageDiT
-from .models.qwen_image_text_encoder import QwenImageTextEncoder, QwenImageVLEncoder, QwenTokenizer
 from .models.qwen_image_vae import QwenImageVAE
+from .models.qwen_tokenizer import QwenTokenizer
 
 __all__ = ["QwenImagePipeline", "ModelConfig", "FlowMatchScheduler"]
 

@@ -64,7 +64,7 @@ def no_hub_access(monkeypatch):
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
-    from pipelines.testing.tokenizer import build_qwen_tokenizer
+    from pipelines.demo.tokenizer import build_qwen_tokenizer
 
     return build_qwen_tokenizer(tmp_path_factory.mktemp("qwen_tokenizer") / "tokenizer")
 
@@ -81,7 +81,7 @@ def diffusers_repo(tmp_path_factory, qwen_tokenizer_dir):
     )
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from pipelines.testing.checkpoints import randomize_
+    from tests.support.weights import randomize_
 
     transformer = randomize_(QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
@@ -117,8 +117,8 @@ def diffusers_repo(tmp_path_factory, qwen_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> Path:
-    """The project's own tiny repo (pipelines.testing.tiny), as the demo model uses it."""
-    from pipelines.testing.tiny import build_tiny_repo
+    """The project's own tiny repo (pipelines.demo.qwen_image_tiny), as the demo model uses it."""
+    from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
     return build_tiny_repo(tmp_path_factory.mktemp("models") / "tiny" / "Qwen-Image-Tiny")
 
@@ -126,6 +126,6 @@ def tiny_repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_edit_repo(tmp_path_factory) -> Path:
     """The project's own tiny edit repo (a 2511 look-alike: zero_cond_t, vision tower, processor/)."""
-    from pipelines.testing.tiny import build_tiny_edit_repo
+    from pipelines.demo.qwen_image_tiny import build_tiny_edit_repo
 
     return build_tiny_edit_repo(tmp_path_factory.mktemp("models") / "tiny" / "Qwen-Image-Edit-Tiny")

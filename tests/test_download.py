@@ -1,4 +1,4 @@
-"""Model download against a hub on loopback (pipelines.testing.hub_server): the real
+"""Model download against a hub on loopback (tests.support.hub_server): the real
 `modelscope` and `huggingface_hub` clients fetch the tiny Qwen-Image repo from it, with faults
 injected; no network beyond 127.0.0.1."""
 from __future__ import annotations
@@ -21,21 +21,12 @@ import pytest
 import torch
 
 from pipelines.core import download
-from pipelines.core.download import (
-    CorruptModelFileError,
-    DownloadError,
-    MissingModelFilesError,
-    download_source,
-    fetch,
-    matches,
-    model_base_path,
-    parse_download_source,
-    resolve_files,
-    skip_download,
-)
+from pipelines.core.download import fetch, resolve_files
+from pipelines.core.download_errors import CorruptModelFileError, DownloadError, MissingModelFilesError
 from pipelines.core.hubs import HuggingFaceHub, ModelScopeHub, RemoteUnavailable, classify
 from pipelines.core.model_config import ModelConfig
-from pipelines.testing.hub_server import Fault, HubServer
+from pipelines.core.repo_paths import download_source, matches, model_base_path, parse_download_source, skip_download
+from tests.support.hub_server import Fault, HubServer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "Qwen/Qwen-Image-Tiny"
@@ -698,7 +689,7 @@ def test_two_processes_fetch_the_same_model_at_once(env):
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_an_interrupted_download_is_picked_up_by_a_later_run(env, source):
-    from pipelines.testing.hub_server import CHUNK
+    from tests.support.hub_server import CHUNK
 
     gate = env.hub.add_fault(HeldTransfer(TE1, pass_chunks=(8 << 20) // CHUNK))  # 8 MB of 19.5, then hold
     child = Child(env, source, TE1)

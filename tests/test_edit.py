@@ -22,7 +22,7 @@ from PIL import Image
 
 import pipelines.qwen_image as qwen_image
 from pipelines import ModelConfig, QwenImagePipeline
-from pipelines.testing.vision import build_processor_folder
+from pipelines.demo.processor import build_processor_folder
 
 from .test_pipeline import PROMPT, assert_same_image
 
@@ -300,7 +300,7 @@ def test_vram_limit_bounds_the_prepared_vision_layers(tiny_edit_repo, edit_pictu
 
 
 def test_lora_cold_hot_and_clear_on_the_edit_dit(tiny_edit_repo, edit_pictures, unmanaged_edit, tmp_path):
-    from pipelines.testing.lora import random_lora, save_lora
+    from pipelines.demo.lora import random_lora, save_lora
 
     pipe, base = unmanaged_edit
     shapes = {k: tuple(v.shape) for k, v in pipe.dit.state_dict().items()}

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from pipelines.testing.tiny import build_tiny_repo
+    from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
     root = tmp_path_factory.mktemp("runner_faults")
     models = root / "models"
@@ -528,7 +528,7 @@ def nan_lora(env) -> Path:
     """A demo LoRA with one NaN: the library refuses it (LoraError) once the job applies it."""
     from safetensors.torch import load_file, save_file
 
-    from pipelines.testing.tiny import build_tiny_lora
+    from pipelines.demo.qwen_image_tiny import build_tiny_lora
 
     path = env["root"] / "nan.safetensors"
     build_tiny_lora(path)

@@ -51,9 +51,9 @@ def test_the_public_surface_is_resolved_inside_the_library():
     reaches the downloader (the VRAM code): the rules see the module behind the name. The
     runner's `from pipelines import X` stays what it is, the public surface."""
     model = ROOT / "pipelines" / "models" / "qwen_image_dit.py"
-    source = "from pipelines import fetch\nfrom .. import VramSettings\nfrom pipelines import testing\n"
+    source = "from pipelines import fetch\nfrom .. import VramSettings\nfrom pipelines import demo\n"
     assert [m for _, m in imported_modules(model, source)] == [
-        "pipelines", "pipelines.core.download", "pipelines", "pipelines.core.vram", "pipelines", "pipelines.testing"]
+        "pipelines", "pipelines.core.download", "pipelines", "pipelines.core.vram", "pipelines", "pipelines.demo"]
     runner_file = ROOT / "runner" / "build.py"
     assert [m for _, m in imported_modules(runner_file, "from pipelines import fetch\n")] == ["pipelines"]
 
@@ -61,7 +61,7 @@ def test_the_public_surface_is_resolved_inside_the_library():
 def test_the_runner_uses_the_library_only_through_its_public_surface():
     offending = [f"{p.relative_to(ROOT)}:{line} imports {module}" for p in python_files("runner")
                  for line, module in imported_modules(p)
-                 if module.startswith("pipelines.") and not module.startswith("pipelines.testing")]
+                 if module.startswith("pipelines.") and not module.startswith("pipelines.demo")]
     assert not offending, "the runner must import `pipelines` (its __init__), not its insides:\n" + "\n".join(offending)
 
 
@@ -77,7 +77,7 @@ def test_model_files_import_nothing_of_core_and_core_knows_no_family():
     assert not models, "model files declare their checkpoint contract without importing core:\n" + "\n".join(models)
     core = [f"{p.relative_to(ROOT)}:{line} imports {module}" for p in python_files("pipelines/core")
             for line, module in imported_modules(p)
-            if module.startswith(("pipelines.models", "pipelines.qwen_image", "pipelines.testing"))]
+            if module.startswith(("pipelines.models", "pipelines.qwen_image", "pipelines.demo"))]
     assert not core, "core/ must not know a model or a family:\n" + "\n".join(core)
 
 

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from pipelines import FlowMatchScheduler, LoraError, ModelConfig, NonFiniteError, QwenImagePipeline, SettingError
-from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder, QwenTextEncoderParams
-from pipelines.testing.checkpoints import random_state_dict, save_sharded, write_json
-from pipelines.testing.lora import lora_state_dict, random_lora
-from pipelines.testing.tiny import text_encoder_config
+from pipelines.demo.checkpoints import random_state_dict, save_sharded, write_json
+from pipelines.demo.lora import lora_state_dict, random_lora
+from pipelines.demo.qwen_image_tiny import text_encoder_config
+from pipelines.models.qwen2_5_text import QwenImageTextEncoder, QwenTextEncoderParams
 
 ARGS = dict(prompt="a red fox", seed=1, height=64, width=64, num_inference_steps=3, progress_bar=False)
 

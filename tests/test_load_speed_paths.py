@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from pipelines.core import loader
-from pipelines.core.loader import HOST_ALIGNMENT, CheckpointError, load_model
+from pipelines.core import loader, reads, shards
+from pipelines.core.loader import load_model
+from pipelines.core.reads import HOST_ALIGNMENT
+from pipelines.core.shards import CheckpointError
 from pipelines.qwen_image import QwenImagePipeline
 
 CANDIDATES = tuple(QwenImagePipeline.components.values())
@@ -100,10 +102,10 @@ def toy_files(tmp_path):
 @pytest.fixture
 def small_pieces(monkeypatch):
     """Pieces of 256 bytes, 3 buffers per read call, 4 threads: every split and join happens."""
-    monkeypatch.setattr(loader, "READ_CHUNK", 256)
-    monkeypatch.setattr(loader, "IOV_MAX", 3)
-    monkeypatch.setattr(loader, "MAX_READ_THREADS", 4)
-    monkeypatch.setattr(loader.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(reads, "READ_CHUNK", 256)
+    monkeypatch.setattr(reads, "IOV_MAX", 3)
+    monkeypatch.setattr(reads, "MAX_READ_THREADS", 4)
+    monkeypatch.setattr(reads.os, "cpu_count", lambda: 4)
 
 
 class ReadLog:
@@ -113,7 +115,7 @@ class ReadLog:
         self.calls = 0
         self.at_most, self.fail_at = at_most, fail_at
         self._preadv = os.preadv
-        monkeypatch.setattr(loader.os, "preadv", self)
+        monkeypatch.setattr(reads.os, "preadv", self)
 
     def __call__(self, fd, buffers, offset):
         self.calls += 1
@@ -179,7 +181,7 @@ def test_file_truncated_after_its_header_was_checked(tiny_repo, tmp_path, monkey
 def test_every_key_and_shape_is_checked_before_any_byte_is_read(tiny_repo, tmp_path, monkeypatch):
     log = ReadLog(monkeypatch)
     mapped = []
-    monkeypatch.setattr(loader.MappedFile, "view", lambda self, *a: mapped.append(a))
+    monkeypatch.setattr(shards.MappedFile, "view", lambda self, *a: mapped.append(a))
     folder = tmp_path / "vae"
     shutil.copytree(tiny_repo / "vae", folder)
     config = json.loads((folder / "config.json").read_text())
@@ -221,7 +223,7 @@ def test_aligned_tensors_are_mapped_not_copied(tmp_path, monkeypatch):
     state = {"toy.a": torch.randn(64, 32, generator=g), "toy.b": torch.randn(48, generator=g),
              "toy.c": torch.randn(3, generator=g)}  # 12 bytes: ends off the boundary, so it is last
     path = aligned_file(tmp_path / "aligned.safetensors", state)
-    offsets = {k: offset for k, (_, offset, _) in loader._safetensors_layout(path).items()}
+    offsets = {k: offset for k, (_, offset, _) in shards.safetensors_layout(path).items()}
     assert offsets["toy.a"] % HOST_ALIGNMENT == 0 and offsets["toy.b"] % HOST_ALIGNMENT == 0
     log = ReadLog(monkeypatch)
     model = load_model([path], [Toy], torch.float32, "cpu")
@@ -253,14 +255,14 @@ def test_resident_memory_holds_one_copy(tmp_path, monkeypatch):
     path = tmp_path / "big.safetensors"
     save_file({"toy.a": torch.randn(n).to(torch.bfloat16), "toy.b": torch.randn(n)}, str(path))
     path.read_bytes()  # in the page cache
-    monkeypatch.setattr(loader, "MAX_READ_THREADS", 2)  # each thread has a staging buffer for its casts
+    monkeypatch.setattr(reads, "MAX_READ_THREADS", 2)  # each thread has a staging buffer for its casts
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = peak_rss_since_reset()
     model = load_model([path], [Toy], torch.float32, "cpu")
     growth = peak_rss_since_reset() - before
     result = sum(t.nbytes for t in model.state_dict().values())
-    staging = 2 * (loader.READ_CHUNK + loader.IOV_MAX * HOST_ALIGNMENT)
+    staging = 2 * (reads.READ_CHUNK + reads.IOV_MAX * HOST_ALIGNMENT)
     assert growth < 1.05 * result + staging + (16 << 20), (growth, result)  # + the allocator's own
 
 

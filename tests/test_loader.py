@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from pipelines.core.download import resolve_files
 from pipelines.core.loader import CheckpointError, load_model
 from pipelines.core.model_config import ModelConfig
+from pipelines.models.qwen2_5_text import QwenImageTextEncoder
 from pipelines.models.qwen_image_dit import QwenImageDiT
-from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder
 from pipelines.models.qwen_image_vae import QwenImageVAE
 from pipelines.qwen_image import QwenImagePipeline
 
@@ -207,10 +207,11 @@ def test_loaded_and_managed_weights_are_host_aligned(tiny_repo, monkeypatch):
     their code path by operand alignment, so weights computed from in place would differ in the
     last bits from the same weights in ordinary memory (seen as ~3e-6 on a fresh machine)."""
     from pipelines.core import vram
-    from pipelines.core.loader import HOST_ALIGNMENT, _safetensors_layout
+    from pipelines.core.reads import HOST_ALIGNMENT
+    from pipelines.core.shards import safetensors_layout
 
     file = next((tiny_repo / "transformer").glob("*.safetensors"))
-    offsets = [offset for _, offset, _ in _safetensors_layout(file).values()]
+    offsets = [offset for _, offset, _ in safetensors_layout(file).values()]
     assert any(o % HOST_ALIGNMENT for o in offsets)  # the file really holds misaligned tensors
     model = load([tiny_repo / "transformer"])
     assert all(p.data_ptr() % HOST_ALIGNMENT == 0 for p in model.parameters())
@@ -240,7 +241,7 @@ def test_loaded_and_managed_weights_are_host_aligned(tiny_repo, monkeypatch):
 def other_transformer(tiny_repo, tmp_path_factory):
     """A second checkpoint of the same architecture (other random weights), sharded and indexed
     the same way as the tiny repo's transformer: its shards have the same names and keys."""
-    from pipelines.testing.checkpoints import random_state_dict, save_sharded
+    from pipelines.demo.checkpoints import random_state_dict, save_sharded
 
     state = {}
     for shard in sorted((tiny_repo / "transformer").glob("*.safetensors")):

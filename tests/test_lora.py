@@ -17,9 +17,9 @@ from pipelines.core.loader import CheckpointError
 from pipelines.core.lora import LoraError, clear_lora, load_lora, loaded_loras, prepare_lora
 from pipelines.core.lora import apply as lora_apply
 from pipelines.core.model_config import ModelConfig
+from pipelines.demo.lora import FORMATS, lora_state_dict, random_lora, save_lora
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
-from pipelines.testing.checkpoints import randomize_
-from pipelines.testing.lora import FORMATS, lora_state_dict, random_lora, save_lora
+from tests.support.weights import randomize_
 
 from .test_pipeline import PROMPT, assert_same_image, ours_from, pixels
 
@@ -114,7 +114,7 @@ def peft_lora(diffusers_repo, tmp_path_factory):
 # ---------------------------------------------------------------- the published formats, written here
 #
 # Each file holds the reference adapter renamed by its tool's published key convention, written out
-# below (not by pipelines.testing.lora): A is the down projection (rank, in), B the up one (out, rank);
+# below (not by pipelines.demo.lora): A is the down projection (rank, in), B the up one (out, rank);
 # formats with an `.alpha` store alpha = scale * rank, formats without one carry the scale in B.
 
 
@@ -229,7 +229,7 @@ def test_every_format_loads_to_the_peft_effective_weights(fmt, peft_lora, format
 
 
 def test_the_test_writer_agrees_with_the_published_formats(peft_lora, format_files, ours):
-    """pipelines.testing.lora (benchmarks and the runner's tests write their LoRAs with it) writes
+    """pipelines.demo.lora (benchmarks and the runner's tests write their LoRAs with it) writes
     what the published conventions above hold."""
     dit = ours.dit
     base = snapshot(dit)
@@ -238,7 +238,7 @@ def test_the_test_writer_agrees_with_the_published_formats(peft_lora, format_fil
                                           scale=SCALE))
         try:
             assert sorted(handle.layers) == sorted(peft_lora.layers)
-            assert_effective_weights(dit, base, peft_lora.effective, 1.0, f"pipelines.testing.lora {fmt}")
+            assert_effective_weights(dit, base, peft_lora.effective, 1.0, f"pipelines.demo.lora {fmt}")
         finally:
             clear_lora(dit)
 

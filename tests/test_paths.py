@@ -11,17 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines.core import download
-from pipelines.core.download import (
-    UnsafeListingError,
-    UnsafePathError,
-    check_repo_path,
-    fetch,
-    model_folder,
-    path_problem,
-    resolve_files,
-)
+from pipelines.core.download import fetch, resolve_files
+from pipelines.core.download_errors import UnsafeListingError, UnsafePathError
 from pipelines.core.model_config import ModelConfig
-from pipelines.testing.hub_server import HubServer
+from pipelines.core.repo_paths import check_repo_path, model_folder, path_problem
+from tests.support.hub_server import HubServer
 
 SOURCES = ("modelscope", "huggingface")
 BAD_IDS = ["../evil", "owner/../../evil", "/tmp/evil", "~/evil", "C:/evil", "c:evil", "owner\\evil", "owner/./name",
@@ -111,7 +105,7 @@ def test_legitimate_ids_and_patterns_resolve(base):
 
 
 def test_the_builder_refuses_a_folder_outside(tmp_path):
-    from pipelines.testing.tiny import build_tiny_repo
+    from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
     models = tmp_path / "models"
     for model_id in ("../escape", "tiny/../../escape"):

@@ -37,7 +37,7 @@ def env(tmp_path_factory):
     (DIFFSYNTH_MODEL_BASE_PATH, not in the runtime's own): it holds the tiny model built with
     another seed than the demo's builder, so a worker that missed the variable would build and
     use other weights (in its working directory's ./models)."""
-    from pipelines.testing.tiny import build_tiny_repo
+    from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
     root = tmp_path_factory.mktemp("runner_ray")
     models = root / "models"

@@ -109,7 +109,7 @@ def test_several_loras_each_with_its_own_alpha(hydra_ctx, tmp_path):
 
 def test_tiny_model_builds_on_first_use(hydra_ctx):
     m = spec_of("model=qwen_image_tiny").model
-    assert m.build == "pipelines.testing.tiny.build_tiny_repo" and m.skip_download
+    assert m.build == "pipelines.demo.qwen_image_tiny.build_tiny_repo" and m.skip_download
     assert {f.model_id for f in m.files} == {"tiny/Qwen-Image-Tiny"}
 
 

@@ -160,7 +160,7 @@ def _tiny_lora(models: Path, out: Path, rank: int = 4) -> Path:
 def tiny_repo(env) -> Path:
     target = env["models"] / "tiny" / "Qwen-Image-Tiny"
     if not target.exists():
-        from pipelines.testing.tiny import build_tiny_repo
+        from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
         build_tiny_repo(target)
     return target
@@ -298,7 +298,7 @@ def test_resume_takes_an_earlier_run_only_for_the_same_files_and_an_intact_image
     and mtime (run again: the new file, not the first run's image); then from C, holding A's
     new file, after the image artifact of A's second run was deleted from the store (run
     again, saying why), which is a fresh run with that file: the same image as A's second."""
-    from pipelines.testing.tiny import build_tiny_lora
+    from pipelines.demo.qwen_image_tiny import build_tiny_lora
 
     def lora_bytes(seed: int) -> bytes:
         return build_tiny_lora(env["root"] / f"resume_files_lora{seed}.safetensors", seed=seed).read_bytes()

@@ -393,7 +393,7 @@ def test_a_jobs_identity_knows_its_models_folder_and_resume_its_checkpoint_files
     models folder it loads from (another folder: another job), and resume compares the earlier
     run's checkpoint fingerprint with the files there now, a rewrite that keeps size and mtime
     (`cp -p`) included."""
-    from pipelines.testing.tiny import build_tiny_repo
+    from pipelines.demo.qwen_image_tiny import build_tiny_repo
     from runner import job
     from runner.provenance import fingerprint_tags
 

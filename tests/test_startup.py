@@ -79,7 +79,8 @@ import json, sys
 import torch
 sys.path.insert(0, {repo!r})
 from pipelines.core.loader import parameters_on_meta
-from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder, QwenTokenizer
+from pipelines.models.qwen2_5_text import QwenImageTextEncoder
+from pipelines.models.qwen_tokenizer import QwenTokenizer
 
 with parameters_on_meta():
     encoder = QwenImageTextEncoder()  # the real 7B sizes, parameters on meta as the loader builds it

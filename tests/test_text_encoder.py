@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from pipelines.models.qwen_image_text_encoder import QwenImageTextEncoder, QwenTextEncoderParams
+from pipelines.models.qwen2_5_text import QwenImageTextEncoder, QwenTextEncoderParams
 
 transformers = pytest.importorskip("transformers")
 

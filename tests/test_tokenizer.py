@@ -1,4 +1,4 @@
-"""The offline Qwen tokenizer (pipelines.testing.tokenizer) against tiktoken on the same ranks, with
+"""The offline Qwen tokenizer (pipelines.demo.tokenizer) against tiktoken on the same ranks, with
 the pre-tokenizer pattern and the special tokens taken from sources independent of the project:
 the pattern of transformers' own Qwen2Tokenizer (which Qwen's tiktoken tokenizer in dashscope
 publishes too), the added tokens of Qwen2.5-VL's hub tokenizer_config.json written out below and
@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PATTERN  # noqa: E402
 
-from pipelines.testing import tokenizer as qtok  # noqa: E402
+from pipelines.demo import tokenizer as qtok  # noqa: E402
 
 # The added tokens of Qwen2.5-VL (the hub's Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen-Image
 # tokenizer_config.json, `added_tokens_decoder`): id -> content, after the 151,643 BPE ranks.
@@ -111,7 +111,7 @@ def dashscope_resources() -> Path:
 @pytest.fixture(scope="session")
 def reference():
     """tiktoken on dashscope's Qwen ranks with transformers' Qwen2 pattern and the Qwen2.5-VL added
-    tokens above: nothing of it comes from pipelines.testing.tokenizer."""
+    tokens above: nothing of it comes from pipelines.demo.tokenizer."""
     from tiktoken.load import load_tiktoken_bpe
 
     ranks = load_tiktoken_bpe(str(dashscope_resources() / "qwen.tiktoken"))
@@ -257,13 +257,13 @@ LONG = " ".join(PROMPTS) * 40  # ~ 20,000 tokens
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer(tokenizer_dir):
-    from pipelines.models.qwen_image_text_encoder import QwenTokenizer
+    from pipelines.models.qwen_tokenizer import QwenTokenizer
 
     return QwenTokenizer.from_folder(tokenizer_dir)
 
 
 def test_pattern_is_transformers_qwen2_pattern():
-    from pipelines.models.qwen_image_text_encoder import QWEN2_PRETOKENIZE_PATTERN
+    from pipelines.models.qwen_tokenizer import QWEN2_PRETOKENIZE_PATTERN
 
     assert QWEN2_PRETOKENIZE_PATTERN == QWEN2_PATTERN
 
@@ -339,7 +339,7 @@ def test_qwen_tokenizer_folder_layouts(tokenizer_dir, hf_tokenizer, tmp_path):
     time the ids AutoTokenizer gives for the same folder."""
     from transformers import AutoTokenizer
 
-    from pipelines.models.qwen_image_text_encoder import QwenTokenizer
+    from pipelines.models.qwen_tokenizer import QwenTokenizer
 
     def whitespace_split(data):
         data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
@@ -372,7 +372,7 @@ def test_qwen_tokenizer_folder_layouts(tokenizer_dir, hf_tokenizer, tmp_path):
 
 
 def test_qwen_tokenizer_errors_name_the_file_and_the_fix(tokenizer_dir, tmp_path):
-    from pipelines.models.qwen_image_text_encoder import QwenTokenizer
+    from pipelines.models.qwen_tokenizer import QwenTokenizer
 
     fix = r"fetch the model's `tokenizer/` folder again"
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'missing'}: no such tokenizer folder; {fix}"):

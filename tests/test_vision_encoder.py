@@ -15,14 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipelines.core.loader import CheckpointError, load_model, parameters_on_meta
-from pipelines.models.qwen_image_text_encoder import (
-    QwenImageTextEncoder,
-    QwenImageVLEncoder,
-    QwenTextEncoderParams,
-    QwenVisionParams,
-)
+from pipelines.demo.processor import QWEN25_VL_PREPROCESSOR_CONFIG, build_processor_folder
+from pipelines.models.qwen2_5_text import QwenImageTextEncoder, QwenTextEncoderParams
+from pipelines.models.qwen2_5_vl_encoder import QwenImageVLEncoder, QwenVisionParams
 from pipelines.models.qwen_image_vision import QwenVLImageProcessor, QwenVLProcessor, smart_resize
-from pipelines.testing.vision import QWEN25_VL_PREPROCESSOR_CONFIG, build_processor_folder
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2VLImageProcessorPil  # noqa: E402  (the PIL backend, no torchvision)

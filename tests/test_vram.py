@@ -33,10 +33,10 @@ from pipelines.core.vram import VramConfigError, VramSettings
 from pipelines.core.vram import host as vram_host
 from pipelines.core.vram import layer as vram_layer
 from pipelines.core.vram import settings as vram_settings
+from pipelines.demo.checkpoints import random_state_dict, save_sharded
+from pipelines.demo.lora import random_lora, save_lora
 from pipelines.models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
 from pipelines.qwen_image import ModelConfig, QwenImagePipeline, load_tokenizer
-from pipelines.testing.checkpoints import random_state_dict, save_sharded
-from pipelines.testing.lora import random_lora, save_lora
 
 FOLDERS = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
 GEN = dict(prompt="A red fox sitting in fresh snow, soft morning light", negative_prompt="blurry", cfg_scale=4.0,

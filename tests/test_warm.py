@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def base_env(tmp_path_factory) -> dict[str, str]:
-    from pipelines.testing.tiny import build_tiny_repo
+    from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
     models = tmp_path_factory.mktemp("warm_models")
     build_tiny_repo(models / "tiny" / "Qwen-Image-Tiny")
@@ -310,7 +310,7 @@ def test_a_command_arriving_while_the_worker_is_busy_waits_for_it_then_uses_it(w
 
 
 def test_a_lora_file_rewritten_between_commands_is_applied_again(warm_env, tmp_path):
-    from pipelines.testing.tiny import build_tiny_lora
+    from pipelines.demo.qwen_image_tiny import build_tiny_lora
 
     env, folder = warm_env
     cwd, lora = tmp_path / "work", tmp_path / "lora.safetensors"
@@ -328,7 +328,7 @@ def test_a_lora_file_rewritten_between_commands_is_applied_again(warm_env, tmp_p
 
 
 def test_checkpoint_files_rewritten_between_commands_are_loaded_again(warm_env, tmp_path):
-    from pipelines.testing.tiny import build_tiny_repo
+    from pipelines.demo.qwen_image_tiny import build_tiny_repo
 
     env, folder = warm_env
     models, cwd = tmp_path / "models", tmp_path / "work"

@@ -38,10 +38,6 @@ def remove_forward_wrapper(module: nn.Module, name: str) -> bool:
     return True
 
 
-def forward_wrappers(module: nn.Module) -> list[str]:
-    return list(module.__dict__.get(_ATTRIBUTE, {}))
-
-
 def _install(module: nn.Module, wrappers: dict[str, ForwardWrapper]) -> None:
     module.__dict__.pop("forward", None)  # back to the class's forward
     module.__dict__.pop(_ATTRIBUTE, None)

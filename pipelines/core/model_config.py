@@ -1,7 +1,7 @@
 """ModelConfig: where a model's files come from, and how its memory is managed."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 VRAM_KEYS = (
@@ -59,7 +59,3 @@ class ModelConfig:
         if self.path is not None:
             return f"path={self.path!r}"
         return f"model_id={self.model_id!r}, origin_file_pattern={self.origin_file_pattern!r}"
-
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(ModelConfig)]

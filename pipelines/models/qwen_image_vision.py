@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .qwen_tokenizer import QwenTokenizer
+
 IMAGE_TOKEN = "<|image_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
 VISION_END_TOKEN = "<|vision_end|>"
@@ -188,11 +190,6 @@ class QwenVLImageProcessor:
             return height, width
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """How many `<|image_pad|>` tokens an image of this size becomes."""
-        h, w = self.target_size(height, width)
-        return (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2
-
     def _pixels(self, image, index: int) -> np.ndarray:
         """One image -> float32 (H, W, C) array, resized, rescaled, normalised."""
         from PIL import Image
@@ -290,7 +287,7 @@ def _read_image_processor_config(folder: Path) -> tuple[dict, Path]:
     raise FileNotFoundError(
         f"{folder}: no {PREPROCESSOR_CONFIG} (the image processor settings of Qwen2.5-VL). This is not "
         "a processor folder: give the `processor/` folder of a Qwen-Image-Edit repo, download its "
-        f"{PREPROCESSOR_CONFIG}, or write one with pipelines.testing.vision.build_processor_folder."
+        f"{PREPROCESSOR_CONFIG}, or write one with pipelines.demo.processor.build_processor_folder."
     )
 
 
@@ -328,8 +325,6 @@ class QwenVLProcessor:
                 "needs the Qwen2.5-VL tokenizer beside preprocessor_config.json: download the whole "
                 "`processor/` folder, or copy the repo's `tokenizer/` files into it."
             )
-        from .qwen_image_text_encoder import QwenTokenizer
-
         # its errors name the file, what is wrong with it and how to get a good one
         return cls(QwenTokenizer.from_folder(folder), image_processor)
 

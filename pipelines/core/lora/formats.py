@@ -25,8 +25,8 @@ from safetensors import safe_open
 
 from ..download import resolve_files
 from ..files import is_regular_file
-from ..loader import SAFETENSORS_SUFFIXES, CheckpointError, read_checkpoint
 from ..model_config import ModelConfig
+from ..shards import SAFETENSORS_SUFFIXES, CheckpointError, read_checkpoint
 
 LoraSource = Union[str, Path, ModelConfig, Mapping[str, torch.Tensor], "LoraFile"]
 

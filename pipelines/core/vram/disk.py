@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..loader import SAFETENSORS_SUFFIXES, MappedFile, expand_checkpoint_paths, read_header
+from ..shards import SAFETENSORS_SUFFIXES, MappedFile, expand_checkpoint_paths, read_header
 from .settings import VramConfigError
 
 

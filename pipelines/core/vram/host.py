@@ -14,7 +14,7 @@ from .settings import GiB
 
 logger = logging.getLogger(__name__)
 
-ARENA_ALIGN = 512  # bytes between tensors in a buffer (a multiple of loader.HOST_ALIGNMENT)
+ARENA_ALIGN = 512  # bytes between tensors in a buffer (a multiple of reads.HOST_ALIGNMENT)
 PIN_MAX_FRACTION = 0.6  # of physical memory, over all page-locked buffers of the process
 
 

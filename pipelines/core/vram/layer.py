@@ -13,18 +13,29 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
-from ..loader import host_aligned
 from ..parse import DISK, FLOAT8
+from ..reads import host_aligned
 from .disk import DiskTensor
 from .host import HostArena, nbytes_of
+from .settings import VramSettings
 
-if TYPE_CHECKING:
-    from .manager import VramManager
+
+class LayerOwner(Protocol):
+    """What a Layer asks of the VramManager that owns it (manager.py builds the layers; this
+    module does not import it back)."""
+
+    settings: VramSettings
+    meter: Any  # the memory meter of the manager's options
+    model_name: str
+    cuda: bool
+    prefetcher: Any  # a prefetch.Prefetcher, or None
+
+    def room_for(self, nbytes: int) -> bool: ...
 
 
 class State(IntEnum):
@@ -44,7 +55,7 @@ Target = tuple[torch.dtype, "torch.device | None"]  # device None: on disk
 def convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`t` in `dtype` on `device`, the cast done on the GPU side of a host/GPU copy (fewer bytes
     over PCIe when storage is narrower, and GPU casts are fast). Returns `t` itself when it is
-    already there (a host tensor only when aligned: see loader.HOST_ALIGNMENT). Host-to-device
+    already there (a host tensor only when aligned: see reads.HOST_ALIGNMENT). Host-to-device
     copies are asynchronous (safe: pageable sources are staged before the call returns, pinned
     ones are never freed while in use)."""
     if t.device == device:
@@ -81,7 +92,7 @@ class Layer:
     __slots__ = ("manager", "name", "module", "names", "stored", "held", "disk", "placeholders", "targets",
                  "nbytes", "state", "ready", "version", "swapped", "read_disk", "preparable", "__weakref__")
 
-    def __init__(self, manager: "VramManager", name: str, module: nn.Module, disk: dict[str, DiskTensor] | None):
+    def __init__(self, manager: LayerOwner, name: str, module: nn.Module, disk: dict[str, DiskTensor] | None):
         self.manager, self.name, self.module = manager, name, module
         self.names = [n for n, p in module._parameters.items() if p is not None]
         self.stored: dict[str, nn.Parameter] = {n: module._parameters[n] for n in self.names}

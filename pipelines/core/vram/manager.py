@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from ..hooks import add_forward_wrapper, remove_forward_wrapper
-from ..loader import expand_checkpoint_paths, load_model
+from ..loader import load_model
+from ..shards import expand_checkpoint_paths
 from ..weight_access import register_weight_access
 from .disk import DiskSource, all_safetensors, check_safetensors
 from .host import HostArena, arena_size

@@ -1,7 +1,7 @@
 """An offline stand-in for a Qwen-Image-Edit repo's `processor/` folder.
 
 `build_processor_folder(out_dir)` writes the real-vocabulary Qwen2.5-VL tokenizer
-(`pipelines.testing.tokenizer.build_qwen_tokenizer`) plus `preprocessor_config.json` with the
+(`pipelines.demo.tokenizer.build_qwen_tokenizer`) plus `preprocessor_config.json` with the
 values of Qwen2.5-VL-7B's image processor, under the field names transformers'
 `Qwen2VLImageProcessor` reads (min_pixels/max_pixels override `size`, which transformers 5.x
 writes as {shortest_edge, longest_edge}).

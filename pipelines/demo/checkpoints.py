@@ -1,4 +1,4 @@
-"""Writing random-weight checkpoints in the hub layout (tests, benchmarks, the demo model)."""
+"""Writing random-weight checkpoints in the hub layout: the demo models (and tests, benchmarks)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 
@@ -21,15 +20,6 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator)
         return 0.1 * values
     fan_in = math.prod(shape[1:])
     return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Fill every parameter of `module` in place (deterministic in `seed`)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            param.copy_(random_tensor(name, tuple(param.shape), generator))
-    return module
 
 
 def random_state_dict(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:

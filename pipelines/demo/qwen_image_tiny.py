@@ -1,7 +1,7 @@
 """Tiny random-weight Qwen-Image repos in the exact hub layout.
 
-    python -m pipelines.testing.tiny OUT_DIR [--edit]
-    python -m pipelines.testing.tiny --lora OUT.safetensors
+    python -m pipelines.demo.qwen_image_tiny OUT_DIR [--edit]
+    python -m pipelines.demo.qwen_image_tiny --lora OUT.safetensors
 
 writes model_index.json, scheduler/, transformer/ (2 shards + index), text_encoder/
 (2 shards + index), vae/diffusion_pytorch_model.safetensors and tokenizer/ (the real Qwen
@@ -25,18 +25,15 @@ import tempfile
 from pathlib import Path
 
 from ..core.loader import parameters_on_meta
+from ..models.qwen2_5_text import QwenImageTextEncoder, QwenTextEncoderParams
+from ..models.qwen2_5_vl_encoder import QwenImageVLEncoder, QwenVisionParams
 from ..models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
-from ..models.qwen_image_text_encoder import (
-    QwenImageTextEncoder,
-    QwenImageVLEncoder,
-    QwenTextEncoderParams,
-    QwenVisionParams,
-)
 from ..models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams
 from ..qwen_image import QwenImagePipeline
 from .checkpoints import random_state_dict, save_sharded, write_json
+from .lora import write_dit_lora
+from .processor import build_processor_folder
 from .tokenizer import build_qwen_tokenizer
-from .vision import build_processor_folder
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +46,6 @@ TEXT_ENCODER = QwenTextEncoderParams(hidden_size=TEXT_HIDDEN, intermediate_size=
 VAE = QwenImageVAEParams(base_dim=16, num_res_blocks=1)
 VISION = QwenVisionParams(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_HIDDEN,
                           fullatt_block_indexes=[1])
-
-PICTURES = Path(__file__).parent / "pictures"  # the edit demo's pictures, a.png (128x96) and b.png (96x128)
-
 
 class TinyQwenImagePipeline(QwenImagePipeline):
     """QwenImagePipeline for the tiny demo models: an edit's pictures at about 96x96 for the
@@ -181,8 +175,6 @@ def _write_repo(root: Path, seed: int, edit: bool) -> None:
 def build_tiny_lora(out_file: str | Path, seed: int = 0, rank: int = 4) -> Path:
     """A LoRA for the tiny repo's transformer into `out_file` (written beside and renamed into
     place: complete or absent)."""
-    from .lora import write_dit_lora
-
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{out_file.name}-", suffix=".safetensors", dir=out_file.parent)

@@ -10,7 +10,7 @@ injected on demand.
         ...
         hub.file_requests("vae/diffusion_pytorch_model.safetensors")  # what the clients asked for
 
-    python -m pipelines.testing.hub_server Qwen/Qwen-Image-Tiny=/path/to/folder [--port 8000]
+    python -m tests.support.hub_server Qwen/Qwen-Image-Tiny=/path/to/folder [--port 8000]
 
 Endpoints served (one server speaks both protocols; their paths do not overlap):
 - ModelScope: `GET /api/v1/models/{id}` (repo info), `GET /api/v1/models/{id}/repo/files?Revision=
@@ -145,7 +145,6 @@ class _State:
     repos: dict[str, Repo]
     faults: list[Fault] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
-    sent: dict[str, int] = field(default_factory=dict)  # file path -> body bytes sent so far
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -211,16 +210,11 @@ class HubServer:
     def clear_requests(self) -> None:
         with self.state.lock:
             self.state.requests.clear()
-            self.state.sent.clear()
 
     def file_requests(self, path: str | None = None, method: str = "GET") -> list[Request]:
         """Content requests (GET by default) for one repo file, or for every file."""
         return [r for r in self.requests
                 if r.kind == "file" and r.method == method and (path is None or r.path == path)]
-
-    def bytes_sent(self, path: str) -> int:
-        """Body bytes of a file sent so far, over all requests (live, while a transfer runs)."""
-        return self.state.sent.get(path, 0)
 
     def repo(self, model_id: str) -> Repo:
         return self.state.repos[model_id]
@@ -539,8 +533,6 @@ class _Handler(BaseHTTPRequestHandler):
                     time.sleep(fault.delay)
                 self.wfile.write(chunk)
                 sent += len(chunk)
-                with self.state.lock:
-                    self.state.sent[file.path] = self.state.sent.get(file.path, 0) + len(chunk)
         self._record.status = status
 
     # ------------------------------------------------------------------ responses

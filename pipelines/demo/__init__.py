@@ -1,0 +1,11 @@
+"""The demo: what the tiny demo configs (`model=qwen_image_tiny`, `model=qwen_image_edit_tiny`,
+`lora=tiny_demo`) build and read, offline and in seconds on a CPU. Not test code: it ships.
+
+    qwen_image_tiny.py   the tiny Qwen-Image / Edit-2511 repos (random weights, hub layout), their
+                         LoRA, and TinyQwenImagePipeline (small picture areas)
+    checkpoints.py       random weights written as the hub's (sharded) safetensors
+    lora.py              random LoRAs in every file format the library reads
+    tokenizer.py         the real Qwen2.5-VL tokenizer folder, built from BPE ranks on disk
+    processor.py         the Edit models' `processor/` folder (tokenizer + image processor config)
+    pictures/            the edit demo's two pictures
+"""
