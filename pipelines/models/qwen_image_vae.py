@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
@@ -36,7 +37,18 @@ LATENTS_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )
 
-_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+# The checkpoint's key grammar: exact, so that the Qwen-Image 2.1 VAE's file (the same head and
+# mid-block names, but `down_blocks.N.resnets.M`, `downsampler`, `upsampler`) is not claimed.
+_RES = r"(norm1|norm2)\.gamma|(conv1|conv2|conv_shortcut)\.(weight|bias)"
+_ATTN = r"norm\.gamma|(to_qkv|proj)\.(weight|bias)"
+_RESAMPLE = r"(resample\.1|time_conv)\.(weight|bias)"
+_KEY = re.compile(
+    r"(post_)?quant_conv\.(weight|bias)"
+    r"|(encoder|decoder)\.(conv_in\.(weight|bias)|norm_out\.gamma|conv_out\.(weight|bias))"
+    rf"|(encoder|decoder)\.mid_block\.(resnets\.\d+\.({_RES})|attentions\.\d+\.({_ATTN}))"
+    rf"|encoder\.down_blocks\.\d+\.({_RES}|{_ATTN}|{_RESAMPLE})"
+    rf"|decoder\.up_blocks\.\d+\.(resnets\.\d+\.({_RES})|upsamplers\.0\.{_RESAMPLE})"
+)
 
 
 @dataclass
@@ -377,7 +389,7 @@ class QwenImageVAE(nn.Module):
 
     @staticmethod
     def owns_checkpoint_key(key: str) -> bool:
-        return key.startswith(_PREFIXES)
+        return _KEY.fullmatch(key) is not None
 
     @staticmethod
     def convert_checkpoint_key(key: str) -> str | None:
