@@ -45,8 +45,20 @@ def _owner(key: str, candidates: Sequence[type]) -> type | None:
     return next((c for c in candidates if c.owns_checkpoint_key(key)), None)
 
 
+def _absent_required(model_class: type, files: Sequence[CheckpointFile]) -> list[str]:
+    converted = {model_class.convert_checkpoint_key(k) for f in files for k in f.shapes
+                 if model_class.owns_checkpoint_key(k)}
+    return [k for k in model_class.CHECKPOINT_REQUIRED_KEYS if k not in converted]
+
+
 def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[CheckpointModel]]) -> type:
-    """The one candidate class whose checkpoint these files hold."""
+    """The one candidate class whose checkpoint these files hold. Related architectures share key
+    names (`encoder.conv_in.weight` of two VAEs): a candidate that owns every key and finds its
+    required keys wins before keys are attributed one by one."""
+    whole = next((c for c in candidates if all(c.owns_checkpoint_key(k) for f in files for k in f.shapes)
+                  and not _absent_required(c, files)), None)
+    if whole is not None:
+        return whole
     owners_per_file = []
     for file in files:
         owners = {_owner(k, candidates) for k in file.shapes}
@@ -69,15 +81,28 @@ def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[Checkpo
             "Give each model its own ModelConfig."
         )
     model_class = all_owners.pop()
-    converted = {model_class.convert_checkpoint_key(k) for f in files for k in f.shapes
-                 if model_class.owns_checkpoint_key(k)}
-    absent = [k for k in model_class.CHECKPOINT_REQUIRED_KEYS if k not in converted]
-    if absent:
-        raise CheckpointError(
-            f"{files[0].path}: looks like a {model_class.__name__} checkpoint but lacks "
-            f"{', '.join(absent)}. The files are incomplete: pass all shards, or fetch them again."
-        )
+    _check_required(model_class, files, candidates)
     return model_class
+
+
+def _check_required(model_class: type, files: Sequence[CheckpointFile], candidates: Sequence[type]) -> None:
+    """Required keys absent: incomplete files, or (keys no candidate owns beside them) the checkpoint of
+    another model that shares some key names with this one."""
+    absent = _absent_required(model_class, files)
+    if not absent:
+        return
+    unowned = [k for f in files for k in f.shapes if _owner(k, candidates) is None]
+    if unowned:
+        raise CheckpointError(
+            f"{files[0].path}: not a {model_class.__name__} checkpoint: it shares some key names with one but "
+            f"lacks {', '.join(absent)}, and {len(unowned)} of its keys belong to no model this pipeline knows "
+            f"({', '.join(unowned[:4])}{' ...' if len(unowned) > 4 else ''}). Check that the file is the right "
+            "model for this pipeline."
+        )
+    raise CheckpointError(
+        f"{files[0].path}: looks like a {model_class.__name__} checkpoint but lacks "
+        f"{', '.join(absent)}. The files are incomplete: pass all shards, or fetch them again."
+    )
 
 
 # ---------------------------------------------------------------- building and assigning
