@@ -346,8 +346,15 @@ class DoubleStreamBlock(nn.Module):
 # The model
 # ----------------------------------------------------------------------------------------------
 
-_TOP_LEVEL = ("img_in", "txt_norm", "txt_in", "time_text_embed", "transformer_blocks", "norm_out", "proj_out")
-_OWNED_KEY = re.compile(r"^(?:%s)\." % "|".join(_TOP_LEVEL))
+# Exactly the key names of a Qwen-Image checkpoint, not their top-level prefixes: the Qwen-Image 2.1 DiT
+# (qwen_image_21_dit.py) shares some of them (img_in.weight, attn.to_q.weight...), and its own (modulation.1,
+# txt_in.in_layer, img_mlp.gate_layer...) must not be claimed here. `time_text_embed.*` as a whole, so that the
+# variants this file refuses (guidance and additional-timestep embedders) reach their config.json check.
+_OWNED_KEY = re.compile(
+    r"^(?:time_text_embed\..+|txt_norm\.weight|(?:img_in|txt_in|proj_out|norm_out\.linear)\.(?:weight|bias)"
+    r"|transformer_blocks\.\d+\.(?:(?:img_mod|txt_mod)\.1|img_mlp\.net\.(?:0\.proj|2)|txt_mlp\.net\.(?:0\.proj|2)"
+    r"|attn\.(?:to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out))\.(?:weight|bias)"
+    r"|transformer_blocks\.\d+\.attn\.norm_(?:q|k|added_q|added_k)\.weight)$")
 _BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 # diffusers config.json fields that map onto QwenImageDiTParams.
