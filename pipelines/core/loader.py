@@ -45,11 +45,18 @@ def _owner(key: str, candidates: Sequence[type]) -> type | None:
     return next((c for c in candidates if c.owns_checkpoint_key(key)), None)
 
 
+def _loading_owner(key: str, candidates: Sequence[type]) -> type | None:
+    """The candidate that owns `key` and loads it. A key its owner skips (the `lm_head` a text
+    encoder does not use) says nothing about which model the files hold: families share such keys."""
+    owner = _owner(key, candidates)
+    return owner if owner is not None and owner.convert_checkpoint_key(key) is not None else None
+
+
 def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[CheckpointModel]]) -> type:
-    """The one candidate class whose checkpoint these files hold."""
+    """The one candidate class whose checkpoint these files hold (recognised by the keys it loads)."""
     owners_per_file = []
     for file in files:
-        owners = {_owner(k, candidates) for k in file.shapes}
+        owners = {_loading_owner(k, candidates) for k in file.shapes}
         owners_per_file.append(owners)
     all_owners = set().union(*owners_per_file) - {None}
     if not all_owners:
@@ -72,6 +79,14 @@ def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[Checkpo
     converted = {model_class.convert_checkpoint_key(k) for f in files for k in f.shapes
                  if model_class.owns_checkpoint_key(k)}
     absent = [k for k in model_class.CHECKPOINT_REQUIRED_KEYS if k not in converted]
+    foreign = [k for f in files for k in f.shapes if not model_class.owns_checkpoint_key(k)]
+    if absent and foreign:  # not an incomplete checkpoint: another model sharing some key names
+        raise CheckpointError(
+            f"{files[0].path.parent}: not a {model_class.__name__} checkpoint: it lacks {', '.join(absent[:4])}"
+            f"{' ...' if len(absent) > 4 else ''} and holds {len(foreign)} key(s) of another model "
+            f"({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}). Check that the files are the right "
+            "model for this component."
+        )
     if absent:
         raise CheckpointError(
             f"{files[0].path}: looks like a {model_class.__name__} checkpoint but lacks "
