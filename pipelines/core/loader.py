@@ -51,17 +51,24 @@ def _absent_required(model_class: type, files: Sequence[CheckpointFile]) -> list
     return [k for k in model_class.CHECKPOINT_REQUIRED_KEYS if k not in converted]
 
 
+def _loading_owner(key: str, candidates: Sequence[type]) -> type | None:
+    """The candidate that owns `key` and loads it. A key its owner skips (the `lm_head` a text
+    encoder does not use) says nothing about which model the files hold: families share such keys."""
+    owner = _owner(key, candidates)
+    return owner if owner is not None and owner.convert_checkpoint_key(key) is not None else None
+
+
 def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[CheckpointModel]]) -> type:
     """The one candidate class whose checkpoint these files hold. Related architectures share key
     names (`encoder.conv_in.weight` of two VAEs): a candidate that owns every key and finds its
-    required keys wins before keys are attributed one by one."""
+    required keys wins before keys are attributed one by one, by the keys each model loads."""
     whole = next((c for c in candidates if all(c.owns_checkpoint_key(k) for f in files for k in f.shapes)
                   and not _absent_required(c, files)), None)
     if whole is not None:
         return whole
     owners_per_file = []
     for file in files:
-        owners = {_owner(k, candidates) for k in file.shapes}
+        owners = {_loading_owner(k, candidates) for k in file.shapes}
         owners_per_file.append(owners)
     all_owners = set().union(*owners_per_file) - {None}
     if not all_owners:
@@ -81,23 +88,23 @@ def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[Checkpo
             "Give each model its own ModelConfig."
         )
     model_class = all_owners.pop()
-    _check_required(model_class, files, candidates)
+    _check_required(model_class, files)
     return model_class
 
 
-def _check_required(model_class: type, files: Sequence[CheckpointFile], candidates: Sequence[type]) -> None:
-    """Required keys absent: incomplete files, or (keys no candidate owns beside them) the checkpoint of
-    another model that shares some key names with this one."""
+def _check_required(model_class: type, files: Sequence[CheckpointFile]) -> None:
+    """Required keys absent: incomplete files, or (keys this model does not own beside them) the
+    checkpoint of another model that shares some key names with this one."""
     absent = _absent_required(model_class, files)
     if not absent:
         return
-    unowned = [k for f in files for k in f.shapes if _owner(k, candidates) is None]
-    if unowned:
+    foreign = [k for f in files for k in f.shapes if not model_class.owns_checkpoint_key(k)]
+    if foreign:
         raise CheckpointError(
-            f"{files[0].path}: not a {model_class.__name__} checkpoint: it shares some key names with one but "
-            f"lacks {', '.join(absent)}, and {len(unowned)} of its keys belong to no model this pipeline knows "
-            f"({', '.join(unowned[:4])}{' ...' if len(unowned) > 4 else ''}). Check that the file is the right "
-            "model for this pipeline."
+            f"{files[0].path.parent}: not a {model_class.__name__} checkpoint: it lacks {', '.join(absent[:4])}"
+            f"{' ...' if len(absent) > 4 else ''} and holds {len(foreign)} key(s) of another model "
+            f"({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}). Check that the files are the right "
+            "model for this component."
         )
     raise CheckpointError(
         f"{files[0].path}: looks like a {model_class.__name__} checkpoint but lacks "

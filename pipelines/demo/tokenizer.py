@@ -6,6 +6,8 @@
 added_tokens.json) that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads as a
 `Qwen2Tokenizer`. The merges are derived as the Qwen2 ones were: for each token, the two parts
 that byte-level BPE restricted to lower ranks leaves, one merge per token (151,387 merges).
+`build_qwen3_tokenizer(out_dir)` writes the Qwen3-VL one (Qwen-Image 2.1's `processor/`): the
+same BPE and added tokens, then four more (`QWEN3_ADDED_TOKENS`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -57,9 +60,19 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 SPECIAL_TOKEN_IDS: dict[str, int] = {tok: NUM_BPE_TOKENS + i for i, (tok, _) in enumerate(ADDED_TOKENS)}
 
+# Qwen3 / Qwen3-VL (the tokenizer of Qwen-Image 2.1's `processor/`): the same BPE and the same
+# added tokens, then four more (151665..151668), none of them special.
+QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = ADDED_TOKENS + (
+    ("<tool_response>", False),  # 151665
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),  # 151668
+)
+
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 131072
+QWEN3_MODEL_MAX_LENGTH = 262144
 
 _INSTALL_HINT = (
     "the offline Qwen tokenizer needs the Qwen BPE ranks from the `dashscope` package and "
@@ -163,7 +176,11 @@ def _added_token_entry(content: str, special: bool) -> dict:
     }
 
 
-def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str:
+def _added_ids(added: Sequence[tuple[str, bool]]) -> dict[str, int]:
+    return {tok: NUM_BPE_TOKENS + i for i, (tok, _) in enumerate(added)}
+
+
+def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]], added: Sequence[tuple[str, bool]]) -> str:
     """tokenizer.json as the `tokenizers` library writes Qwen2's (NFC, regex split, byte level)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
@@ -191,27 +208,28 @@ def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.add_special_tokens(
         [AddedToken(c, special=s, normalized=False, lstrip=False, rstrip=False, single_word=False) for c,
-         s in ADDED_TOKENS]
+         s in added]
     )
-    for content, token_id in SPECIAL_TOKEN_IDS.items():
+    for content, token_id in _added_ids(added).items():
         if tok.token_to_id(content) != token_id:
             raise RuntimeError(f"tokenizer build: {content} got id {tok.token_to_id(content)}, expected {token_id}")
     return tok.to_str(pretty=False)
 
 
-def _tokenizer_config() -> dict:
+def _tokenizer_config(added: Sequence[tuple[str, bool]], model_max_length: int) -> dict:
+    ids = _added_ids(added)
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(SPECIAL_TOKEN_IDS[c]): _added_token_entry(c, s) for c, s in ADDED_TOKENS
+            str(ids[c]): _added_token_entry(c, s) for c, s in added
         },
-        "additional_special_tokens": [c for c, s in ADDED_TOKENS if s and c != PAD_TOKEN],
+        "additional_special_tokens": [c for c, s in added if s and c != PAD_TOKEN],
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,
         "errors": "replace",
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": model_max_length,
         "pad_token": PAD_TOKEN,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
@@ -219,16 +237,19 @@ def _tokenizer_config() -> dict:
     }
 
 
-def _special_tokens_map() -> dict:
+def _special_tokens_map(added: Sequence[tuple[str, bool]]) -> dict:
     return {
-        "additional_special_tokens": [c for c, s in ADDED_TOKENS if s and c != PAD_TOKEN],
+        "additional_special_tokens": [c for c, s in added if s and c != PAD_TOKEN],
         "eos_token": _added_token_entry(EOS_TOKEN, True),
         "pad_token": _added_token_entry(PAD_TOKEN, True),
     }
 
 
-def build_qwen_tokenizer(out_dir: str | os.PathLike, tiktoken_file: str | os.PathLike | None = None) -> Path:
-    """Write the Qwen2.5-VL tokenizer folder to `out_dir` (created if needed) and return it.
+def build_qwen_tokenizer(out_dir: str | os.PathLike, tiktoken_file: str | os.PathLike | None = None, *,
+                         added_tokens: Sequence[tuple[str, bool]] = ADDED_TOKENS,
+                         model_max_length: int = MODEL_MAX_LENGTH) -> Path:
+    """Write the Qwen2.5-VL tokenizer folder to `out_dir` (created if needed) and return it
+    (`added_tokens`, `model_max_length`: another Qwen vocabulary, see `build_qwen3_tokenizer`).
 
     Takes ~2 s. Files are written to a temporary folder first and moved in, so an interrupted
     build never leaves a half-written tokenizer behind. Raises ImportError when `dashscope` (the
@@ -242,10 +263,11 @@ def build_qwen_tokenizer(out_dir: str | os.PathLike, tiktoken_file: str | os.Pat
     files = {
         "vocab.json": json.dumps(vocab, ensure_ascii=False),
         "merges.txt": "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-        "tokenizer.json": _tokenizer_json(vocab, merges),
-        "tokenizer_config.json": json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False),
-        "special_tokens_map.json": json.dumps(_special_tokens_map(), indent=2, ensure_ascii=False),
-        "added_tokens.json": json.dumps(SPECIAL_TOKEN_IDS, indent=2, ensure_ascii=False),
+        "tokenizer.json": _tokenizer_json(vocab, merges, added_tokens),
+        "tokenizer_config.json": json.dumps(_tokenizer_config(added_tokens, model_max_length), indent=2,
+                                            ensure_ascii=False),
+        "special_tokens_map.json": json.dumps(_special_tokens_map(added_tokens), indent=2, ensure_ascii=False),
+        "added_tokens.json": json.dumps(_added_ids(added_tokens), indent=2, ensure_ascii=False),
     }
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out))
@@ -258,3 +280,10 @@ def build_qwen_tokenizer(out_dir: str | os.PathLike, tiktoken_file: str | os.Pat
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("built the Qwen tokenizer in %s (%.1f s)", out, time.perf_counter() - start)
     return out
+
+
+def build_qwen3_tokenizer(out_dir: str | os.PathLike, tiktoken_file: str | os.PathLike | None = None) -> Path:
+    """Write the Qwen3-VL tokenizer folder (Qwen-Image 2.1's: Qwen2.5-VL's plus `QWEN3_ADDED_TOKENS`'
+    last four) to `out_dir` and return it."""
+    return build_qwen_tokenizer(out_dir, tiktoken_file, added_tokens=QWEN3_ADDED_TOKENS,
+                                model_max_length=QWEN3_MODEL_MAX_LENGTH)

@@ -16,7 +16,8 @@ position; the angles are then repeated for the second half of the head (rotate-h
 convention). For text the three positions are the same, 0..L-1 whatever the padding, which
 is plain RoPE.
 
-Checkpoint layouts recognised (both Qwen2.5-VL):
+Checkpoint layouts recognised (both Qwen2.5-VL; the keys of modules only Qwen3-VL has, `q_norm`,
+`k_norm`, `pos_embed`, the DeepStack mergers, are not, so Qwen-Image 2.1's text encoder is refused):
 - legacy, on the hub and what `save_pretrained` writes (transformers 4.5x and 5.x):
   `model.embed_tokens.*`, `model.layers.N.*`, `model.norm.*`, `lm_head.*`, `visual.*`;
 - newer module layout: `model.language_model.*`, `model.visual.*`, `lm_head.*`.
@@ -43,6 +44,10 @@ Shapes = Mapping[str, tuple[int, ...]]
 # Keys of the language model, relative to `model.` (legacy) or `model.language_model.` (newer).
 _LM_KEY = re.compile(r"^(?:embed_tokens|norm|layers\.\d+)\.")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+# Modules of Qwen3-VL (Qwen-Image 2.1's encoder, `qwen3_vl_encoder.py`) that Qwen2.5-VL lacks: its
+# checkpoint shares the `model.language_model.*` / `model.visual.*` layout, keys naming these are not ours.
+_QWEN3_VL_KEY = re.compile(r"\.self_attn\.[qk]_norm\.|^model\.visual\.(?:pos_embed|deepstack_merger_list|merger\.norm)\.|"
+                           r"\.linear_fc[12]\.")
 
 # The MLP activations of transformers' ACT2FN that a Qwen2-family config may name.
 _ACTIVATIONS = {
@@ -336,6 +341,8 @@ class QwenImageTextEncoder(nn.Module):
 
     @staticmethod
     def owns_checkpoint_key(key: str) -> bool:
+        if _QWEN3_VL_KEY.search(key):
+            return False  # a Qwen3-VL checkpoint (Qwen-Image 2.1) is not a Qwen2.5-VL one
         if key.startswith(("lm_head.", "visual.", "model.visual.", "model.language_model.")):
             return True
         return key.startswith("model.") and bool(_LM_KEY.match(key[len("model."):]))
