@@ -124,7 +124,7 @@ def cli() -> int:
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's config errors reach us: reported below with the key and fix
     from .app import STATE, abort, finish_sweep, main
-    from .report import FAILED, KILLED
+    from .records import FAILED, KILLED
     from .state import close_recorders, interrupt_handler
 
     signal.signal(signal.SIGINT, interrupt_handler)

@@ -31,10 +31,10 @@ from omegaconf import DictConfig
 
 from . import job, sweep
 from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, SweepDone, brief_on_console, output_fix
-from .folders import claim_folder, register_resolvers
+from .files import claim_folder, register_resolvers
 from .job import JobPlan
 from .recorder import Recorder
-from .report import JobRecord
+from .records import JobRecord
 from .spec import register_configs, task_overrides
 from .state import STATE, close_recorders, open_recorder, prestart_recorder, shield
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .report import locked
+from .files import locked
 from .spec import RUN_ARGUMENTS, SAMPLER_ARGUMENTS, VRAM_KEYS, ConfigError, DType, FileSpec, LoraItem, RunSpec
 
 logger = logging.getLogger(__name__)

@@ -63,10 +63,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .folders import inside
-from .report import GRID_PNG_LEVEL, METRICS, OVERRIDES_JSON_TAG, atomic_write
+from .errors import first_line
+from .files import atomic_write, inside
+from .records import FAILED, FINISHED, GRID_PNG_LEVEL, KILLED, METRICS, OVERRIDES_JSON_TAG, SKIPPED, split_override
 
-FINISHED, FAILED, KILLED, SKIPPED = "FINISHED", "FAILED", "KILLED", "SKIPPED"
 OK_STATUSES = (FINISHED, SKIPPED)  # a skipped job (resume) shows the image of its earlier run
 NONE = "none"  # an axis switched off
 ELLIPSIS = "…"
@@ -105,7 +105,7 @@ class GridJob:
             self.generation = {}
             if self.image_path is not None and Path(self.image_path).is_file():
                 try:
-                    from .report import read_generation
+                    from .records import read_generation
 
                     self.generation = read_generation(Path(self.image_path))
                 except Exception:  # noqa: BLE001 - not our PNG, or no chunk: only the header misses it
@@ -155,20 +155,15 @@ def _keys_in_order(jobs: Iterable[GridJob]) -> list[str]:
     return keys
 
 
-def _split_override(override: str) -> tuple[str, str]:
-    key, _, value = override.partition("=")
-    return key.lstrip("+~"), value
-
-
 def jobs_from_records(records: Sequence[Any], overrides: Sequence[str] = (), title: str = "") -> JobList:
     """From `runner.report.JobRecord`s (a sweep that just ended): the swept keys are
     `runner.report.swept_keys(records)`, the same columns as `jobs.csv`."""
-    from .report import swept_keys
+    from .records import swept_keys
 
     keys = swept_keys(records)
     jobs = []
     for r in records:
-        wanted = dict(_split_override(o) for o in r.overrides)
+        wanted = dict(split_override(o) for o in r.overrides)
         jobs.append(GridJob(
             num=int(r.num), values={k: wanted.get(k, "") for k in keys}, status=r.status,
             image_path=Path(r.image_path) if r.image_path else None, metrics=dict(r.metrics),
@@ -238,7 +233,7 @@ def _jobs_from_table(path: Path, table: Path, header: list[str], rows: list[dict
 
 def _jobs_from_job_folders(path: Path) -> JobList:
     """The jobs of a sweep folder from `<job>/job.json` (a malformed one: ReportError naming it)."""
-    from .report import JobRecord, RecordError
+    from .records import JobRecord, RecordError
 
     records, outside = [], []
     for record_file in sorted(path.glob("*/job.json")):
@@ -342,7 +337,7 @@ def jobs_from_mlflow(tracking_uri: str, parent_run_id: str, dst: Path) -> JobLis
         token = page.token
         if not token:
             break
-    overrides = [dict(_split_override(o) for o in overrides_of(c.data.tags)) for c in children]
+    overrides = [dict(split_override(o) for o in overrides_of(c.data.tags)) for c in children]
     keys = parent.data.tags.get("runner.swept_keys", "").split()
     if not keys:
         keys = _differing(overrides) or _differing([dict(c.data.params) for c in children])
@@ -633,10 +628,6 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
             last = last[:-1]
         lines[-1] = last + ELLIPSIS
     return lines
-
-
-def first_line(error: str) -> str:
-    return next((line.strip() for line in error.splitlines() if line.strip()), "")
 
 
 def render_page(page: GridPage, axes: Axes, thumb: int = 256, images: Optional["_Images"] = None) -> Image.Image:
@@ -1341,17 +1332,6 @@ class PendingReport:
         html_name = f"report_{self.name}.html" if self.name else "report.html"
         page = atomic_write(self.out_dir / html_name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return ReportFiles(page, self.grids)
-
-
-REPORT_FILES = ("report.html", "jobs.csv")  # beside the grid PNG(s)
-
-
-def sweep_outputs(folder: Path) -> list[Path]:
-    """The comparison files the sweep itself wrote into its folder (grid PNGs, report.html,
-    jobs.csv; not the rebuilds named by their axes): what goes onto the sweep's parent run."""
-    folder = Path(folder)
-    grids = [p for p in folder.glob("grid*.png") if p.name == "grid.png" or not p.name.startswith("grid_x=")]
-    return sorted(grids) + [folder / n for n in REPORT_FILES if (folder / n).is_file()]
 
 
 @dataclass

@@ -54,6 +54,16 @@ class OutputError(Exception):
         self.errno = error.errno
 
 
+def first_line(error: BaseException | str, named: bool = False) -> str:
+    """The first non-blank line of an error (its message, or its type's name when it has none):
+    what a log line or a grid cell shows of it. `named`: prefixed with the error's type."""
+    text = str(error)
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if isinstance(error, BaseException) and (named or not line):
+        return f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return line
+
+
 def is_storage_error(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import build, failpoints
 from .errors import OutputError, brief, is_storage_error
 from .provenance import fingerprint_tags, provenance_tags
-from .report import (
+from .records import (
     CONFIG_HASH_TAG,
     FAILED,
     FINISHED,

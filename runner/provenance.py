@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .report import atomic_write, locked
+from .files import atomic_write, locked
 
 logger = logging.getLogger(__name__)
 

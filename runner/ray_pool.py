@@ -42,9 +42,10 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from . import build, job
-from .errors import EXIT_FAILED, ConfigError, OutputError, Stop
+from .errors import EXIT_FAILED, ConfigError, OutputError, Stop, first_line
+from .files import exclusive_write
 from .job import JobPlan
-from .report import FAILED, FINISHED, KILLED, SKIPPED, JobRecord, exclusive_write
+from .records import FAILED, FINISHED, KILLED, SKIPPED, JobRecord
 
 logger = logging.getLogger("runner")
 
@@ -238,9 +239,9 @@ class Pool:
                     logger.info("Ray: worker %s joined the sweep", member.name)
             except self.ray.exceptions.RayError as error:
                 self.members.remove(member)
-                logger.warning("Ray: a worker could not start: %s", _first_line(error))
+                logger.warning("Ray: a worker could not start: %s", first_line(error))
                 if not self.members:
-                    raise Stop(f"the Ray workers could not start: {_first_line(error)}. Fix: install this project "
+                    raise Stop(f"the Ray workers could not start: {first_line(error)}. Fix: install this project "
                                'with its ray extra (`pip install -e ".[ray]"`) and the models on every node of the '
                                "cluster", EXIT_FAILED) from None
 
@@ -298,7 +299,7 @@ class Pool:
             except self.ray.exceptions.RayError as error:
                 self._kill(member)
                 self.members[self.members.index(member)] = self._member()  # a fresh worker in its place
-                ended.append((task, None, WorkerLost(_first_line(error))))
+                ended.append((task, None, WorkerLost(first_line(error))))
         self._check_placement()
         return ended
 
@@ -350,7 +351,7 @@ def _connect(settings: Settings) -> Any:
     except Exception as error:  # noqa: BLE001 - reported in one line with the fix
         what = "start a Ray runtime on this machine" if local else f"join the Ray cluster at {settings.address}"
         fix = "check hydra.launcher.init" if local else _FIX_CLUSTER
-        raise Stop(f"cannot {what}: {_first_line(error)}. Fix: {fix}", EXIT_FAILED) from None
+        raise Stop(f"cannot {what}: {first_line(error)}. Fix: {fix}", EXIT_FAILED) from None
     finally:  # Ray's SIGTERM handler would exit without ending the MLflow runs: the runner's own stay
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -394,11 +395,6 @@ def _sizes(settings: Settings, resources: dict) -> tuple[int, float, int]:
                    "threads_per_worker or num_gpus_per_worker, or add nodes (`ray start --address=HEAD:6379`)",
                    EXIT_FAILED)
     return workers, float(gpus), threads
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines() or [type(error).__name__])[0]
 
 
 # ------------------------------------------------------------ the sweep's side
@@ -499,7 +495,7 @@ def _outcome(sweep: Any, task: Task, result: Any, error: Optional[BaseException]
                        "check the workers' memory (out of memory?) and the Ray logs "
                        "(/tmp/ray/session_latest/logs on each node), then run again with resume=true")
     if error is not None:
-        return _failed(task, FAILED, f"{type(error).__name__}: the Ray worker failed: {_first_line(error)}")
+        return _failed(task, FAILED, f"{type(error).__name__}: the Ray worker failed: {first_line(error)}")
     return _land(sweep, task, *result)
 
 

@@ -48,9 +48,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
-from .errors import EXIT_REFUSED, ConfigError, Stop
+from .errors import EXIT_REFUSED, ConfigError, Stop, first_line
 from .owner import owner_tags
-from .report import FAILED, FINISHED, IMAGE_SHA256_TAG, KILLED, OVERRIDES_JSON_TAG, SKIPPED, JobRecord, SweepRecord
+from .records import FINISHED, IMAGE_SHA256_TAG, KILLED, OVERRIDES_JSON_TAG, SKIPPED, JobRecord, SweepRecord
 
 if TYPE_CHECKING:  # the writer process imports no torch
     from .job import JobPlan
@@ -255,7 +255,7 @@ class _Writer:
     def _dead(self, error: BaseException, what: str) -> None:
         from .tracking import store_problem
 
-        self.dead = f"{what}: {_first_line(error)}"
+        self.dead = f"{what}: {first_line(error, named=True)[:500]}"
         self.outbox.put(("dead", self.dead))
         store = self.tracking.get("uri") or self.tracking["store_dir"]
         problem, fix = store_problem(error, store)
@@ -276,7 +276,7 @@ class _Writer:
             if is_unreachable(error) or self.failures >= 3:
                 self._dead(error, what)
             else:
-                self.log(logging.WARNING, f"MLflow: could not {what}: {_first_line(error)}")
+                self.log(logging.WARNING, f"MLflow: could not {what}: {first_line(error, named=True)[:500]}")
             return False
         self.failures = 0
         return True
@@ -416,7 +416,7 @@ def _serve(inbox: Any, outbox: Any, hurry: Any) -> None:
         try:
             result = getattr(writer, op)(*args)
         except Exception as error:  # noqa: BLE001 - a bug here must not stop the writer
-            writer.log(logging.ERROR, f"MLflow writer: {op} failed: {_first_line(error)}")
+            writer.log(logging.ERROR, f"MLflow writer: {op} failed: {first_line(error, named=True)[:500]}")
             result = None
         if seq is not None:
             outbox.put(("reply", seq, result))
@@ -630,12 +630,3 @@ class Recorder:
     def download(self, run_id: str, artifact: str, dst: Path) -> Optional[Path]:
         path = self._request("download", run_id, artifact, str(dst))
         return Path(path) if path else None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
-
-
-def status_of(records: Iterable[JobRecord]) -> str:
-    return FAILED if any(r.status in (FAILED, KILLED) for r in records) else FINISHED

@@ -255,7 +255,7 @@ def built_file(relative: str, builder: str) -> str:
     path = model_folder(ModelConfig(model_id=repo)) / name  # refuses paths that leave the models folder
     if not path.is_file():
         from .build import import_object
-        from .report import locked
+        from .files import locked
 
         with locked(path):
             if not path.is_file():

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .errors import EXIT_REFUSED, ConfigError, Stop
 from .recorder import Recorder, discard_prestarted_writer, prestart_writer
-from .report import JobRecord
+from .records import JobRecord
 
 logger = logging.getLogger("runner")
 

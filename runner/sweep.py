@@ -29,12 +29,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import failpoints, job
 from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, brief_on_console, output_fix
-from .folders import claim_folder, release_claim
+from .files import claim_folder, release_claim
 from .job import JobPlan
 from .owner import owner_tags
 from .provenance import provenance_tags
-from .recorder import Recorder, status_of
-from .report import (
+from .recorder import Recorder
+from .records import (
     FAILED,
     FINISHED,
     KILLED,
@@ -43,9 +43,10 @@ from .report import (
     SKIPPED,
     JobRecord,
     SweepRecord,
+    status_of,
     write_table,
 )
-from .report import swept_keys as record_swept_keys
+from .records import swept_keys as record_swept_keys
 from .spec import RunSpec, TrackingBackend, check_keys, composition_error, task_overrides
 from .state import STATE, open_recorder, prestart_recorder, shield
 

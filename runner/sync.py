@@ -25,12 +25,11 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .compare import sweep_outputs
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConfigError
-from .folders import inside, remove_stale_temp_files
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConfigError, first_line
+from .files import inside, remove_stale_temp_files
 from .owner import ALIVE, DEAD, OTHER_HOST, describe, owner_state, owner_tags
 from .recorder import LOGGED_TAG, log_job, log_sweep_end, start_sweep_run
-from .report import KILLED, RUNNING, SKIPPED, JobRecord, SweepRecord
+from .records import KILLED, RUNNING, SKIPPED, JobRecord, SweepRecord, sweep_outputs
 from .tracking import Tracker, is_unreachable
 
 logger = logging.getLogger("runner")
@@ -115,7 +114,7 @@ def cleanup_main(argv: list[str]) -> int:
         logger.error("%s", error)
         return EXIT_REFUSED
     except Exception as error:  # noqa: BLE001 - one line: the store cannot be reached
-        logger.error("cleanup: cannot open the MLflow store: %s", _line(error))
+        logger.error("cleanup: cannot open the MLflow store: %s", first_line(error, named=True))
         return EXIT_FAILED
     logger.info("cleanup: experiment %r of %s (from %s)", experiment, tracker.uri, source)
     ended, left, unknown = ([plain_run(r) for r in group] for group in end_dead_runs(tracker))
@@ -172,7 +171,7 @@ def sync_main(argv: list[str]) -> int:
         logger.error("sync: %s", error)
         return EXIT_REFUSED
     except Exception as error:  # noqa: BLE001 - one line: the store cannot be reached
-        logger.error("sync: cannot open the MLflow store: %s", _line(error))
+        logger.error("sync: cannot open the MLflow store: %s", first_line(error, named=True))
         return EXIT_FAILED
     _say_where(tracker, tracking, experiment, source, first)
     _say_inputs_outside(jobs)
@@ -180,7 +179,8 @@ def sync_main(argv: list[str]) -> int:
         logged, present = Syncer(tracker, folder, tracking.image_key).run(sweep, jobs)
     except Exception as error:  # noqa: BLE001
         level = "cannot reach the MLflow store" if is_unreachable(error) else "failed"
-        logger.error("sync: %s: %s (run sync again: what was logged is not logged twice)", level, _line(error))
+        logger.error("sync: %s: %s (run sync again: what was logged is not logged twice)", level,
+                     first_line(error, named=True))
         return EXIT_FAILED
     logger.info("sync %s: %d run(s) logged, %d already in experiment %r of %s", folder, logged, present, experiment,
                 tracker.uri)
@@ -337,8 +337,3 @@ class Syncer:
             self.tracker.set_tags(run_id, tags)
         log_job(self.tracker, record, run_id, parent_id, present, self.inputs)
         self.logged += 1
-
-
-def _line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"

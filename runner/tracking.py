@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from .errors import ConfigError
+from .files import locked
 from .provenance import fingerprint_tags, provenance_tags
-from .report import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, flatten, locked
+from .records import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, flatten
 
 if TYPE_CHECKING:  # no torch in the MLflow writer process: a TrackingSpec or any object with its fields
     from .spec import TrackingSpec

@@ -372,7 +372,7 @@ def compute(plan: Any) -> Optional[Any]:
 def _killed(plan: Any) -> Any:
     """The record of a job interrupted before the worker took it (as compute's own)."""
     from . import job
-    from .report import KILLED
+    from .records import KILLED
 
     record = job.new_record(plan)
     record.status, record.error, record.error_kind = KILLED, "interrupted", "interrupted"
@@ -562,7 +562,7 @@ class _Client:
 
     def cancel(self, channel: Channel) -> Any:
         """Ctrl-C while the worker computes: it stops the job (KILLED) and stays warm."""
-        from .report import KILLED
+        from .records import KILLED
 
         logger.info("Interrupted: the warm worker stops the job")
         deadline = time.monotonic() + CANCEL_WAIT_S
@@ -640,7 +640,7 @@ def _last_line(path: Path) -> str:
 
 def _record_in_folder(plan: Any) -> Optional[Any]:
     """The finished record of this very job in its folder (job.json), if there is one."""
-    from .report import FAILED, FINISHED, KILLED, JobRecord
+    from .records import FAILED, FINISHED, KILLED, JobRecord
 
     if plan.job_dir is None:
         return None
@@ -663,7 +663,7 @@ def _clear_job_folder(plan: Any, pid: Any) -> None:
         with contextlib.suppress(OSError):
             (folder / name).unlink()
     if isinstance(pid, int):
-        from .report import TEMP_MARK
+        from .files import TEMP_MARK
 
         for tmp in folder.glob(f".*{TEMP_MARK}{pid}"):
             with contextlib.suppress(OSError):

@@ -1,7 +1,7 @@
 """runner.compare: the X/Y/Z grid, report.html, `python -m runner report` and the MLflow loader.
 
-Sweep folders are made the way a sweep makes them: `runner.report.save_png` per job and
-`runner.report.write_table` for jobs.csv."""
+Sweep folders are made the way a sweep makes them: `runner.records.save_png` per job and
+`runner.records.write_table` for jobs.csv."""
 from __future__ import annotations
 
 import csv
@@ -33,7 +33,7 @@ from runner.compare import (
     split_overrides,
     write_report,
 )
-from runner.report import JobRecord, save_png, write_table
+from runner.records import JobRecord, save_png, write_table
 
 REPO = Path(__file__).resolve().parent.parent
 EVIL_PROMPT = 'a fox <script>alert("x")</script> & "quotes" \'single\' 🦊'

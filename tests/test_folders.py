@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runner.report import JobRecord, SweepRecord, save_png, write_table
+from runner.records import JobRecord, SweepRecord, save_png, write_table
 
 from .processes import runner_env
 
@@ -215,12 +215,12 @@ def test_report_resolves_no_interpolation_a_folder_holds(tmp_path, capsys, monke
 
 
 def _claim_in_turns(root: str, trials: int, barrier, results) -> None:
-    from runner import folders
+    from runner import files
 
     got = []
     for trial in range(trials):
         barrier.wait()  # every process asks for the same new folder at the same moment
-        got.append(folders.claim_dir(f"{root}/{trial}/same-second"))
+        got.append(files.claim_dir(f"{root}/{trial}/same-second"))
     results.put(got)
 
 
@@ -242,7 +242,7 @@ def test_processes_released_together_never_get_the_same_folder(tmp_path):
 def test_cleanup_removes_only_the_runners_own_leftovers(tmp_path):
     """cleanup --dir: the leftovers of the runner's interrupted writes in its own folders go; a
     user's temporary files, and temp-looking files in folders that are not the runner's, stay."""
-    from runner.report import temp_path
+    from runner.files import temp_path
 
     pid = dead_pid()
     mine = tmp_path / "mine"

@@ -23,7 +23,7 @@ def _sweep_store(tmp: Path) -> tuple[str, str, list[str]]:
     from PIL import Image
 
     from runner.recorder import log_job, log_sweep_end, start_sweep_run
-    from runner.report import FINISHED, JobRecord, SweepRecord
+    from runner.records import FINISHED, JobRecord, SweepRecord
     from runner.tracking import Tracker
 
     spec = SimpleNamespace(uri=None, store_dir=str(tmp / "store"), artifact_location=None, request_timeout_s=5,

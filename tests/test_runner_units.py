@@ -18,7 +18,7 @@ from pipelines import Pipeline
 from runner import build
 from runner.app import CONF_DIR
 from runner.provenance import FingerprintCache, git_commit, package_versions
-from runner.report import JobRecord, read_generation, save_png, write_table
+from runner.records import JobRecord, read_generation, save_png, write_table
 from runner.spec import register_configs, to_spec
 from runner.tracking import FAILED, FINISHED, KILLED, Tracker, default_artifact_location, flatten, store_uri
 
@@ -476,7 +476,7 @@ def test_png_generation_chunk_json_roundtrip(tmp_path):
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
-    from runner.report import atomic_write
+    from runner.files import atomic_write
 
     def broken(tmp):
         tmp.write_text("half")
@@ -495,7 +495,7 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
 def test_job_record_round_trips_through_json_and_pickle(tmp_path):
     import pickle
 
-    from runner.report import JobRecord, SweepRecord
+    from runner.records import JobRecord, SweepRecord
 
     r = JobRecord(3, ["seed=1"], status=FINISHED, metrics={"total_s": 1.5}, image_path=tmp_path / "i.png",
                   job_dir=str(tmp_path), params={"seed": 1, "dtype": None}, tags={"a": "b"},
@@ -512,7 +512,7 @@ def test_job_record_round_trips_through_json_and_pickle(tmp_path):
 
 
 def test_an_image_is_never_overwritten(tmp_path):
-    from runner.report import exclusive_write
+    from runner.files import exclusive_write
 
     target = tmp_path / "job" / "image.png"
     exclusive_write(target, lambda tmp: tmp.write_text("first"))
@@ -522,18 +522,18 @@ def test_an_image_is_never_overwritten(tmp_path):
 
 
 def test_claimed_folders_are_never_shared(tmp_path, monkeypatch):
-    from runner import folders
+    from runner import files
 
-    monkeypatch.setattr(folders, "_CLAIMED", {})
+    monkeypatch.setattr(files, "_CLAIMED", {})
     base = str(tmp_path / "multirun" / "2025-01-02" / "03-04-05")
-    first = folders.claim_dir(base)
+    first = files.claim_dir(base)
     assert first == base and Path(first).is_dir()
-    assert folders.claim_dir(base) == first  # the same sweep asks again: its own folder
-    monkeypatch.setattr(folders, "_CLAIMED", {})  # another process started in the same second
-    assert folders.claim_dir(base) == base + "-2"
-    monkeypatch.setattr(folders, "_CLAIMED", {})
-    assert folders.claim_dir(base) == base + "-3"
-    folders.release_claim(Path(base + "-3"))  # a refused sweep leaves no folder
+    assert files.claim_dir(base) == first  # the same sweep asks again: its own folder
+    monkeypatch.setattr(files, "_CLAIMED", {})  # another process started in the same second
+    assert files.claim_dir(base) == base + "-2"
+    monkeypatch.setattr(files, "_CLAIMED", {})
+    assert files.claim_dir(base) == base + "-3"
+    files.release_claim(Path(base + "-3"))  # a refused sweep leaves no folder
     assert not Path(base + "-3").exists() and Path(base + "-2").exists()
 
 
@@ -541,8 +541,8 @@ def test_leftovers_of_dead_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from runner.folders import remove_stale_temp_files
-    from runner.report import JobRecord, temp_path
+    from runner.files import remove_stale_temp_files, temp_path
+    from runner.records import JobRecord
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
@@ -631,7 +631,7 @@ def test_recorder_logs_from_its_own_process_and_ends_every_run(tmp_path):
 
     from runner import job
     from runner.recorder import Recorder
-    from runner.report import SweepRecord
+    from runner.records import SweepRecord
 
     plans = [_plan(tmp_path, n) for n in range(2)]
     recorder = Recorder(plans[0].spec.tracking, "recorder")
