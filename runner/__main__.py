@@ -26,12 +26,12 @@ import os
 import signal
 import sys
 
+from .config import CONF_DIR
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_UNTRACKED, Stop, SweepDone
 
 logger = logging.getLogger("runner")
 
 COMMANDS = ("report", "download", "sync", "cleanup", "warm")
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 HELP = """\
 python -m runner: generate images with a diffusion model (the Qwen-Image family) from a Hydra
@@ -71,7 +71,7 @@ Exit status: 0 done, 1 a job failed, 2 config refused (no run created), 3 not al
 """
 
 
-def config_groups(conf_dir: str = CONF_DIR) -> dict[str, list[str]]:
+def config_groups(conf_dir: str = str(CONF_DIR)) -> dict[str, list[str]]:
     """group -> its options, read from the conf/ folders."""
     groups = {}
     for group in sorted(os.listdir(conf_dir)):
@@ -160,8 +160,9 @@ def _report(error: Exception, user_full_error: str | None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from .config.checks import omegaconf_error
+    from .config.compose import composition_error
     from .errors import is_storage_error
-    from .spec import composition_error, omegaconf_error
 
     if isinstance(error, HydraException) and not user_full_error:
         logger.error("%s", composition_error(error, [a for a in sys.argv[1:] if not a.startswith("-")]))

@@ -30,17 +30,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from . import job, sweep
+from .config import CONF_DIR
+from .config.compose import task_overrides
+from .config.schema import register_configs
 from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, SweepDone, brief_on_console, output_fix
 from .files import claim_folder, register_resolvers
 from .job import JobPlan
 from .recorder import Recorder
 from .records import JobRecord
-from .spec import register_configs, task_overrides
 from .state import STATE, close_recorders, open_recorder, prestart_recorder, shield
 
 logger = logging.getLogger("runner")
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 register_configs()
 register_resolvers()

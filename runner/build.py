@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pipelines import VRAM_KEYS
+
+from .config.schema import RUN_ARGUMENTS, SAMPLER_ARGUMENTS, DType, FileSpec, LoraItem, RunSpec
+from .errors import ConfigError
 from .files import locked
-from .spec import RUN_ARGUMENTS, SAMPLER_ARGUMENTS, VRAM_KEYS, ConfigError, DType, FileSpec, LoraItem, RunSpec
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from . import build
-from .spec import ConfigError, compose, to_spec, validate
+from .config.checks import to_spec, validate
+from .config.compose import compose
+from .errors import ConfigError
 
 logger = logging.getLogger("runner")
 

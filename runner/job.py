@@ -23,7 +23,9 @@ from typing import Any, Callable, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from . import build, failpoints
-from .errors import OutputError, brief, is_storage_error
+from .config.checks import job_config, to_spec, validate
+from .config.schema import RunSpec, TrackingBackend
+from .errors import ConfigError, OutputError, brief, is_storage_error
 from .provenance import fingerprint_tags, provenance_tags
 from .records import (
     CONFIG_HASH_TAG,
@@ -36,7 +38,6 @@ from .records import (
     flatten,
     save_png,
 )
-from .spec import ConfigError, RunSpec, TrackingBackend, job_config, to_spec, validate
 
 logger = logging.getLogger("runner")
 # keys that do not change the image: left out of the resume fingerprint

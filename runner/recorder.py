@@ -53,8 +53,8 @@ from .owner import owner_tags
 from .records import FINISHED, IMAGE_SHA256_TAG, KILLED, OVERRIDES_JSON_TAG, SKIPPED, JobRecord, SweepRecord
 
 if TYPE_CHECKING:  # the writer process imports no torch
+    from .config.schema import TrackingSpec
     from .job import JobPlan
-    from .spec import TrackingSpec
     from .tracking import Tracker
 
 logger = logging.getLogger("runner")

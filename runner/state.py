@@ -48,7 +48,7 @@ def prestart_recorder(config: Any) -> None:
 def open_recorder(spec: Any) -> Optional[Recorder]:
     """The MLflow recorder of a run or sweep (None with tracking=none). A deleted experiment
     refuses the run (exit 2) before anything happened."""
-    from .spec import TrackingBackend
+    from .config.schema import TrackingBackend
 
     if spec.tracking.backend is TrackingBackend.none:
         return None

@@ -28,6 +28,9 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import failpoints, job
+from .config.checks import check_keys
+from .config.compose import Composer, composition_error, task_overrides
+from .config.schema import RunSpec, TrackingBackend
 from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, brief_on_console, output_fix
 from .files import claim_folder, release_claim
 from .job import JobPlan
@@ -47,7 +50,6 @@ from .records import (
     write_table,
 )
 from .records import swept_keys as record_swept_keys
-from .spec import RunSpec, TrackingBackend, check_keys, composition_error, task_overrides
 from .state import STATE, open_recorder, prestart_recorder, shield
 
 logger = logging.getLogger("runner")
@@ -129,65 +131,6 @@ def _job_overrides(config: DictConfig, overrides: list[str]) -> list[list[str]]:
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides(params + overrides)
     return [o for batch in BasicSweeper.split_arguments(parsed, None) for o in batch]
-
-
-class Composer:
-    """Each job's config as Hydra's launcher composes it (`load_sweep_config`: the sweep's
-    hydra.* overrides first, Hydra's resolver cache copied, so the same `now` and the same
-    claimed folder), with Hydra's composition run once per combination of config-group choices
-    (`model=`, `lora=`, hydra.* ...). A job that differs from it only in values (`seed=1`,
-    `lora.alpha=0.5`) gets a copy of that composition with its values applied by Hydra's own
-    override code, and the fields Hydra derives from a job's overrides set the same way.
-    Composing reads and merges every file of the defaults list again: ~250 ms a job on a
-    2-core machine. Only the job's own keys are copied (~3 ms); Hydra's node (twice their size)
-    is the composition's own, attached to the job's config with the job's fields set: it holds
-    the last job's, so read it before composing the next job."""
-
-    def __init__(self, config: DictConfig) -> None:
-        from hydra.core.global_hydra import GlobalHydra
-
-        self.config = config
-        self.loader = GlobalHydra.instance().hydra.config_loader
-        # the group overrides -> Hydra's composition, without its hydra node; that node
-        self.bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
-
-    def _is_value(self, override: Any) -> bool:
-        """An override Hydra applies to the composed config (not one that changes what is composed)."""
-        if override.package is not None or override.is_hydra_override():
-            return False
-        return isinstance(override.value(), dict) or not self.loader.repository.group_exists(override.key_or_group)
-
-    def __call__(self, overrides: list[str]) -> DictConfig:
-        import copy
-
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        from omegaconf import flag_override
-
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-        values, chosen = [], []
-        for override in parsed:
-            (values if self._is_value(override) else chosen).append(override)
-        groups = tuple(o.input_line for o in chosen)
-        if groups not in self.bases:
-            composed = self.loader.load_sweep_config(self.config, list(groups))
-            hydra = composed.hydra
-            with open_dict(composed):
-                del composed["hydra"]
-            self.bases[groups] = (composed, hydra)
-        body, hydra = self.bases[groups]
-        cfg = copy.deepcopy(body)
-        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-        with open_dict(cfg), flag_override(cfg, "no_deepcopy_set_nodes", True):  # attached, not copied
-            cfg.hydra = hydra
-        OmegaConf.copy_cache(from_config=self.config, to_config=cfg)
-        job_conf, task = cfg.hydra.job, [o for o in parsed if not o.is_hydra_override()]
-        cfg.hydra.overrides.task = [o.input_line for o in task]
-        job_conf.override_dirname = get_overrides_dirname(
-            overrides=task, kv_sep=job_conf.config.override_dirname.kv_sep,
-            item_sep=job_conf.config.override_dirname.item_sep,
-            exclude_keys=job_conf.config.override_dirname.exclude_keys)
-        return cfg
 
 
 def precheck(config: DictConfig, jobs: list[list[str]], swept: list[str]) -> list[Launch]:

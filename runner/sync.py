@@ -141,7 +141,8 @@ def _store_of(overrides: list[str], recorded_experiment: str = "") -> tuple[Any,
     where the store came from."""
     from omegaconf import OmegaConf
 
-    from .spec import TrackingBackend, compose
+    from .config.compose import compose
+    from .config.schema import TrackingBackend
 
     cfg = compose(overrides)
     keys = {o.lstrip("+~").partition("=")[0] for o in overrides}

@@ -31,7 +31,7 @@ from .provenance import fingerprint_tags, provenance_tags
 from .records import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, flatten
 
 if TYPE_CHECKING:  # no torch in the MLflow writer process: a TrackingSpec or any object with its fields
-    from .spec import TrackingSpec
+    from .config.schema import TrackingSpec
 
 logger = logging.getLogger(__name__)
 

@@ -357,7 +357,7 @@ def compute(plan: Any) -> Optional[Any]:
     process (no worker for keep_warm=0, or the worker could not be used: a warning says why)."""
     if IN_WORKER:
         return None
-    from .spec import keep_warm_seconds
+    from .config.checks import keep_warm_seconds
 
     try:
         return _Client(plan, keep_warm_seconds(plan.spec.keep_warm)).run()

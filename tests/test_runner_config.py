@@ -9,9 +9,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from runner.app import CONF_DIR
 from runner.build import preflight
-from runner.spec import ConfigError, RunSpec, TrackingBackend, register_configs, to_spec, validate
+from runner.config import CONF_DIR
+from runner.config.checks import to_spec, validate
+from runner.config.schema import RunSpec, TrackingBackend, register_configs
+from runner.errors import ConfigError
 
 register_configs()
 
@@ -132,7 +134,7 @@ def test_bad_override_fails_at_composition_naming_the_path(hydra_ctx, override, 
     """Hydra's own text echoes the override; ours names the key and the fix."""
     from hydra.errors import HydraException
 
-    from runner.spec import composition_error
+    from runner.config.compose import composition_error
 
     with pytest.raises(HydraException) as err:
         compose("config", overrides=[override])
@@ -311,7 +313,7 @@ def test_vram_spec_mirrors_every_model_config_key():
     from dataclasses import fields
 
     from pipelines.core.model_config import VRAM_KEYS
-    from runner.spec import VramSpec
+    from runner.config.schema import VramSpec
 
     assert set(VRAM_KEYS) <= {f.name for f in fields(VramSpec)}
 
@@ -334,7 +336,7 @@ def test_the_sweep_composer_gives_each_job_hydras_own_composition(hydra_ctx, job
     to a copy: every job's whole config (hydra node included) equals Hydra's composition."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from runner.sweep import Composer
+    from runner.config.compose import Composer
 
     master = compose("config", overrides=["hydra.sweep.dir=/tmp/sweep", "hydra.job.chdir=false"],
                      return_hydra_config=True)

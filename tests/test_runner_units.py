@@ -16,10 +16,11 @@ from PIL import Image
 
 from pipelines import Pipeline
 from runner import build
-from runner.app import CONF_DIR
+from runner.config import CONF_DIR
+from runner.config.checks import to_spec
+from runner.config.schema import register_configs
 from runner.provenance import FingerprintCache, git_commit, package_versions
 from runner.records import JobRecord, read_generation, save_png, write_table
-from runner.spec import register_configs, to_spec
 from runner.tracking import FAILED, FINISHED, KILLED, Tracker, default_artifact_location, flatten, store_uri
 
 register_configs()
@@ -157,7 +158,7 @@ def test_vram_presets_map_auto_to_the_runtime():
 
 @pytest.mark.parametrize("preset", ["cpu_offload", "fp8", "low_vram", "disk"])
 def test_vram_presets_are_refused_at_once_by_a_pipeline_without_vram_management(preset):
-    from runner.spec import ConfigError
+    from runner.errors import ConfigError
 
     assert not FakePipeline.supports_vram_management
     with pytest.raises(ConfigError, match="vram=none") as err:
@@ -200,7 +201,8 @@ def _second_waits_on_a_lock(folder):
 
 _ENSURE_BUILT = """
 from runner import build
-from runner.spec import compose, to_spec
+from runner.config.checks import to_spec
+from runner.config.compose import compose
 
 build.ensure_built(to_spec(compose(["model=qwen_image_tiny", "model.build=locktest_builder.build"])))
 """
@@ -691,7 +693,7 @@ def test_recorder_on_an_unreachable_server_marks_jobs_untracked(tmp_path):
 
 
 def test_a_deleted_experiment_is_a_config_error_with_the_restore_command(tmp_path):
-    from runner.spec import ConfigError
+    from runner.errors import ConfigError
 
     spec = spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking
     tracker = Tracker(spec, "old")
@@ -702,8 +704,8 @@ def test_a_deleted_experiment_is_a_config_error_with_the_restore_command(tmp_pat
 
 
 def test_a_deleted_sqlite_experiment_is_refused_before_the_writer_starts(tmp_path):
+    from runner.errors import ConfigError
     from runner.recorder import Recorder
-    from runner.spec import ConfigError
     from runner.tracking import check_sqlite_experiment
 
     spec = spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking
@@ -842,7 +844,7 @@ def test_a_free_worker_takes_a_job_whose_weights_it_holds_else_one_nobody_holds(
 def test_launcher_settings_are_checked_naming_the_key(override, key):
     from hydra import compose, initialize_config_dir
 
-    from runner.app import CONF_DIR
+    from runner.config import CONF_DIR
     from runner.errors import ConfigError
     from runner.ray_pool import settings_of
 

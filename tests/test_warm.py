@@ -359,7 +359,8 @@ def test_a_folder_open_to_other_users_is_not_used(warm_env, tmp_path):
 
 
 def test_keep_warm_takes_durations_and_refuses_anything_else():
-    from runner.spec import ConfigError, keep_warm_seconds
+    from runner.config.checks import keep_warm_seconds
+    from runner.errors import ConfigError
 
     assert [keep_warm_seconds(v) for v in ("90s", "15m", "1h30m", "1.5h", "1d", "0", None)] == \
         [90, 900, 5400, 5400, 86400, 0, None]
@@ -380,7 +381,7 @@ def test_a_worker_waits_for_commands_whatever_its_idle_time(tmp_path, idle):
     import socket
     import threading
 
-    from runner.spec import keep_warm_seconds
+    from runner.config.checks import keep_warm_seconds
 
     folder = tmp_path / "w"
     folder.mkdir(mode=0o700)
