@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from . import job, sweep
+from .build import pipeline as build
 from .config import CONF_DIR
 from .config.compose import task_overrides
 from .config.schema import register_configs
@@ -43,7 +44,8 @@ from .state import STATE, close_recorders, open_recorder, prestart_recorder, shi
 logger = logging.getLogger("runner")
 
 register_configs()
-register_resolvers()
+register_resolvers()  # ${unique_dir:...}
+build.register_resolvers()  # ${built_file:...}
 
 __all__ = ["STATE", "abort", "finish_sweep", "main", "SweepCallback"]
 

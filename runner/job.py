@@ -22,7 +22,10 @@ from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import build, failpoints
+from . import failpoints
+from .build import pipeline as build
+from .build.arguments import preflight, read_files
+from .build.loras import apply_loras, forget_lora_state, lora_files, lora_state_key
 from .config.checks import job_config, to_spec, validate
 from .config.schema import RunSpec, TrackingBackend
 from .errors import ConfigError, OutputError, brief, is_storage_error
@@ -107,7 +110,7 @@ def file_identity(spec: RunSpec, arguments: dict[str, Any]) -> dict[str, Any]:
     LoRA is read once, not once per job or command."""
     cache = fingerprint_cache(spec)
     content = {}
-    for key, path in build.read_files(spec, arguments).items():
+    for key, path in read_files(spec, arguments).items():
         try:
             content[key] = cache.sha256(path, store=False)  # refused configs leave no cache file behind
         except OSError as error:
@@ -126,7 +129,7 @@ def changed_since(plan: JobPlan, tags: dict[str, str]) -> Optional[str]:
     for label, _, item in spec.lora.items():
         if item.path is None:
             wanted.append((f"lora.{label}", f"LoRA {label}",
-                           lambda item=item: build.lora_files(item, spec, download=False)))
+                           lambda item=item: lora_files(item, spec, download=False)))
     cache = fingerprint_cache(spec)
     for prefix, what, files in wanted:
         recorded = tags.get(f"{prefix}.sha256")
@@ -150,7 +153,7 @@ def prepare(cfg: DictConfig, num: int = 0, overrides: Sequence[str] = (), label:
     spec = to_spec(cfg)
     validate(spec)
     runtime = build.resolve_runtime(spec)
-    arguments = build.preflight(spec)
+    arguments = preflight(spec)
     resolved = plain_config(cfg)
     label = label or " ".join(overrides) or "defaults"
     name = (f"{spec.run_name} {label}" if in_sweep else spec.run_name) if spec.run_name else label
@@ -212,7 +215,7 @@ def compute(plan: JobPlan) -> JobRecord:
 
 def _fail(record: JobRecord, status: str, error: str, kind: str) -> None:
     record.status, record.error, record.error_kind = status, error, kind
-    build.forget_lora_state(build.current())  # the applied LoRAs are unknown now
+    forget_lora_state(build.current())  # the applied LoRAs are unknown now
 
 
 def _writing(path: Path, write: Callable[[], Any]) -> Any:
@@ -233,11 +236,11 @@ def _generate(plan: JobPlan, record: JobRecord) -> None:
     if plan.job_dir is None:
         raise ValueError("the plan has no job_dir: set it to the job's output folder")
     seed = spec.seed if spec.seed is not None else random.randrange(2**31)
-    arguments = build.preflight(spec, seed)
+    arguments = preflight(spec, seed)
     started = time.perf_counter()  # the job's own time: load + LoRA + generate + save
     _reset_peak_memory(rt.device)
     entry, load_s = build.get_pipeline(spec, rt)
-    lora_s = build.apply_loras(entry, spec)
+    lora_s = apply_loras(entry, spec)
     image = build.generate(entry, arguments)
     timings = dict(getattr(entry.pipe, "timings", {}) or {})
     inputs = _input_pictures(entry, spec, arguments)
@@ -321,9 +324,9 @@ def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
         entry.fingerprint = cache.describe(build.checkpoint_files(entry))
     tags = fingerprint_tags("checkpoint", entry.fingerprint)
     for label, _, item in spec.lora.items():
-        key = build.lora_state_key(item)
+        key = lora_state_key(item)
         if key not in entry.lora_fingerprints:
-            entry.lora_fingerprints[key] = cache.describe(build.lora_files(item, spec, download=False))
+            entry.lora_fingerprints[key] = cache.describe(lora_files(item, spec, download=False))
         tags.update(fingerprint_tags(f"lora.{label}", entry.lora_fingerprints[key]))
     return tags
 

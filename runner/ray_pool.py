@@ -41,7 +41,8 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import build, job
+from . import job
+from .build import pipeline as build
 from .errors import EXIT_FAILED, ConfigError, OutputError, Stop, first_line
 from .files import exclusive_write
 from .job import JobPlan

@@ -84,6 +84,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .build import loras
+from .build import pipeline as build
+
 logger = logging.getLogger("runner")
 
 DIR_ENV = "RUNNER_WARM_DIR"
@@ -273,7 +276,6 @@ def code_fingerprint() -> str:
 
 
 def identity(plan: Any) -> Identity:
-    from . import build
 
     spec, rt = plan.spec, plan.runtime
     env = {k: v for k, v in os.environ.items() if k.startswith(IDENTITY_ENV)}
@@ -798,10 +800,9 @@ def _file_state(paths: list[Path]) -> tuple:
 
 
 def _lora_file_state(item: Any, spec: Any) -> Optional[tuple]:
-    from . import build
 
     try:
-        return _file_state(build.lora_files(item, spec, download=False))
+        return _file_state(loras.lora_files(item, spec, download=False))
     except Exception:  # noqa: BLE001 - a hub LoRA not on disk: the job's own apply reports it
         return None
 
@@ -822,7 +823,6 @@ class Worker:
         return _path(self.folder, self.wid, ext)
 
     def info(self) -> dict[str, Any]:
-        from . import build
         from .owner import process_start
 
         return {"wid": self.wid, "digest": self.digest, "pid": os.getpid(), "start": process_start(os.getpid()),
@@ -972,8 +972,6 @@ class Worker:
 
     def forget_changed(self, spec: Any) -> None:
         """Files changed on disk since they were loaded: reload the checkpoint, re-apply LoRAs."""
-        from . import build
-
         entry = build.current()
         if entry is None:
             return
@@ -989,16 +987,14 @@ class Worker:
             self.base_files, self.lora_files = None, {}
             return
         for label, _, item in spec.lora.items():
-            key = build.lora_state_key(item)
+            key = loras.lora_state_key(item)
             if key in self.lora_files and _lora_file_state(item, spec) != self.lora_files[key]:
                 logger.info("LoRA %s: its file changed since it was applied: applying it again", label)
-                build.forget_lora_state(entry)
+                loras.forget_lora_state(entry)
                 entry.lora_fingerprints.pop(key, None)
                 self.lora_files.pop(key)
 
     def remember_files(self, spec: Any) -> None:
-        from . import build
-
         entry = build.current()
         if entry is None:
             self.base_files, self.lora_files = None, {}
@@ -1007,7 +1003,7 @@ class Worker:
             with contextlib.suppress(Exception):  # unreadable: the next job loads again (forget_changed)
                 self.base_files = _file_state(build.checkpoint_files(entry))
         for _, _, item in spec.lora.items():
-            self.lora_files[build.lora_state_key(item)] = _lora_file_state(item, spec)
+            self.lora_files[loras.lora_state_key(item)] = _lora_file_state(item, spec)
 
 
 def _send_timeout(conn: socket.socket) -> None:
@@ -1018,9 +1014,7 @@ def _send_timeout(conn: socket.socket) -> None:
 
 
 def _interrupted(plan: Any) -> Any:
-    from . import build
-
-    build.forget_lora_state(build.current())
+    loras.forget_lora_state(build.current())
     return _record_in_folder(plan) or _killed(plan)
 
 

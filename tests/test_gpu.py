@@ -113,7 +113,7 @@ def test_float8_storage_on_the_device(tiny_repo, tokenizer, tmp_path):
 
 
 def test_runner_auto_device_and_dtype_choose_cuda_and_bfloat16(tiny_repo, monkeypatch):
-    from runner import build as runner_build
+    from runner.build import pipeline as runner_build
     from runner.config.checks import to_spec
     from runner.config.compose import compose
 

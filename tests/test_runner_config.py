@@ -9,13 +9,15 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from runner.build import preflight
+from runner.build import pipeline as build
+from runner.build.arguments import preflight
 from runner.config import CONF_DIR
 from runner.config.checks import to_spec, validate
 from runner.config.schema import RunSpec, TrackingBackend, register_configs
 from runner.errors import ConfigError
 
 register_configs()
+build.register_resolvers()  # ${built_file:...} (conf/lora/tiny_demo.yaml)
 
 GROUPS = ("model", "vram", "lora", "sampler", "tracking")
 

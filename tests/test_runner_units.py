@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipelines import Pipeline
-from runner import build
+from runner.build import arguments, loras
+from runner.build import pipeline as build
 from runner.config import CONF_DIR
 from runner.config.checks import to_spec
 from runner.config.schema import register_configs
@@ -24,6 +25,7 @@ from runner.records import JobRecord, read_generation, save_png, write_table
 from runner.tracking import FAILED, FINISHED, KILLED, Tracker, default_artifact_location, flatten, store_uri
 
 register_configs()
+build.register_resolvers()
 
 
 class FakeHandle:
@@ -110,14 +112,14 @@ def test_weights_load_once_and_lora_changes_never_reload_nor_linger(lora_file, w
         pipe = pipe or entry.pipe
         assert entry.pipe is pipe and (load_s > 0) == (i == 0)
         before = len(pipe.calls)
-        build.apply_loras(entry, spec)
+        loras.apply_loras(entry, spec)
         assert pipe.calls[before:] == expected, overrides
     assert FakePipeline.loads == 1
 
     # after a failed job the applied LoRAs are unknown: the next job clears first
-    build.forget_lora_state(entry)
+    loras.forget_lora_state(entry)
     before = len(pipe.calls)
-    build.apply_loras(entry, spec_for())
+    loras.apply_loras(entry, spec_for())
     assert pipe.calls[before:] == [("clear",)]
 
     # another dtype is another pipeline: the old one is dropped, the new one loaded
@@ -162,9 +164,9 @@ def test_vram_presets_are_refused_at_once_by_a_pipeline_without_vram_management(
 
     assert not FakePipeline.supports_vram_management
     with pytest.raises(ConfigError, match="vram=none") as err:
-        build.preflight(spec_for(f"vram={preset}"))
+        arguments.preflight(spec_for(f"vram={preset}"))
     assert err.value.key == "vram" and preset in str(err.value)
-    build.preflight(spec_for("vram=none"))
+    arguments.preflight(spec_for("vram=none"))
 
 
 _BUILDER = """
@@ -200,7 +202,7 @@ def _second_waits_on_a_lock(folder):
 """
 
 _ENSURE_BUILT = """
-from runner import build
+from runner.build import pipeline as build
 from runner.config.checks import to_spec
 from runner.config.compose import compose
 

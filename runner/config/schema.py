@@ -232,26 +232,6 @@ def register_configs() -> None:
     node = OmegaConf.structured(RunSpec)
     OmegaConf.set_struct(node.call, False)
     ConfigStore.instance().store(name="schema", node=node)
-    if not OmegaConf.has_resolver("built_file"):
-        OmegaConf.register_new_resolver("built_file", built_file)
-
-
-def built_file(relative: str, builder: str) -> str:
-    """`${built_file:'tiny/X/f.safetensors','module.function'}`: the file at that path in the
-    models folder, written by `module.function(path)` on first use (a generated demo file, as
-    `model.build` makes the demo model; conf/lora/tiny_demo.yaml)."""
-    from pipelines import ModelConfig, model_folder
-
-    repo, _, name = relative.rpartition("/")
-    path = model_folder(ModelConfig(model_id=repo)) / name  # refuses paths that leave the models folder
-    if not path.is_file():
-        from ..build import import_object
-        from ..files import locked
-
-        with locked(path):
-            if not path.is_file():
-                import_object(builder, "built_file")(path)
-    return str(path)
 
 
 def dataclass_in(tp: Any) -> Optional[type]:
