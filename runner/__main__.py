@@ -103,7 +103,7 @@ def _command(name: str, argv: list[str]) -> int:
         from .warm import warm_main
 
         return warm_main(argv)
-    from . import sync
+    from .tracking import sync
 
     return sync.sync_main(argv) if name == "sync" else sync.cleanup_main(argv)
 

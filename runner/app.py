@@ -37,9 +37,9 @@ from .config.schema import register_configs
 from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, SweepDone, brief_on_console, output_fix
 from .files import claim_folder, register_resolvers
 from .job import JobPlan
-from .recorder import Recorder
 from .records import JobRecord
 from .state import STATE, close_recorders, open_recorder, prestart_recorder, shield
+from .tracking.writer import Recorder
 
 logger = logging.getLogger("runner")
 
@@ -131,7 +131,7 @@ def run_single(cfg: DictConfig) -> JobRecord:
             logger.error("The run was not tracked in MLflow (image and job.json in place). Log it with "
                          "`python -m runner sync %s`", record.job_dir)
         elif record.run_id:
-            from .tracking import ui_hint
+            from .tracking.store import ui_hint
 
             logger.info("MLflow run %s (experiment %r) in %s. See it: %s", record.run_id, single.recorder.experiment,
                         single.recorder.uri, ui_hint(single.recorder.uri))

@@ -1386,7 +1386,7 @@ def _report_jobs(args: _ReportArgs) -> tuple[JobList, Path]:
             raise ReportError(f"{out / 'jobs.csv'} lists no jobs")
         return jobs, out
     out = Path(args.out or Path("outputs") / "reports" / str(args.run))
-    from .tracking import sqlite_path
+    from .tracking.store import sqlite_path
 
     db = sqlite_path(args.tracking_uri)
     if db is not None and not db.is_file():  # MLflow would create an empty store there

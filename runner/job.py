@@ -29,7 +29,6 @@ from .build.loras import apply_loras, forget_lora_state, lora_files, lora_state_
 from .config.checks import job_config, to_spec, validate
 from .config.schema import RunSpec, TrackingBackend
 from .errors import ConfigError, OutputError, brief, is_storage_error
-from .provenance import fingerprint_tags, provenance_tags
 from .records import (
     CONFIG_HASH_TAG,
     FAILED,
@@ -41,6 +40,7 @@ from .records import (
     flatten,
     save_png,
 )
+from .tracking.provenance import fingerprint_tags, provenance_tags
 
 logger = logging.getLogger("runner")
 # keys that do not change the image: left out of the resume fingerprint
@@ -96,7 +96,7 @@ def config_hash(resolved: dict, rt: build.Runtime, files: Optional[dict[str, Any
 
 def fingerprint_cache(spec: RunSpec):
     """This process's fingerprint cache of the run's store folder (runner.provenance)."""
-    from .provenance import FingerprintCache
+    from .tracking.provenance import FingerprintCache
 
     return FingerprintCache.shared(Path(spec.tracking.store_dir) / "fingerprints.json")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .errors import EXIT_REFUSED, ConfigError, Stop
-from .recorder import Recorder, discard_prestarted_writer, prestart_writer
 from .records import JobRecord
+from .tracking.writer import Recorder, discard_prestarted_writer, prestart_writer
 
 logger = logging.getLogger("runner")
 

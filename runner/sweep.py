@@ -35,8 +35,6 @@ from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, brief_on_conso
 from .files import claim_folder, release_claim
 from .job import JobPlan
 from .owner import owner_tags
-from .provenance import provenance_tags
-from .recorder import Recorder
 from .records import (
     FAILED,
     FINISHED,
@@ -51,6 +49,8 @@ from .records import (
 )
 from .records import swept_keys as record_swept_keys
 from .state import STATE, open_recorder, prestart_recorder, shield
+from .tracking.provenance import provenance_tags
+from .tracking.writer import Recorder
 
 logger = logging.getLogger("runner")
 
@@ -169,7 +169,7 @@ def _resume(spec: RunSpec, recorder: Optional[Recorder], plans: list[JobPlan]) -
     import shutil
     import tempfile
 
-    from .sync import remove_leftovers, report_dead_runs
+    from .tracking.runs import remove_leftovers, report_dead_runs
 
     found = recorder.end_dead_runs()
     if found is not None:
@@ -478,7 +478,7 @@ def finish(status: Optional[str] = None) -> None:
     logger.info("Sweep %s: %s (%s)", status, sweep.folder,
                 ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) or "no job ran")
     if recorder is not None and record.parent_run_id:
-        from .tracking import ui_hint
+        from .tracking.store import ui_hint
 
         logger.info("MLflow: parent run %r (%s), one child per job, in %s. Compare them: %s", record.name,
                     record.parent_run_id, recorder.uri, ui_hint(recorder.uri))

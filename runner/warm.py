@@ -266,7 +266,7 @@ def code_fingerprint() -> str:
     """The runner's and the library's sources, by path and stat (size, times, inode)."""
     import pipelines
 
-    from .provenance import stat_key
+    from .tracking.provenance import stat_key
 
     h = hashlib.sha256()
     for root in (Path(__file__).resolve().parent, Path(pipelines.__file__).resolve().parent):
@@ -788,7 +788,7 @@ def _as_client(channel: Channel, env: dict[str, str]) -> Iterator[None]:
 def _file_state(paths: list[Path]) -> tuple:
     """What tells that files changed without reading them (runner.provenance.stat_key: the
     change time included, which `cp -p` or `touch -r` cannot set back)."""
-    from .provenance import stat_key
+    from .tracking.provenance import stat_key
 
     out = []
     for path in paths:

@@ -85,10 +85,10 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
 def client(uri_or_store):
     """A client of the store a runner under test may be creating at this moment: MLflow's own
     creation of a SQLite store is not safe against another process doing it too, so this takes
-    the lock runners take for it (runner.tracking.store_lock)."""
+    the lock runners take for it (runner.tracking.store.store_lock)."""
     from mlflow import MlflowClient
 
-    from runner.tracking import store_lock
+    from runner.tracking.store import store_lock
 
     uri = uri_or_store if isinstance(uri_or_store, str) else f"sqlite:///{uri_or_store / 'mlflow.db'}"
     with store_lock(uri):

@@ -140,7 +140,7 @@ def test_sync_refuses_a_folder_whose_image_lies_outside_it(tmp_path, how):
     ("drop num", "`num` is missing"),
 ])
 def test_sync_of_a_malformed_record_names_the_file_and_the_key(tmp_path, caplog, edit, key):
-    from runner.sync import sync_main
+    from runner.tracking.sync import sync_main
 
     sweep = make_sweep(tmp_path)
     path = sweep / "1" / "job.json"

@@ -20,9 +20,9 @@ from runner.build import pipeline as build
 from runner.config import CONF_DIR
 from runner.config.checks import to_spec
 from runner.config.schema import register_configs
-from runner.provenance import FingerprintCache, git_commit, package_versions
-from runner.records import JobRecord, read_generation, save_png, write_table
-from runner.tracking import FAILED, FINISHED, KILLED, Tracker, default_artifact_location, flatten, store_uri
+from runner.records import FAILED, FINISHED, KILLED, JobRecord, flatten, read_generation, save_png, write_table
+from runner.tracking.provenance import FingerprintCache, git_commit, package_versions
+from runner.tracking.store import Tracker, default_artifact_location, store_uri
 
 register_configs()
 build.register_resolvers()
@@ -300,7 +300,7 @@ def test_a_job_run_gets_the_params_a_user_compares_by_and_every_overridden_key()
     """~20 params instead of the whole flattened config (~60, ~120 for a real model): the run's
     card and MLflow's Compare page stay readable; the config is the run's config.yaml."""
     from runner import job
-    from runner.recorder import logged_params
+    from runner.tracking.runs import logged_params
 
     overrides = ["model=qwen_image_tiny", "lora=file", f"lora.path={__file__}", "lora.alpha=0.5", "seed=3",
                  "vram=disk", "vram.vram_limit=2", "call.tiled=true", "+lora.stack.extra.path=" + __file__,
@@ -399,7 +399,7 @@ def test_a_jobs_identity_knows_its_models_folder_and_resume_its_checkpoint_files
     (`cp -p`) included."""
     from pipelines.testing.tiny import build_tiny_repo
     from runner import job
-    from runner.provenance import fingerprint_tags
+    from runner.tracking.provenance import fingerprint_tags
 
     from .processes import rewrite_keeping_size_and_mtime
 
@@ -592,7 +592,7 @@ def test_image_artifacts_are_laid_out_as_mlflow_log_image_does(tmp_path):
     with MlflowClient.log_image: the same names and tag, checked against MLflow itself."""
     import re
 
-    from runner.recorder import image_artifacts
+    from runner.tracking.runs import image_artifacts
 
     image = tmp_path / "image.png"
     Image.new("RGB", (96, 64), "red").save(image)
@@ -634,8 +634,8 @@ def test_recorder_logs_from_its_own_process_and_ends_every_run(tmp_path):
     import os
 
     from runner import job
-    from runner.recorder import Recorder
     from runner.records import SweepRecord
+    from runner.tracking.writer import Recorder
 
     plans = [_plan(tmp_path, n) for n in range(2)]
     recorder = Recorder(plans[0].spec.tracking, "recorder")
@@ -677,7 +677,7 @@ def test_recorder_on_an_unreachable_server_marks_jobs_untracked(tmp_path):
     import socket
 
     from runner import job
-    from runner.recorder import Recorder
+    from runner.tracking.writer import Recorder
 
     with socket.socket() as s:  # a port nothing listens on: connection refused
         s.bind(("127.0.0.1", 0))
@@ -707,8 +707,8 @@ def test_a_deleted_experiment_is_a_config_error_with_the_restore_command(tmp_pat
 
 def test_a_deleted_sqlite_experiment_is_refused_before_the_writer_starts(tmp_path):
     from runner.errors import ConfigError
-    from runner.recorder import Recorder
-    from runner.tracking import check_sqlite_experiment
+    from runner.tracking.store import check_sqlite_experiment
+    from runner.tracking.writer import Recorder
 
     spec = spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking
     uri = f"sqlite:///{(tmp_path / 'store').resolve()}/mlflow.db"
@@ -729,7 +729,7 @@ def test_a_sqlite_recorder_lets_the_run_go_on_while_its_writer_connects(tmp_path
     Recorder() returns with the writer held in its connection; the job logged meanwhile is
     tracked once it connects. An experiment deleted meanwhile stops the tracking, not the run."""
     from runner import job
-    from runner.recorder import Recorder
+    from runner.tracking.writer import Recorder
 
     monkeypatch.setenv("RUNNER_HOLD", "writer_connect")
     monkeypatch.setenv("RUNNER_HOLD_DIR", str(tmp_path))
@@ -790,7 +790,7 @@ def test_sync_logs_a_single_run_folder_once(tmp_path, monkeypatch, caplog):
     import logging
 
     from runner import job
-    from runner.sync import sync_main
+    from runner.tracking.sync import sync_main
 
     monkeypatch.chdir(tmp_path)
     plan = _plan(tmp_path, 5)

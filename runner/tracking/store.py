@@ -25,19 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
-from .errors import ConfigError
-from .files import locked
-from .provenance import fingerprint_tags, provenance_tags
-from .records import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, flatten
+from ..errors import ConfigError
+from ..files import locked
+from ..records import CONFIG_HASH_TAG, RECORD_TAG
 
 if TYPE_CHECKING:  # no torch in the MLflow writer process: a TrackingSpec or any object with its fields
-    from .config.schema import TrackingSpec
+    from ..config.schema import TrackingSpec
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["CONFIG_HASH_TAG", "RECORD_TAG", "FAILED", "FINISHED", "KILLED", "Tracker", "flatten",
-           "fingerprint_tags", "provenance_tags", "store_uri", "default_artifact_location", "is_unreachable",
-           "store_problem", "ui_hint"]
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
