@@ -26,12 +26,12 @@ import os
 import signal
 import sys
 
+from .commands import COMMANDS, command
 from .config import CONF_DIR
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_UNTRACKED, Stop, SweepDone
 
 logger = logging.getLogger("runner")
 
-COMMANDS = ("report", "download", "sync", "cleanup", "warm")
 
 HELP = """\
 python -m runner: generate images with a diffusion model (the Qwen-Image family) from a Hydra
@@ -89,25 +89,6 @@ def help_text() -> str:
     return HELP.format(groups="\n".join(lines))
 
 
-def _command(name: str, argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    if name == "report":
-        from .compare import report_main
-
-        return report_main(argv)
-    if name == "download":
-        from .download import download
-
-        return download(argv)
-    if name == "warm":
-        from .warm import warm_main
-
-        return warm_main(argv)
-    from .tracking import sync
-
-    return sync.sync_main(argv) if name == "sync" else sync.cleanup_main(argv)
-
-
 def cli() -> int:
     # MLflow 3 reports usage to its makers unless told not to: nothing leaves this machine
     # unasked (as for Ray's runtime); MLFLOW_DISABLE_TELEMETRY=false turns it back on
@@ -116,7 +97,7 @@ def cli() -> int:
     # each); MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true turns them back on
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if sys.argv[1:2] and sys.argv[1] in COMMANDS:
-        return _command(sys.argv[1], sys.argv[2:])
+        return command(sys.argv[1], sys.argv[2:])
     if any(a in ("-h", "--help") for a in sys.argv[1:]):  # ours, without importing Hydra, torch or MLflow
         print(help_text(), end="")
         return EXIT_OK

@@ -295,11 +295,12 @@ def status_of(records: Iterable[JobRecord]) -> str:
     return FAILED if any(r.status in (FAILED, KILLED) for r in records) else FINISHED
 
 
-def write_table(records: Sequence[JobRecord], path: Path) -> Path:
+def write_table(records: Sequence[JobRecord], path: Path, keys: Optional[Sequence[str]] = None) -> Path:
     """A CSV row per job: number, status, MLflow run, swept values, overrides, metrics,
     image (relative to the table's folder), error, and (when the sweep tracked to MLflow)
-    `tracked`: yes, or no for a job whose record did not reach the store (`python -m runner sync` logs it later)."""
-    keys = swept_keys(records)
+    `tracked`: yes, or no for a job whose record did not reach the store (`python -m runner sync` logs it later).
+    The swept keys: `keys`, default `swept_keys(records)`; a job's value is its override's, else its param's."""
+    keys = list(keys) if keys is not None else swept_keys(records)
     with_tracked = any(getattr(r, "tracked", None) is not None for r in records)
     header = ["job", "status", "run_id", *keys, "overrides", *METRICS, "image", "error"]
     header += ["tracked"] if with_tracked else []
@@ -309,14 +310,20 @@ def write_table(records: Sequence[JobRecord], path: Path) -> Path:
             writer = csv.writer(f)
             writer.writerow(header)
             for r in records:
-                wanted = dict(split_override(o) for o in r.overrides)
-                row = ([r.num, r.status, r.run_id or "", *(wanted.get(k, "") for k in keys), " ".join(r.overrides)]
+                row = ([r.num, r.status, r.run_id or "", *_values(r, keys), " ".join(r.overrides)]
                        + [_fmt(r.metrics.get(m)) for m in METRICS] + [_relative(r.image_path, path.parent), r.error])
                 if with_tracked:
                     row.append("yes" if getattr(r, "tracked", None) else "no")
                 writer.writerow(row)
 
     return atomic_write(path, write)
+
+
+def _values(record: JobRecord, keys: Sequence[str]) -> list[str]:
+    """The job's value of each swept key: as its override wrote it, else its param's (a run logged without
+    overrides), else empty."""
+    wanted = dict(split_override(o) for o in record.overrides)
+    return [wanted[k] if k in wanted else str(record.params[k]) if k in record.params else "" for k in keys]
 
 
 def _relative(image: Optional[str], folder: Path) -> str:

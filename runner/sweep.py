@@ -5,7 +5,7 @@
                     folder left), open the recorder and the parent run, write sweep.json
     run(sweep)      the jobs one after another in this process: job.compute, then the
                     recorder; weights load once per (model, vram, dtype, device)
-    finish()        jobs.csv, the X/Y grid(s) and report.html (runner.compare), the parent run
+    finish()        jobs.csv, the X/Y grid(s) and report.html (runner.reporting), the parent run
                     ended with them, sweep.json again
 
 Hydra composes the configs and owns the command line; the launching is ours: Hydra's basic
@@ -270,7 +270,7 @@ def sweep_name(overrides: list[str], folder: Path) -> str:
 
 def check_report_axes(report: Any, swept: list[str]) -> None:
     """report.x/y/z name keys this sweep sweeps (or none): refused before any job otherwise."""
-    from .compare import not_swept_hint
+    from .reporting.axes import not_swept_hint
 
     for axis in ("x", "y", "z"):
         key = getattr(report, axis)
@@ -485,10 +485,11 @@ def finish(status: Optional[str] = None) -> None:
 
 
 def _start_report(sweep: Sweep) -> Any:
-    """The report's grid(s) written (a compare.PendingReport), or the error that stopped them."""
+    """The report's grid(s) written (a reporting.html.PendingReport), or the error that stopped them."""
     if not sweep.records:
         return None
-    from .compare import PendingReport, jobs_from_records
+    from .reporting.html import PendingReport
+    from .reporting.jobs import jobs_from_records
 
     jobs = jobs_from_records(sweep.records, sweep.record.overrides, sweep.record.name)
     report = sweep.report
@@ -520,7 +521,7 @@ def _sweep_files(sweep: Sweep, report: Any) -> tuple[list[Path], bool]:
 
 
 def _finish_report(sweep: Sweep, report: Any) -> list[Path]:
-    from .compare import jobs_from_records
+    from .reporting.jobs import jobs_from_records
 
     if isinstance(report, BaseException):
         raise report
@@ -530,7 +531,7 @@ def _finish_report(sweep: Sweep, report: Any) -> list[Path]:
 
 
 def _report_fix(error: BaseException, folder: Path) -> str:
-    from .compare import ReportError
+    from .reporting.jobs import ReportError
 
     if isinstance(error, ReportError):
         return f"rebuild it with other axes: python -m runner report {folder} x=KEY y=KEY"

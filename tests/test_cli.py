@@ -108,7 +108,7 @@ def test_demo_lora_sweep_writes_grid_and_report_and_logs_them_on_the_parent(tmp_
     assert f"mlflow ui --backend-store-uri sqlite:///{store.resolve() / 'mlflow.db'}" in log
     assert "click Model training (top left), Experiments, the experiment" in log
 
-    from runner.compare import jobs_from_mlflow
+    from runner.commands import jobs_from_mlflow
 
     jobs = jobs_from_mlflow(f"sqlite:///{store / 'mlflow.db'}", parent.info.run_id, tmp_path / "dl")
     assert sorted(j.values["seed"] for j in jobs) == ["0", "0", "1", "1"]  # not 5: the prompt is not split

@@ -182,7 +182,7 @@ def test_report_never_reads_a_picture_outside_the_sweep_folder(tmp_path):
 
 @pytest.mark.parametrize("damage", ["missing", "not UTF-8"])
 def test_report_rebuilds_from_the_job_folders_without_a_readable_jobs_csv(tmp_path, capsys, damage):
-    from runner.compare import report_main
+    from runner.commands import report_main
 
     sweep = make_sweep(tmp_path, jobs=3)
     if damage == "missing":  # a full disk at the sweep's end
@@ -199,7 +199,7 @@ def test_report_rebuilds_from_the_job_folders_without_a_readable_jobs_csv(tmp_pa
 def test_report_resolves_no_interpolation_a_folder_holds(tmp_path, capsys, monkeypatch):
     """A multirun.yaml whose overrides hold `${oc.env:...}`: the page shows the text as written,
     never this machine's value of the variable (report.html is shared and uploaded)."""
-    from runner.compare import report_main
+    from runner.commands import report_main
 
     monkeypatch.setenv("RUNNER_TEST_SECRET", SECRET)
     sweep = make_sweep(tmp_path, jobs=2)
