@@ -28,7 +28,7 @@ import sys
 
 from .commands import COMMANDS, command
 from .config import CONF_DIR
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_UNTRACKED, Stop, SweepDone
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_UNTRACKED, Stop
 
 logger = logging.getLogger("runner")
 
@@ -104,16 +104,14 @@ def cli() -> int:
     logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's config errors reach us: reported below with the key and fix
-    from .app import STATE, abort, finish_sweep, main
+    from .app import STATE, abort, main
+    from .execution.state import close_recorders, interrupt_handler
     from .records import FAILED, KILLED
-    from .state import close_recorders, interrupt_handler
 
     signal.signal(signal.SIGINT, interrupt_handler)
     signal.signal(signal.SIGTERM, interrupt_handler)
     try:
         main()
-    except SweepDone:  # the sweep ran and finished in the runner's own loop
-        pass
     except KeyboardInterrupt:
         logger.error("Interrupted: ending the open MLflow runs as KILLED")
         abort(KILLED)
@@ -132,7 +130,6 @@ def cli() -> int:
     except Exception as error:  # noqa: BLE001 - reported in one line when it is a config or disk error
         abort(FAILED)
         return _report(error, user_full_error)
-    finish_sweep()  # done by the sweep callback's on_multirun_end; here if it was skipped
     close_recorders(FAILED)  # waits for the last writes; ends what was left open
     return _exit_status(STATE)
 

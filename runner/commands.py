@@ -22,7 +22,7 @@ def command(name: str, argv: list[str]) -> int:
     if name == "download":
         return download_main(argv)
     if name == "warm":
-        from .warm import warm_main
+        from .execution.warm.worker import warm_main
 
         return warm_main(argv)
     from .tracking import sync

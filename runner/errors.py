@@ -1,4 +1,4 @@
-"""How the runner ends early.
+"""How the runner ends early, and the one-line form of an error.
 
 `Stop` ends the process with one line and an exit status. It derives from BaseException on
 purpose: Hydra catches `Exception` around each job and around the whole app (and would print
@@ -36,11 +36,6 @@ class Stop(BaseException):
         super().__init__(message)
         self.message = message
         self.code = code
-
-
-class SweepDone(BaseException):
-    """The sweep ran in the runner's own loop (runner.sweep): ends Hydra's multirun, which has
-    nothing left to launch."""
 
 
 class OutputError(Exception):

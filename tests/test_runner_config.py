@@ -267,7 +267,7 @@ def test_an_interpolation_that_does_not_resolve_is_refused_at_its_key(hydra_ctx,
 def test_prompts_arrive_as_typed_without_interpolation(hydra_ctx, monkeypatch):
     """A prompt is text for the model, not config: `${...}` in it is kept (in the spec, the
     resolved config that job.json, config.yaml and the params hold, and the hash)."""
-    from runner.job import plain_config
+    from runner.execution.job import plain_config
 
     monkeypatch.setenv("RUNNER_TEST_SECRET", "leaked")
     prompt, negative = "a ${oc.env:RUNNER_TEST_SECRET} fox with ${nope} and \\${x}", "no ${oc.env:HOME}"

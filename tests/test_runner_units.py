@@ -299,7 +299,7 @@ def test_png_parameters_text_reads_back_whatever_the_prompt_holds(tmp_path):
 def test_a_job_run_gets_the_params_a_user_compares_by_and_every_overridden_key():
     """~20 params instead of the whole flattened config (~60, ~120 for a real model): the run's
     card and MLflow's Compare page stay readable; the config is the run's config.yaml."""
-    from runner import job
+    from runner.execution import job
     from runner.tracking.runs import logged_params
 
     overrides = ["model=qwen_image_tiny", "lora=file", f"lora.path={__file__}", "lora.alpha=0.5", "seed=3",
@@ -398,7 +398,7 @@ def test_a_jobs_identity_knows_its_models_folder_and_resume_its_checkpoint_files
     run's checkpoint fingerprint with the files there now, a rewrite that keeps size and mtime
     (`cp -p`) included."""
     from pipelines.testing.tiny import build_tiny_repo
-    from runner import job
+    from runner.execution import job
     from runner.tracking.provenance import fingerprint_tags
 
     from .processes import rewrite_keeping_size_and_mtime
@@ -619,7 +619,7 @@ def test_image_artifacts_are_laid_out_as_mlflow_log_image_does(tmp_path):
 def _plan(tmp_path, num, **over):
     from omegaconf import OmegaConf
 
-    from runner import job
+    from runner.execution import job
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=qwen_image_tiny", f"tracking.store_dir={tmp_path / 'store'}",
@@ -633,7 +633,7 @@ def _plan(tmp_path, num, **over):
 def test_recorder_logs_from_its_own_process_and_ends_every_run(tmp_path):
     import os
 
-    from runner import job
+    from runner.execution import job
     from runner.records import SweepRecord
     from runner.tracking.writer import Recorder
 
@@ -676,7 +676,7 @@ def test_recorder_logs_from_its_own_process_and_ends_every_run(tmp_path):
 def test_recorder_on_an_unreachable_server_marks_jobs_untracked(tmp_path):
     import socket
 
-    from runner import job
+    from runner.execution import job
     from runner.tracking.writer import Recorder
 
     with socket.socket() as s:  # a port nothing listens on: connection refused
@@ -728,7 +728,7 @@ def test_a_sqlite_recorder_lets_the_run_go_on_while_its_writer_connects(tmp_path
     """The writer imports MLflow and opens the store (seconds) while the run loads its weights:
     Recorder() returns with the writer held in its connection; the job logged meanwhile is
     tracked once it connects. An experiment deleted meanwhile stops the tracking, not the run."""
-    from runner import job
+    from runner.execution import job
     from runner.tracking.writer import Recorder
 
     monkeypatch.setenv("RUNNER_HOLD", "writer_connect")
@@ -789,7 +789,7 @@ def test_sync_logs_a_single_run_folder_once(tmp_path, monkeypatch, caplog):
     nothing twice."""
     import logging
 
-    from runner import job
+    from runner.execution import job
     from runner.tracking.sync import sync_main
 
     monkeypatch.chdir(tmp_path)
@@ -816,7 +816,7 @@ def test_sync_logs_a_single_run_folder_once(tmp_path, monkeypatch, caplog):
 
 
 def test_a_ray_sweep_logs_each_launch_with_the_pools_pace():
-    from runner.ray_pool import Pace
+    from runner.execution.sweep import Pace
 
     pace = Pace(total=5)
     assert pace.launch() == "1/5, 0 done" and pace.launch() == "2/5, 0 done"
@@ -828,7 +828,8 @@ def test_a_ray_sweep_logs_each_launch_with_the_pools_pace():
 
 
 def test_a_free_worker_takes_a_job_whose_weights_it_holds_else_one_nobody_holds():
-    from runner.ray_pool import Member, Task, pick
+    from runner.execution.ray.pool import Member, pick
+    from runner.execution.sweep import Task
 
     a, b = Member(actor=None, key="A"), Member(actor=None, key="B")
     jobs = [Task(None, Path("."), key) for key in ("B", "C", "A", "B")]
@@ -848,7 +849,7 @@ def test_launcher_settings_are_checked_naming_the_key(override, key):
 
     from runner.config import CONF_DIR
     from runner.errors import ConfigError
-    from runner.ray_pool import settings_of
+    from runner.execution.ray.settings import settings_of
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         config = compose("config", ["hydra/launcher=ray", override], return_hydra_config=True)
@@ -859,7 +860,8 @@ def test_launcher_settings_are_checked_naming_the_key(override, key):
 
 def test_a_pool_that_does_not_fit_the_cluster_is_refused_with_the_fix():
     from runner.errors import Stop
-    from runner.ray_pool import Settings, _sizes
+    from runner.execution.ray.pool import _sizes
+    from runner.execution.ray.settings import RaySettings as Settings
 
     assert _sizes(Settings(), {"CPU": 16.0, "GPU": 4.0}) == (4, 1.0, 4)  # one worker per GPU
     assert _sizes(Settings(), {"CPU": 2.0}) == (1, 0.0, 2)

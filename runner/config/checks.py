@@ -298,7 +298,7 @@ def _check_loras(lora: LoraSpec) -> None:
 
 
 def _check_report(report: ReportSpec) -> None:
-    """The axes' keys are checked against the sweep's swept keys when it starts (runner.sweep)."""
+    """The axes' keys are checked against the sweep's swept keys when it starts (runner.execution.sweep)."""
     if not 32 <= report.thumb <= 2048:
         raise ConfigError("report.thumb", f"{report.thumb} pixels is not a thumbnail size",
                           "give 32 to 2048 (default 256)")

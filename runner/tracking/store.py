@@ -3,7 +3,7 @@
 Everything goes through an explicit `MlflowClient` (no fluent active-run stack), so runs
 opened in Hydra callbacks, in jobs and in the exit path cannot get mixed up, and every run
 is ended with an explicit status: FINISHED, FAILED or KILLED. During a run or sweep one
-thread of runner.recorder owns the Tracker; `sync` and `cleanup` use it directly.
+process of runner.tracking.writer owns the Tracker; `sync` and `cleanup` use it directly.
 
 The default store is SQLite, `<store_dir>/mlflow.db`, with the experiment's artifact
 location set explicitly to `<store_dir>/artifacts/<experiment>` (MLflow 3 refuses the plain
@@ -271,9 +271,6 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.log_batch(run_id, tags=tags)
 
-    def log_image(self, run_id: str, image: Any, key: str) -> None:
-        self.client.log_image(run_id, image, key=key, step=0, synchronous=True)
-
     def _artifact_repo(self, run_id: str) -> Any:
         """The run's artifact store; for a run this tracker created, without the store lookup
         MlflowClient makes for each run it has not seen (~6 ms of a job's ~80 on SQLite)."""
@@ -298,9 +295,6 @@ class Tracker:
             self.client.log_artifacts(run_id, str(folder), artifact_path)
         else:
             repo.log_artifacts(str(folder), artifact_path)
-
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
 
     # ---------------------------------------------------------------- queries
 

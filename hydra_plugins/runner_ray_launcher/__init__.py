@@ -1,1 +1,0 @@
-"""The runner's Hydra launcher `ray` (ray_launcher.py); docs/ray.md."""
