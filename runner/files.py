@@ -86,7 +86,6 @@ def exclusive_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-
 # ------------------------------------------------------------------ claiming
 
 TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)$")  # temp_path's names

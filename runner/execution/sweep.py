@@ -170,7 +170,6 @@ def precheck(config: DictConfig, loader: Any, jobs: Sequence[Sequence[str]], fir
     return launches
 
 
-
 def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: Path, launches: list[Launch]) -> Sweep:
     spec = launches[0].plan.spec
     check_report_axes(spec.report, swept)

@@ -309,8 +309,6 @@ def take_lock(path: Path) -> Optional[int]:
             time.sleep(0.02)
 
 
-
-
 def record_in_folder(plan: Any) -> Optional[Any]:
     """The finished record of this very job in its folder (job.json), if there is one."""
     if plan.job_dir is None:

@@ -64,8 +64,6 @@ def peer(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-
-
 def send_timeout(conn: socket.socket) -> None:
     """A blocking socket whose sends fail after SEND_TIMEOUT_S (a frozen command takes nothing):
     the job's log and record are never what keeps the worker from its next command."""

@@ -117,7 +117,6 @@ def _file_state(paths: list[Path]) -> tuple:
 
 
 def _lora_file_state(item: Any, spec: Any) -> Optional[tuple]:
-
     try:
         return _file_state(loras.lora_files(item, spec, download=False))
     except Exception:  # noqa: BLE001 - a hub LoRA not on disk: the job's own apply reports it
