@@ -5,7 +5,7 @@
 
 A single run is checked by `SingleRunCheck.on_run_start` before any folder or MLflow run exists,
 then computed by `main` in the folder Hydra made for it. A sweep never reaches `main`: the
-runner's sweeper and launchers (hydra_plugins/runner_launcher) run it through
+runner's sweeper and launchers (hydra_plugins/runner_ray_launcher) run it through
 runner.execution.sweep. How a run ends early (Stop, Ctrl-C): `abort`; docs/architecture.md.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A sweep (`python -m runner -m ...`), the same for every launcher of ours (hydra_plugins/
-runner_launcher): `launch` claims its folder, checks every job before the first one loads a
+runner_ray_launcher): `launch` claims its folder, checks every job before the first one loads a
 weight (`start`), runs them through a pool (here one after another, or on Ray actors) in one
 loop (`run`), and writes jobs.csv, the grid(s) and report.html and ends the parent run
 (`finish`). docs/architecture.md.

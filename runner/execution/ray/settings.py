@@ -1,5 +1,5 @@
 """The Ray launcher's settings (hydra.launcher.*, docs/ray.md), written once: RaySettings is the
-dataclass Hydra stores as `hydra/launcher=ray` (hydra_plugins/runner_launcher adds its
+dataclass Hydra stores as `hydra/launcher=ray` (hydra_plugins/runner_ray_launcher adds its
 `_target_`) and the one the pool reads; `settings_of` checks them before anything runs.
 """
 # no `from __future__ import annotations`: Hydra's plugin scan builds its structured config from

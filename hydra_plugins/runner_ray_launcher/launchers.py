@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.errors import EXIT_REFUSED, ConfigError, Stop
 from runner.execution.ray.settings import RaySettings
 
-HERE = "hydra_plugins.runner_launcher.launchers"
+HERE = "hydra_plugins.runner_ray_launcher.launchers"
 FIXES = {"launcher": "leave hydra/launcher at its default or use hydra/launcher=ray",
          "sweeper": "leave hydra/sweeper at its default"}
 

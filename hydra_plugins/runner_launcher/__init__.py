@@ -1,1 +1,0 @@
-"""The runner's Hydra plugins (launchers.py): its sweeper, and its launchers `local` and `ray`."""
