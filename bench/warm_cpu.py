@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 
 from sweep_overhead import MODELS, build_models, model_overrides  # noqa: E402
 
-IMPORTS = "import runner.app, runner.build, torch, pipelines; pipelines.QwenImagePipeline"
+IMPORTS = "import runner.app, runner.build.pipeline, torch, pipelines; pipelines.QwenImagePipeline"
 
 
 def environment(work: Path) -> dict[str, str]:

@@ -26,12 +26,12 @@ import os
 import signal
 import sys
 
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_UNTRACKED, Stop, SweepDone
+from .commands import COMMANDS, command
+from .config import CONF_DIR
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_UNTRACKED, Stop
 
 logger = logging.getLogger("runner")
 
-COMMANDS = ("report", "download", "sync", "cleanup", "warm")
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 HELP = """\
 python -m runner: generate images with a diffusion model (the Qwen-Image family) from a Hydra
@@ -71,7 +71,7 @@ Exit status: 0 done, 1 a job failed, 2 config refused (no run created), 3 not al
 """
 
 
-def config_groups(conf_dir: str = CONF_DIR) -> dict[str, list[str]]:
+def config_groups(conf_dir: str = str(CONF_DIR)) -> dict[str, list[str]]:
     """group -> its options, read from the conf/ folders."""
     groups = {}
     for group in sorted(os.listdir(conf_dir)):
@@ -89,25 +89,6 @@ def help_text() -> str:
     return HELP.format(groups="\n".join(lines))
 
 
-def _command(name: str, argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    if name == "report":
-        from .compare import report_main
-
-        return report_main(argv)
-    if name == "download":
-        from .download import download
-
-        return download(argv)
-    if name == "warm":
-        from .warm import warm_main
-
-        return warm_main(argv)
-    from . import sync
-
-    return sync.sync_main(argv) if name == "sync" else sync.cleanup_main(argv)
-
-
 def cli() -> int:
     # MLflow 3 reports usage to its makers unless told not to: nothing leaves this machine
     # unasked (as for Ray's runtime); MLFLOW_DISABLE_TELEMETRY=false turns it back on
@@ -116,23 +97,21 @@ def cli() -> int:
     # each); MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true turns them back on
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if sys.argv[1:2] and sys.argv[1] in COMMANDS:
-        return _command(sys.argv[1], sys.argv[2:])
+        return command(sys.argv[1], sys.argv[2:])
     if any(a in ("-h", "--help") for a in sys.argv[1:]):  # ours, without importing Hydra, torch or MLflow
         print(help_text(), end="")
         return EXIT_OK
     logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's config errors reach us: reported below with the key and fix
-    from .app import STATE, abort, finish_sweep, main
-    from .report import FAILED, KILLED
-    from .state import close_recorders, interrupt_handler
+    from .app import STATE, abort, main
+    from .execution.state import close_recorders, interrupt_handler
+    from .records import FAILED, KILLED
 
     signal.signal(signal.SIGINT, interrupt_handler)
     signal.signal(signal.SIGTERM, interrupt_handler)
     try:
         main()
-    except SweepDone:  # the sweep ran and finished in the runner's own loop
-        pass
     except KeyboardInterrupt:
         logger.error("Interrupted: ending the open MLflow runs as KILLED")
         abort(KILLED)
@@ -151,7 +130,6 @@ def cli() -> int:
     except Exception as error:  # noqa: BLE001 - reported in one line when it is a config or disk error
         abort(FAILED)
         return _report(error, user_full_error)
-    finish_sweep()  # done by the sweep callback's on_multirun_end; here if it was skipped
     close_recorders(FAILED)  # waits for the last writes; ends what was left open
     return _exit_status(STATE)
 
@@ -160,8 +138,9 @@ def _report(error: Exception, user_full_error: str | None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from .config.checks import omegaconf_error
+    from .config.compose import composition_error
     from .errors import is_storage_error
-    from .spec import composition_error, omegaconf_error
 
     if isinstance(error, HydraException) and not user_full_error:
         logger.error("%s", composition_error(error, [a for a in sys.argv[1:] if not a.startswith("-")]))

@@ -1,4 +1,4 @@
-"""How the runner ends early.
+"""How the runner ends early, and the one-line form of an error.
 
 `Stop` ends the process with one line and an exit status. It derives from BaseException on
 purpose: Hydra catches `Exception` around each job and around the whole app (and would print
@@ -38,11 +38,6 @@ class Stop(BaseException):
         self.code = code
 
 
-class SweepDone(BaseException):
-    """The sweep ran in the runner's own loop (runner.sweep): ends Hydra's multirun, which has
-    nothing left to launch."""
-
-
 class OutputError(Exception):
     """A file of the job or sweep folder could not be written (full disk, read-only folder):
     no later job could write its image either."""
@@ -52,6 +47,16 @@ class OutputError(Exception):
         super().__init__(f"cannot write {path}: {reason} (errno {error.errno})")
         self.path = path
         self.errno = error.errno
+
+
+def first_line(error: BaseException | str, named: bool = False) -> str:
+    """The first non-blank line of an error (its message, or its type's name when it has none):
+    what a log line or a grid cell shows of it. `named`: prefixed with the error's type."""
+    text = str(error)
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if isinstance(error, BaseException) and (named or not line):
+        return f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return line
 
 
 def is_storage_error(error: BaseException) -> bool:

@@ -9,7 +9,7 @@ kill -9, stopping the tracking server), then creates `.go`. The points:
     job<N>      at the start of job N's computation (its MLflow run has been requested)
     sweep_end   at the start of the end-of-sweep writes (grid, report, jobs.csv, parent run)
     writer_connect  in the MLflow writer process, before it opens the store
-    claim       a run or sweep found its folder free and is about to claim it (runner.folders)
+    claim       a run or sweep found its folder free and is about to claim it (runner.files)
 
 Without RUNNER_HOLD this is one dictionary lookup.
 """

@@ -61,6 +61,17 @@ def test_a_report_axis_that_is_not_swept_refuses_the_sweep(tmp_path):
     assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]  # no sweep folder
 
 
+@pytest.mark.parametrize("group", ["hydra/launcher", "hydra/sweeper"])
+def test_a_sweeper_or_launcher_not_of_the_runner_is_refused_before_anything(tmp_path, group):
+    """Hydra's own basic launcher would run each job in a fresh composition (no weights kept),
+    its basic sweeper would recompose every job: the runner's plugins say so, exit 2."""
+    proc = _runner(tmp_path, "-m", *SMALL, "seed=0,1", f"{group}=basic")
+    assert proc.returncode == 2, proc.stderr
+    [line] = [line for line in (proc.stdout + proc.stderr).splitlines() if "Fix:" in line]
+    assert f"config `{group}`: " in line and "is not supported" in line and f"leave {group} at its default" in line
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.yaml"))  # nothing written
+
+
 @pytest.fixture()
 def models(tmp_path, tiny_repo) -> Path:
     """A models folder holding the tiny model (the fixture's) but no demo LoRA yet."""
@@ -108,7 +119,7 @@ def test_demo_lora_sweep_writes_grid_and_report_and_logs_them_on_the_parent(tmp_
     assert f"mlflow ui --backend-store-uri sqlite:///{store.resolve() / 'mlflow.db'}" in log
     assert "click Model training (top left), Experiments, the experiment" in log
 
-    from runner.compare import jobs_from_mlflow
+    from runner.commands import jobs_from_mlflow
 
     jobs = jobs_from_mlflow(f"sqlite:///{store / 'mlflow.db'}", parent.info.run_id, tmp_path / "dl")
     assert sorted(j.values["seed"] for j in jobs) == ["0", "0", "1", "1"]  # not 5: the prompt is not split

@@ -1,7 +1,7 @@
-"""runner.compare: the X/Y/Z grid, report.html, `python -m runner report` and the MLflow loader.
+"""runner.reporting: the X/Y/Z grid, report.html, `python -m runner report` and the MLflow loader.
 
-Sweep folders are made the way a sweep makes them: `runner.report.save_png` per job and
-`runner.report.write_table` for jobs.csv."""
+Sweep folders are made the way a sweep makes them: `runner.records.save_png` per job and
+`runner.records.write_table` for jobs.csv."""
 from __future__ import annotations
 
 import csv
@@ -16,24 +16,13 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from runner.compare import (
-    AxisError,
-    GridJob,
-    JobList,
-    choose_axes,
-    grid_pages,
-    jobs_from_mlflow,
-    jobs_from_records,
-    jobs_from_sweep_dir,
-    render_page,
-    report_html,
-    report_main,
-    row_labels,
-    shorten,
-    split_overrides,
-    write_report,
-)
-from runner.report import JobRecord, save_png, write_table
+from runner.commands import jobs_from_mlflow, report_main
+from runner.records import JobRecord, save_png, write_table
+from runner.reporting.axes import AxisError, choose_axes, grid_pages, shorten
+from runner.reporting.grid import render_page, row_labels
+from runner.reporting.html import report_html, write_report
+from runner.reporting.jobs import GridJob, JobList, jobs_from_records, jobs_from_sweep_dir
+from runner.tracking.fetch import split_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 EVIL_PROMPT = 'a fox <script>alert("x")</script> & "quotes" \'single\' 🦊'
@@ -287,7 +276,7 @@ def test_steps_that_do_not_vary_plot_seconds_per_step_per_job():
 
 
 def test_full_size_copies_are_capped_so_the_report_stays_small(tmp_path, monkeypatch):
-    import runner.compare as compare
+    import runner.reporting.html as compare
 
     jobs = []
     for i in range(3):
@@ -462,7 +451,7 @@ def test_jobs_from_mlflow_without_overrides_tags_uses_differing_params(mlflow_sw
 
 
 def test_jobs_from_mlflow_unknown_run_is_a_report_error(mlflow_sweep, tmp_path):
-    from runner.compare import ReportError
+    from runner.reporting.jobs import ReportError
 
     uri = mlflow_sweep[0]
     with pytest.raises(ReportError, match="no MLflow run"):

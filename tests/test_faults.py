@@ -85,10 +85,10 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
 def client(uri_or_store):
     """A client of the store a runner under test may be creating at this moment: MLflow's own
     creation of a SQLite store is not safe against another process doing it too, so this takes
-    the lock runners take for it (runner.tracking.store_lock)."""
+    the lock runners take for it (runner.tracking.store.store_lock)."""
     from mlflow import MlflowClient
 
-    from runner.tracking import store_lock
+    from runner.tracking.store import store_lock
 
     uri = uri_or_store if isinstance(uri_or_store, str) else f"sqlite:///{uri_or_store / 'mlflow.db'}"
     with store_lock(uri):
@@ -177,7 +177,7 @@ def test_two_sweeps_given_the_same_folder_at_once_one_runs_the_other_touches_not
     [line] = error_lines(assert_exit(loser, 2, *lost))
     assert "config `hydra.sweep.dir`" in line and str(sweep) in line and "claimed at the same moment" in line
     seed = 0 if winner is procs[0] else 10
-    from runner.report import read_generation
+    from runner.records import read_generation
 
     record = json.loads((sweep / "0" / "job.json").read_text())
     assert record["status"] == "FINISHED" and record["params"]["seed"] == seed
@@ -276,7 +276,7 @@ def test_a_dead_tracking_server_costs_no_image_and_sync_logs_the_sweep_later(env
     rows = list(csv.DictReader(open(sweep / "jobs.csv")))
     assert [(r["status"], r["tracked"]) for r in rows] == [("FINISHED", "yes")] * 2 + [("FINISHED", "no")] * 2
     for n in range(4):
-        from runner.report import read_generation
+        from runner.records import read_generation
 
         assert read_generation(sweep / str(n) / "image.png")["seed"] == n  # the image with its metadata
     assert [json.loads((sweep / str(n) / "job.json").read_text())["tracked"] for n in range(4)] == [
@@ -392,7 +392,7 @@ def test_kill_9_mid_job_then_resume_ends_the_dead_runs_and_finishes(env, tmp_pat
     wait_until(job2_running, proc, "job 2's run in the store")
     proc.kill()  # SIGKILL: nothing of the runner gets to clean up
     finish(proc)
-    from runner.report import temp_path
+    from runner.files import temp_path
 
     leftover = temp_path(sweep / "2" / "image.png", proc.pid)  # as an interrupted write leaves it
     lookalike = sweep / "2" / f".image.png.tmp{proc.pid}"

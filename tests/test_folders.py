@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runner.report import JobRecord, SweepRecord, save_png, write_table
+from runner.records import JobRecord, SweepRecord, save_png, write_table
 
 from .processes import runner_env
 
@@ -140,7 +140,7 @@ def test_sync_refuses_a_folder_whose_image_lies_outside_it(tmp_path, how):
     ("drop num", "`num` is missing"),
 ])
 def test_sync_of_a_malformed_record_names_the_file_and_the_key(tmp_path, caplog, edit, key):
-    from runner.sync import sync_main
+    from runner.tracking.sync import sync_main
 
     sweep = make_sweep(tmp_path)
     path = sweep / "1" / "job.json"
@@ -182,7 +182,7 @@ def test_report_never_reads_a_picture_outside_the_sweep_folder(tmp_path):
 
 @pytest.mark.parametrize("damage", ["missing", "not UTF-8"])
 def test_report_rebuilds_from_the_job_folders_without_a_readable_jobs_csv(tmp_path, capsys, damage):
-    from runner.compare import report_main
+    from runner.commands import report_main
 
     sweep = make_sweep(tmp_path, jobs=3)
     if damage == "missing":  # a full disk at the sweep's end
@@ -199,7 +199,7 @@ def test_report_rebuilds_from_the_job_folders_without_a_readable_jobs_csv(tmp_pa
 def test_report_resolves_no_interpolation_a_folder_holds(tmp_path, capsys, monkeypatch):
     """A multirun.yaml whose overrides hold `${oc.env:...}`: the page shows the text as written,
     never this machine's value of the variable (report.html is shared and uploaded)."""
-    from runner.compare import report_main
+    from runner.commands import report_main
 
     monkeypatch.setenv("RUNNER_TEST_SECRET", SECRET)
     sweep = make_sweep(tmp_path, jobs=2)
@@ -215,12 +215,12 @@ def test_report_resolves_no_interpolation_a_folder_holds(tmp_path, capsys, monke
 
 
 def _claim_in_turns(root: str, trials: int, barrier, results) -> None:
-    from runner import folders
+    from runner import files
 
     got = []
     for trial in range(trials):
         barrier.wait()  # every process asks for the same new folder at the same moment
-        got.append(folders.claim_dir(f"{root}/{trial}/same-second"))
+        got.append(files.claim_dir(f"{root}/{trial}/same-second"))
     results.put(got)
 
 
@@ -242,7 +242,7 @@ def test_processes_released_together_never_get_the_same_folder(tmp_path):
 def test_cleanup_removes_only_the_runners_own_leftovers(tmp_path):
     """cleanup --dir: the leftovers of the runner's interrupted writes in its own folders go; a
     user's temporary files, and temp-looking files in folders that are not the runner's, stay."""
-    from runner.report import temp_path
+    from runner.files import temp_path
 
     pid = dead_pid()
     mine = tmp_path / "mine"

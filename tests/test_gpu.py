@@ -113,8 +113,9 @@ def test_float8_storage_on_the_device(tiny_repo, tokenizer, tmp_path):
 
 
 def test_runner_auto_device_and_dtype_choose_cuda_and_bfloat16(tiny_repo, monkeypatch):
-    from runner import build as runner_build
-    from runner.spec import compose, to_spec
+    from runner.build import pipeline as runner_build
+    from runner.config.checks import to_spec
+    from runner.config.compose import compose
 
     monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_repo.parent.parent))  # <base>/tiny/Qwen-Image-Tiny
     spec = to_spec(compose(["model=qwen_image_tiny", "sampler=tiny", "vram=fp8", "device=auto", "dtype=auto",

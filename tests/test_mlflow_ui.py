@@ -19,12 +19,12 @@ pytestmark = pytest.mark.needs("chromium")
 CHROMIUM = chromium()
 
 def _sweep_store(tmp: Path) -> tuple[str, str, list[str]]:
-    """A sweep of 2 jobs logged by runner.recorder's functions (the same calls as a real sweep)."""
+    """A sweep of 2 jobs logged by runner.tracking.runs' functions (the same calls as a real sweep)."""
     from PIL import Image
 
-    from runner.recorder import log_job, log_sweep_end, start_sweep_run
-    from runner.report import FINISHED, JobRecord, SweepRecord
-    from runner.tracking import Tracker
+    from runner.records import FINISHED, JobRecord, SweepRecord
+    from runner.tracking.runs import log_job, log_sweep_end, start_sweep_run
+    from runner.tracking.store import Tracker
 
     spec = SimpleNamespace(uri=None, store_dir=str(tmp / "store"), artifact_location=None, request_timeout_s=5,
                            request_retries=0)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.compare import jobs_from_sweep_dir, write_report
+from runner.reporting.html import write_report
+from runner.reporting.jobs import jobs_from_sweep_dir
 from tests.conftest import chromium
 from tests.test_compare import EVIL_PROMPT, make_sweep_dir
 

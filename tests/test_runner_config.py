@@ -10,11 +10,15 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from runner.app import CONF_DIR
-from runner.build import preflight
-from runner.spec import ConfigError, RunSpec, TrackingBackend, register_configs, to_spec, validate
+from runner.build import pipeline as build
+from runner.build.arguments import preflight
+from runner.config import CONF_DIR
+from runner.config.checks import to_spec, validate
+from runner.config.schema import RunSpec, TrackingBackend, register_configs
+from runner.errors import ConfigError
 
 register_configs()
+build.register_resolvers()  # ${built_file:...} (conf/lora/tiny_demo.yaml)
 
 GROUPS = ("model", "vram", "lora", "sampler", "tracking")
 
@@ -133,7 +137,7 @@ def test_bad_override_fails_at_composition_naming_the_path(hydra_ctx, override, 
     """Hydra's own text echoes the override; ours names the key and the fix."""
     from hydra.errors import HydraException
 
-    from runner.spec import composition_error
+    from runner.config.compose import composition_error
 
     with pytest.raises(HydraException) as err:
         compose("config", overrides=[override])
@@ -280,7 +284,7 @@ def test_an_interpolation_that_does_not_resolve_is_refused_at_its_key(hydra_ctx,
 def test_prompts_arrive_as_typed_without_interpolation(hydra_ctx, monkeypatch):
     """A prompt is text for the model, not config: `${...}` in it is kept (in the spec, the
     resolved config that job.json, config.yaml and the params hold, and the hash)."""
-    from runner.job import plain_config
+    from runner.execution.job import plain_config
 
     monkeypatch.setenv("RUNNER_TEST_SECRET", "leaked")
     prompt, negative = "a ${oc.env:RUNNER_TEST_SECRET} fox with ${nope} and \\${x}", "no ${oc.env:HOME}"
@@ -328,7 +332,7 @@ def test_vram_spec_mirrors_every_model_config_key():
     from dataclasses import fields
 
     from pipelines.core.model_config import VRAM_KEYS
-    from runner.spec import VramSpec
+    from runner.config.schema import VramSpec
 
     assert set(VRAM_KEYS) <= {f.name for f in fields(VramSpec)}
 
@@ -351,7 +355,7 @@ def test_the_sweep_composer_gives_each_job_hydras_own_composition(hydra_ctx, job
     to a copy: every job's whole config (hydra node included) equals Hydra's composition."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from runner.sweep import Composer
+    from runner.config.compose import Composer
 
     master = compose("config", overrides=["hydra.sweep.dir=/tmp/sweep", "hydra.job.chdir=false"],
                      return_hydra_config=True)

@@ -99,7 +99,7 @@ def test_single_run_builds_the_demo_model_and_logs_one_run(env, tmp_path):
     assert (models / "tiny" / "Qwen-Image-Tiny" / "model_index.json").is_file()  # built on first use
 
     image = env["root"] / "single" / "run" / "image.png"
-    from runner.report import read_generation
+    from runner.records import read_generation
 
     gen = read_generation(image)
     assert (gen["seed"], gen["steps"], gen["width"], gen["height"], gen["model"]) == (0, 2, 64, 64, "qwen_image_tiny")
@@ -363,7 +363,7 @@ def test_edit_sweep_records_its_input_pictures(env):
         assert [ch.data.params[f"inputs.edit_image.{i}.sha256"] for i in range(2)] == digests
     inputs = {a.path for a in c.list_artifacts(parent.info.run_id, "inputs")}
     assert inputs == {"inputs/a.png", "inputs/b.png"}  # once for the sweep, not per job
-    from runner.report import read_generation
+    from runner.records import read_generation
 
     sweep = env["root"] / "edit" / "sweep"
     gens = [read_generation(sweep / str(i) / "image.png") for i in range(4)]

@@ -15,14 +15,17 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipelines import Pipeline
-from runner import build
-from runner.app import CONF_DIR
-from runner.provenance import FingerprintCache, git_commit, package_versions
-from runner.report import JobRecord, read_generation, save_png, write_table
-from runner.spec import register_configs, to_spec
-from runner.tracking import FAILED, FINISHED, KILLED, Tracker, default_artifact_location, flatten, store_uri
+from runner.build import arguments, loras
+from runner.build import pipeline as build
+from runner.config import CONF_DIR
+from runner.config.checks import to_spec
+from runner.config.schema import register_configs
+from runner.records import FAILED, FINISHED, KILLED, JobRecord, flatten, read_generation, save_png, write_table
+from runner.tracking.provenance import FingerprintCache, git_commit, package_versions
+from runner.tracking.store import Tracker, default_artifact_location, store_uri
 
 register_configs()
+build.register_resolvers()
 
 
 class FakeHandle:
@@ -109,14 +112,14 @@ def test_weights_load_once_and_lora_changes_never_reload_nor_linger(lora_file, w
         pipe = pipe or entry.pipe
         assert entry.pipe is pipe and (load_s > 0) == (i == 0)
         before = len(pipe.calls)
-        build.apply_loras(entry, spec)
+        loras.apply_loras(entry, spec)
         assert pipe.calls[before:] == expected, overrides
     assert FakePipeline.loads == 1
 
     # after a failed job the applied LoRAs are unknown: the next job clears first
-    build.forget_lora_state(entry)
+    loras.forget_lora_state(entry)
     before = len(pipe.calls)
-    build.apply_loras(entry, spec_for())
+    loras.apply_loras(entry, spec_for())
     assert pipe.calls[before:] == [("clear",)]
 
     # another dtype is another pipeline: the old one is dropped, the new one loaded
@@ -157,13 +160,13 @@ def test_vram_presets_map_auto_to_the_runtime():
 
 @pytest.mark.parametrize("preset", ["cpu_offload", "fp8", "low_vram", "disk"])
 def test_vram_presets_are_refused_at_once_by_a_pipeline_without_vram_management(preset):
-    from runner.spec import ConfigError
+    from runner.errors import ConfigError
 
     assert not FakePipeline.supports_vram_management
     with pytest.raises(ConfigError, match="vram=none") as err:
-        build.preflight(spec_for(f"vram={preset}"))
+        arguments.preflight(spec_for(f"vram={preset}"))
     assert err.value.key == "vram" and preset in str(err.value)
-    build.preflight(spec_for("vram=none"))
+    arguments.preflight(spec_for("vram=none"))
 
 
 _BUILDER = """
@@ -199,8 +202,9 @@ def _second_waits_on_a_lock(folder):
 """
 
 _ENSURE_BUILT = """
-from runner import build
-from runner.spec import compose, to_spec
+from runner.build import pipeline as build
+from runner.config.checks import to_spec
+from runner.config.compose import compose
 
 build.ensure_built(to_spec(compose(["model=qwen_image_tiny", "model.build=locktest_builder.build"])))
 """
@@ -295,8 +299,8 @@ def test_png_parameters_text_reads_back_whatever_the_prompt_holds(tmp_path):
 def test_a_job_run_gets_the_params_a_user_compares_by_and_every_overridden_key():
     """~20 params instead of the whole flattened config (~60, ~120 for a real model): the run's
     card and MLflow's Compare page stay readable; the config is the run's config.yaml."""
-    from runner import job
-    from runner.recorder import logged_params
+    from runner.execution import job
+    from runner.tracking.runs import logged_params
 
     overrides = ["model=qwen_image_tiny", "lora=file", f"lora.path={__file__}", "lora.alpha=0.5", "seed=3",
                  "vram=disk", "vram.vram_limit=2", "call.tiled=true", "+lora.stack.extra.path=" + __file__,
@@ -394,8 +398,8 @@ def test_a_jobs_identity_knows_its_models_folder_and_resume_its_checkpoint_files
     run's checkpoint fingerprint with the files there now, a rewrite that keeps size and mtime
     (`cp -p`) included."""
     from pipelines.demo.qwen_image_tiny import build_tiny_repo
-    from runner import job
-    from runner.provenance import fingerprint_tags
+    from runner.execution import job
+    from runner.tracking.provenance import fingerprint_tags
 
     from .processes import rewrite_keeping_size_and_mtime
 
@@ -476,7 +480,7 @@ def test_png_generation_chunk_json_roundtrip(tmp_path):
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
-    from runner.report import atomic_write
+    from runner.files import atomic_write
 
     def broken(tmp):
         tmp.write_text("half")
@@ -495,7 +499,7 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
 def test_job_record_round_trips_through_json_and_pickle(tmp_path):
     import pickle
 
-    from runner.report import JobRecord, SweepRecord
+    from runner.records import JobRecord, SweepRecord
 
     r = JobRecord(3, ["seed=1"], status=FINISHED, metrics={"total_s": 1.5}, image_path=tmp_path / "i.png",
                   job_dir=str(tmp_path), params={"seed": 1, "dtype": None}, tags={"a": "b"},
@@ -512,7 +516,7 @@ def test_job_record_round_trips_through_json_and_pickle(tmp_path):
 
 
 def test_an_image_is_never_overwritten(tmp_path):
-    from runner.report import exclusive_write
+    from runner.files import exclusive_write
 
     target = tmp_path / "job" / "image.png"
     exclusive_write(target, lambda tmp: tmp.write_text("first"))
@@ -522,18 +526,18 @@ def test_an_image_is_never_overwritten(tmp_path):
 
 
 def test_claimed_folders_are_never_shared(tmp_path, monkeypatch):
-    from runner import folders
+    from runner import files
 
-    monkeypatch.setattr(folders, "_CLAIMED", {})
+    monkeypatch.setattr(files, "_CLAIMED", {})
     base = str(tmp_path / "multirun" / "2025-01-02" / "03-04-05")
-    first = folders.claim_dir(base)
+    first = files.claim_dir(base)
     assert first == base and Path(first).is_dir()
-    assert folders.claim_dir(base) == first  # the same sweep asks again: its own folder
-    monkeypatch.setattr(folders, "_CLAIMED", {})  # another process started in the same second
-    assert folders.claim_dir(base) == base + "-2"
-    monkeypatch.setattr(folders, "_CLAIMED", {})
-    assert folders.claim_dir(base) == base + "-3"
-    folders.release_claim(Path(base + "-3"))  # a refused sweep leaves no folder
+    assert files.claim_dir(base) == first  # the same sweep asks again: its own folder
+    monkeypatch.setattr(files, "_CLAIMED", {})  # another process started in the same second
+    assert files.claim_dir(base) == base + "-2"
+    monkeypatch.setattr(files, "_CLAIMED", {})
+    assert files.claim_dir(base) == base + "-3"
+    files.release_claim(Path(base + "-3"))  # a refused sweep leaves no folder
     assert not Path(base + "-3").exists() and Path(base + "-2").exists()
 
 
@@ -541,8 +545,8 @@ def test_leftovers_of_dead_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from runner.folders import remove_stale_temp_files
-    from runner.report import JobRecord, temp_path
+    from runner.files import remove_stale_temp_files, temp_path
+    from runner.records import JobRecord
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
@@ -588,7 +592,7 @@ def test_image_artifacts_are_laid_out_as_mlflow_log_image_does(tmp_path):
     with MlflowClient.log_image: the same names and tag, checked against MLflow itself."""
     import re
 
-    from runner.recorder import image_artifacts
+    from runner.tracking.runs import image_artifacts
 
     image = tmp_path / "image.png"
     Image.new("RGB", (96, 64), "red").save(image)
@@ -615,7 +619,7 @@ def test_image_artifacts_are_laid_out_as_mlflow_log_image_does(tmp_path):
 def _plan(tmp_path, num, **over):
     from omegaconf import OmegaConf
 
-    from runner import job
+    from runner.execution import job
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=qwen_image_tiny", f"tracking.store_dir={tmp_path / 'store'}",
@@ -629,9 +633,9 @@ def _plan(tmp_path, num, **over):
 def test_recorder_logs_from_its_own_process_and_ends_every_run(tmp_path):
     import os
 
-    from runner import job
-    from runner.recorder import Recorder
-    from runner.report import SweepRecord
+    from runner.execution import job
+    from runner.records import SweepRecord
+    from runner.tracking.writer import Recorder
 
     plans = [_plan(tmp_path, n) for n in range(2)]
     recorder = Recorder(plans[0].spec.tracking, "recorder")
@@ -672,8 +676,8 @@ def test_recorder_logs_from_its_own_process_and_ends_every_run(tmp_path):
 def test_recorder_on_an_unreachable_server_marks_jobs_untracked(tmp_path):
     import socket
 
-    from runner import job
-    from runner.recorder import Recorder
+    from runner.execution import job
+    from runner.tracking.writer import Recorder
 
     with socket.socket() as s:  # a port nothing listens on: connection refused
         s.bind(("127.0.0.1", 0))
@@ -691,7 +695,7 @@ def test_recorder_on_an_unreachable_server_marks_jobs_untracked(tmp_path):
 
 
 def test_a_deleted_experiment_is_a_config_error_with_the_restore_command(tmp_path):
-    from runner.spec import ConfigError
+    from runner.errors import ConfigError
 
     spec = spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking
     tracker = Tracker(spec, "old")
@@ -702,9 +706,9 @@ def test_a_deleted_experiment_is_a_config_error_with_the_restore_command(tmp_pat
 
 
 def test_a_deleted_sqlite_experiment_is_refused_before_the_writer_starts(tmp_path):
-    from runner.recorder import Recorder
-    from runner.spec import ConfigError
-    from runner.tracking import check_sqlite_experiment
+    from runner.errors import ConfigError
+    from runner.tracking.store import check_sqlite_experiment
+    from runner.tracking.writer import Recorder
 
     spec = spec_for(f"tracking.store_dir={tmp_path / 'store'}").tracking
     uri = f"sqlite:///{(tmp_path / 'store').resolve()}/mlflow.db"
@@ -724,8 +728,8 @@ def test_a_sqlite_recorder_lets_the_run_go_on_while_its_writer_connects(tmp_path
     """The writer imports MLflow and opens the store (seconds) while the run loads its weights:
     Recorder() returns with the writer held in its connection; the job logged meanwhile is
     tracked once it connects. An experiment deleted meanwhile stops the tracking, not the run."""
-    from runner import job
-    from runner.recorder import Recorder
+    from runner.execution import job
+    from runner.tracking.writer import Recorder
 
     monkeypatch.setenv("RUNNER_HOLD", "writer_connect")
     monkeypatch.setenv("RUNNER_HOLD_DIR", str(tmp_path))
@@ -785,8 +789,8 @@ def test_sync_logs_a_single_run_folder_once(tmp_path, monkeypatch, caplog):
     nothing twice."""
     import logging
 
-    from runner import job
-    from runner.sync import sync_main
+    from runner.execution import job
+    from runner.tracking.sync import sync_main
 
     monkeypatch.chdir(tmp_path)
     plan = _plan(tmp_path, 5)
@@ -812,7 +816,7 @@ def test_sync_logs_a_single_run_folder_once(tmp_path, monkeypatch, caplog):
 
 
 def test_a_ray_sweep_logs_each_launch_with_the_pools_pace():
-    from runner.ray_pool import Pace
+    from runner.execution.sweep import Pace
 
     pace = Pace(total=5)
     assert pace.launch() == "1/5, 0 done" and pace.launch() == "2/5, 0 done"
@@ -824,7 +828,8 @@ def test_a_ray_sweep_logs_each_launch_with_the_pools_pace():
 
 
 def test_a_free_worker_takes_a_job_whose_weights_it_holds_else_one_nobody_holds():
-    from runner.ray_pool import Member, Task, pick
+    from runner.execution.ray.pool import Member, pick
+    from runner.execution.sweep import Task
 
     a, b = Member(actor=None, key="A"), Member(actor=None, key="B")
     jobs = [Task(None, Path("."), key) for key in ("B", "C", "A", "B")]
@@ -842,9 +847,9 @@ def test_a_free_worker_takes_a_job_whose_weights_it_holds_else_one_nobody_holds(
 def test_launcher_settings_are_checked_naming_the_key(override, key):
     from hydra import compose, initialize_config_dir
 
-    from runner.app import CONF_DIR
+    from runner.config import CONF_DIR
     from runner.errors import ConfigError
-    from runner.ray_pool import settings_of
+    from runner.execution.ray.settings import settings_of
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         config = compose("config", ["hydra/launcher=ray", override], return_hydra_config=True)
@@ -855,7 +860,8 @@ def test_launcher_settings_are_checked_naming_the_key(override, key):
 
 def test_a_pool_that_does_not_fit_the_cluster_is_refused_with_the_fix():
     from runner.errors import Stop
-    from runner.ray_pool import Settings, _sizes
+    from runner.execution.ray.pool import _sizes
+    from runner.execution.ray.settings import RaySettings as Settings
 
     assert _sizes(Settings(), {"CPU": 16.0, "GPU": 4.0}) == (4, 1.0, 4)  # one worker per GPU
     assert _sizes(Settings(), {"CPU": 2.0}) == (1, 0.0, 2)

@@ -1,4 +1,4 @@
-"""Warm workers (`keep_warm=...`, runner/warm.py) against real `python -m runner` subprocesses on
+"""Warm workers (`keep_warm=...`, runner/execution/warm/) against real `python -m runner` subprocesses on
 the tiny model: the second command reuses the loaded weights and leaves the very same image, PNG
 metadata and MLflow params as a command without keep_warm; a worker exits by itself when idle;
 Ctrl-C stops the job in the worker, which stays warm; a killed worker makes the next command
@@ -26,7 +26,9 @@ from typing import Any, Optional
 
 import pytest
 
-from runner import warm
+from runner.execution.warm import folder as warm
+from runner.execution.warm.protocol import Channel
+from runner.execution.warm.worker import Worker
 
 from .processes import rewrite_keeping_size_and_mtime, runner_env
 
@@ -359,7 +361,8 @@ def test_a_folder_open_to_other_users_is_not_used(warm_env, tmp_path):
 
 
 def test_keep_warm_takes_durations_and_refuses_anything_else():
-    from runner.spec import ConfigError, keep_warm_seconds
+    from runner.config.checks import keep_warm_seconds
+    from runner.errors import ConfigError
 
     assert [keep_warm_seconds(v) for v in ("90s", "15m", "1h30m", "1.5h", "1d", "0", None)] == \
         [90, 900, 5400, 5400, 86400, 0, None]
@@ -380,18 +383,18 @@ def test_a_worker_waits_for_commands_whatever_its_idle_time(tmp_path, idle):
     import socket
     import threading
 
-    from runner.spec import keep_warm_seconds
+    from runner.config.checks import keep_warm_seconds
 
     folder = tmp_path / "w"
     folder.mkdir(mode=0o700)
-    worker = warm.Worker(folder, "0" * 64, keep_warm_seconds(idle) if idle != "far beyond" else 1e30, {})
+    worker = Worker(folder, "0" * 64, keep_warm_seconds(idle) if idle != "far beyond" else 1e30, {})
     listener = worker.listen()
     hellos = []
 
     def command() -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(str(worker.path("sock")))
-            hellos.append(warm.Channel(sock).read(timeout=60))
+            hellos.append(Channel(sock).read(timeout=60))
             worker.stopping = True
 
     thread = threading.Thread(target=command, daemon=True)

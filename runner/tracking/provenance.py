@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .report import atomic_write, locked
+from ..files import atomic_write, locked
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ PACKAGES = (
     "torch", "safetensors", "transformers", "diffusers", "peft", "hydra-core", "omegaconf",
     "mlflow", "numpy", "pillow", "modelscope", "huggingface_hub",
 )
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 _HASH_CHUNK = 16 << 20
 
 

@@ -1,54 +1,28 @@
-"""Sweeps on Ray (`hydra/launcher=ray`): the checked JobPlans of runner.sweep run on a pool of
-long-lived Ray actors; this process stays the only writer of MLflow and of the sweep folder.
-
-    run_pool(sweep)     what runner.sweep.run calls when hydra/launcher=ray is selected
-
-- Workers: `num_workers` actors (`Worker`), each a process that keeps runner.build's pipeline
-  cache across jobs and runs `runner.job.compute(plan)`, the code of the in-process sweep: the
-  same images bit for bit, LoRA state reset after a failed job, weights loaded once per worker.
-- Routing: a free worker takes the first waiting job whose weights it holds
-  (runner.build.cache_key); else the first whose weights no other worker holds; else the first.
-- Files: a worker computes into a temporary folder on its own machine and returns the PNG's
-  bytes, the record (job.json) and its log records; this process writes image.png and
-  job.json into the job's folder, replays the log into the job's log file and the console,
-  and hands the record to the recorder. No shared file system is needed.
-- Placement: the sweep begins once one worker has started; the others (a cluster busy with
-  other work, a node being added) join when Ray places them. None started within
-  `start_timeout_s` stops the sweep, saying what a worker needs and what the cluster has free.
-- Faults: a worker that dies (killed, out of memory, its node lost) is replaced and its job
-  runs again on a free worker, up to `max_retries` times, then is recorded FAILED; a job that
-  raises is FAILED as in-process and its worker goes on. Ctrl-C kills the workers and records
-  the jobs in flight KILLED. The workers die with this process (Ray ends the actors of a
-  driver that is gone); a runtime started here is stopped at the end.
-
-Nothing here imports Ray before a pool starts: the default sweep needs no Ray.
+"""Sweeps on Ray (`hydra/launcher=ray`): the checked jobs of runner.execution.sweep computed by a
+pool of long-lived Ray actors (worker.py), while this process stays the only writer of MLflow and
+of the sweep folder. Routing, files, placement and faults: docs/ray.md. Nothing here imports Ray
+before a pool starts: the default sweep needs no Ray.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import importlib.util
 import logging
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
-from . import build, job
-from .errors import EXIT_FAILED, ConfigError, OutputError, Stop
-from .job import JobPlan
-from .report import FAILED, FINISHED, KILLED, SKIPPED, JobRecord, exclusive_write
+from ...errors import EXIT_FAILED, OutputError, Stop, first_line
+from ...files import exclusive_write
+from ...records import FAILED, KILLED, JobRecord
+from .. import job
+from ..sweep import Sweep, Task, job_log
+from .settings import RaySettings
+from .worker import Worker
 
 logger = logging.getLogger("runner")
 
-LAUNCHER = "hydra_plugins.runner_ray_launcher.ray_launcher.RunnerRayLauncher"
 # what a job's files and numerics depend on besides its config: sent along to the workers
 FORWARDED_ENV = ("DIFFSYNTH_", "MODELSCOPE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "RUNNER_HOLD")
 WAIT_S = 0.5  # the longest one wait for results blocks: a Ctrl-C is handled in between
@@ -56,104 +30,6 @@ WAITING_LOG_S = 30.0  # how often a pool with no worker started says it is waiti
 PROBE_TIMEOUT_S = 10.0  # a cluster's address that does not answer a TCP connection within this is refused
 _FIX_CLUSTER = ("start the cluster first (`ray start --head --port=6379` on its head), check "
                 "hydra.launcher.address, or leave it null to start a Ray runtime on this machine")
-
-
-@dataclass
-class Settings:
-    """hydra.launcher's keys (hydra_plugins/runner_ray_launcher, docs/ray.md)."""
-
-    address: Optional[str] = None
-    num_workers: Optional[int] = None
-    num_gpus_per_worker: Optional[float] = None
-    threads_per_worker: Optional[int] = None
-    max_retries: int = 1
-    start_timeout_s: float = 300.0
-    init: dict = field(default_factory=dict)
-
-
-def settings_of(config: DictConfig) -> Settings:
-    """The launcher's settings, checked before anything runs (ConfigError naming the key)."""
-    node = OmegaConf.to_container(config.hydra.launcher, resolve=True)
-    node.pop("_target_", None)
-    settings = Settings(**node)
-    for key, least in (("num_workers", 1), ("threads_per_worker", 1), ("num_gpus_per_worker", 0),
-                       ("max_retries", 0), ("start_timeout_s", 1)):
-        value = getattr(settings, key)
-        if value is not None and value < least:
-            default = key in ("num_workers", "threads_per_worker", "num_gpus_per_worker")
-            raise ConfigError(f"hydra.launcher.{key}", f"{value} is below {least}",
-                              f"give {least} or more{', or null for the default' if default else ''}")
-    if settings.address is not None and not str(settings.address).strip():
-        raise ConfigError("hydra.launcher.address", "is empty", "give `auto`, HOST:6379, ray://HOST:10001, or null")
-    if importlib.util.find_spec("ray") is None:
-        raise ConfigError("hydra/launcher", "ray is not installed in this environment",
-                          'install it with `pip install -e ".[ray]"`, or leave hydra/launcher at its default')
-    return settings
-
-
-# ------------------------------------------------------------------ the worker
-
-
-class _Capture(logging.Handler):
-    """A job's log records, made plain (message formatted, traceback as text) to travel."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        record = copy.copy(record)
-        if record.exc_info:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        record.msg, record.args, record.exc_info = record.getMessage(), None, None
-        self.records.append(record)
-
-
-class Worker:
-    """One Ray actor: a process that keeps runner.build's pipeline cache across jobs."""
-
-    def __init__(self, cwd: str, threads: int) -> None:
-        import torch
-
-        if os.path.isdir(cwd):  # relative paths (./models, lora.path) mean what they mean to the driver
-            os.chdir(cwd)
-        torch.set_num_threads(threads)
-        logging.getLogger().setLevel(logging.INFO)
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
-
-    def ready(self) -> str:
-        return self.name
-
-    def compute(self, plan: JobPlan, env: dict[str, str]) -> tuple:
-        """The job into a temporary folder; returns (record, PNG bytes or None, log records,
-        the folder's name, which the driver replaces in the log by the job's folder)."""
-        from .sweep import _env
-
-        folder = tempfile.mkdtemp(prefix="runner-job-")
-        plan.job_dir = folder
-        capture = _Capture()
-        logging.getLogger().addHandler(capture)
-        try:
-            with _env(env):
-                record = job.compute(plan)
-            image = Path(folder) / "image.png"
-            data = image.read_bytes() if record.status == FINISHED and image.is_file() else None
-        finally:
-            logging.getLogger().removeHandler(capture)
-            shutil.rmtree(folder, ignore_errors=True)
-        record.tags.update({"runner.worker": self.name, "runner.worker_loads": str(build.LOAD_COUNT)})
-        return record, data, capture.records, folder
-
-
-# -------------------------------------------------------------------- the pool
-
-
-@dataclass
-class Task:
-    launch: Any  # runner.sweep.Launch: its plan and hydra.job.env_set
-    job_dir: Path
-    key: str  # runner.build.cache_key: the weights it needs
-    attempts: int = 0
 
 
 @dataclass
@@ -181,8 +57,10 @@ def pick(member: Member, pending: list[Task], members: list[Member]) -> int:
     return next((i for i, task in enumerate(pending) if task.key not in held), 0)
 
 
-class Pool:
-    def __init__(self, settings: Settings) -> None:
+class Workers:
+    """The actors: asked for, started, sent jobs, replaced when one dies, killed at the end."""
+
+    def __init__(self, settings: RaySettings) -> None:
         self.settings = settings
         self.members: list[Member] = []
         self.ray: Any = None
@@ -238,9 +116,9 @@ class Pool:
                     logger.info("Ray: worker %s joined the sweep", member.name)
             except self.ray.exceptions.RayError as error:
                 self.members.remove(member)
-                logger.warning("Ray: a worker could not start: %s", _first_line(error))
+                logger.warning("Ray: a worker could not start: %s", first_line(error))
                 if not self.members:
-                    raise Stop(f"the Ray workers could not start: {_first_line(error)}. Fix: install this project "
+                    raise Stop(f"the Ray workers could not start: {first_line(error)}. Fix: install this project "
                                'with its ray extra (`pip install -e ".[ray]"`) and the models on every node of the '
                                "cluster", EXIT_FAILED) from None
 
@@ -279,7 +157,7 @@ class Pool:
                 if task.attempts == 1:
                     started(task)
                 member.task, member.key = task, task.key
-                member.ref = member.actor.compute.remote(_shipped(task.launch.plan), task.launch.env)
+                member.ref = member.actor.compute.remote(task.launch.plan, task.launch.env)
 
     def collect(self) -> list[tuple[Task, Any, Optional[BaseException]]]:
         """The jobs that ended within WAIT_S: (task, what the worker returned, or the error);
@@ -296,16 +174,16 @@ class Pool:
             except self.ray.exceptions.RayTaskError as error:  # the worker's method raised; the worker lives
                 ended.append((task, None, error))
             except self.ray.exceptions.RayError as error:
-                self._kill(member)
+                self.kill(member)
                 self.members[self.members.index(member)] = self._member()  # a fresh worker in its place
-                ended.append((task, None, WorkerLost(_first_line(error))))
+                ended.append((task, None, WorkerLost(first_line(error))))
         self._check_placement()
         return ended
 
     def in_flight(self) -> list[Task]:
         return [m.task for m in self.members if m.task is not None]
 
-    def _kill(self, member: Member) -> None:
+    def kill(self, member: Member) -> None:
         try:
             self.ray.kill(member.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -316,21 +194,13 @@ class Pool:
         if self.ray is None:
             return
         for member in self.members:
-            self._kill(member)
+            self.kill(member)
         self.members = []
         self.ray.shutdown()
         self.ray = None
 
 
-def _shipped(plan: JobPlan) -> JobPlan:
-    """The plan a worker gets: keep_warm is this machine's own worker (runner.warm); a Ray
-    worker is warm already."""
-    if getattr(plan.spec, "keep_warm", None) is None:
-        return plan
-    return dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, keep_warm=None))
-
-
-def _connect(settings: Settings) -> Any:
+def _connect(settings: RaySettings) -> Any:
     """ray.init: a runtime of this sweep alone (address null), or join a cluster."""
     local = settings.address is None
     if local or _loopback(settings.address):
@@ -350,7 +220,7 @@ def _connect(settings: Settings) -> Any:
     except Exception as error:  # noqa: BLE001 - reported in one line with the fix
         what = "start a Ray runtime on this machine" if local else f"join the Ray cluster at {settings.address}"
         fix = "check hydra.launcher.init" if local else _FIX_CLUSTER
-        raise Stop(f"cannot {what}: {_first_line(error)}. Fix: {fix}", EXIT_FAILED) from None
+        raise Stop(f"cannot {what}: {first_line(error)}. Fix: {fix}", EXIT_FAILED) from None
     finally:  # Ray's SIGTERM handler would exit without ending the MLflow runs: the runner's own stay
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -380,7 +250,7 @@ def _loopback(address: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-def _sizes(settings: Settings, resources: dict) -> tuple[int, float, int]:
+def _sizes(settings: RaySettings, resources: dict) -> tuple[int, float, int]:
     """(workers, GPUs per worker, threads per worker), defaults filled in from the cluster."""
     cpus, gpus_total = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     gpus = settings.num_gpus_per_worker
@@ -396,157 +266,94 @@ def _sizes(settings: Settings, resources: dict) -> tuple[int, float, int]:
     return workers, float(gpus), threads
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines() or [type(error).__name__])[0]
-
-
 # ------------------------------------------------------------ the sweep's side
 
 
-def run_pool(sweep: Any) -> None:
-    """runner.sweep.run on Ray: the same folders, records, MLflow runs and outcomes as the
-    in-process loop; the records end in job order."""
-    pending = _tasks(sweep)
-    if not pending:
-        return
-    pool = Pool(sweep.pool)
-    pace = Pace(len(pending))
-    try:
-        pool.start()
-        logger.info("Launching %d jobs on Ray", len(pending))
-        while pending or pool.busy():
-            pool.dispatch(pending, lambda task: _started(sweep, task, pace))
-            for task, result, error in pool.collect():
-                record = _outcome(sweep, task, result, error, pending)
-                if record is not None:
-                    pace.finished.append(time.perf_counter())
-                    _done(sweep, record)
-    except BaseException:
-        _abandon(sweep, pool)
-        raise
-    finally:
-        pool.close()
-        sweep.records.sort(key=lambda r: r.num)
+class RayPool:
+    """The sweep loop's pool (runner.execution.sweep.Pool) on Ray: the same folders, records,
+    MLflow runs and outcomes as the jobs computed in this process."""
 
+    where, parallel = "on Ray", True
 
-def _tasks(sweep: Any) -> list[Task]:
-    """Every job's folder made; jobs that resume=true skips are recorded here, the others wait."""
-    from .sweep import _job_log, job_folder, resumed, skip
+    def __init__(self, settings: RaySettings) -> None:
+        self.settings = settings
+        self.workers = Workers(settings)
+        self.sweep: Optional[Sweep] = None
 
-    pending = []
-    for launch in sweep.launches:
-        plan = launch.plan
-        job_dir = job_folder(sweep, launch)
-        plan.job_dir = str(job_dir)
-        with _job_log(sweep, job_dir):
-            previous = resumed(plan, sweep.resume)
-            record = skip(plan, previous) if previous is not None else None
-        if record is None:
-            pending.append(Task(launch, job_dir, build.cache_key(plan.spec, plan.runtime)))
-            continue
-        _done(sweep, record)
-    return pending
+    def start(self, sweep: Sweep) -> None:
+        self.sweep = sweep
+        self.workers.start()
 
+    def busy(self) -> bool:
+        return self.workers.busy()
 
-@dataclass
-class Pace:
-    """`job 5 (6/16, 3 done, ETA 0:01:10)`: the jobs launched and done, and the time left at the
-    pool's pace since its first job ended (that one also loaded the weights)."""
+    def take(self, pending: list[Task], started: Callable[[Task], None]) -> None:
+        self.workers.dispatch(pending, started)
 
-    total: int
-    launched: int = 0
-    finished: list[float] = field(default_factory=list)  # perf_counter() of each job's end
+    def results(self, pending: list[Task]) -> list[tuple[Task, JobRecord]]:
+        ended = []
+        for task, result, error in self.workers.collect():
+            record = self._outcome(task, result, error, pending)
+            if record is not None:
+                ended.append((task, record))
+        return ended
 
-    def launch(self) -> str:
-        self.launched += 1
-        text = f"{self.launched}/{self.total}, {len(self.finished)} done"
-        if len(self.finished) < 2:
-            return text
-        from .sweep import clock
+    def abandon(self) -> list[JobRecord]:
+        """Leaving early (Ctrl-C, a Stop): the workers killed, the jobs in flight recorded KILLED."""
+        tasks = self.workers.in_flight()
+        for member in self.workers.members:
+            self.workers.kill(member)
+            member.task = member.ref = None
+        return [_failed(task, KILLED, "interrupted") for task in tasks]
 
-        per_job = (self.finished[-1] - self.finished[0]) / (len(self.finished) - 1)
-        return f"{text}, ETA {clock(per_job * (self.total - len(self.finished)))}"
+    def close(self) -> None:
+        self.workers.close()
 
-
-def _started(sweep: Any, task: Task, pace: Pace) -> None:
-    plan = task.launch.plan
-    logger.info("job %d (%s): %s", plan.num, pace.launch(), plan.label)
-    if sweep.recorder is not None:
-        sweep.recorder.job_started(plan)
-
-
-def _done(sweep: Any, record: JobRecord) -> None:
-    from .sweep import after
-
-    if sweep.recorder is not None and record.status != SKIPPED:  # as in-process: its run exists
-        sweep.recorder.job_done(record)
-    sweep.records.append(record)
-    after(record)
-
-
-def _outcome(sweep: Any, task: Task, result: Any, error: Optional[BaseException],
-             pending: list[Task]) -> Optional[JobRecord]:
-    """The record of an ended job, or None when it waits for another try."""
-    plan = task.launch.plan
-    if isinstance(error, WorkerLost):
-        if task.attempts <= sweep.pool.max_retries:
-            logger.warning("job %d [%s]: its Ray worker died (%s); running it again (attempt %d)", plan.num,
-                           plan.label, error, task.attempts + 1)
-            pending.insert(0, task)
-            return None
-        return _failed(task, FAILED, f"WorkerDied: its Ray worker died {task.attempts} times, last: {error}. Fix: "
-                       "check the workers' memory (out of memory?) and the Ray logs "
-                       "(/tmp/ray/session_latest/logs on each node), then run again with resume=true")
-    if error is not None:
-        return _failed(task, FAILED, f"{type(error).__name__}: the Ray worker failed: {_first_line(error)}")
-    return _land(sweep, task, *result)
+    def _outcome(self, task: Task, result: Any, error: Optional[BaseException],
+                 pending: list[Task]) -> Optional[JobRecord]:
+        """The record of an ended job, or None when it waits for another try."""
+        plan = task.launch.plan
+        if isinstance(error, WorkerLost):
+            if task.attempts <= self.settings.max_retries:
+                logger.warning("job %d [%s]: its Ray worker died (%s); running it again (attempt %d)", plan.num,
+                               plan.label, error, task.attempts + 1)
+                pending.insert(0, task)
+                return None
+            return _failed(task, FAILED, f"WorkerDied: its Ray worker died {task.attempts} times, last: {error}. Fix: "
+                           "check the workers' memory (out of memory?) and the Ray logs "
+                           "(/tmp/ray/session_latest/logs on each node), then run again with resume=true")
+        if error is not None:
+            return _failed(task, FAILED, f"{type(error).__name__}: the Ray worker failed: {first_line(error)}")
+        return _land(self.sweep, task, *result)
 
 
 def _failed(task: Task, status: str, error: str) -> JobRecord:
     """The record of a job whose worker returned none (died, or interrupted), in its folder."""
     plan = task.launch.plan
-    record = job.new_record(plan)
-    kind = "interrupted" if status == KILLED else "runtime"
-    record.status, record.error, record.error_kind, record.ended = status, error, kind, time.time()
-    job._save_record(record)
+    record = job.ended_record(plan, status, error, "interrupted" if status == KILLED else "runtime")
+    job.save_record(record)
     logger.error("job %d [%s]: %s%s", plan.num, plan.label, status, f": {error}" if status == FAILED else "")
     return record
 
 
-def _land(sweep: Any, task: Task, record: JobRecord, image: Optional[bytes], logs: list[logging.LogRecord],
+def _land(sweep: Sweep, task: Task, record: JobRecord, image: Optional[bytes], logs: list[logging.LogRecord],
           worker_folder: str) -> JobRecord:
     """A worker's result into the job's folder: its log, image.png, job.json."""
-    from .sweep import _job_log
-
     job_dir = task.job_dir
     record.job_dir = record.tags["runner.job_dir"] = str(job_dir)
     record.image_path = None
     if record.error_kind == "output":  # the worker's own disk, not the sweep folder
         record.error_kind = "runtime"
-    with _job_log(sweep, job_dir):
+    with job_log(sweep, job_dir):
         for entry in logs:
             entry.msg = str(entry.msg).replace(worker_folder, str(job_dir))
             logging.getLogger(entry.name).handle(entry)
         if image is not None:
             path = job_dir / "image.png"
             try:
-                job._writing(path, lambda: exclusive_write(path, lambda tmp: tmp.write_bytes(image)))
+                job.write_output(path, lambda: exclusive_write(path, lambda tmp: tmp.write_bytes(image)))
                 record.image_path = str(path)
             except OutputError as error:
                 record.status, record.error, record.error_kind = FAILED, f"OutputError: {error}", "output"
-        job._save_record(record)
+        job.save_record(record)
     return record
-
-
-def _abandon(sweep: Any, pool: Pool) -> None:
-    """Leaving early (Ctrl-C, a Stop): the workers killed, the jobs in flight recorded KILLED."""
-    tasks = pool.in_flight()
-    for member in pool.members:
-        pool._kill(member)
-        member.task = member.ref = None
-    for task in tasks:
-        record = _failed(task, KILLED, "interrupted")
-        if sweep.recorder is not None:
-            sweep.recorder.job_done(record)
-        sweep.records.append(record)

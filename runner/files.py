@@ -1,38 +1,94 @@
-"""Output folders that are never shared, and the leftovers of interrupted writes.
-
-`${unique_dir:outputs/multirun/<date>/<time>}` (conf/config.yaml) claims the folder by
-creating it: `os.mkdir` either creates it or fails, so of two processes started in the same
-second one gets `<time>` and the other `<time>-2` (then `-3`, ...). The claim is made once per
-process and path; Hydra copies the resolver cache from the sweep's config to each job's, so
-every job of a sweep sees the same folder.
-
-A run or sweep then claims its folder (`claim_folder`) before writing anything into it, by
-creating `.runner-claim` with O_EXCL: two commands given the same explicit folder
-(`hydra.sweep.dir=...`) cannot both get it, and the one refused writes nothing there.
-
-Temporary files of atomic writes are `.<name>.runner-tmp<pid>` beside their target
-(runner.report.temp_path); `remove_stale_temp_files` deletes those whose process is gone, and
-only in the runner's own folders (claimed, or holding its sweep.json / job.json) and stores.
+"""Files and folders the runner writes, safely: locks, atomic and exclusive writes with marked
+temporary names, output folders claimed so that two commands never share one, `inside` (a path
+that stays in a folder), and the removal of leftovers of interrupted writes. How folders are
+claimed and leftovers found: docs/folders.md.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from . import failpoints
 from .errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, output_fix
 from .owner import describe, owner_tags, pid_alive
-from .report import TEMP_MARK
 
 logger = logging.getLogger("runner")
 
-TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)$")  # runner.report.temp_path
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
+
+
+# ------------------------------------------------------------------- writing
+
+TEMP_MARK = ".runner-tmp"  # `.<name>.runner-tmp<pid>`: only the runner writes such names
+
+
+def temp_path(path: Path, pid: Optional[int] = None) -> Path:
+    """The temporary name of a write to `path`: hidden, beside it, marked as the runner's and
+    carrying this process's pid (remove_stale_temp_files removes those of dead
+    processes, in the runner's own folders only)."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid() if pid is None else pid}")
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive use of `path` among processes (flock on a hidden `.NAME.lock` beside it), e.g. to
+    create, migrate or build it once when several commands start together."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` beside `path`, then rename: a crash never leaves a truncated file under
+    the final name, and a failed write leaves no temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def exclusive_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Like `atomic_write`, but never replaces a file: FileExistsError when `path` exists.
+    The complete file is hard-linked to its name (the link fails if the name is taken); on
+    a file system without hard links the name is claimed with O_EXCL first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "exists already (an output is never overwritten)", str(path)) from None
+        except OSError as error:
+            if error.errno not in _NO_HARD_LINKS:
+                raise
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------ claiming
+
+TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)$")  # temp_path's names
 _CLAIMED: dict[str, str] = {}
 
 
@@ -175,7 +231,7 @@ def _stale(folder: Path, names: Iterable[str]) -> list[Path]:
 
 
 def remove_stale_temp_files(folders: Iterable[Path], stores: Iterable[Path] = ()) -> list[Path]:
-    """Delete the leftovers of interrupted writes (`.<name>.runner-tmp<pid>`, runner.report.temp_path)
+    """Delete the leftovers of interrupted writes (`.<name>.runner-tmp<pid>`, temp_path)
     whose process no longer runs: under `folders`, only in folders that are the runner's (they hold
     its claim, sweep.json or job.json, or lie in a sweep folder); in `stores` (MLflow store
     folders holding mlflow.db), their top level. Nothing else is touched. Returns them."""

@@ -21,89 +21,28 @@ same first, for the store folder.
 from __future__ import annotations
 
 import logging
-import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .compare import sweep_outputs
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConfigError
-from .folders import inside, remove_stale_temp_files
-from .owner import ALIVE, DEAD, OTHER_HOST, describe, owner_state, owner_tags
-from .recorder import LOGGED_TAG, log_job, log_sweep_end, start_sweep_run
-from .report import KILLED, RUNNING, SKIPPED, JobRecord, SweepRecord
-from .tracking import Tracker, is_unreachable
+from ..errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConfigError, first_line
+from ..files import inside
+from ..owner import ALIVE, DEAD, describe, owner_state
+from ..records import KILLED, RUNNING, SKIPPED, JobRecord, SweepRecord, sweep_outputs
+from .runs import (
+    LOGGED_TAG,
+    end_dead_runs,
+    log_job,
+    log_sweep_end,
+    plain_run,
+    remove_leftovers,
+    report_dead_runs,
+    start_sweep_run,
+)
+from .store import Tracker, is_unreachable
 
 logger = logging.getLogger("runner")
 
 SYNCED_TAG = "runner.synced_from"
-
-
-# ------------------------------------------------------------------- dead runs
-
-
-def end_dead_runs(tracker: Tracker) -> tuple[list[Any], list[Any], list[Any]]:
-    """End as KILLED the RUNNING runs whose owner process is gone on this host. Returns
-    (ended, left: of another host or still alive, unknown: without owner tags)."""
-    ended, left, unknown = [], [], []
-    for run in tracker.running_runs():
-        state = owner_state(run.data.tags)
-        if state == DEAD:
-            tracker.set_tags(run.info.run_id, {"runner.ended_by": f"cleanup by {describe(owner_tags())}"})
-            tracker.end_run(run.info.run_id, KILLED, force=True)
-            ended.append(run)
-        elif state in (OTHER_HOST, ALIVE):
-            left.append(run)
-        else:
-            unknown.append(run)
-    return ended, left, unknown
-
-
-def plain_run(run: Any) -> dict[str, Any]:
-    """What the reports below need of an MLflow run, as plain data."""
-    keep = ("runner.owner.host", "runner.owner.pid", "runner.owner.start", "runner.job_dir", "runner.sweep_dir")
-    return {"run_id": run.info.run_id, "name": run.info.run_name,
-            "tags": {k: v for k, v in run.data.tags.items() if k in keep}}
-
-
-def report_dead_runs(experiment: str, uri: str, ended: list[dict], left: list[dict], unknown: list[dict]) -> None:
-    for run in ended:
-        logger.info("Ended run %s (%s) as KILLED: its process (%s) is gone", run["run_id"], run["name"],
-                    describe(run["tags"]))
-    for run in left:
-        tags = run["tags"]
-        why = "its process still runs" if owner_state(tags) == ALIVE else \
-            f"owned by {describe(tags)}, another host: run `python -m runner cleanup` there"
-        logger.warning("Left run %s (%s) RUNNING: %s", run["run_id"], run["name"], why)
-    for run in unknown:
-        logger.warning("Left run %s (%s) RUNNING: it has no owner tags (not started by this runner); end it in "
-                       "the MLflow UI if its process is gone", run["run_id"], run["name"])
-    if not (ended or left or unknown):
-        logger.info("No RUNNING run in experiment %r of %s", experiment, uri)
-
-
-def folders_of(runs: Sequence[dict]) -> set[Path]:
-    out = set()
-    for run in runs:
-        for key in ("runner.job_dir", "runner.sweep_dir"):
-            value = run["tags"].get(key)
-            if value:
-                out.add(Path(value))
-    return out
-
-
-def remove_leftovers(folders: Sequence[Path], stores: Sequence[Path], ended: Sequence[dict]) -> None:
-    """Remove the leftovers of interrupted writes of dead processes in the runner's folders
-    under `folders` and in `stores` (runner.folders.remove_stale_temp_files). The folders the
-    `ended` runs' tags name are not searched: a store's tags never choose what is deleted;
-    the log says how to clean them."""
-    for path in remove_stale_temp_files(folders, stores):
-        logger.info("Removed %s (an interrupted write of a process that is gone)", path)
-    roots = [Path(f).resolve() for f in folders]
-    named = sorted(p for p in folders_of(ended) if not any(p == r or r in p.parents for r in roots))
-    if named:
-        logger.info("Not searched for leftovers of interrupted writes: %s (named by the ended runs' tags, which "
-                    "never choose what is deleted). To clean them: python -m runner cleanup %s",
-                    ", ".join(map(str, named)), " ".join(f"--dir {shlex.quote(str(p))}" for p in named))
 
 
 def cleanup_main(argv: list[str]) -> int:
@@ -115,7 +54,7 @@ def cleanup_main(argv: list[str]) -> int:
         logger.error("%s", error)
         return EXIT_REFUSED
     except Exception as error:  # noqa: BLE001 - one line: the store cannot be reached
-        logger.error("cleanup: cannot open the MLflow store: %s", _line(error))
+        logger.error("cleanup: cannot open the MLflow store: %s", first_line(error, named=True))
         return EXIT_FAILED
     logger.info("cleanup: experiment %r of %s (from %s)", experiment, tracker.uri, source)
     ended, left, unknown = ([plain_run(r) for r in group] for group in end_dead_runs(tracker))
@@ -142,7 +81,8 @@ def _store_of(overrides: list[str], recorded_experiment: str = "") -> tuple[Any,
     where the store came from."""
     from omegaconf import OmegaConf
 
-    from .spec import TrackingBackend, compose
+    from ..config.compose import compose
+    from ..config.schema import TrackingBackend
 
     cfg = compose(overrides)
     keys = {o.lstrip("+~").partition("=")[0] for o in overrides}
@@ -172,7 +112,7 @@ def sync_main(argv: list[str]) -> int:
         logger.error("sync: %s", error)
         return EXIT_REFUSED
     except Exception as error:  # noqa: BLE001 - one line: the store cannot be reached
-        logger.error("sync: cannot open the MLflow store: %s", _line(error))
+        logger.error("sync: cannot open the MLflow store: %s", first_line(error, named=True))
         return EXIT_FAILED
     _say_where(tracker, tracking, experiment, source, first)
     _say_inputs_outside(jobs)
@@ -180,7 +120,8 @@ def sync_main(argv: list[str]) -> int:
         logged, present = Syncer(tracker, folder, tracking.image_key).run(sweep, jobs)
     except Exception as error:  # noqa: BLE001
         level = "cannot reach the MLflow store" if is_unreachable(error) else "failed"
-        logger.error("sync: %s: %s (run sync again: what was logged is not logged twice)", level, _line(error))
+        logger.error("sync: %s: %s (run sync again: what was logged is not logged twice)", level,
+                     first_line(error, named=True))
         return EXIT_FAILED
     logger.info("sync %s: %d run(s) logged, %d already in experiment %r of %s", folder, logged, present, experiment,
                 tracker.uri)
@@ -337,8 +278,3 @@ class Syncer:
             self.tracker.set_tags(run_id, tags)
         log_job(self.tracker, record, run_id, parent_id, present, self.inputs)
         self.logged += 1
-
-
-def _line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"

@@ -3,7 +3,7 @@
 Everything goes through an explicit `MlflowClient` (no fluent active-run stack), so runs
 opened in Hydra callbacks, in jobs and in the exit path cannot get mixed up, and every run
 is ended with an explicit status: FINISHED, FAILED or KILLED. During a run or sweep one
-thread of runner.recorder owns the Tracker; `sync` and `cleanup` use it directly.
+process of runner.tracking.writer owns the Tracker; `sync` and `cleanup` use it directly.
 
 The default store is SQLite, `<store_dir>/mlflow.db`, with the experiment's artifact
 location set explicitly to `<store_dir>/artifacts/<experiment>` (MLflow 3 refuses the plain
@@ -25,18 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
-from .errors import ConfigError
-from .provenance import fingerprint_tags, provenance_tags
-from .report import CONFIG_HASH_TAG, FAILED, FINISHED, KILLED, RECORD_TAG, flatten, locked
+from ..errors import ConfigError
+from ..files import locked
+from ..records import CONFIG_HASH_TAG, RECORD_TAG
 
 if TYPE_CHECKING:  # no torch in the MLflow writer process: a TrackingSpec or any object with its fields
-    from .spec import TrackingSpec
+    from ..config.schema import TrackingSpec
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["CONFIG_HASH_TAG", "RECORD_TAG", "FAILED", "FINISHED", "KILLED", "Tracker", "flatten",
-           "fingerprint_tags", "provenance_tags", "store_uri", "default_artifact_location", "is_unreachable",
-           "store_problem", "ui_hint"]
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -275,9 +271,6 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.log_batch(run_id, tags=tags)
 
-    def log_image(self, run_id: str, image: Any, key: str) -> None:
-        self.client.log_image(run_id, image, key=key, step=0, synchronous=True)
-
     def _artifact_repo(self, run_id: str) -> Any:
         """The run's artifact store; for a run this tracker created, without the store lookup
         MlflowClient makes for each run it has not seen (~6 ms of a job's ~80 on SQLite)."""
@@ -302,9 +295,6 @@ class Tracker:
             self.client.log_artifacts(run_id, str(folder), artifact_path)
         else:
             repo.log_artifacts(str(folder), artifact_path)
-
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
 
     # ---------------------------------------------------------------- queries
 

@@ -35,187 +35,28 @@ name those jobs, and `python -m runner sync DIR` logs them later. The same funct
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
 import queue
-import re
 import signal
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from .errors import EXIT_REFUSED, ConfigError, Stop
-from .owner import owner_tags
-from .report import FAILED, FINISHED, IMAGE_SHA256_TAG, KILLED, OVERRIDES_JSON_TAG, SKIPPED, JobRecord, SweepRecord
+from .. import failpoints
+from ..errors import EXIT_REFUSED, ConfigError, Stop, first_line
+from ..owner import owner_tags
+from ..records import KILLED, JobRecord, SweepRecord
+from .runs import checked_run, end_dead_runs, log_job, log_sweep_end, plain_run, start_sweep_run
+from .store import Tracker, check_sqlite_experiment, is_unreachable, store_problem, store_uri
 
 if TYPE_CHECKING:  # the writer process imports no torch
-    from .job import JobPlan
-    from .spec import TrackingSpec
-    from .tracking import Tracker
+    from ..config.schema import TrackingSpec
 
 logger = logging.getLogger("runner")
-
-LOGGED_TAG = "runner.logged"  # set in a run's last write before it is ended: its record is complete
-LOGGED_IMAGES_TAG = "mlflow.loggedImages"  # what MlflowClient.log_image sets: the UI shows the image grid
-
-
-# --------------------------------------------------------------- what a run holds
-
-
-def image_artifacts(folder: Path, image: Path, key: str, step: int = 0) -> dict[str, str]:
-    """Lay `image` out in `folder` as MlflowClient.log_image(key=key, step=step) stores it (the
-    UI's image grid reads these names and the tag returned), without re-encoding the PNG:
-    the PNG is copied, only the small webp preview is encoded."""
-    import shutil
-    import time
-    import uuid
-
-    from mlflow.tracking.multimedia import compress_image_size
-    from PIL import Image
-
-    stem = f"{key.replace('/', '~')}+step+{step}+timestamp+{int(time.time() * 1000)}+{uuid.uuid4()}"
-    (folder / "images").mkdir(exist_ok=True)
-    shutil.copyfile(image, folder / "images" / f"{stem}.png")
-    with Image.open(image) as im:
-        # method 0: Pillow's default (4) takes ~6x longer for a preview the UI shows at 256 px
-        compress_image_size(im).save(folder / "images" / f"{stem}+compressed.webp", method=0)
-    return {LOGGED_IMAGES_TAG: "True"}
-
-
-def log_job(tracker: Tracker, record: JobRecord, run_id: str, parent_id: Optional[str], present: Iterable[str] = (),
-            logged_inputs: Optional[set] = None) -> None:
-    """Log a job's record into its run, then end the run with the record's status and end
-    time: the artifacts (config.yaml, image.png, the image for the UI's grid) in one request,
-    then params, metrics and tags in one batch that carries runner.logged (the record is
-    complete), then the end. `present`: params the run has already (MLflow params are
-    write-once)."""
-    import shutil
-    import tempfile
-
-    tags = {**record.tags, LOGGED_TAG: "true", OVERRIDES_JSON_TAG: json.dumps(record.overrides)}
-    if record.error:
-        tags["runner.error"] = record.error
-    with tempfile.TemporaryDirectory(prefix="runner-artifacts-") as tmp:
-        folder = Path(tmp)
-        (folder / "config.yaml").write_text(_yaml(record.config), encoding="utf-8")
-        image = Path(record.image_path) if record.image_path else None
-        if image is not None and image.is_file():
-            shutil.copyfile(image, folder / "image.png")
-            tags.update(image_artifacts(folder, image, record.tracking.get("image_key") or "image"))
-        tracker.log_dir(run_id, folder)
-    _log_inputs(tracker, record, parent_id or run_id, logged_inputs if logged_inputs is not None else set())
-    params = {k: v for k, v in logged_params(record).items() if k not in set(present)}
-    tracker.log_batch(run_id, metrics=record.metrics, params=params, tags=tags)
-    tracker.end_run(run_id, record.status if record.status != SKIPPED else FINISHED, end_time=record.ended,
-                    force=True)
-
-
-# the params of a job's run: what a user filters and compares runs by (the run's card and the
-# Compare page stay readable); the whole config is the run's config.yaml artifact
-LOGGED_PARAMS = ("model.name", "prompt", "negative_prompt", "seed", "sampler.name", "sampler.steps",
-                 "sampler.cfg_scale", "sampler.height", "sampler.width", "lora.name", "vram.name", "dtype", "device")
-# call arguments, what `auto` resolved to and a drawn seed, the input pictures' sha256
-LOGGED_PREFIXES = ("call.", "runtime.", "inputs.")
-_LORA_PARAM = re.compile(r"lora\.(stack\.[^.]+\.)?(alpha|path|model_id)")  # each LoRA and its strength
-
-
-def logged_params(record: JobRecord) -> dict[str, Any]:
-    """The record's params that its run gets: LOGGED_PARAMS, the LoRAs, every key the job's
-    overrides set (a preset choice `vram=low_vram` as its `vram.name`)."""
-    params = record.params
-    chosen = set(LOGGED_PARAMS)
-    for override in record.overrides:
-        key = override.partition("=")[0].lstrip("+~")
-        if key in params or f"{key}.name" in params:
-            chosen.add(key if key in params else f"{key}.name")
-        else:  # a mapping given whole (`call={...}`, `+lora.stack.mine={...}`): its keys
-            chosen.update(k for k in params if k.startswith(key + "."))
-
-    def wanted(key: str, value: Any) -> bool:
-        lora = _LORA_PARAM.fullmatch(key)
-        return key in chosen or key.startswith(LOGGED_PREFIXES) or bool(lora and (value is not None
-                                                                                   or lora.group(2) == "alpha"))
-
-    return {k: v for k, v in params.items() if wanted(k, v)}
-
-
-def _log_inputs(tracker: Tracker, record: JobRecord, target: str, logged: set) -> None:
-    """The input pictures as artifacts under `inputs/`: on the sweep's parent run once per
-    picture, on the run itself for a single run. An input without a path (sync: a picture
-    outside the folder, never read) has only its sha256, a param of the run."""
-    for item in record.inputs:
-        path = Path(item["path"]) if item.get("path") else None
-        if item["sha256"] in logged or path is None or not path.is_file():
-            continue
-        tracker.log_file(target, path, "inputs")
-        logged.add(item["sha256"])
-
-
-def log_sweep_end(tracker: Tracker, sweep: SweepRecord, files: Iterable[Path]) -> None:
-    """The parent run's end: the sweep's comparison files (jobs.csv, report.html, the grid
-    PNGs, which also go into the UI's image grid under the key `grid`, one step per page), job
-    counts; then ended."""
-    import shutil
-    import tempfile
-
-    run_id = sweep.parent_run_id
-    assert run_id is not None
-    tags = {**sweep.tags, LOGGED_TAG: "true"}
-    with tempfile.TemporaryDirectory(prefix="runner-artifacts-") as tmp:
-        folder = Path(tmp)
-        grids = 0
-        for path in files:
-            if not path.is_file():
-                continue
-            shutil.copyfile(path, folder / path.name)
-            if path.suffix == ".png":
-                tags.update(image_artifacts(folder, path, "grid", step=grids))
-                grids += 1
-        if any(folder.iterdir()):
-            tracker.log_dir(run_id, folder)
-    tracker.log_batch(run_id, metrics=sweep.metrics, tags=tags)
-    tracker.end_run(run_id, sweep.status, end_time=sweep.ended, force=True)
-
-
-def checked_run(tracker: Tracker, run: Any, folder: Path) -> dict[str, Any]:
-    """What resume=true may take from a FINISHED run: {run_id, metrics, tags (its files'
-    sha256), image (its image.png, fetched into `folder` and equal to the sha256 the run
-    recorded)}; or {run_id, rerun: why not} when its image is missing, another, or unknown."""
-    import hashlib
-
-    run_id, tags = run.info.run_id, run.data.tags
-    recorded = tags.get(IMAGE_SHA256_TAG)
-    if not recorded:
-        return {"run_id": run_id, "rerun": f"the earlier run {run_id} recorded no sha256 of its image (an older "
-                                           "runner logged it)"}
-    image = tracker.download(run_id, "image.png", folder)
-    if image is None or not image.is_file():
-        return {"run_id": run_id, "rerun": f"the earlier run's image is missing (run {run_id} has no image.png)"}
-    found = hashlib.sha256(image.read_bytes()).hexdigest()
-    if found != recorded:
-        image.unlink()
-        return {"run_id": run_id, "rerun": f"the earlier run's image is not the one it recorded (run {run_id}: "
-                                           f"sha256 {found[:12]}, recorded {recorded[:12]})"}
-    return {"run_id": run_id, "metrics": dict(run.data.metrics), "image": str(image),
-            "tags": {k: v for k, v in tags.items() if k.endswith(".sha256")}}
-
-
-def start_sweep_run(tracker: Tracker, sweep: SweepRecord, extra_tags: Mapping[str, str]) -> str:
-    run_id = tracker.start_run(sweep.name, {**sweep.tags, **extra_tags}, start_time=sweep.started)
-    tracker.log_params(run_id, sweep.params)
-    return run_id
-
-
-def _yaml(config: Mapping[str, Any]) -> str:
-    import yaml  # PyYAML (Hydra's own dependency): 20x faster than a round trip through OmegaConf
-
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's, where PyYAML has it: ~10x faster
-    return yaml.dump(dict(config), Dumper=dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
-
 
 # ------------------------------------------------------- the writer process
 
@@ -238,9 +79,6 @@ class _Writer:
         self.outbox.put(("log", level, text))
 
     def connect(self, tracking: dict, experiment: str, owner: dict) -> dict:
-        from . import failpoints
-        from .tracking import Tracker
-
         self.tracking, self.experiment, self.owner = tracking, experiment, owner
         failpoints.hold("writer_connect")
 
@@ -253,9 +91,7 @@ class _Writer:
         return {"dead": self.dead}
 
     def _dead(self, error: BaseException, what: str) -> None:
-        from .tracking import store_problem
-
-        self.dead = f"{what}: {_first_line(error)}"
+        self.dead = f"{what}: {first_line(error, named=True)[:500]}"
         self.outbox.put(("dead", self.dead))
         store = self.tracking.get("uri") or self.tracking["store_dir"]
         problem, fix = store_problem(error, store)
@@ -271,12 +107,10 @@ class _Writer:
             fn(*args)
         except Exception as error:  # noqa: BLE001 - tracking never costs an image
             self.failures += 1
-            from .tracking import is_unreachable
-
             if is_unreachable(error) or self.failures >= 3:
                 self._dead(error, what)
             else:
-                self.log(logging.WARNING, f"MLflow: could not {what}: {_first_line(error)}")
+                self.log(logging.WARNING, f"MLflow: could not {what}: {first_line(error, named=True)[:500]}")
             return False
         self.failures = 0
         return True
@@ -365,8 +199,6 @@ class _Writer:
         return found if self._do("look up finished runs", find) else None
 
     def end_dead_runs(self) -> Optional[tuple]:
-        from .sync import end_dead_runs, plain_run
-
         out: list = []
 
         def end() -> None:
@@ -416,7 +248,7 @@ def _serve(inbox: Any, outbox: Any, hurry: Any) -> None:
         try:
             result = getattr(writer, op)(*args)
         except Exception as error:  # noqa: BLE001 - a bug here must not stop the writer
-            writer.log(logging.ERROR, f"MLflow writer: {op} failed: {_first_line(error)}")
+            writer.log(logging.ERROR, f"MLflow writer: {op} failed: {first_line(error, named=True)[:500]}")
             result = None
         if seq is not None:
             outbox.put(("reply", seq, result))
@@ -476,8 +308,6 @@ class Recorder:
         milliseconds), the writer connects while the run goes on (loading weights); otherwise
         this waits for its connection, so that a deleted experiment refuses the run before
         anything happened. Raises ConfigError for a deleted experiment."""
-        from .tracking import check_sqlite_experiment, store_uri
-
         self.uri = store_uri(tracking)
         checked = check_sqlite_experiment(self.uri, experiment)
         self.experiment = experiment
@@ -589,7 +419,8 @@ class Recorder:
         self._sweeps[sweep.sweep_id] = sweep
         self._send("start_sweep", sweep.to_json())
 
-    def job_started(self, plan: JobPlan) -> None:
+    def job_started(self, plan: Any) -> None:
+        """`plan`: a JobPlan (its record_id, num, name, tags())."""
         self._send("job_started", {"record_id": plan.record_id, "num": plan.num, "name": plan.name,
                                    "tags": plan.tags(), "started": time.time()})
 
@@ -624,18 +455,9 @@ class Recorder:
         return found
 
     def end_dead_runs(self) -> Optional[tuple]:
-        """(experiment, uri, ended, left, unknown) as plain run dicts (runner.sync.plain_run)."""
+        """(experiment, uri, ended, left, unknown) as plain run dicts (runner.tracking.runs.plain_run)."""
         return self._request("end_dead_runs")
 
     def download(self, run_id: str, artifact: str, dst: Path) -> Optional[Path]:
         path = self._request("download", run_id, artifact, str(dst))
         return Path(path) if path else None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
-
-
-def status_of(records: Iterable[JobRecord]) -> str:
-    return FAILED if any(r.status in (FAILED, KILLED) for r in records) else FINISHED

@@ -1,28 +1,27 @@
-"""What a job and a sweep leave behind besides MLflow: the PNG with its generation
-parameters, the job's record (`job.json`), the sweep's table of jobs (its grid and report: runner.compare).
-
-Nothing here knows MLflow: a job computed in another process (a Ray worker) leaves the same
-files, and `python -m runner sync DIR` logs a folder into a store from them alone.
+"""The records a job and a sweep leave beside their images, MLflow or not: the statuses, the
+run tags that name a record, the PNG with its generation parameters in text chunks, `job.json`
+and `sweep.json` (JobRecord, SweepRecord), the sweep's `jobs.csv`, and which files of a sweep
+folder are its own outputs. Plain data: a record crosses processes by pickle or JSON, and
+`python -m runner sync DIR` logs a folder into a store from these files alone.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import errno
-import fcntl
 import json
-import os
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .files import atomic_write, exclusive_write
+
 METRICS = ("load_s", "lora_s", "encode_s", "denoise_s", "s_per_step", "decode_s", "total_s", "peak_mem_mb")
 RUNNING, FINISHED, FAILED, KILLED, SKIPPED = "RUNNING", "FINISHED", "FAILED", "KILLED", "SKIPPED"
+STATUSES = (RUNNING, FINISHED, FAILED, KILLED, SKIPPED)
 JOB_FORMAT, SWEEP_FORMAT = "runner.job/1", "runner.sweep/1"
 CONFIG_HASH_TAG = "runner.config_hash"  # the identity of a job's result (resume=true)
 IMAGE_SHA256_TAG = "runner.image_sha256"  # the sha256 of the run's image.png (resume=true checks the artifact)
@@ -34,7 +33,6 @@ PNG_LEVEL = 4
 # the sweep's grid: a sheet `runner report` rebuilds from the images, which the sweep's end waits
 # for: level 1 (a 32-cell grid of 256 px cells 0.6 -> 0.26 s, ~15 % more bytes)
 GRID_PNG_LEVEL = 1
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
 
 
 # ------------------------------------------------------------------------ the PNG
@@ -57,64 +55,6 @@ def parameters_text(gen: dict[str, Any]) -> str:
 
 def _one_line(value: Any) -> str:
     return " ".join(str(value).splitlines())
-
-
-TEMP_MARK = ".runner-tmp"  # `.<name>.runner-tmp<pid>`: only the runner writes such names
-
-
-def temp_path(path: Path, pid: Optional[int] = None) -> Path:
-    """The temporary name of a write to `path`: hidden, beside it, marked as the runner's and
-    carrying this process's pid (runner.folders.remove_stale_temp_files removes those of dead
-    processes, in the runner's own folders only)."""
-    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid() if pid is None else pid}")
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Exclusive use of `path` among processes (flock on a hidden `.NAME.lock` beside it), e.g. to
-    create, migrate or build it once when several commands start together."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` beside `path`, then rename: a crash never leaves a truncated file under
-    the final name, and a failed write leaves no temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def exclusive_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Like `atomic_write`, but never replaces a file: FileExistsError when `path` exists.
-    The complete file is hard-linked to its name (the link fails if the name is taken); on
-    a file system without hard links the name is claimed with O_EXCL first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(errno.EEXIST, "exists already (an output is never overwritten)", str(path)) from None
-        except OSError as error:
-            if error.errno not in _NO_HARD_LINKS:
-                raise
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_png(image: Image.Image, path: Path, gen: dict[str, Any]) -> Path:
@@ -241,8 +181,8 @@ class _Record:
     @classmethod
     def _value_problems(cls, data: dict) -> Optional[str]:
         status = data.get("status", RUNNING)
-        if status not in (RUNNING, FINISHED, FAILED, KILLED, SKIPPED):
-            return f"`status` is {_shown(status)}, not one of {RUNNING}, {FINISHED}, {FAILED}, {KILLED}, {SKIPPED}"
+        if status not in STATUSES:
+            return f"`status` is {_shown(status)}, not one of {', '.join(STATUSES)}"
         return None
 
     @classmethod
@@ -336,7 +276,7 @@ def swept_keys(records: Sequence[JobRecord]) -> list[str]:
     values: dict[str, set[str]] = {}
     order: list[str] = []
     for r in records:
-        for key, value in (_split(o) for o in r.overrides):
+        for key, value in (split_override(o) for o in r.overrides):
             if key not in values:
                 values[key] = set()
                 order.append(key)
@@ -344,16 +284,23 @@ def swept_keys(records: Sequence[JobRecord]) -> list[str]:
     return [k for k in order if len(values[k]) > 1] if len(records) > 1 else order
 
 
-def _split(override: str) -> tuple[str, str]:
+def split_override(override: str) -> tuple[str, str]:
+    """`+lora.alpha=0.5` -> ("lora.alpha", "0.5"): the key as the config names it, the value as typed."""
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
 
 
-def write_table(records: Sequence[JobRecord], path: Path) -> Path:
+def status_of(records: Iterable[JobRecord]) -> str:
+    """A sweep's status from its jobs': FAILED when one failed or was killed, else FINISHED."""
+    return FAILED if any(r.status in (FAILED, KILLED) for r in records) else FINISHED
+
+
+def write_table(records: Sequence[JobRecord], path: Path, keys: Optional[Sequence[str]] = None) -> Path:
     """A CSV row per job: number, status, MLflow run, swept values, overrides, metrics,
     image (relative to the table's folder), error, and (when the sweep tracked to MLflow)
-    `tracked`: yes, or no for a job whose record did not reach the store (`python -m runner sync` logs it later)."""
-    keys = swept_keys(records)
+    `tracked`: yes, or no for a job whose record did not reach the store (`python -m runner sync` logs it later).
+    The swept keys: `keys`, default `swept_keys(records)`; a job's value is its override's, else its param's."""
+    keys = list(keys) if keys is not None else swept_keys(records)
     with_tracked = any(getattr(r, "tracked", None) is not None for r in records)
     header = ["job", "status", "run_id", *keys, "overrides", *METRICS, "image", "error"]
     header += ["tracked"] if with_tracked else []
@@ -363,14 +310,20 @@ def write_table(records: Sequence[JobRecord], path: Path) -> Path:
             writer = csv.writer(f)
             writer.writerow(header)
             for r in records:
-                wanted = dict(_split(o) for o in r.overrides)
-                row = ([r.num, r.status, r.run_id or "", *(wanted.get(k, "") for k in keys), " ".join(r.overrides)]
+                row = ([r.num, r.status, r.run_id or "", *_values(r, keys), " ".join(r.overrides)]
                        + [_fmt(r.metrics.get(m)) for m in METRICS] + [_relative(r.image_path, path.parent), r.error])
                 if with_tracked:
                     row.append("yes" if getattr(r, "tracked", None) else "no")
                 writer.writerow(row)
 
     return atomic_write(path, write)
+
+
+def _values(record: JobRecord, keys: Sequence[str]) -> list[str]:
+    """The job's value of each swept key: as its override wrote it, else its param's (a run logged without
+    overrides), else empty."""
+    wanted = dict(split_override(o) for o in record.overrides)
+    return [wanted[k] if k in wanted else str(record.params[k]) if k in record.params else "" for k in keys]
 
 
 def _relative(image: Optional[str], folder: Path) -> str:
@@ -386,3 +339,14 @@ def _relative(image: Optional[str], folder: Path) -> str:
 
 def _fmt(value: Optional[float]) -> str:
     return "" if value is None else f"{value:.6g}"
+
+
+REPORT_FILES = ("report.html", "jobs.csv")  # beside the grid PNG(s)
+
+
+def sweep_outputs(folder: Path) -> list[Path]:
+    """The comparison files the sweep itself wrote into its folder (grid PNGs, report.html,
+    jobs.csv; not the rebuilds named by their axes): what goes onto the sweep's parent run."""
+    folder = Path(folder)
+    grids = [p for p in folder.glob("grid*.png") if p.name == "grid.png" or not p.name.startswith("grid_x=")]
+    return sorted(grids) + [folder / n for n in REPORT_FILES if (folder / n).is_file()]

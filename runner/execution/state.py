@@ -13,16 +13,16 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import EXIT_REFUSED, ConfigError, Stop
-from .recorder import Recorder, discard_prestarted_writer, prestart_writer
-from .report import JobRecord
+from ..errors import EXIT_REFUSED, ConfigError, Stop
+from ..records import JobRecord
+from ..tracking.writer import Recorder, discard_prestarted_writer, prestart_writer
 
 logger = logging.getLogger("runner")
 
 
 @dataclass
 class State:
-    sweep: Optional[Any] = None  # runner.sweep.Sweep while a sweep runs
+    sweep: Optional[Any] = None  # runner.execution.sweep.Sweep while a sweep runs
     single: Optional[Any] = None  # runner.app.Single for a single run
     failed: list[JobRecord] = field(default_factory=list)
     untracked: list[JobRecord] = field(default_factory=list)
@@ -37,7 +37,7 @@ STATE = State()
 
 def prestart_recorder(config: Any) -> None:
     """Start the MLflow writer while the config is checked, unless tracking is off
-    (runner.recorder.prestart_writer; the recorder opened after the check takes it)."""
+    (runner.tracking.writer.prestart_writer; the recorder opened after the check takes it)."""
     from omegaconf import OmegaConf
 
     backend = OmegaConf.select(config, "tracking.backend", default=None)
@@ -48,7 +48,7 @@ def prestart_recorder(config: Any) -> None:
 def open_recorder(spec: Any) -> Optional[Recorder]:
     """The MLflow recorder of a run or sweep (None with tracking=none). A deleted experiment
     refuses the run (exit 2) before anything happened."""
-    from .spec import TrackingBackend
+    from ..config.schema import TrackingBackend
 
     if spec.tracking.backend is TrackingBackend.none:
         return None

@@ -1,31 +1,32 @@
-"""Computing one job: spec -> checks -> pipeline (cached) -> LoRAs -> image -> PNG and
-`job.json` in the job folder. Nothing here talks to MLflow.
-
-    plan = prepare(cfg, num, overrides)   # ConfigError before any weight is read
-    record = compute(plan)                # a JobRecord; a failure is recorded, never raised
-
-Both are plain functions over picklable data (a JobPlan holds the typed spec and the resolved
-config; a JobRecord is JSON), so a launcher may run `compute` in a worker process and hand
-the record to the recorder of the driver (runner.recorder), the only code that logs it.
+"""One job, computed in this process: `prepare` checks it before any weight is read (a JobPlan,
+or a ConfigError naming the key), `compute` makes its image, PNG and job.json in its folder and
+returns its record (a failure is recorded, never raised). No MLflow, no launcher: where a job
+runs is runner.execution.run's choice; plans and records are plain data that cross processes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import build, failpoints
-from .errors import OutputError, brief, is_storage_error
-from .provenance import fingerprint_tags, provenance_tags
-from .report import (
+from .. import failpoints
+from ..build import pipeline as build
+from ..build.arguments import preflight, read_files
+from ..build.loras import apply_loras, forget_lora_state, lora_files, lora_state_key
+from ..config.checks import job_config, to_spec, validate
+from ..config.schema import RunSpec, TrackingBackend
+from ..errors import ConfigError, OutputError, brief, is_storage_error
+from ..records import (
     CONFIG_HASH_TAG,
     FAILED,
     FINISHED,
@@ -36,7 +37,7 @@ from .report import (
     flatten,
     save_png,
 )
-from .spec import ConfigError, RunSpec, TrackingBackend, job_config, to_spec, validate
+from ..tracking.provenance import fingerprint_tags, provenance_tags
 
 logger = logging.getLogger("runner")
 # keys that do not change the image: left out of the resume fingerprint
@@ -91,8 +92,8 @@ def config_hash(resolved: dict, rt: build.Runtime, files: Optional[dict[str, Any
 
 
 def fingerprint_cache(spec: RunSpec):
-    """This process's fingerprint cache of the run's store folder (runner.provenance)."""
-    from .provenance import FingerprintCache
+    """This process's fingerprint cache of the run's store folder (runner.tracking.provenance)."""
+    from ..tracking.provenance import FingerprintCache
 
     return FingerprintCache.shared(Path(spec.tracking.store_dir) / "fingerprints.json")
 
@@ -106,7 +107,7 @@ def file_identity(spec: RunSpec, arguments: dict[str, Any]) -> dict[str, Any]:
     LoRA is read once, not once per job or command."""
     cache = fingerprint_cache(spec)
     content = {}
-    for key, path in build.read_files(spec, arguments).items():
+    for key, path in read_files(spec, arguments).items():
         try:
             content[key] = cache.sha256(path, store=False)  # refused configs leave no cache file behind
         except OSError as error:
@@ -125,7 +126,7 @@ def changed_since(plan: JobPlan, tags: dict[str, str]) -> Optional[str]:
     for label, _, item in spec.lora.items():
         if item.path is None:
             wanted.append((f"lora.{label}", f"LoRA {label}",
-                           lambda item=item: build.lora_files(item, spec, download=False)))
+                           lambda item=item: lora_files(item, spec, download=False)))
     cache = fingerprint_cache(spec)
     for prefix, what, files in wanted:
         recorded = tags.get(f"{prefix}.sha256")
@@ -149,7 +150,7 @@ def prepare(cfg: DictConfig, num: int = 0, overrides: Sequence[str] = (), label:
     spec = to_spec(cfg)
     validate(spec)
     runtime = build.resolve_runtime(spec)
-    arguments = build.preflight(spec)
+    arguments = preflight(spec)
     resolved = plain_config(cfg)
     label = label or " ".join(overrides) or "defaults"
     name = (f"{spec.run_name} {label}" if in_sweep else spec.run_name) if spec.run_name else label
@@ -178,14 +179,7 @@ def new_record(plan: JobPlan) -> JobRecord:
 def compute(plan: JobPlan) -> JobRecord:
     """Run one planned job in this process: the image and `job.json` land in `plan.job_dir`.
     A failure is recorded in the returned record (status FAILED, `error`, `error_kind`);
-    Ctrl-C during the job gives status KILLED (the caller re-raises it). With `keep_warm`
-    the job runs in this user's warm worker (runner.warm), which calls this function there."""
-    if plan.spec.keep_warm is not None:
-        from . import warm
-
-        record = warm.compute(plan)  # None: no worker to use (or it failed): the job runs here
-        if record is not None:
-            return record
+    Ctrl-C during the job gives status KILLED (the caller re-raises it)."""
     record = new_record(plan)
     started = time.perf_counter()
     try:
@@ -204,17 +198,17 @@ def compute(plan: JobPlan) -> JobRecord:
         _free_after_failure(error)
     record.ended = time.time()
     record.metrics.setdefault("total_s", time.perf_counter() - started)
-    _save_record(record)
-    _log_outcome(record, plan.label)
+    save_record(record)
+    log_outcome(record, plan.label)
     return record
 
 
 def _fail(record: JobRecord, status: str, error: str, kind: str) -> None:
     record.status, record.error, record.error_kind = status, error, kind
-    build.forget_lora_state(build.current())  # the applied LoRAs are unknown now
+    forget_lora_state(build.current())  # the applied LoRAs are unknown now
 
 
-def _writing(path: Path, write: Callable[[], Any]) -> Any:
+def write_output(path: Path, write: Callable[[], Any]) -> Any:
     """`write()`, with a storage failure (full disk, read-only folder, a name taken) as an
     OutputError naming the file."""
     try:
@@ -232,11 +226,11 @@ def _generate(plan: JobPlan, record: JobRecord) -> None:
     if plan.job_dir is None:
         raise ValueError("the plan has no job_dir: set it to the job's output folder")
     seed = spec.seed if spec.seed is not None else random.randrange(2**31)
-    arguments = build.preflight(spec, seed)
+    arguments = preflight(spec, seed)
     started = time.perf_counter()  # the job's own time: load + LoRA + generate + save
     _reset_peak_memory(rt.device)
     entry, load_s = build.get_pipeline(spec, rt)
-    lora_s = build.apply_loras(entry, spec)
+    lora_s = apply_loras(entry, spec)
     image = build.generate(entry, arguments)
     timings = dict(getattr(entry.pipe, "timings", {}) or {})
     inputs = _input_pictures(entry, spec, arguments)
@@ -250,7 +244,7 @@ def _generate(plan: JobPlan, record: JobRecord) -> None:
                                         for arg, files in _by_argument(inputs).items()},
     }
     path = Path(plan.job_dir) / "image.png"
-    png = _writing(path, lambda: save_png(image, path, gen))
+    png = write_output(path, lambda: save_png(image, path, gen))
     record.metrics = _metrics(timings, spec, load_s, lora_s, started, rt.device)
     record.image_path = str(png)
     record.tags[IMAGE_SHA256_TAG] = hashlib.sha256(Path(png).read_bytes()).hexdigest()  # resume checks the artifact
@@ -277,18 +271,42 @@ def _metrics(timings: dict, spec: RunSpec, load_s: float, lora_s: float, started
     return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
-def _save_record(record: JobRecord) -> None:
+def ended_record(plan: JobPlan, status: str, error: str, kind: str) -> JobRecord:
+    """The record of a job that ended without a result of its own (interrupted before its worker
+    took it, its worker gone): status, error and end time set; `save_record` writes it."""
+    record = new_record(plan)
+    record.status, record.error, record.error_kind, record.ended = status, error, kind, time.time()
+    return record
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` (a job's hydra.job.env_set) for the time of the job."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def save_record(record: JobRecord) -> None:
+    """job.json into the job's folder; a storage failure makes the job FAILED (an OutputError)."""
     if record.job_dir is None:
         return
     path = Path(record.job_dir) / "job.json"
     try:
-        _writing(path, lambda: record.write(path))
+        write_output(path, lambda: record.write(path))
     except OutputError as error:
         if record.error_kind != "output":
             record.status, record.error, record.error_kind = FAILED, f"OutputError: {error}", "output"
 
 
-def _log_outcome(record: JobRecord, label: str) -> None:
+def log_outcome(record: JobRecord, label: str) -> None:
     if record.status == KILLED:
         logger.error("job %d [%s]: KILLED (interrupted)", record.num, label)
         return
@@ -320,9 +338,9 @@ def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
         entry.fingerprint = cache.describe(build.checkpoint_files(entry))
     tags = fingerprint_tags("checkpoint", entry.fingerprint)
     for label, _, item in spec.lora.items():
-        key = build.lora_state_key(item)
+        key = lora_state_key(item)
         if key not in entry.lora_fingerprints:
-            entry.lora_fingerprints[key] = cache.describe(build.lora_files(item, spec, download=False))
+            entry.lora_fingerprints[key] = cache.describe(lora_files(item, spec, download=False))
         tags.update(fingerprint_tags(f"lora.{label}", entry.lora_fingerprints[key]))
     return tags
 
