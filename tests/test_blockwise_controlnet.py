@@ -256,15 +256,15 @@ def test_recognised_among_the_dit_and_vae_and_not_claimed_by_them(nets, tmp_path
         assert type(net) is QwenImageBlockwiseControlNet and net.inpaint is inpaint
         for candidates in (CANDIDATES, CANDIDATES[::-1]):
             assert type(load_model([folder], candidates, torch.float32, "cpu")) is QwenImageBlockwiseControlNet
-        for other in (QwenImageDiT, QwenImageVAE):
-            with pytest.raises(CheckpointError):
+        for other, said in ((QwenImageDiT, "not a QwenImageDiT checkpoint"), (QwenImageVAE, "unknown checkpoint")):
+            with pytest.raises(CheckpointError, match=said):
                 load_model([folder], [other], torch.float32, "cpu")
     dit = _tiny_checkpoint(tmp_path / "dit", lambda: QwenImageDiT(DIT), 1)
     vae = _tiny_checkpoint(tmp_path / "vae", lambda: QwenImageVAE(VAE), 2)
     for folder, cls in ((dit, QwenImageDiT), (vae, QwenImageVAE)):
         for candidates in (CANDIDATES, CANDIDATES[::-1]):
             assert type(load_model([folder], candidates, torch.float32, "cpu")) is cls
-        with pytest.raises(CheckpointError):
+        with pytest.raises(CheckpointError, match="not a QwenImageBlockwiseControlNet checkpoint|unknown checkpoint"):
             load_model([folder], [QwenImageBlockwiseControlNet], torch.float32, "cpu")
 
 
