@@ -5,6 +5,8 @@
                          LoRA, and TinyQwenImagePipeline (small picture areas)
     checkpoints.py       random weights written as the hub's (sharded) safetensors
     lora.py              random LoRAs in every file format the library reads
+    controlnet_tiny.py   a tiny random Blockwise ControlNet (DiffSynth's layout) for the tiny DiT, and
+                         an edge-map control picture
     tokenizer.py         the real Qwen2.5-VL tokenizer folder, built from BPE ranks on disk
     processor.py         the Edit models' `processor/` folder (tokenizer + image processor config)
     pictures/            the edit demo's two pictures
