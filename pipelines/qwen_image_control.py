@@ -14,6 +14,9 @@ control picture), and one of two ways to act:
 - blockwise (DiffSynth's Blockwise nets): `block_residual(index, image, condition)` after DiT
   block `index`, from the current image tokens, scaled; `prepare_condition(condition)`, when the
   class has it, runs once per call on the packed condition latents.
+
+How a kind's pictures become its condition latents is its recipe in CONDITIONS. Wiring another
+kind in: its class in CONTROLNET_CLASSES, its recipe in CONDITIONS.
 """
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ CONTROLNET_CLASSES: tuple[type, ...] = (QwenImageControlNet,)
 
 def is_blockwise(net: nn.Module) -> bool:
     return hasattr(net, "block_residual")
+
+
+def kind_of(net: nn.Module) -> str:
+    return "blockwise" if is_blockwise(net) else "instantx"
 
 
 # ------------------------------------------------------------------ checks
@@ -117,8 +124,18 @@ def check_controlnets_fit(nets: Sequence[nn.Module], dit: nn.Module | None, vae:
 
 def encode_condition(vae: nn.Module, net: nn.Module, control: ControlNetInput, height: int, width: int,
                      generator: torch.Generator, device: torch.device, tiling: dict) -> torch.Tensor:
-    """The packed condition latents (1, Li, condition_channels) of one input, the pictures resized
-    (Lanczos) to the generation size as diffusers does. A control picture: a posterior sample
+    """The packed condition latents (1, Li, condition_channels) of one input, by its net's recipe."""
+    recipe = CONDITIONS.get(kind_of(net))
+    if recipe is None:
+        raise NotImplementedError(f"{type(net).__name__} is a {kind_of(net)} ControlNet, whose conditions "
+                                  "pipelines.qwen_image_control.CONDITIONS has no recipe for.")
+    return recipe(vae, net, control, height, width, generator, device, tiling)
+
+
+def instantx_condition(vae: nn.Module, net: nn.Module, control: ControlNetInput, height: int, width: int,
+                       generator: torch.Generator, device: torch.device, tiling: dict) -> torch.Tensor:
+    """InstantX nets' condition, the pictures resized (Lanczos) to the generation size as diffusers
+    does. A control picture: a posterior sample
     drawn from the call's generator (diffusers' ControlNet pipeline). An inpainting net's
     condition (diffusers' ControlNetInpaint pipeline): the picture with the masked pixels black,
     encoded (the posterior mean: diffusers samples it from the unseeded global generator), and
@@ -132,6 +149,9 @@ def encode_condition(vae: nn.Module, net: nn.Module, control: ControlNetInput, h
     latents = vae.encode(pixels.to(device), **tiling)
     keep = 1.0 - F.interpolate(mask, size=latents.shape[-2:]).to(latents.device)
     return pack_latents(torch.cat([latents, keep], dim=1))
+
+
+CONDITIONS = {"instantx": instantx_condition}  # kind -> recipe (vae, net, input, height, width, generator, ...)
 
 
 class Controls:

@@ -154,6 +154,10 @@ def test_union_one_condition_matches_diffusers(models, union_pipe, cfg_scale):
     assert_same_image(image, expected)
     assert_changes(image, generate(union_pipe, cfg_scale))
     assert union_pipe.timings["denoise_steps"] == STEPS
+    if cfg_scale > 1:  # both branches as one batch-2 forward: the same samples broadcast over the batch
+        batched = generate(union_pipe, cfg_scale, controlnet_inputs=[ControlNetInput(image=control, scale=0.8)],
+                           cfg_batch=True)
+        assert_same_image(batched, expected)
 
 
 def test_two_conditions_through_one_union_net_match_diffusers_multi(models, union_pipe):
@@ -435,3 +439,42 @@ def test_inputs_that_do_not_fit_the_loaded_nets_are_refused(union_pipe, inputs, 
 def test_an_inpainting_net_without_a_mask_is_refused(inpaint_pipe):
     with pytest.raises(SettingError, match="is an inpainting net: give inpaint_mask"):
         generate(inpaint_pipe, blockwise_controlnet_inputs=[ControlNetInput(image=Image.new("RGB", (8, 8)))])
+
+
+# ---------------------------------------------------------------- the DiT's hook
+
+
+def test_the_dit_hook_sees_and_changes_the_generated_tokens_only():
+    """With reference pictures (an edit) the hook gets the generated image's tokens after each block
+    and its residual lands on them alone: the same as adding it to block 0's output by a torch
+    forward hook; None leaves the forward as it is without a hook, bit for bit."""
+    from pipelines.demo.checkpoints import random_state_dict
+    from pipelines.demo.qwen_image_tiny import DIT
+    from pipelines.models.qwen_image_dit import QwenImageDiT
+
+    dit = QwenImageDiT(DIT).eval()
+    dit.load_state_dict(random_state_dict({k: tuple(v.shape) for k, v in dit.state_dict().items()}, seed=4))
+    gen = torch.Generator().manual_seed(0)
+    h, w, refs = 4, 3, ((2, 2),)
+    latents = torch.randn(1, h * w + 4, 64, generator=gen)
+    text = torch.randn(1, 7, DIT.joint_attention_dim, generator=gen)
+    residual = torch.randn(1, h * w, DIT.inner_dim, generator=gen)
+    seen = []
+
+    def hook(index, image):
+        seen.append((index, tuple(image.shape)))
+        return residual if index == 0 else None
+
+    with torch.inference_mode():
+        plain = dit(latents, torch.tensor([0.6]), text, None, h, w, refs)
+        assert torch.equal(dit(latents, torch.tensor([0.6]), text, None, h, w, refs, block_residual=lambda i, x: None),
+                           plain)
+        out = dit(latents, torch.tensor([0.6]), text, None, h, w, refs, block_residual=hook)
+        handle = dit.transformer_blocks[0].register_forward_hook(
+            lambda module, args, output: (torch.cat([output[0][:, :h * w] + residual, output[0][:, h * w:]], 1),
+                                          output[1]))
+        expected = dit(latents, torch.tensor([0.6]), text, None, h, w, refs)
+        handle.remove()
+    assert seen == [(0, (1, h * w, DIT.inner_dim)), (1, (1, h * w, DIT.inner_dim))]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert (out - plain).abs().mean() > 1e-2
