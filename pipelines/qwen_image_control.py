@@ -175,6 +175,7 @@ class Controls:
     def set_step(self, step: int) -> None:
         """`denoise`'s step_begin: the inputs acting at this step."""
         self.active = [item for item in self.items if acts_at(item[0], step, self.steps)]
+        self.samples = []
 
     def hook(self, latents: torch.Tensor, timestep: torch.Tensor, height: int, width: int):
         """Once per step, before the DiT's forwards: runs the whole nets; the hook for the DiT (None
