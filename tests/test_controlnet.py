@@ -336,14 +336,16 @@ def test_the_published_key_layout_is_recognised_on_meta(model_id):
 # ---------------------------------------------------------------- VRAM management, LoRA
 
 
-def test_vram_managed_controlnet_computes_on_the_dit_stage_exactly(models, tmp_path):
-    """The fp8 preset (conf/vram/fp8.yaml on a CPU run) on the DiT and the ControlNet: the image is
-    bit for bit the unmanaged pipeline's on the weights rounded as float8 storage rounds them
-    (tests/test_vram.py's oracle), and the net is onloaded with the DiT, offloaded after."""
+@pytest.mark.parametrize("preset", ["fp8", "disk"])
+def test_vram_managed_controlnet_computes_on_the_dit_stage_exactly(models, tmp_path, preset):
+    """A preset of conf/vram (as on a CPU run; disk: weights left in the files, vram_limit auto) on
+    the DiT and the ControlNet: the image is bit for bit the unmanaged pipeline's on the weights
+    rounded as the storage rounds them (tests/test_vram.py's oracle), and the net is onloaded with
+    the DiT, offloaded after."""
     from pipelines.core import vram
     from tests.test_vram import PRESETS, round_as_stored
 
-    keys, _, storage = PRESETS["fp8"]
+    keys, limit, storage = PRESETS[preset]
     rounded = tmp_path / "rounded"
     for name in ("transformer", "union"):
         shutil.copytree(models.out / name, rounded / name)
@@ -356,7 +358,7 @@ def test_vram_managed_controlnet_computes_on_the_dit_stage_exactly(models, tmp_p
         torch_dtype=torch.float32, device="cpu", tokenizer_config=tokenizer,
         model_configs=[ModelConfig(path=rounded / "transformer"), *common, ModelConfig(path=rounded / "union")])
     managed = QwenImagePipeline.from_pretrained(
-        torch_dtype=torch.float32, device="cpu", tokenizer_config=tokenizer,
+        torch_dtype=torch.float32, device="cpu", tokenizer_config=tokenizer, vram_limit=limit,
         model_configs=[ModelConfig(path=models.out / "transformer", **keys), *common,
                        ModelConfig(path=models.out / "union", **keys)])
     assert set(managed.vram) == {"dit", "controlnets.0"}
