@@ -34,6 +34,8 @@ _EXPORTS = {
     "check_seed": "pipelines.core.parse",
     # sampling
     "FlowMatchScheduler": "pipelines.core.sampling",
+    # ControlNets
+    "ControlNetInput": "pipelines.core.control",
     # LoRA and VRAM
     "LoraHandle": "pipelines.core.lora",
     "VramSettings": "pipelines.core.vram",

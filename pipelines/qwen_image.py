@@ -7,9 +7,15 @@
     # with processor_config=ModelConfig(model_id="Qwen/Qwen-Image-Edit", origin_file_pattern="processor/"):
     image = pipe("make it winter", edit_image=[picture], seed=1)
 
+    # ControlNets: a ControlNet's files in model_configs, then
+    image = pipe("a house", controlnet_inputs=[ControlNetInput(image=edges, scale=0.8)], seed=2)
+    # inpainting: the white part of the mask repainted
+    image = pipe("a cat", input_image=photo, inpaint_mask=mask, denoising_strength=0.9, seed=3)
+
 Editing follows diffusers' QwenImageEditPlusPipeline when `edit_image` is a list (2509, 2511:
 "Picture N:" prompts, pictures to the vision-language encoder at ~384x384 and to the VAE at
-~1024x1024) and its QwenImageEditPipeline for a single picture (the original Edit).
+~1024x1024) and its QwenImageEditPipeline for a single picture (the original Edit). ControlNets
+and inpainting: `pipelines.qwen_image_control` and docs/controlnet.md.
 
 The family declares its components, its LoRA target and its call; loading, stage offload,
 LoRA and timings are `pipelines.core.pipeline`'s, the denoising loop `core.sampling.denoise`.
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .core.control import ControlNetInput
 from .core.files import check_folder_files
 from .core.images import ImageInput, image_to_tensor, open_picture, pack_latents, tensor_to_image, unpack_latents
 from .core.model_config import ModelConfig
@@ -38,8 +45,17 @@ from .models.qwen2_5_vl_encoder import QwenImageVLEncoder
 from .models.qwen_image_dit import QwenImageDiT
 from .models.qwen_image_vae import QwenImageVAE
 from .models.qwen_tokenizer import QwenTokenizer
+from .qwen_image_control import (
+    CONTROLNET_CLASSES,
+    Controls,
+    InpaintBlend,
+    check_control_arguments,
+    check_controlnets_fit,
+    check_controls,
+    encode_condition,
+)
 
-__all__ = ["QwenImagePipeline", "ModelConfig", "FlowMatchScheduler"]
+__all__ = ["QwenImagePipeline", "ModelConfig", "FlowMatchScheduler", "ControlNetInput"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +97,23 @@ class EditInput:
     multi: bool
 
 
+@dataclass
+class Start:
+    """The latents the denoising starts from, the sigmas it runs, and for image-to-image the
+    encoded picture and the noise (inpainting blends with them)."""
+
+    latents: torch.Tensor
+    sigmas: torch.Tensor
+    noise: torch.Tensor
+    image_latents: torch.Tensor | None = None
+
+
 class QwenImagePipeline(Pipeline):
     components = {"dit": QwenImageDiT, "text_encoder": QwenImageTextEncoder, "vae": QwenImageVAE}
+    component_lists = {"controlnets": CONTROLNET_CLASSES}  # any number, `controlnet_id` = position
+    stage_of = {"controlnets": "dit"}
     lora_target = "dit"
-    image_arguments = ("input_image", "edit_image")
+    image_arguments = ("input_image", "edit_image", "inpaint_mask")
     # the pictures' areas in pixels (an edit); a variant for other models may set its own
     condition_area: int = CONDITION_AREA
     reference_area: int = REFERENCE_AREA
@@ -135,6 +164,7 @@ class QwenImagePipeline(Pipeline):
                     f"The VAE has {z} latent channels but the DiT takes {dit.in_channels} packed channels (4 x "
                     f"{dit.in_channels // 4}) and predicts {dit.out_channels}: they belong to different models. Load "
                     "the VAE of the same model as the DiT.")
+        check_controlnets_fit(self.controlnets, self.dit, self.vae, self.sources)
 
     # ------------------------------------------------------------------ generation
 
@@ -163,6 +193,11 @@ class QwenImagePipeline(Pipeline):
         cfg_norm_rescale: bool = True,
         cfg_batch: bool = False,
         max_pixels: int = MAX_PIXELS,
+        controlnet_inputs: Sequence[ControlNetInput] | None = None,
+        blockwise_controlnet_inputs: Sequence[ControlNetInput] | None = None,
+        inpaint_mask: ImageInput | None = None,
+        inpaint_blur_size: int | None = None,
+        inpaint_blur_sigma: float | None = None,
     ) -> Image.Image:
         """Generate one image. `cfg_scale` != 1 runs true CFG against `negative_prompt`;
         `cfg_norm_rescale` rescales the guided prediction to the conditional one's norm per
@@ -176,32 +211,57 @@ class QwenImagePipeline(Pipeline):
         ~1024x1024; they round to multiples of 16, and above `max_pixels` pixels the call is
         refused before any work. `cfg_batch` runs the two CFG branches as one batch-2 forward
         (prompts padded to one length with a mask): the weights are read once per step, which
-        pays when they stream (VRAM management)."""
+        pays when they stream (VRAM management).
+        `controlnet_inputs` (DiffSynth's name `blockwise_controlnet_inputs` works too): a list of
+        ControlNetInput for the loaded ControlNets (docs/controlnet.md). `inpaint_mask` with
+        `input_image` repaints the mask's white part and keeps the rest (diffusers'
+        QwenImageInpaintPipeline); `inpaint_blur_size`/`inpaint_blur_sigma` soften the mask's edge."""
         a = self.check_arguments({k: v for k, v in locals().items() if k != "self"})
         edit: EditInput | None = a["edit_image"]
         self._require("dit", "text_encoder", "vae", "tokenizer", *(("processor",) if edit else ()))
+        check_controls(a["controlnet_inputs"], self.controlnets,
+                       "controlnet_inputs" if blockwise_controlnet_inputs is None else "blockwise_controlnet_inputs")
         tiling = dict(tiled=a["tiled"], tile_size=a["tile_size"], tile_stride=a["tile_stride"])
         with self.timed("encode_s"):
             texts = [self.encode_prompt(a["prompt"], edit)]
             if a["cfg_scale"] != 1.0:
                 texts.append(self.encode_prompt(a["negative_prompt"], edit))
         with self.timed("denoise_s"):
-            h, w = a["height"] // SIZE_MULTIPLE, a["width"] // SIZE_MULTIPLE
-            sigmas = (a["scheduler"] or self.scheduler).sigmas(a["num_inference_steps"], h * w,
-                                                               a["exponential_shift_mu"])
-            generator = torch.Generator(a["rand_device"]).manual_seed(a["seed"])
-            references = self._encode_references(edit, a["edit_image_auto_resize"], tiling)
-            latents, sigmas = self._initial_latents(generator, a["rand_device"], h, w, sigmas, a["input_image"],
-                                                    a["denoising_strength"], tiling)
-            self.use_stage("dit")
-            velocity = self._velocity(texts, h, w, a["cfg_batch"], references, a["zero_cond_t"])
-            latents = denoise(velocity, latents, sigmas, self.device, a["cfg_scale"], a["cfg_norm_rescale"],
-                              a["progress_bar"])
-        self.timings["denoise_steps"] = len(sigmas) - 1  # fewer than asked in image-to-image
+            latents, steps = self._denoise(a, texts, edit, tiling)
+        self.timings["denoise_steps"] = steps  # fewer than asked in image-to-image
         with self.timed("decode_s"):
             self.use_stage("vae")
-            image = self.vae.decode(unpack_latents(latents, h, w), **tiling)
+            image = self.vae.decode(unpack_latents(latents, a["height"] // SIZE_MULTIPLE,
+                                                   a["width"] // SIZE_MULTIPLE), **tiling)
         return tensor_to_image(image[0])
+
+    def _denoise(self, a: dict[str, Any], texts: list[tuple[torch.Tensor, torch.Tensor | None]],
+                 edit: EditInput | None, tiling: dict) -> tuple[torch.Tensor, int]:
+        """Pictures encoded (edit references, ControlNet conditions, the input image: the
+        generator draws in that order, then the noise), then the denoising loop; returns the
+        final latents and the number of steps run."""
+        h, w = a["height"] // SIZE_MULTIPLE, a["width"] // SIZE_MULTIPLE
+        sigmas = (a["scheduler"] or self.scheduler).sigmas(a["num_inference_steps"], h * w, a["exponential_shift_mu"])
+        generator = torch.Generator(a["rand_device"]).manual_seed(a["seed"])
+        references = self._encode_references(edit, a["edit_image_auto_resize"], tiling)
+        controls = a["controlnet_inputs"]
+        if controls:
+            self.use_stage("vae")
+        conditions = [encode_condition(self.vae, self.controlnets[c.controlnet_id], c, a["height"], a["width"],
+                                       generator, self.device, tiling) for c in controls]
+        start = self._initial_latents(generator, a["rand_device"], h, w, sigmas, a["input_image"],
+                                      a["denoising_strength"], tiling)
+        blend = None
+        if a["inpaint_mask"] is not None:
+            blur = None if a["inpaint_blur_size"] is None else (a["inpaint_blur_size"], a["inpaint_blur_sigma"])
+            blend = InpaintBlend(a["inpaint_mask"], start.image_latents, start.noise, start.sigmas, h, w, blur)
+        self.use_stage("dit")
+        control = Controls(self.controlnets, controls, conditions, len(self.dit.transformer_blocks),
+                           len(start.sigmas) - 1, texts[0]) if controls else None
+        velocity = self._velocity(texts, h, w, a["cfg_batch"], references, a["zero_cond_t"], control)
+        latents = denoise(velocity, start.latents, start.sigmas, self.device, a["cfg_scale"], a["cfg_norm_rescale"],
+                          a["progress_bar"], step_begin=control.set_step if control else None, step_end=blend)
+        return latents, len(start.sigmas) - 1
 
     @classmethod
     def check_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,6 +287,7 @@ class QwenImagePipeline(Pipeline):
         if a["input_image"] is not None:
             a["input_image"] = open_picture(a["input_image"], "input_image")
         a["edit_image"] = edit_input(a["edit_image"])
+        check_control_arguments(a)
         a["height"], a["width"] = check_size(*default_size(a["height"], a["width"], a["edit_image"],
                                                            cls.output_area), a["max_pixels"])
         check_schedule(a)
@@ -247,8 +308,7 @@ class QwenImagePipeline(Pipeline):
         return torch.cat(latents, dim=1), tuple(grids)
 
     def _initial_latents(self, generator: torch.Generator, rand_device: str, h: int, w: int, sigmas: torch.Tensor,
-                         source: Image.Image | None, strength: float,
-                         tiling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                         source: Image.Image | None, strength: float, tiling: dict) -> Start:
         """Noise (and for image-to-image the encoded picture mixed in at the first kept step)."""
         if source is not None:
             self.use_stage("vae")
@@ -257,31 +317,38 @@ class QwenImagePipeline(Pipeline):
                 image_to_tensor(source, h * SIZE_MULTIPLE, w * SIZE_MULTIPLE).to(self.device),
                 generator=generator, **tiling))
         noise = torch.randn((1, 16, 2 * h, 2 * w), generator=generator, device=rand_device, dtype=torch.float32)
-        latents = pack_latents(noise.to(self.device))
+        noise = pack_latents(noise.to(self.device))
         if source is None:
-            return latents, sigmas
+            return Start(noise, sigmas, noise)
         steps = len(sigmas) - 1
         sigmas = sigmas[int(max(steps - steps * strength, 0)):]
-        return sigmas[0] * latents + (1.0 - sigmas[0]) * image_latents, sigmas
+        return Start(sigmas[0] * noise + (1.0 - sigmas[0]) * image_latents, sigmas, noise, image_latents)
 
     def _velocity(self, texts: list[tuple[torch.Tensor, torch.Tensor | None]], h: int, w: int, cfg_batch: bool,
-                  references: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None, zero_cond_t: bool | None):
+                  references: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None, zero_cond_t: bool | None,
+                  control: Controls | None = None):
         """The DiT as `denoise` calls it: (latents, timestep) -> (conditional, unconditional or
-        None); the pictures' latents ride after the generated ones."""
+        None); the pictures' latents ride after the generated ones. The ControlNets run once per
+        step (with the prompt) and their residuals go to every branch, as in diffusers."""
         ref_latents, grids = references if references is not None else (None, ())
 
-        def dit(latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None):
+        def dit(latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None,
+                hook) -> torch.Tensor:
             if ref_latents is not None:
                 latents = torch.cat([latents, ref_latents.expand(latents.shape[0], -1, -1)], dim=1)
-            return self.dit(latents, timestep, text, mask, h, w, grids, zero_cond_t)
+            return self.dit(latents, timestep, text, mask, h, w, grids, zero_cond_t, block_residual=hook)
+
+        def hook_for(latents: torch.Tensor, timestep: torch.Tensor):
+            return None if control is None else control.hook(latents, timestep, h, w)
 
         if len(texts) == 2 and cfg_batch:
             both_texts, both_masks = stack_texts(texts)
-            return lambda latents, timestep: dit(torch.cat([latents, latents]), timestep, both_texts,
-                                                 both_masks).chunk(2)
+            return lambda latents, timestep: dit(torch.cat([latents, latents]), timestep, both_texts, both_masks,
+                                                 hook_for(latents, timestep)).chunk(2)
 
         def separate(latents: torch.Tensor, timestep: torch.Tensor):
-            outputs = [dit(latents, timestep, text, mask) for text, mask in texts]
+            hook = hook_for(latents, timestep)
+            outputs = [dit(latents, timestep, text, mask, hook) for text, mask in texts]
             return outputs[0], outputs[1] if len(outputs) == 2 else None
         return separate
 

@@ -181,11 +181,11 @@ class StageRecorder:
         self.pipe, self.calls = pipe, []
         original = vram.use_stage
 
-        def recording(managers, active):
+        def recording(managers, active, *stages):
             if managers is not pipe.vram:  # another pipeline
-                return original(managers, active)
+                return original(managers, active, *stages)
             before = self.snapshot()
-            original(managers, active)
+            original(managers, active, *stages)
             self.calls.append((active, before, self.snapshot()))
 
         monkeypatch.setattr(vram, "use_stage", recording)

@@ -184,6 +184,30 @@ def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
+def mask_to_tensor(mask: Image.Image, height: int, width: int) -> torch.Tensor:
+    """A mask picture -> (1, 1, H, W) float32 of 0 (keep) and 1 (repaint), as diffusers' mask
+    processor makes it: resized (Lanczos) to the generation size, to grey, 1 where >= 0.5."""
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.LANCZOS)
+    grey = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy((grey >= 0.5).astype(np.float32))[None, None]
+
+
+def gaussian_blur(mask: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) blurred with a Gaussian kernel of 2 * size + 1 taps and `sigma`, borders
+    reflected (torchvision's GaussianBlur, which DiffSynth-Studio uses for inpaint_blur_size/sigma)."""
+    if size == 0:
+        return mask
+    x = torch.linspace(-size, size, 2 * size + 1, dtype=torch.float32, device=mask.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(mask.dtype)
+    channels = mask.shape[1]
+    mode = "reflect" if size < min(mask.shape[-2:]) else "replicate"
+    out = torch.nn.functional.pad(mask, (size, size, size, size), mode=mode)
+    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
 def tensor_to_image(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] -> PIL image."""
     array = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)

@@ -9,8 +9,10 @@ LoRA, timings. A family pipeline (e.g. `pipelines.qwen_image`) declares only wha
         @generation
         def __call__(self, prompt, ...): encode -> denoise (core.sampling.denoise) -> decode
 
-plus, where it has them, `component_classes`, `load_tokenizer`, `load_processor`,
-`check_arguments` and `on_loaded`.
+plus, where it has them, `component_lists` (components of which any number may be loaded, e.g.
+ControlNets: a list attribute in the order given), `stage_of` (a component that computes on another
+one's stage, e.g. ControlNets on the DiT's), `component_classes`, `load_tokenizer`,
+`load_processor`, `check_arguments` and `on_loaded`.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ def generation(call: Callable) -> Callable:
 
 class Pipeline:
     components: ClassVar[dict[str, type]] = {}  # pipeline attribute -> model class
+    # pipeline attribute -> model classes of which any number may be loaded (a list, in the order given)
+    component_lists: ClassVar[dict[str, tuple[type, ...]]] = {}
+    stage_of: ClassVar[dict[str, str]] = {}  # component -> the stage it computes on (default: its own)
     lora_target: ClassVar[str] = "dit"
     image_arguments: ClassVar[tuple[str, ...]] = ()
     supports_vram_management: ClassVar[bool] = True
@@ -62,6 +67,9 @@ class Pipeline:
         self.device = torch.device(device)
         for name in self.components:
             setattr(self, name, None)
+        for name in self.component_lists:
+            setattr(self, name, [])
+        self.sources: dict[str, ModelConfig] = {}  # "dit", "controlnets.1"... -> the config it came from
         self.tokenizer: Any = None
         self.processor: Any = None
         self.vram: dict[str, vram.VramManager] = {}  # component name -> its VRAM manager
@@ -95,9 +103,8 @@ class Pipeline:
         pipe = cls(torch_dtype, device)
         options = vram_options or vram.VramOptions()  # one memory meter for all the pipeline's models
         classes = cls.component_classes(with_processor=processor_config is not None)
-        origins: dict[str, ModelConfig] = {}
         for config, managed in zip(model_configs, settings):
-            pipe._load_component(config, managed, classes, options, origins)
+            pipe._load_component(config, managed, classes, options)
         if tokenizer_config is not None:
             pipe.tokenizer = cls.load_tokenizer(resolve_files(tokenizer_config))
         if processor_config is not None:
@@ -112,20 +119,26 @@ class Pipeline:
         return dict(cls.components)
 
     def _load_component(self, config: ModelConfig, managed: vram.VramSettings | None, classes: Mapping[str, type],
-                        options: vram.VramOptions, origins: dict[str, ModelConfig]) -> None:
-        candidates = tuple(classes.values())
+                        options: vram.VramOptions) -> None:
+        listed = [(name, c) for name, group in self.component_lists.items() for c in group]
+        candidates = (*classes.values(), *(c for _, c in listed))
         files = resolve_files(config)
         if managed is None:
             model = load_model(files, candidates, self.torch_dtype, self.device)
         else:
             model = vram.load_managed(files, candidates, managed, options)
-        name = next(n for n, c in classes.items() if isinstance(model, c))
-        if name in origins:
+        name = next((n for n, c in classes.items() if isinstance(model, c)), None)
+        if name is None:  # one more of a list component
+            group = next(n for n, c in listed if isinstance(model, c))
+            getattr(self, group).append(model)
+            name = f"{group}.{len(getattr(self, group)) - 1}"
+        elif name in self.sources:
             raise ValueError(
-                f"Two model configs hold the {name}: {origins[name].describe()} and {config.describe()}. "
+                f"Two model configs hold the {name}: {self.sources[name].describe()} and {config.describe()}. "
                 "Give each component once: drop one of them from model_configs.")
-        origins[name] = config
-        setattr(self, name, model)
+        else:
+            setattr(self, name, model)
+        self.sources[name] = config
         if managed is not None:
             self.vram[name] = vram.manager_of(model)
 
@@ -169,8 +182,10 @@ class Pipeline:
         return checked
 
     def use_stage(self, name: str | None) -> None:
-        """Offload every VRAM-managed model but `name`, onload `name` (None: offload all)."""
-        vram.use_stage(self.vram, name)
+        """Offload every VRAM-managed model but those of stage `name`, onload those (None: offload
+        all). A model's stage is its component's name, or what `stage_of` says for it."""
+        stages = {key: self.stage_of.get(key.split(".")[0], key.split(".")[0]) for key in self.vram}
+        vram.use_stage(self.vram, name, stages)
 
     @contextlib.contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -216,7 +231,8 @@ class Pipeline:
 
     def clear_lora(self) -> None:
         """Remove every LoRA (cold or hot) from every model: the base weights come back bit for bit."""
-        for name in self.components:
-            model = getattr(self, name)
+        models = [getattr(self, name) for name in self.components]
+        models += [model for name in self.component_lists for model in getattr(self, name)]
+        for model in models:
             if model is not None:
                 clear_lora(model)

@@ -91,15 +91,23 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, "torch.Ten
 
 
 def denoise(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, device: torch.device,
-            cfg_scale: float = 1.0, cfg_norm_rescale: bool = True, progress_bar: bool = True) -> torch.Tensor:
+            cfg_scale: float = 1.0, cfg_norm_rescale: bool = True, progress_bar: bool = True,
+            step_begin: Callable[[int], None] | None = None,
+            step_end: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps; where `velocity` gives
-    an unconditional prediction too, guide with `cfg_scale`. Latents that stop being finite are
-    an error naming the step (decoding them would give a black image)."""
+    an unconditional prediction too, guide with `cfg_scale`. `step_begin(i)` runs before step i's
+    prediction (e.g. which ControlNets act), `step_end(i, latents)` after its Euler step returns the
+    latents to go on with (e.g. inpainting's blend). Latents that stop being finite are an error
+    naming the step (decoding them would give a black image)."""
     steps = len(sigmas) - 1
     for i in tqdm(range(steps), desc="Denoising", disable=not progress_bar):
+        if step_begin is not None:
+            step_begin(i)
         cond, uncond = velocity(latents, sigmas[i: i + 1].to(device))
         v = cond.float() if uncond is None else guide(cond.float(), uncond.float(), cfg_scale, cfg_norm_rescale)
         latents = euler_step(latents, v, sigmas[i].item(), sigmas[i + 1].item())
+        if step_end is not None:
+            latents = step_end(i, latents)
         if not bool(torch.isfinite(latents).all()):
             raise NonFiniteError(
                 f"The latents became NaN or infinite at denoising step {i + 1} of {steps} (sigma "

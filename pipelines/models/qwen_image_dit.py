@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
+
+# (block index, generated image tokens (B, Li, C)) -> a residual to add to them, or None
+BlockResidual = Callable[[int, Tensor], "Tensor | None"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +418,7 @@ class QwenImageDiT(nn.Module):
 
     def forward(self, latents: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None,
                 height: int, width: int, references: tuple[tuple[int, int], ...] = (),
-                zero_cond_t: bool | None = None) -> Tensor:
+                zero_cond_t: bool | None = None, block_residual: BlockResidual | None = None) -> Tensor:
         """
         latents:   (B, Li + sum Lr, in_channels) packed 2x2 latent patches: the generated
                    image's Li = height * width tokens, then each reference picture's (edit models)
@@ -426,6 +430,11 @@ class QwenImageDiT(nn.Module):
         references: the (height, width) token grids of the reference pictures, in order.
         zero_cond_t: modulate the reference tokens as at t = 0 (Qwen-Image-Edit-2511); None =
                    the checkpoint's config (`params.zero_cond_t`).
+        block_residual: the ControlNets' hook, `block_residual(i, image)` called after double-stream
+                   block i with the generated image's tokens (B, Li, C) (reference tokens excluded);
+                   it returns a residual to add to them (broadcast over the batch) or None. InstantX
+                   nets answer with block samples computed once per step (diffusers' interval rule),
+                   DiffSynth's Blockwise nets with an adapter of the image stream; None: no hook.
         Returns the velocity of the generated tokens (B, Li, patch_size**2 * out_channels) in
         the computation dtype.
         """
@@ -443,8 +452,10 @@ class QwenImageDiT(nn.Module):
         if zero_cond_t and img.shape[1] > target:
             runs = ((target, temb), (img.shape[1] - target, self.time_text_embed(torch.zeros_like(timestep), dtype)))
 
-        for block in self.transformer_blocks:
+        for index, block in enumerate(self.transformer_blocks):
             img, txt = block(img, txt, temb, freqs, mask, runs)
+            if block_residual is not None:
+                img = add_residual(img, block_residual(index, img[:, :target]), target)
 
         return self.proj_out(self.norm_out(img[:, :target], temb))
 
@@ -502,6 +513,15 @@ class QwenImageDiT(nn.Module):
     def from_checkpoint(cls, shapes: Mapping[str, tuple[int, ...]], config: dict[str, Any] | None) -> "QwenImageDiT":
         # every key and shape is then checked by the loader, which names the file
         return cls(params_from_checkpoint(shapes, config))
+
+
+def add_residual(img: Tensor, residual: Tensor | None, target: int) -> Tensor:
+    """The image stream with `residual` added to its first `target` (generated) tokens."""
+    if residual is None:
+        return img
+    if img.shape[1] == target:
+        return img + residual.to(img.dtype)
+    return torch.cat([img[:, :target] + residual.to(img.dtype), img[:, target:]], dim=1)
 
 
 def joint_attention_mask(text_mask: Tensor | None, image_len: int) -> Tensor | None:

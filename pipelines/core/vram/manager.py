@@ -325,13 +325,17 @@ def manager_of(model: Any) -> VramManager | None:
     return _MANAGERS.get(model) if isinstance(model, nn.Module) else None
 
 
-def use_stage(managers: Mapping[str, VramManager], active: str | None) -> None:
-    """Offload every managed model but `active`, then onload `active` (None: offload all)."""
-    for name, manager in managers.items():
-        if name != active:
+def use_stage(managers: Mapping[str, VramManager], active: str | None,
+              stages: Mapping[str, str] | None = None) -> None:
+    """Offload every managed model not of stage `active`, then onload those of it (None: offload
+    all). `stages`: a model's stage by its key in `managers` (default: the key itself)."""
+    stage = {key: (stages or {}).get(key, key) for key in managers}
+    for key, manager in managers.items():
+        if stage[key] != active:
             manager.offload()
-    if active is not None and active in managers:
-        managers[active].onload()
+    for key, manager in managers.items():
+        if active is not None and stage[key] == active:
+            manager.onload()
 
 
 def offload_model(model: Any) -> None:
