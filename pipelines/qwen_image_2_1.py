@@ -170,8 +170,8 @@ class QwenImage21Pipeline(Pipeline):
                 texts.append(self.encode_prompt(a["negative_prompt"], pictures))
         with self.timed("denoise_s"):
             h, w = a["height"] // VAE_SCALE, a["width"] // VAE_SCALE
-            sigmas = schedule(a["scheduler"] or self.scheduler, a["sigmas"], self.sample_sigmas,
-                              a["num_inference_steps"], h * w)
+            sigmas = schedule(a["scheduler"] or self.scheduler, a["sigmas"],
+                              check_sigmas(self.sample_sigmas, "sample_sigmas"), a["num_inference_steps"], h * w)
             generator = torch.Generator(a["rand_device"]).manual_seed(a["seed"])
             noise = torch.randn((1, self.dit.params.in_channels, h, w), generator=generator,
                                 device=a["rand_device"], dtype=torch.float32)

@@ -315,9 +315,11 @@ def test_guidance_needs_a_negative_prompt(pipes, caplog):
     assert not np.array_equal(pixels(unguided), pixels(ours(**args, cfg_scale=4.0, negative_prompt="")))
 
 
-def test_parts_of_the_two_families_are_refused_before_any_weight_loads(diffusers_21_repo, tiny_repo, monkeypatch):
+def test_foreign_parts_and_bad_small_files_are_refused_before_any_weight_loads(diffusers_21_repo, tiny_repo,
+                                                                               monkeypatch):
     """A 1.x part given to the 2.1 pipeline (and a 2.1 part to the 1.x one) is named as such, beside the parts
-    given, from the files' headers: no weight is read."""
+    given, from the files' headers; a part given twice, a tokenizer the pipeline does not take, a processor folder
+    that is not one: all refused before any weight is read."""
     root, _ = diffusers_21_repo
     loads = []
     original = core_pipeline.load_model
@@ -338,6 +340,14 @@ def test_parts_of_the_two_families_are_refused_before_any_weight_loads(diffusers
     with pytest.raises(ValueError, match="Two model configs hold the vae"):
         QwenImage21Pipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
                                             model_configs=[ModelConfig(path=root / "vae")] * 2)
+    with pytest.raises(ValueError, match="QwenImage21Pipeline takes no tokenizer_config"):  # processor/ has it
+        QwenImage21Pipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                            model_configs=[ModelConfig(path=root / "vae")],
+                                            tokenizer_config=ModelConfig(path=root / "processor"))
+    with pytest.raises(FileNotFoundError, match="no preprocessor_config.json"):
+        QwenImage21Pipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                            model_configs=[ModelConfig(path=root / "vae")],
+                                            processor_config=ModelConfig(path=root / "transformer"))
     assert loads == []
 
 

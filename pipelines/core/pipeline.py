@@ -103,12 +103,13 @@ class Pipeline:
         classes = cls.component_classes(with_processor=processor_config is not None)
         files = [resolve_files(config) for config in model_configs]
         names = cls.recognise_components(model_configs, files, classes)  # headers only: nothing loaded yet
-        for paths, name, managed in zip(files, names, settings):
-            pipe._load_component(name, paths, managed, classes, options)
+        # the small files first: a tokenizer or processor that cannot be read is refused before any weight loads
         if tokenizer_config is not None:
             pipe.tokenizer = cls.load_tokenizer(resolve_files(tokenizer_config))
         if processor_config is not None:
             pipe.processor = cls.load_processor(resolve_files(processor_config))
+        for paths, name, managed in zip(files, names, settings):
+            pipe._load_component(name, paths, managed, classes, options)
         pipe.on_loaded()
         return pipe
 
