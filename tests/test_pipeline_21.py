@@ -357,3 +357,30 @@ def test_missing_processor_is_named(diffusers_21_repo):
                                                model_configs=[ModelConfig(path=root / part) for part in PARTS])
     with pytest.raises(RuntimeError, match="The pipeline has no processor.*processor_config=..."):
         pipe("a cat", height=64, width=64, num_inference_steps=1)
+
+
+def test_the_demo_repo_is_read_by_diffusers_as_by_us(tiny_21_repo):
+    """The tiny demo repo (pipelines.demo.qwen_image_21_tiny) is a real hub layout: diffusers and transformers load
+    its parts from their config.json files, and their pipeline gives our demo pipeline's image."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from pipelines.demo.qwen_image_21_tiny import TinyQwenImage21Pipeline
+    from tests.support.qwen21 import qwen3_vl_processor
+
+    root = tiny_21_repo
+    reference = diffusers.QwenImage21Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        vae=diffusers.AutoencoderKLQwenImage21.from_pretrained(root / "vae"),
+        text_encoder=Qwen3VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=torch.float32),
+        processor=qwen3_vl_processor(root / "processor", {"size": {"shortest_edge": 1024, "longest_edge": 16777216}}),
+        transformer=diffusers.QwenImage21Transformer2DModel.from_pretrained(root / "transformer"))
+    reference.set_progress_bar_config(disable=True)
+    ours = TinyQwenImage21Pipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=root / part) for part in PARTS],
+        processor_config=ModelConfig(path=root / "processor"))
+    pictures = [picture(96, 64, "RGBA", seed=12)]
+    image = ours("a red fox", edit_image=pictures, num_inference_steps=2, seed=4, progress_bar=False)
+    assert image.size == (160, 96)  # the last picture's aspect at the demo's 128x128 area
+    expected = reference(prompt="a red fox", image=pictures, num_inference_steps=2, output_resolution=128,
+                         generator=torch.Generator("cpu").manual_seed(4)).images[0]
+    assert_same_image(image, expected)
