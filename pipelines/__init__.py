@@ -2,6 +2,7 @@
 
     from pipelines import QwenImagePipeline, ModelConfig
     pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=[...])
+    # Qwen-Image 2.1: QwenImage21Pipeline.from_pretrained(..., processor_config=ModelConfig(...))
 
 Names are imported on first use, so `import pipelines` costs nothing until a model is needed.
 """
@@ -14,6 +15,7 @@ _EXPORTS = {
     # pipelines
     "Pipeline": "pipelines.core.pipeline",
     "QwenImagePipeline": "pipelines.qwen_image",
+    "QwenImage21Pipeline": "pipelines.qwen_image_2_1",
     # loading and files
     "ModelConfig": "pipelines.core.model_config",
     "VRAM_KEYS": "pipelines.core.model_config",

@@ -42,6 +42,9 @@ from .core.pipeline import Pipeline, generation
 from .core.sampling import FlowMatchScheduler, denoise
 from .models.qwen2_5_text import QwenImageTextEncoder
 from .models.qwen2_5_vl_encoder import QwenImageVLEncoder
+from .models.qwen3_vl_encoder import QwenImage21TextEncoder
+from .models.qwen_image_21_dit import QwenImage21DiT
+from .models.qwen_image_21_vae import QwenImage21VAE
 from .models.qwen_image_dit import QwenImageDiT
 from .models.qwen_image_vae import QwenImageVAE
 from .models.qwen_tokenizer import QwenTokenizer
@@ -114,6 +117,10 @@ class QwenImagePipeline(Pipeline):
     stage_of = {"controlnets": "dit"}
     lora_target = "dit"
     image_arguments = ("input_image", "edit_image", "inpaint_mask")
+    family = "Qwen-Image 1.x"
+    foreign_components = {QwenImage21DiT: ("transformer", "Qwen-Image 2.1", "QwenImage21Pipeline"),
+                          QwenImage21TextEncoder: ("text encoder", "Qwen-Image 2.1", "QwenImage21Pipeline"),
+                          QwenImage21VAE: ("VAE", "Qwen-Image 2.1", "QwenImage21Pipeline")}
     # the pictures' areas in pixels (an edit); a variant for other models may set its own
     condition_area: int = CONDITION_AREA
     reference_area: int = REFERENCE_AREA

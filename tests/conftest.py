@@ -129,3 +129,21 @@ def tiny_edit_repo(tmp_path_factory) -> Path:
     from pipelines.demo.qwen_image_tiny import build_tiny_edit_repo
 
     return build_tiny_edit_repo(tmp_path_factory.mktemp("models") / "tiny" / "Qwen-Image-Edit-Tiny")
+
+
+@pytest.fixture(scope="session")
+def diffusers_21_repo(tmp_path_factory):
+    """(repo folder, diffusers QwenImage21Pipeline): tiny Qwen-Image 2.1 parts, every weight random and non-zero,
+    written by diffusers/transformers save_pretrained in the hub layout (tests/support/qwen21.py)."""
+    from tests.support.qwen21 import write_reference_repo
+
+    root = tmp_path_factory.mktemp("diffusers_21_repo") / "Qwen-Image-2.1-Tiny"
+    return root, write_reference_repo(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_21_repo(tmp_path_factory) -> Path:
+    """The project's own tiny Qwen-Image 2.1 repo (pipelines.demo.qwen_image_21_tiny), as the demo model uses it."""
+    from pipelines.demo.qwen_image_21_tiny import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny" / "Qwen-Image-2.1-Tiny")

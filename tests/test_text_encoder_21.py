@@ -31,25 +31,14 @@ from pipelines.models.qwen3_vl_encoder import QwenImage21TextEncoder, mrope_posi
 from pipelines.models.qwen3_vl_processor import QwenImage21Processor, composite_over_white, prompt_text
 from pipelines.models.qwen3_vl_vision import Qwen3VisionParams
 from pipelines.models.qwen_image_vision import QwenVLImageProcessor
+from tests.support.qwen21 import SMALL_SIZES, TEXT_HIDDEN, TINY_TEXT_CONFIG, qwen3_vl_processor
 from tests.support.weights import randomize_
 
 transformers = pytest.importorskip("transformers")
-from transformers import Qwen2VLImageProcessorPil  # noqa: E402  (the PIL backend, no torchvision)
 
 IMAGE_PAD_ID = 151655
-HIDDEN = 32
-# pictures of a few hundred pixels stay small (the real minimum is 65536 pixels: 256 patches)
-SMALL_SIZES = {"size": {"shortest_edge": 1024, "longest_edge": 65536}}
-TINY_CONFIG = dict(
-    text_config=dict(vocab_size=151936, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                     max_position_embeddings=4096,
-                     rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[2, 3, 3],
-                                          mrope_interleaved=True)),
-    vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=16,
-                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=HIDDEN,
-                       num_position_embeddings=16, deepstack_visual_indexes=[0, 2]),
-)
+HIDDEN = TEXT_HIDDEN
+TINY_CONFIG = TINY_TEXT_CONFIG
 
 
 def _picture(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -70,20 +59,10 @@ def processor(processor_dir):
 
 @pytest.fixture(scope="module")
 def small_processor(processor, processor_dir):
-    """Ours, and transformers' Qwen3VLProcessor (its class check wants a torchvision video processor,
-    bypassed while it is built), reading small pictures as they are."""
-    from transformers import AutoTokenizer, Qwen3VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
+    """Ours, and transformers' Qwen3VLProcessor (tests/support/qwen21.py), reading small pictures as they are."""
     small = QwenVLImageProcessor.from_config({**QWEN3_VL_PREPROCESSOR_CONFIG, **SMALL_SIZES})
     ours = QwenImage21Processor(processor.tokenizer, small, processor.system_tokens)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
-        theirs = Qwen3VLProcessor(
-            image_processor=Qwen2VLImageProcessorPil(**{**QWEN3_VL_PREPROCESSOR_CONFIG, **SMALL_SIZES}),
-            tokenizer=AutoTokenizer.from_pretrained(processor_dir), video_processor=None,
-            chat_template=(processor_dir / "chat_template.jinja").read_text())
-    return ours, theirs
+    return ours, qwen3_vl_processor(processor_dir, SMALL_SIZES)
 
 
 @pytest.fixture(scope="module")

@@ -175,9 +175,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos) to the generation size."""
-    image = to_rgb(image)
+def image_to_tensor(image: Image.Image, height: int, width: int, alpha: bool = False) -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos) to the generation size. With
+    `alpha`, (1, 4, H, W) RGBA with straight alpha (an opaque picture gets alpha 1.0): for VAEs
+    that read transparency (Qwen-Image 2.1's)."""
+    if alpha:
+        image = image if image.mode == "RGBA" else image.convert("RGBA")
+    else:
+        image = to_rgb(image)
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
@@ -209,7 +214,7 @@ def gaussian_blur(mask: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
 
 
 def tensor_to_image(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> PIL image."""
+    """(3, H, W) in [-1, 1] -> RGB PIL image; (4, H, W) -> RGBA."""
     array = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
 

@@ -92,6 +92,12 @@ def recognise(files: Sequence[CheckpointFile], candidates: Sequence[type[Checkpo
     return model_class
 
 
+def recognise_checkpoint(paths: Sequence[Path], candidates: Sequence[type[CheckpointModel]]) -> type:
+    """The candidate class whose checkpoint the files hold, from their headers alone (no tensor
+    is read): what `load_model` will build, known before any weight loads."""
+    return recognise([read_header(p) for p in expand_checkpoint_paths(paths)], candidates)
+
+
 def _check_required(model_class: type, files: Sequence[CheckpointFile]) -> None:
     """Required keys absent: incomplete files, or (keys this model does not own beside them) the
     checkpoint of another model that shares some key names with this one."""

@@ -31,10 +31,11 @@ import torch.nn as nn
 
 from . import vram
 from .download import resolve_files
-from .loader import load_model
+from .loader import load_model, recognise_checkpoint
 from .lora import LoraHandle, LoraSource, clear_lora, load_lora
 from .model_config import ModelConfig
 from .parse import SettingError, parse_compute_dtype, parse_device
+from .shards import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class Pipeline:
     lora_target: ClassVar[str] = "dit"
     image_arguments: ClassVar[tuple[str, ...]] = ()
     supports_vram_management: ClassVar[bool] = True
+    family: ClassVar[str] = ""  # the models the pipeline loads, as messages name them ("Qwen-Image 2.1")
+    # Model classes of related families whose checkpoints share key names with ours: recognised from
+    # their keys only to be refused by name before any weight loads.
+    # class -> (component, its family, the pipeline that loads it)
+    foreign_components: ClassVar[dict[type, tuple[str, str, str]]] = {}
 
     def __init__(self, torch_dtype: torch.dtype, device: str | torch.device):
         self.torch_dtype = torch_dtype
@@ -103,12 +109,15 @@ class Pipeline:
         pipe = cls(torch_dtype, device)
         options = vram_options or vram.VramOptions()  # one memory meter for all the pipeline's models
         classes = cls.component_classes(with_processor=processor_config is not None)
-        for config, managed in zip(model_configs, settings):
-            pipe._load_component(config, managed, classes, options)
+        files = [resolve_files(config) for config in model_configs]
+        names = cls.recognise_components(model_configs, files, classes)  # headers only: nothing loaded yet
+        # the small files first: a tokenizer or processor that cannot be read is refused before any weight loads
         if tokenizer_config is not None:
             pipe.tokenizer = cls.load_tokenizer(resolve_files(tokenizer_config))
         if processor_config is not None:
             pipe.processor = cls.load_processor(resolve_files(processor_config))
+        for config, paths, name, managed in zip(model_configs, files, names, settings):
+            pipe._load_component(name, config, paths, managed, classes, options)
         pipe.on_loaded()
         return pipe
 
@@ -118,24 +127,54 @@ class Pipeline:
         classes when a processor is given)."""
         return dict(cls.components)
 
-    def _load_component(self, config: ModelConfig, managed: vram.VramSettings | None, classes: Mapping[str, type],
+    @classmethod
+    def recognise_components(cls, configs: Sequence[ModelConfig], files: Sequence[Sequence[Path]],
+                             classes: Mapping[str, type]) -> list[str]:
+        """The component each config holds (a list component: its group's name), recognised from
+        its files' headers before any weight is read. Refused here: a part of a related family
+        (`foreign_components`), named beside the parts given, and a single component given twice."""
+        owners = {c: n for n, c in classes.items()}
+        owners.update({c: group for group, listed in cls.component_lists.items() for c in listed})
+        candidates = (*owners, *(c for c in cls.foreign_components if c not in owners))
+        found = [recognise_checkpoint(paths, candidates) for paths in files]
+        cls._refuse_foreign(configs, found, owners)
+        names: list[str] = []
+        for config, model in zip(configs, found):
+            name = owners[model]
+            if name in names and name not in cls.component_lists:
+                raise ValueError(
+                    f"Two model configs hold the {name}: {configs[names.index(name)].describe()} and "
+                    f"{config.describe()}. Give each component once: drop one of them from model_configs.")
+            names.append(name)
+        return names
+
+    @classmethod
+    def _refuse_foreign(cls, configs: Sequence[ModelConfig], found: Sequence[type],
+                        owners: Mapping[type, str]) -> None:
+        foreign = [(config, model) for config, model in zip(configs, found) if model in cls.foreign_components]
+        if not foreign:
+            return
+        config, model = foreign[0]
+        component, family, pipeline = cls.foreign_components[model]
+        own = [f"the {owners[m]} ({m.__name__}, {c.describe()})"
+               for c, m in zip(configs, found) if m not in cls.foreign_components]
+        given = f" (given: {'; '.join(own)})" if own else ""
+        raise CheckpointError(
+            f"{config.describe()} holds the {family} {component} ({model.__name__}), but {cls.__name__} loads "
+            f"{cls.family} models{given}; parts of the two families do not fit together. Give the {cls.family} "
+            f"{component} instead, or load {family} models with {pipeline}.")
+
+    def _load_component(self, name: str, config: ModelConfig, files: Sequence[Path],
+                        managed: vram.VramSettings | None, classes: Mapping[str, type],
                         options: vram.VramOptions) -> None:
-        listed = [(name, c) for name, group in self.component_lists.items() for c in group]
-        candidates = (*classes.values(), *(c for _, c in listed))
-        files = resolve_files(config)
+        candidates = self.component_lists[name] if name in self.component_lists else tuple(classes.values())
         if managed is None:
             model = load_model(files, candidates, self.torch_dtype, self.device)
         else:
             model = vram.load_managed(files, candidates, managed, options)
-        name = next((n for n, c in classes.items() if isinstance(model, c)), None)
-        if name is None:  # one more of a list component
-            group = next(n for n, c in listed if isinstance(model, c))
-            getattr(self, group).append(model)
-            name = f"{group}.{len(getattr(self, group)) - 1}"
-        elif name in self.sources:
-            raise ValueError(
-                f"Two model configs hold the {name}: {self.sources[name].describe()} and {config.describe()}. "
-                "Give each component once: drop one of them from model_configs.")
+        if name in self.component_lists:  # one more of a list component
+            getattr(self, name).append(model)
+            name = f"{name}.{len(getattr(self, name)) - 1}"
         else:
             setattr(self, name, model)
         self.sources[name] = config

@@ -3,7 +3,7 @@ denoising loop every family pipeline runs (small plain functions, as in flux's s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -64,8 +64,15 @@ class FlowMatchScheduler:
         """num_steps + 1 float32 sigmas from ~1 down to the terminal value, then 0."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_steps!r}.")
+        return self.shift_grid(torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64), image_seq_len, mu)
+
+    def shift_grid(self, grid: torch.Tensor | Sequence[float], image_seq_len: int,
+                   mu: float | None = None) -> torch.Tensor:
+        """A grid of sigmas in (0, 1] without the terminal 0 (`sigmas` uses the linear one; a
+        distilled model may ship its own) -> float32 sigmas shifted and stretched as `sigmas`
+        does it, then 0: diffusers' `set_timesteps(sigmas=grid, mu=...)`."""
         mu = self.mu(image_seq_len) if mu is None else finite(mu, "exponential_shift_mu")
-        sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+        sigmas = torch.as_tensor(grid, dtype=torch.float64).flatten()
         sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
         if self.shift_terminal and sigmas[-1] < 1.0:  # one step: sigma 1 cannot be stretched
             one_minus = 1.0 - sigmas

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -53,3 +56,28 @@ def save_sharded(state: Mapping[str, torch.Tensor], folder: Path, basename: str,
 def write_json(path: Path, data: Mapping) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_folder(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(folder)` in a staging folder beside `out_dir` (which must not exist or be
+    empty), then rename it into place: the folder appears complete or not at all. A path with a
+    `..` segment is refused (the shape of `<models folder>/<model id>` for an id such as `../x`,
+    which would land outside the models folder): pass a normalised path (os.path.abspath)."""
+    if ".." in Path(out_dir).parts or ".." in str(out_dir).replace("\\", "/").split("/"):
+        raise ValueError(f"{str(out_dir)!r}: the output folder has a '..' segment, so it may lie outside the folder "
+                         "it seems to be in (a model id such as '../x' joined to the models folder?); nothing was "
+                         "written. Give a normalised path (os.path.abspath), or a model id of the form owner/name.")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; choose an empty folder.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        write(staging)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

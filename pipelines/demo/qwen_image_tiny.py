@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ..models.qwen2_5_vl_encoder import QwenImageVLEncoder, QwenVisionParams
 from ..models.qwen_image_dit import QwenImageDiT, QwenImageDiTParams
 from ..models.qwen_image_vae import QwenImageVAE, QwenImageVAEParams
 from ..qwen_image import QwenImagePipeline
-from .checkpoints import random_state_dict, save_sharded, write_json
+from .checkpoints import random_state_dict, save_sharded, write_folder, write_json
 from .lora import write_dit_lora
 from .processor import build_processor_folder
 from .tokenizer import build_qwen_tokenizer
@@ -115,24 +114,7 @@ def build_tiny_repo(out_dir: str | Path, seed: int = 0, edit: bool = False) -> P
     appears complete or not at all: it is written beside and renamed into place. A path with a
     `..` segment is refused (the shape of `<models folder>/<model id>` for an id such as `../x`,
     which would land outside the models folder): pass a normalised path (os.path.abspath)."""
-    if ".." in Path(out_dir).parts or ".." in str(out_dir).replace("\\", "/").split("/"):
-        raise ValueError(f"build_tiny_repo: the output folder {str(out_dir)!r} has a '..' segment, so it may lie "
-                         "outside the folder it seems to be in (a model id such as '../x' joined to the models "
-                         "folder?); nothing was written. Give a normalised path (os.path.abspath), or a model id "
-                         "of the form owner/name.")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already exists and is not empty; choose an empty folder.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        _write_repo(staging, seed, edit)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    out_dir = write_folder(out_dir, lambda staging: _write_repo(staging, seed, edit))
     logger.info("Wrote the tiny Qwen-Image%s repo to %s", "-Edit" if edit else "", out_dir)
     return out_dir
 
