@@ -83,3 +83,33 @@ def test_a_control_picture_that_is_not_there_is_refused_before_loading(tmp_path)
     assert proc.returncode == 2, text[-3000:]
     assert "controlnet.image" in text and "edgez.png" in text and "Fix:" in text
     assert "Loading" not in text and not (tmp_path / "run").exists()
+
+
+def test_what_only_the_loaded_net_can_refuse_fails_the_job_at_the_conditions_key(tmp_path, monkeypatch, tiny_repo):
+    """A mask for the demo's canny-layout net: which kind the net is shows only once it is loaded, so the job
+    fails (recorded, the sweep would go on), with the pipeline's message at the condition's config key."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.build import pipeline as build
+    from runner.config import CONF_DIR
+    from runner.config.schema import register_configs
+    from runner.execution import job
+
+    register_configs()
+    build.register_resolvers()
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_repo.parent.parent))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*SMALL, "tracking=none", "controlnet=tiny_demo",
+                                           f"tracking.store_dir={tmp_path / 'store'}"])
+    with monkeypatch.context() as m:
+        m.setattr(build, "_CACHE", {})  # this test's pipeline only
+        plan = job.prepare(cfg)
+        picture = plan.spec.controlnet.image
+        m.setattr(plan.spec.controlnet, "mask", picture)
+        plan.job_dir = str(tmp_path / "job")
+        (tmp_path / "job").mkdir()
+        record = job.compute(plan)
+    assert record.status == "FAILED" and record.error_kind == "config", record.error
+    assert record.error.startswith("ConfigError: config `controlnet`: controlnet_inputs[0]: ControlNet 0 "
+                                   "(QwenImageBlockwiseControlNet) takes a control picture")
+    assert "Fix:" in record.error and not (tmp_path / "job" / "image.png").exists()
