@@ -75,6 +75,16 @@ def test_demo_sweep_over_the_scale_loads_once_and_records_the_control_picture(tm
     assert f"controlnet_inputs.image: edges.png (every job; sha256 {digest[:12]})" in report
     assert json.loads((sweep / "0" / "job.json").read_text())["inputs"][0]["sha256"] == digest
 
+    # `report --run`: the folder fetched from MLflow gets the picture from the parent run, and shows it too
+    from runner.reporting.html import write_report
+    from runner.reporting.jobs import jobs_from_sweep_dir
+    from runner.tracking.fetch import fetch_sweep
+
+    fetched = fetch_sweep(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", parent.info.run_id, tmp_path / "fetched")
+    assert (fetched.folder / "inputs" / kept.name).read_bytes() == kept.read_bytes()
+    page = write_report(jobs_from_sweep_dir(fetched.folder), fetched.folder).html.read_text()
+    assert f"controlnet_inputs.image: edges.png (every job; sha256 {digest[:12]})" in page
+
 
 def test_a_control_picture_that_is_not_there_is_refused_before_loading(tmp_path):
     proc = runner(tmp_path, *SMALL, "controlnet=tiny_demo", f"controlnet.image={tmp_path / 'edgez.png'}",
