@@ -243,6 +243,11 @@ def test_bad_values_fail_validation_naming_path_and_fix(hydra_ctx, overrides, ke
         # a picture path YAML reads as a number: the library's TypeError, at its key
         (["call.input_image=5"], "call.input_image", "call.input_image='5'"),
         (["call.edit_image=[5]"], "call.edit_image", "Fix: "),
+        # inpainting without a ControlNet: the mask with the picture it repaints
+        ([f"call.inpaint_mask={PICTURE}"], "call.inpaint_mask", "needs input_image"),
+        ([f"call.input_image={PICTURE}", "call.inpaint_mask=/no/mask.png"], "call.inpaint_mask", "no such file"),
+        ([f"call.input_image={PICTURE}", f"call.inpaint_mask={PICTURE}", "call.inpaint_blur_size=2"],
+         "call.inpaint_blur_size", "go together"),
     ],
 )
 def test_call_arguments_are_checked_by_the_pipeline_before_loading(hydra_ctx, overrides, key, needle):
@@ -307,6 +312,8 @@ def test_the_pipeline_cache_and_job_identity_follow_the_controlnet(hydra_ctx, tm
 
     before, hashed, worker = identity()
     assert set(hashed) == {"controlnet.image"}
+    both = identity(f"+call.input_image={PICTURE}", f"+call.inpaint_mask={picture}", "call.denoising_strength=0.9")
+    assert set(both[1]) == {"controlnet.image", "call.input_image", "call.inpaint_mask"}  # an inpainting mask too
     Image.open(PICTURE).rotate(90).save(picture)
     after, rehashed, same_worker = identity("controlnet.scale=0.5")
     assert after != before and rehashed["controlnet.image"] != hashed["controlnet.image"]
