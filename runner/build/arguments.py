@@ -42,12 +42,12 @@ def refusal(spec: RunSpec, error: Exception, arguments: dict[str, Any]) -> Confi
     key = config_key(name) if name else "call"
     value = arguments.get(name)
     control = re.search(rf"\b{CONTROL_ARGUMENT}\[(\d+)\](?:\.(\w+))?", message) if name == CONTROL_ARGUMENT else None
-    paths = [where for where, _ in spec.controlnet.conditions()]
-    if control and int(control.group(1)) < len(paths):
-        keys = {argument: key for key, argument in CONTROL_FIELDS.items()}
-        field = keys.get(control.group(2) or "", "")
-        key = paths[int(control.group(1))] + (f".{field}" if field else "")
-        value = getattr(spec.controlnet.conditions()[int(control.group(1))][1], field, None) if field else None
+    conditions = spec.controlnet.conditions()
+    if control and int(control.group(1)) < len(conditions):  # `controlnet_inputs[1].scale` -> its condition's key
+        where, condition = conditions[int(control.group(1))]
+        field = {argument: k for k, argument in CONTROL_FIELDS.items()}.get(control.group(2) or "")
+        key = f"{where}.{field}" if field else where
+        value = getattr(condition, field) if field else None
     return ConfigError(key, message, _argument_fix(error, key, value))
 
 
@@ -100,7 +100,7 @@ def _add_controls(spec: RunSpec, cls: Any, parameters: Any, arguments: dict[str,
     if CONTROL_ARGUMENT not in parameters:
         raise ConfigError("controlnet", f"{cls.__name__} takes no ControlNet ({CONTROL_ARGUMENT})",
                           f"use controlnet=none with model={spec.model.name}")
-    taken = [name for name in (CONTROL_ARGUMENT, "blockwise_controlnet_inputs") if name in spec.call]
+    taken = [name for name in spec.call if name.endswith(CONTROL_ARGUMENT)]  # DiffSynth's other name too
     if taken:
         raise ConfigError(f"call.{taken[0]}", "the ControlNet conditions are set by the `controlnet` group",
                           "give them as controlnet.image=... or controlnet.inputs=[...] instead")
