@@ -11,9 +11,12 @@ control picture), and one of two ways to act:
   text_mask, height, width)` returns block samples; it runs once per step with the prompt (both
   CFG branches get the same samples, as in diffusers) and sample k is added after DiT block i for
   k = i // ceil(dit_blocks / samples), scaled; several inputs to one net add their samples.
-- blockwise (DiffSynth's Blockwise nets): `block_residual(index, image, condition)` after DiT
-  block `index`, from the current image tokens, scaled; `prepare_condition(condition)`, when the
-  class has it, runs once per call on the packed condition latents.
+- blockwise (DiffSynth's Blockwise nets: `QwenImageBlockwiseControlNet`): `condition(latents,
+  keep_mask)` once per call on the DiT's stage, from the packed condition latents (and for the
+  inpaint variant the packed keep-mask riding after them); then after DiT block `index`
+  `block_residual(index, image, condition, scale)` from the current image tokens, in every step
+  the input acts and both CFG branches; the residuals of all inputs add up (DiffSynth's
+  QwenImageBlockwiseMultiControlNet). The net has as many blocks as the DiT (`check_fits`).
 
 How a kind's pictures become its condition latents is its recipe in CONDITIONS. Wiring another
 kind in: its class in CONTROLNET_CLASSES, its recipe in CONDITIONS.
@@ -32,10 +35,15 @@ from PIL import Image
 from .core.control import ControlNetInput, acts_at, check_controlnet_inputs
 from .core.images import gaussian_blur, image_to_tensor, mask_to_tensor, open_picture, pack_latents
 from .core.parse import SettingError, finite
+from .models.qwen_image_blockwise_controlnet import (
+    QwenImageBlockwiseControlNet,
+    inpaint_keep_mask,
+    mask_control_picture,
+)
 from .models.qwen_image_controlnet import QwenImageControlNet
 
-# The ControlNet classes the family loads (recognised from their keys). DiffSynth's Blockwise nets join here.
-CONTROLNET_CLASSES: tuple[type, ...] = (QwenImageControlNet,)
+# The ControlNet classes the family loads (recognised from their keys): InstantX's and DiffSynth's Blockwise nets.
+CONTROLNET_CLASSES: tuple[type, ...] = (QwenImageControlNet, QwenImageBlockwiseControlNet)
 
 
 def is_blockwise(net: nn.Module) -> bool:
@@ -110,6 +118,12 @@ def check_controlnets_fit(nets: Sequence[nn.Module], dit: nn.Module | None, vae:
                     f"{sources['dit'].describe()} is {dit.params.inner_dim} (text width "
                     f"{dit.params.joint_attention_dim}): the ControlNet was made for another model. Load a ControlNet "
                     "made for this DiT.")
+            if is_blockwise(net):
+                try:
+                    net.check_fits(dit.params.inner_dim, len(dit.transformer_blocks))
+                except ValueError as error:
+                    raise ValueError(f"The ControlNet {source} does not fit the DiT {sources['dit'].describe()}: "
+                                     f"{error}.") from None
         if vae is not None:
             expected = 4 * (vae.params.z_dim + (1 if net.inpaint else 0))
             if net.params.condition_channels != expected:
@@ -151,7 +165,35 @@ def instantx_condition(vae: nn.Module, net: nn.Module, control: ControlNetInput,
     return pack_latents(torch.cat([latents, keep], dim=1))
 
 
-CONDITIONS = {"instantx": instantx_condition}  # kind -> recipe (vae, net, input, height, width, generator, ...)
+def blockwise_condition(vae: nn.Module, net: nn.Module, control: ControlNetInput, height: int, width: int,
+                        generator: torch.Generator, device: torch.device, tiling: dict) -> torch.Tensor:
+    """DiffSynth's Blockwise nets' condition latents (its QwenImageUnit_BlockwiseControlNet): the
+    control picture resized to the generation size and encoded to the posterior mean (no random
+    draw: the generator is not used), packed. For the inpaint variant the picture (`inpaint_image`
+    when given, else `image`) is first made black where the soft mask (its channels' mean, not
+    binarised) is above one half, and the keep-mask (1 - mask, nearest to the latent grid) is
+    packed after the latents' channels; the net's `condition` reads both on the DiT's stage."""
+    picture = control.inpaint_image if net.inpaint and control.inpaint_image is not None else control.image
+    pixels = image_to_tensor(picture, height, width)
+    mask = None
+    if net.inpaint:
+        mask = (image_to_tensor(control.inpaint_mask, height, width) + 1.0) / 2.0  # (1, 3, H, W) in [0, 1]
+        pixels = mask_control_picture(pixels, mask)
+    latents = vae.encode(pixels.to(device), **tiling)
+    if mask is None:
+        return pack_latents(latents)
+    keep = inpaint_keep_mask(mask, *latents.shape[-2:]).to(latents.device, latents.dtype)
+    return pack_latents(torch.cat([latents, keep], dim=1))
+
+
+def blockwise_input(net: nn.Module, packed: torch.Tensor) -> torch.Tensor:
+    """What a Blockwise net's blocks read, from `blockwise_condition`'s packed latents (and keep-mask)."""
+    channels = net.params.in_dim
+    return net.condition(packed[..., :channels], packed[..., channels:] if net.inpaint else None)
+
+
+# kind -> recipe (vae, net, input, height, width, generator, device, tiling) -> packed condition latents
+CONDITIONS = {"instantx": instantx_condition, "blockwise": blockwise_condition}
 
 
 class Controls:
@@ -165,8 +207,8 @@ class Controls:
         self.items = []
         for control, condition in zip(controls, conditions):
             net = nets[control.controlnet_id]
-            if is_blockwise(net) and hasattr(net, "prepare_condition"):
-                condition = net.prepare_condition(condition)
+            if is_blockwise(net):
+                condition = blockwise_input(net, condition)
             self.items.append((control, net, condition))
         self.dit_blocks, self.steps, self.text = dit_blocks, steps, text
         self.active: list = []
@@ -200,7 +242,7 @@ class Controls:
             total = samples[index // interval] if total is None else total + samples[index // interval]
         for control, net, condition in self.active:
             if is_blockwise(net):
-                out = net.block_residual(index, image, condition) * control.scale
+                out = net.block_residual(index, image, condition, control.scale)
                 total = out if total is None else total + out
         return total
 

@@ -40,6 +40,7 @@ config, one MLflow run per image, and sweeps with a grid and an HTML report to c
   python -m runner [KEY=VALUE ...]        one image (outputs/runs/<date>/<time>/image.png)
   python -m runner -m [KEY=A,B ...]       a sweep: every combination of the comma-separated values
   python -m runner model=qwen_image_tiny sampler=tiny    the demo: a tiny model built offline on first use
+  python -m runner model=qwen_image_tiny sampler=tiny controlnet=tiny_demo    ... with a tiny ControlNet
 
 Config groups (conf/<group>/<option>.yaml; pick one with GROUP=OPTION):
 {groups}

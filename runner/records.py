@@ -33,6 +33,14 @@ PNG_LEVEL = 4
 # the sweep's grid: a sheet `runner report` rebuilds from the images, which the sweep's end waits
 # for: level 1 (a 32-cell grid of 256 px cells 0.6 -> 0.26 s, ~15 % more bytes)
 GRID_PNG_LEVEL = 1
+# a sweep folder's copy of each picture its jobs read (control pictures, masks, edit pictures),
+# `inputs/<sha256[:12]>-<file name>`: the report shows them beside the results
+INPUTS_DIR = "inputs"
+
+
+def input_copy_name(sha256: str, file: str) -> str:
+    """The name of a picture's copy in a sweep folder's INPUTS_DIR."""
+    return f"{sha256[:12]}-{Path(file).name}"
 
 
 # ------------------------------------------------------------------------ the PNG
@@ -44,12 +52,15 @@ def parameters_text(gen: dict[str, Any]) -> str:
     put on one line (its line breaks as spaces): a prompt holding a line `Negative prompt: x`
     or `Steps: 9` cannot be read as another field. The `generation` chunk keeps the exact text."""
     loras = ", ".join(f"{_one_line(label)}:{alpha:g}" for label, alpha in gen.get("loras", [])) or "none"
+    control = gen.get("controlnet")
+    controls = "" if not control else f", ControlNet: {_one_line(control['name'])} " + " ".join(
+        f"{_one_line(c.get('image') or c.get('inpaint_image'))}:{c['scale']:g}" for c in control["conditions"])
     return (
         f"{_one_line(gen['prompt'])}\n"
         f"Negative prompt: {_one_line(gen['negative_prompt'])}\n"
         f"Steps: {gen['steps']}, CFG scale: {gen['cfg_scale']}, Seed: {gen['seed']}, "
         f"Size: {gen['width']}x{gen['height']}, Sampler: {_one_line(gen.get('sampler'))}, "
-        f"Model: {_one_line(gen['model'])}, LoRAs: {loras}"
+        f"Model: {_one_line(gen['model'])}, LoRAs: {loras}{controls}"
     )
 
 

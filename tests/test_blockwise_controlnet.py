@@ -314,3 +314,245 @@ def test_the_demo_net_fits_the_tiny_dit_and_its_picture_is_an_edge_map(tmp_path)
     picture = np.array(Image.open(picture_path))
     assert picture.shape == (128, 128, 3) and set(np.unique(picture)) == {0, 255}
     assert 0.02 < (picture == 255).mean() < 0.2  # thin outlines on black
+
+
+# ----------------------------------------------------------------------------- in the pipeline
+# The tiny demo model (tests/conftest.py `tiny_repo`: a DiT of 2 blocks, 64 wide) with the demo's Blockwise
+# nets (pipelines/demo/controlnet_tiny.py) loaded as one more ModelConfig each; 64x64 pictures, 4 steps.
+
+PROMPT = "a house by a lake, pencil sketch"
+SIZE = dict(height=64, width=64)
+STEPS = 4
+
+
+def tiny_pipe(repo, *nets, **kwargs):
+    from pipelines.qwen_image import ModelConfig, QwenImagePipeline
+
+    configs = [ModelConfig(path=repo / "transformer"), ModelConfig(path=repo / "text_encoder"),
+               ModelConfig(path=repo / "vae")] + [ModelConfig(path=net) for net in nets]
+    return QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
+                                             tokenizer_config=ModelConfig(path=repo / "tokenizer"), **kwargs)
+
+
+def run(pipe, cfg_scale: float = 4.0, **call) -> np.ndarray:
+    image = pipe(PROMPT, negative_prompt=" ", cfg_scale=cfg_scale, seed=3, num_inference_steps=STEPS,
+                 progress_bar=False, **SIZE, **call)
+    return np.asarray(image, dtype=np.int16)
+
+
+def assert_changes(a: np.ndarray, b: np.ndarray, by: float = 3.0) -> None:
+    assert np.abs(a - b).mean() > by, f"mean pixel difference {np.abs(a - b).mean():.2f}: no visible effect"
+
+
+def smooth_picture(seed: int, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+
+
+def soft_mask(size: int = 64) -> Image.Image:
+    """White (repaint) on the right half, grey levels 100 / 200 in two corners (DiffSynth keeps them soft)."""
+    array = np.zeros((size, size), np.uint8)
+    array[:, size // 2:] = 255
+    array[: size // 8, : size // 8] = 100
+    array[-size // 8:, : size // 8] = 200
+    return Image.fromarray(array)
+
+
+def write_instantx(folder, seed: int = 5):
+    """A one-block InstantX Union net for the tiny DiT (our class on meta, random weights, its config.json)."""
+    import json
+
+    from pipelines.models.qwen_image_controlnet import QwenImageControlNet, QwenImageControlNetParams
+
+    params = QwenImageControlNetParams(num_layers=1, attention_head_dim=DIT.attention_head_dim,
+                                       num_attention_heads=DIT.num_attention_heads,
+                                       joint_attention_dim=DIT.joint_attention_dim, axes_dims_rope=DIT.axes_dims_rope)
+    with parameters_on_meta():
+        shapes = {k: tuple(v.shape) for k, v in QwenImageControlNet(params).state_dict().items()}
+    folder.mkdir(parents=True)
+    save_file(random_state_dict(shapes, seed), str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"axes_dims_rope": list(DIT.axes_dims_rope)}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_nets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blockwise_pipe")
+    return dict(canny=controlnet_tiny.build(root / "canny.safetensors"),
+                inpaint=controlnet_tiny.build_inpaint(root / "inpaint.safetensors"),
+                instantx=write_instantx(root / "instantx"))
+
+
+@pytest.fixture(scope="module")
+def canny_pipe(tiny_repo, demo_nets):
+    return tiny_pipe(tiny_repo, demo_nets["canny"])
+
+
+def test_blockwise_scale_zero_is_the_plain_image_and_a_scale_changes_it(canny_pipe):
+    from pipelines import ControlNetInput
+
+    edges = controlnet_tiny.control_picture(64)
+    assert type(canny_pipe.controlnets[0]) is QwenImageBlockwiseControlNet
+    plain = run(canny_pipe)
+    zero = run(canny_pipe, controlnet_inputs=[ControlNetInput(image=edges, scale=0.0)])
+    assert np.array_equal(zero, plain)  # bit for bit: the condition draws no random number, adds exact zeros
+    full = run(canny_pipe, blockwise_controlnet_inputs=[ControlNetInput(image=edges)])  # DiffSynth's name
+    half = run(canny_pipe, controlnet_inputs=[ControlNetInput(image=edges, scale=0.5)])
+    assert_changes(full, plain)
+    assert_changes(half, plain, by=1.0)
+    assert_changes(full, half, by=1.0)
+    other = run(canny_pipe, controlnet_inputs=[ControlNetInput(image=smooth_picture(1))])
+    assert_changes(other, full)  # the picture matters, not only that a net is there
+
+
+def test_blockwise_start_end_are_the_steps_its_blocks_run(canny_pipe):
+    """DiffSynth's rule over 4 steps (positions 1, 2/3, 1/3, 0): start=0.7, end=0.3 acts at steps 1 and 2, the
+    net's blocks run there and nowhere else (cfg_scale=1: one DiT forward a step); a window that covers no step
+    and scale=0 run no block and give the plain image."""
+    from pipelines import ControlNetInput
+
+    net, edges = canny_pipe.controlnets[0], controlnet_tiny.control_picture(64)
+    events: list[str] = []
+    handles = [canny_pipe.dit.register_forward_pre_hook(lambda module, args: events.append("dit")),
+               net.controlnet_blocks[0].register_forward_hook(lambda module, args, out: events.append("net"))]
+
+    def steps_with_blocks(**control) -> tuple[set[int], np.ndarray]:
+        events.clear()
+        image = run(canny_pipe, cfg_scale=1.0, controlnet_inputs=[ControlNetInput(image=edges, **control)])
+        assert events.count("dit") == STEPS
+        steps, step = set(), -1
+        for event in events:
+            step += event == "dit"
+            if event == "net":
+                steps.add(step)
+        return steps, image
+
+    try:
+        assert steps_with_blocks()[0] == {0, 1, 2, 3}
+        window, windowed = steps_with_blocks(start=0.7, end=0.3)
+        assert window == {1, 2}
+        assert steps_with_blocks(start=1.0, end=0.9)[0] == {0}
+        nowhere, nowhere_image = steps_with_blocks(start=0.6, end=0.4)
+        zero, zero_image = steps_with_blocks(scale=0.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    plain = run(canny_pipe, cfg_scale=1.0)
+    assert nowhere == zero == set() and np.array_equal(nowhere_image, plain) and np.array_equal(zero_image, plain)
+    assert_changes(windowed, plain, by=1.0)
+    assert_changes(windowed, run(canny_pipe, cfg_scale=1.0, controlnet_inputs=[ControlNetInput(image=edges)]), by=1.0)
+
+
+def test_blockwise_inpaint_net_reads_diffsynths_masked_picture_and_soft_keep_mask(tiny_repo, demo_nets):
+    """What the -Inpaint net's img_in reads, against DiffSynth's unit written out on the PIL pictures
+    (apply_controlnet_mask_on_image, VAE encode, apply_controlnet_mask_on_latents, rearrange); the mask repaints."""
+    from pipelines import ControlNetInput, SettingError
+
+    pipe = tiny_pipe(tiny_repo, demo_nets["inpaint"])
+    net = pipe.controlnets[0]
+    assert net.inpaint
+    photo, mask = smooth_picture(2), soft_mask()
+    seen = []
+    handle = net.img_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        image = run(pipe, controlnet_inputs=[ControlNetInput(image=photo, inpaint_mask=mask)])
+    finally:
+        handle.remove()
+
+    def preprocess(picture):  # DiffSynth's preprocess_image: (1, 3, H, W) in [-1, 1]
+        return torch.tensor(np.array(picture.convert("RGB"), np.float32)).permute(2, 0, 1)[None] * (2 / 255) - 1
+
+    blacked = np.array(photo)
+    blacked[preprocess(mask)[0].mean(0).numpy() > 0] = 0
+    with torch.no_grad():
+        latents = pipe.vae.encode(preprocess(Image.fromarray(blacked)))
+    keep = 1 - F.interpolate(((preprocess(mask) + 1) / 2).mean(1, keepdim=True), size=latents.shape[-2:])
+    expected = pack_latents(torch.cat([latents, keep], dim=1))
+    assert len(seen) == 1 and seen[0].shape == expected.shape == (1, 16, 68)  # once a call, not once a step
+    torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-5)
+    assert keep.unique().numel() > 2  # soft values reach the net
+    plain = run(pipe)
+    assert_changes(image, plain)
+    assert_changes(image, run(pipe, controlnet_inputs=[ControlNetInput(image=photo, inpaint_mask=mask.rotate(90))]),
+                   by=1.0)
+    with pytest.raises(SettingError, match="is an inpainting net: give inpaint_mask"):
+        run(pipe, controlnet_inputs=[ControlNetInput(image=photo)])
+
+
+def test_blockwise_and_instantx_nets_loaded_together(tiny_repo, demo_nets, canny_pipe):
+    """ids are the nets' positions among the ControlNet files: each input acts through its own net (the
+    Blockwise input alone gives the image of the Blockwise net loaded alone), both together differ from each,
+    and loading them the other way round with the ids swapped gives the same image."""
+    from pipelines import ControlNetInput, SettingError
+
+    both = tiny_pipe(tiny_repo, demo_nets["instantx"], demo_nets["canny"])
+    swapped = tiny_pipe(tiny_repo, demo_nets["canny"], demo_nets["instantx"])
+    assert [type(n).__name__ for n in both.controlnets] == ["QwenImageControlNet", "QwenImageBlockwiseControlNet"]
+    assert set(both.sources) >= {"controlnets.0", "controlnets.1"}
+    edges, depth = controlnet_tiny.control_picture(64), smooth_picture(4)
+    blockwise_input = ControlNetInput(controlnet_id=1, image=edges, scale=0.8)
+    instantx_input = ControlNetInput(controlnet_id=0, image=depth, scale=0.9)
+    blockwise_only = run(both, controlnet_inputs=[blockwise_input])
+    assert np.array_equal(blockwise_only, run(canny_pipe, controlnet_inputs=[
+        ControlNetInput(image=edges, scale=0.8)]))
+    instantx_only = run(both, controlnet_inputs=[instantx_input])
+    together = run(both, controlnet_inputs=[instantx_input, blockwise_input])
+    assert_changes(together, blockwise_only, by=1.0)
+    assert_changes(together, instantx_only, by=1.0)
+    ids_swapped = [ControlNetInput(controlnet_id=1, image=depth, scale=0.9),
+                   ControlNetInput(controlnet_id=0, image=edges, scale=0.8)]
+    assert np.array_equal(run(swapped, controlnet_inputs=ids_swapped), together)
+    with pytest.raises(SettingError, match=r"ControlNet 1 \(QwenImageBlockwiseControlNet\) takes a control picture"):
+        run(both, controlnet_inputs=[ControlNetInput(controlnet_id=1, image=edges, inpaint_mask=soft_mask())])
+
+
+def test_a_blockwise_net_for_another_dit_is_refused_at_load_naming_both_files(tiny_repo, tmp_path):
+    shapes = layout(False, DIT.num_layers + 1, DIT.inner_dim)
+    folder, _ = write_checkpoint(tmp_path / "three_blocks", shapes, 0)
+    with pytest.raises(ValueError, match=r"does not fit the DiT .*64 wide with 3 blocks, the DiT 64 wide with 2") as e:
+        tiny_pipe(tiny_repo, folder)
+    assert str(folder) in str(e.value) and str(tiny_repo / "transformer") in str(e.value)
+
+
+def test_vram_managed_blockwise_net_computes_on_the_dit_stage_exactly(tiny_repo, demo_nets, tmp_path):
+    """conf/vram's fp8 preset (as on a CPU run) on the DiT and the Blockwise net: the image is bit for bit the
+    unmanaged pipeline's on the weights rounded as the storage rounds them (tests/test_vram.py's oracle), and the
+    net computes while the DiT's stage is onloaded, offloaded after."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pipelines import ControlNetInput
+    from pipelines.core import vram
+    from pipelines.qwen_image import ModelConfig, QwenImagePipeline
+    from tests.test_vram import PRESETS, round_as_stored
+
+    keys, limit, storage = PRESETS["fp8"]
+
+    def rounded(path, target):
+        shutil.copytree(path, target) if path.is_dir() else shutil.copyfile(path, target)
+        for file in [target] if target.is_file() else target.glob("*.safetensors"):
+            state = load_file(str(file))
+            save_file({k: round_as_stored(v, storage) for k, v in state.items()}, str(file), metadata={"format": "pt"})
+        return target
+
+    common = [ModelConfig(path=tiny_repo / "text_encoder"), ModelConfig(path=tiny_repo / "vae")]
+    tokenizer = ModelConfig(path=tiny_repo / "tokenizer")
+    oracle = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", tokenizer_config=tokenizer, model_configs=[
+            ModelConfig(path=rounded(tiny_repo / "transformer", tmp_path / "dit")), *common,
+            ModelConfig(path=rounded(demo_nets["canny"], tmp_path / "canny.safetensors"))])
+    managed = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", tokenizer_config=tokenizer, vram_limit=limit, model_configs=[
+            ModelConfig(path=tiny_repo / "transformer", **keys), *common, ModelConfig(path=demo_nets["canny"], **keys)])
+    assert set(managed.vram) == {"dit", "controlnets.0"}
+    states = []
+    managed.controlnets[0].controlnet_blocks[1].register_forward_pre_hook(
+        lambda module, args: states.append((managed.vram["dit"].state, managed.vram["controlnets.0"].state)))
+    inputs = [ControlNetInput(image=controlnet_tiny.control_picture(64), scale=0.8)]
+    image = run(managed, controlnet_inputs=inputs)
+    assert states and set(states) == {(vram.ONLOAD, vram.ONLOAD)}
+    assert managed.vram["controlnets.0"].state == vram.OFFLOAD
+    expected = run(oracle, controlnet_inputs=inputs)
+    assert np.array_equal(image, expected)
+    assert_changes(expected, run(oracle), by=1.0)

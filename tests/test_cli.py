@@ -33,7 +33,7 @@ def test_help_says_what_the_runner_does_without_loading_hydra_torch_or_mlflow(tm
     assert proc.returncode == 0, proc.stderr
     assert out.rstrip().endswith("LOADED [] 0")  # nothing heavy imported, exit status 0
     assert "generate images" in out and "python -m runner -m" in out
-    for group in ("model", "vram", "sampler", "lora", "tracking"):  # every group with every option, from conf/
+    for group in ("model", "vram", "sampler", "lora", "tracking", "controlnet"):  # every option, from conf/
         options = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
         listed = re.split(r"\n  (?=\S)", out.split(f"  {group}:", 1)[1])[0]
         assert all(o in listed for o in options), (group, options, listed)
@@ -42,6 +42,7 @@ def test_help_says_what_the_runner_does_without_loading_hydra_torch_or_mlflow(tm
     assert "seed=null draws a random seed" in out and "--hydra-help" in out
     assert "mlflow ui --backend-store-uri sqlite:///outputs/mlflow/mlflow.db" in out
     assert "lora=tiny_demo lora.alpha=0,0.5,1 seed=0,1" in out  # the sweep the README shows
+    assert "controlnet=tiny_demo" in out  # the ControlNet demo the README shows
 
 
 def test_a_misspelt_key_without_plus_gets_did_you_mean_and_creates_nothing(tmp_path):

@@ -3,12 +3,14 @@ fail before any weight is loaded, naming the config path."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+from PIL import Image
 
 from runner.build import pipeline as build
 from runner.build.arguments import preflight
@@ -20,7 +22,8 @@ from runner.errors import ConfigError
 register_configs()
 build.register_resolvers()  # ${built_file:...} (conf/lora/tiny_demo.yaml)
 
-GROUPS = ("model", "vram", "lora", "sampler", "tracking")
+GROUPS = ("model", "vram", "lora", "sampler", "tracking", "controlnet")
+PICTURE = str(Path(__file__).resolve().parent.parent / "pipelines" / "demo" / "pictures" / "a.png")
 
 
 def options(group: str) -> list[str]:
@@ -43,19 +46,51 @@ def test_the_tree_has_the_groups_and_presets_of_the_issue():
     assert {"none", "artaug", "file", "stack"} <= set(options("lora"))
     assert {"default", "lightning"} <= set(options("sampler"))
     assert set(options("tracking")) == {"mlflow", "none"}
+    assert set(options("controlnet")) == {"none", "union", "inpainting", "blockwise_canny", "blockwise_depth",
+                                          "blockwise_inpaint", "tiny_demo"}
+
+
+def test_controlnet_presets_name_the_published_nets_and_become_call_arguments(hydra_ctx):
+    """Hub ids of the issue (ModelScope unless the model says otherwise); the conditions become the
+    pipeline's `controlnet_inputs` (pipelines.ControlNetInput), the files more ModelConfigs of the model."""
+    from pipelines import ControlNetInput
+
+    expected = {"union": "InstantX/Qwen-Image-ControlNet-Union",
+                "inpainting": "InstantX/Qwen-Image-ControlNet-Inpainting",
+                "blockwise_canny": "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Canny",
+                "blockwise_depth": "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Depth",
+                "blockwise_inpaint": "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Inpaint"}
+    for option, model_id in expected.items():
+        c = spec_of(f"controlnet={option}").controlnet
+        assert [f.model_id for f in c.files] == [model_id] and c.download_source is None
+    spec = spec_of("controlnet=blockwise_inpaint", f"controlnet.image={PICTURE}", f"controlnet.mask={PICTURE}",
+                   "controlnet.scale=0.7", "controlnet.end=0.2",
+                   f"controlnet.inputs=[{{image:'{PICTURE}',start:0.5}}]")
+    validate(spec)
+    arguments = preflight(spec)
+    assert arguments["controlnet_inputs"] == [
+        ControlNetInput(image=PICTURE, inpaint_mask=PICTURE, scale=0.7, end=0.2),
+        ControlNetInput(image=PICTURE, start=0.5)]
+    configs, _, _ = build.model_configs(spec, build.resolve_runtime(spec))
+    assert [c.model_id for c in configs][-1] == "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Inpaint"
+    assert len(configs) == len(spec.model.files) + 1
+    assert spec_of("controlnet=none").controlnet.conditions() == []
+    assert "controlnet_inputs" not in preflight(spec_of("controlnet=none"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_preset_composes_into_a_typed_spec(hydra_ctx, group, option):
     extra = ["lora.path=" + __file__] if (group, option) == ("lora", "file") else []
+    if group == "controlnet" and option not in ("none", "tiny_demo"):  # the control picture is the user's
+        extra = [f"controlnet.image={PICTURE}"] + ([f"controlnet.mask={PICTURE}"] if "inpaint" in option else [])
     spec = spec_of(f"{group}={option}", *extra)
     assert isinstance(spec, RunSpec)
     node = getattr(spec, group)
     if hasattr(node, "name"):
         assert node.name == option
     validate(spec)
-    if group == "vram":
-        preflight(spec)  # the library manages VRAM: every preset is accepted
+    if group in ("vram", "controlnet"):
+        preflight(spec)  # the library manages VRAM: every preset is accepted; the conditions are its call's
 
 
 def test_defaults(hydra_ctx):
@@ -208,6 +243,11 @@ def test_bad_values_fail_validation_naming_path_and_fix(hydra_ctx, overrides, ke
         # a picture path YAML reads as a number: the library's TypeError, at its key
         (["call.input_image=5"], "call.input_image", "call.input_image='5'"),
         (["call.edit_image=[5]"], "call.edit_image", "Fix: "),
+        # inpainting without a ControlNet: the mask with the picture it repaints
+        ([f"call.inpaint_mask={PICTURE}"], "call.inpaint_mask", "needs input_image"),
+        ([f"call.input_image={PICTURE}", "call.inpaint_mask=/no/mask.png"], "call.inpaint_mask", "no such file"),
+        ([f"call.input_image={PICTURE}", f"call.inpaint_mask={PICTURE}", "call.inpaint_blur_size=2"],
+         "call.inpaint_blur_size", "go together"),
     ],
 )
 def test_call_arguments_are_checked_by_the_pipeline_before_loading(hydra_ctx, overrides, key, needle):
@@ -216,6 +256,69 @@ def test_call_arguments_are_checked_by_the_pipeline_before_loading(hydra_ctx, ov
     with pytest.raises(ConfigError) as err:
         preflight(spec)
     assert err.value.key == key and needle in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,key,needle", [
+    (["controlnet=union"], "controlnet.image", "given no control picture"),
+    (["controlnet=tiny_demo", "controlnet.image=/no/such.png"], "controlnet.image", "/no/such.png"),
+    (["controlnet=tiny_demo", "controlnet.scale=nan"], "controlnet.scale", "finite"),
+    (["controlnet=tiny_demo", "controlnet.start=0.2", "controlnet.end=0.8"], "controlnet", "0 <= end <= start <= 1"),
+    (["controlnet=tiny_demo", f"controlnet.inputs=[{{image:'{PICTURE}',controlnet_id:1}}]"],
+     "controlnet.inputs.0.controlnet_id", "1 are loaded"),
+    (["controlnet=tiny_demo", f"controlnet.inputs=[{{image:'{PICTURE}'}},{{image:'{PICTURE}',mask:/no/m.png}}]"],
+     "controlnet.inputs.1.mask", "/no/m.png"),
+    (["controlnet=tiny_demo", "controlnet.inputs=[{scale:0.5}]"], "controlnet.inputs.0", "has no picture"),
+    ([f"controlnet.image={PICTURE}"], "controlnet.image", "no ControlNet is loaded"),
+    (["controlnet=tiny_demo", f"+call.controlnet_inputs=[{PICTURE}]"], "call.controlnet_inputs", "controlnet.image"),
+    (["controlnet=tiny_demo", "controlnet.files.0.path=/no/net.safetensors"], "controlnet.files.0.path",
+     "no such file"),
+    (["controlnet=union", f"controlnet.image={PICTURE}", "controlnet.files.0.model_id=../x"],
+     "controlnet.files.0.model_id", ".."),
+])
+def test_controlnet_settings_are_refused_at_their_key_before_loading(hydra_ctx, overrides, key, needle):
+    with pytest.raises(ConfigError) as err:
+        spec = spec_of("model=qwen_image_tiny", *overrides)
+        validate(spec)
+        preflight(spec)
+    assert err.value.key == key and needle in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_the_pipeline_cache_and_job_identity_follow_the_controlnet(hydra_ctx, tmp_path, monkeypatch):
+    """Another ControlNet preset is another loaded pipeline; another scale or picture is the same one.
+    The control picture is hashed into the job's identity: rewritten in place, the job is another."""
+    from runner.execution import job
+    from runner.execution.warm import folder as warm
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path / "models"))
+    picture = tmp_path / "edges.png"
+    shutil.copyfile(PICTURE, picture)
+
+    def key(*overrides):
+        spec = spec_of("model=qwen_image_tiny", *overrides)
+        return build.cache_key(spec, build.resolve_runtime(spec))
+
+    demo = key("controlnet=tiny_demo")
+    assert demo == key("controlnet=tiny_demo", "controlnet.scale=0.3", f"controlnet.image={picture}")
+    assert demo != key("controlnet=none") != key("controlnet=blockwise_canny", f"controlnet.image={picture}")
+    assert key("controlnet=blockwise_canny", f"controlnet.image={picture}") != key(
+        "controlnet=blockwise_depth", f"controlnet.image={picture}")
+
+    def identity(*overrides):
+        cfg = compose("config", overrides=["model=qwen_image_tiny", "device=cpu", "controlnet=tiny_demo",
+                                           f"controlnet.image={picture}", f"tracking.store_dir={tmp_path / 'store'}",
+                                           *overrides])
+        plan = job.prepare(cfg)
+        return plan.config_hash, job.file_identity(plan.spec, preflight(plan.spec))["sha256"], warm.identity(plan)
+
+    before, hashed, worker = identity()
+    assert set(hashed) == {"controlnet.image"}
+    both = identity(f"+call.input_image={PICTURE}", f"+call.inpaint_mask={picture}", "call.denoising_strength=0.9")
+    assert set(both[1]) == {"controlnet.image", "call.input_image", "call.inpaint_mask"}  # an inpainting mask too
+    Image.open(PICTURE).rotate(90).save(picture)
+    after, rehashed, same_worker = identity("controlnet.scale=0.5")
+    assert after != before and rehashed["controlnet.image"] != hashed["controlnet.image"]
+    assert same_worker.digest == worker.digest  # a warm worker keeps the pipeline for another picture or scale
+    assert identity("controlnet=blockwise_canny")[2].digest != worker.digest
 
 
 def test_vram_none_passes_preflight(hydra_ctx):
@@ -346,10 +449,13 @@ COMPOSED_SWEEPS = [  # each job's overrides, as the sweeper expands them
      ["sampler=default", "sampler.steps=3", "+call.tiled=true"],
      ["sampler=tiny", "sampler.steps=4", "call={}"]],
     [["vram=disk", "hydra.job.name=a", "prompt=a cat"], ["vram=none", "hydra.job.name=b", "prompt='a, dog'"]],
+    [["controlnet=tiny_demo", "controlnet.scale=0"], ["controlnet=tiny_demo", "controlnet.scale=1"],
+     ["controlnet=none", "seed=1"]],
 ]
 
 
-@pytest.mark.parametrize("jobs", COMPOSED_SWEEPS, ids=["values", "groups+values", "added keys", "hydra keys"])
+@pytest.mark.parametrize("jobs", COMPOSED_SWEEPS, ids=["values", "groups+values", "added keys", "hydra keys",
+                                                   "controlnet"])
 def test_the_sweep_composer_gives_each_job_hydras_own_composition(hydra_ctx, jobs):
     """The runner composes a job whose config groups an earlier job had by applying its values
     to a copy: every job's whole config (hydra node included) equals Hydra's composition."""
@@ -365,6 +471,6 @@ def test_the_sweep_composer_gives_each_job_hydras_own_composition(hydra_ctx, job
         ours = OmegaConf.to_container(composer(overrides), resolve=False)
         hydras = OmegaConf.to_container(loader.load_sweep_config(master, overrides), resolve=False)
         assert ours == hydras, overrides
-    groups = {tuple(o for o in job if o.split("=")[0].lstrip("+") in ("model", "lora", "sampler", "vram")
+    groups = {tuple(o for o in job if o.split("=")[0].lstrip("+") in ("model", "lora", "sampler", "vram", "controlnet")
                     or o.startswith("hydra.")) for job in jobs}
     assert len(composer.bases) == len(groups)  # Hydra composed once per combination of groups

@@ -98,6 +98,17 @@ class BlockwiseControlNetParams:
     def inpaint(self) -> bool:
         return self.additional_in_dim == INPAINT_CHANNELS
 
+    @property
+    def inner_dim(self) -> int:
+        """The width of the DiT image stream the net adds to."""
+        return self.dim
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels per token of what `condition` reads: the packed latents, and the packed
+        keep-mask for the inpaint variant."""
+        return self.in_dim + self.additional_in_dim
+
 
 class ControlRMSNorm(nn.Module):
     """DiffSynth's RMSNorm: x / rms(x) with the statistic in float32, rounded to x's dtype, then

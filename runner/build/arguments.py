@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config.schema import RUN_ARGUMENTS, SAMPLER_ARGUMENTS, RunSpec
+from ..config.schema import CONTROL_ARGUMENT, CONTROL_FIELDS, RUN_ARGUMENTS, SAMPLER_ARGUMENTS, RunSpec
 from ..errors import ConfigError
 from .pipeline import pipeline_class
 
@@ -30,10 +30,25 @@ def preflight(spec: RunSpec, seed: Optional[int] = None) -> dict[str, Any]:
     try:
         cls.check_arguments(arguments)
     except ARGUMENT_ERRORS as error:  # the library's checks: SettingError, a picture that cannot be read, ...
-        name = argument_named(str(error), arguments)
-        key = config_key(name) if name else "call"
-        raise ConfigError(key, str(error).strip().rstrip("."), _argument_fix(error, key, arguments.get(name))) from None
+        raise refusal(spec, error, arguments) from None
     return arguments
+
+
+def refusal(spec: RunSpec, error: Exception, arguments: dict[str, Any]) -> ConfigError:
+    """The pipeline's refusal of an argument as a ConfigError at the config key that set it (a
+    ControlNet condition's field at `controlnet.image`, `controlnet.inputs.1.scale`, ...)."""
+    message = str(error).strip().rstrip(".")
+    name = argument_named(message, arguments)
+    key = config_key(name) if name else "call"
+    value = arguments.get(name)
+    control = re.search(rf"\b{CONTROL_ARGUMENT}\[(\d+)\](?:\.(\w+))?", message) if name == CONTROL_ARGUMENT else None
+    conditions = spec.controlnet.conditions()
+    if control and int(control.group(1)) < len(conditions):  # `controlnet_inputs[1].scale` -> its condition's key
+        where, condition = conditions[int(control.group(1))]
+        field = {argument: k for k, argument in CONTROL_FIELDS.items()}.get(control.group(2) or "")
+        key = f"{where}.{field}" if field else where
+        value = getattr(condition, field) if field else None
+    return ConfigError(key, message, _argument_fix(error, key, value))
 
 
 # what a pipeline's `check_arguments` raises for a value a user gave (a SettingError is a ValueError)
@@ -67,12 +82,33 @@ def call_arguments(spec: RunSpec, cls: Any, seed: Optional[int] = None) -> dict[
             owner = next((f"sampler.{k}" for k, n in SAMPLER_ARGUMENTS.items() if n == name), name)
             raise ConfigError(f"call.{name}", f"{name} is set by `{owner}`", f"use {owner}=... instead")
         arguments[name] = value
+    _add_controls(spec, cls, parameters, arguments)
     missing = [name for name in arguments if name not in parameters]
     if missing:
         name = missing[0]
         raise ConfigError(config_key(name), f"{cls.__name__} takes no argument {name!r}",
                           _closest_key(name, parameters))
     return arguments
+
+
+def _add_controls(spec: RunSpec, cls: Any, parameters: Any, arguments: dict[str, Any]) -> None:
+    """The `controlnet` group's conditions as the call's `controlnet_inputs`: one
+    pipelines.ControlNetInput each (their pictures as paths: the pipeline reads them)."""
+    conditions = spec.controlnet.conditions()
+    if not conditions:
+        return
+    if CONTROL_ARGUMENT not in parameters:
+        raise ConfigError("controlnet", f"{cls.__name__} takes no ControlNet ({CONTROL_ARGUMENT})",
+                          f"use controlnet=none with model={spec.model.name}")
+    taken = [name for name in spec.call if name.endswith(CONTROL_ARGUMENT)]  # DiffSynth's other name too
+    if taken:
+        raise ConfigError(f"call.{taken[0]}", "the ControlNet conditions are set by the `controlnet` group",
+                          "give them as controlnet.image=... or controlnet.inputs=[...] instead")
+    from pipelines import ControlNetInput
+
+    arguments[CONTROL_ARGUMENT] = [
+        ControlNetInput(**{argument: getattr(item, key) for key, argument in CONTROL_FIELDS.items()})
+        for _, item in conditions]
 
 
 def _closest_key(name: str, parameters: Any) -> str:
@@ -117,13 +153,29 @@ def argument_named(message: str, arguments: dict[str, Any]) -> Optional[str]:
 
 def read_files(spec: RunSpec, arguments: dict[str, Any]) -> dict[str, Path]:
     """The local files a job reads that its config names by path, by config path: each LoRA's
-    `path` (`lora.path`, `lora.stack.NAME.path`) and each picture of the pipeline's image
-    arguments (`call.input_image`, `call.edit_image[1]`). Relative paths are this process's."""
+    `path` (`lora.path`, `lora.stack.NAME.path`) and each picture of the call (`call.input_image`,
+    `call.edit_image[1]`, `controlnet.image`, `controlnet.inputs.1.mask`). Relative paths are
+    this process's."""
     files = {f"{where}.path": Path(item.path) for _, where, item in spec.lora.items() if item.path is not None}
+    files.update({key: path for _, _, key, path in pictures(spec, arguments)})
+    return files
+
+
+def pictures(spec: RunSpec, arguments: dict[str, Any]) -> list[tuple[str, int, str, Path]]:
+    """The picture files the call reads, as (argument, index, config key, path): the pipeline's
+    image arguments given as paths (`edit_image`, 1, `call.edit_image[1]`), and each ControlNet
+    condition's pictures (`controlnet_inputs.image`, 0, `controlnet.image`): the argument names
+    a field of the i-th ControlNetInput."""
+    found = []
     for arg in getattr(pipeline_class(spec), "image_arguments", ()):
         value = arguments.get(arg)
         many = isinstance(value, (list, tuple))
-        for i, v in enumerate(value if many else [value]):
-            if isinstance(v, (str, Path)):
-                files[config_key(arg) + (f"[{i}]" if many else "")] = Path(v)
-    return files
+        found += [(arg, i, config_key(arg) + (f"[{i}]" if many else ""), Path(v))
+                  for i, v in enumerate(value if many else [value]) if isinstance(v, (str, Path))]
+    controls = arguments.get(CONTROL_ARGUMENT) or []
+    for i, (where, _) in enumerate(spec.controlnet.conditions()[:len(controls)]):
+        for key, argument in CONTROL_FIELDS.items():
+            value = getattr(controls[i], argument, None)
+            if isinstance(value, (str, Path)):
+                found.append((f"{CONTROL_ARGUMENT}.{argument}", i, f"{where}.{key}", Path(value)))
+    return found

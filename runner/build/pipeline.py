@@ -111,28 +111,41 @@ def _vram_value(key: str, value: Optional[str], rt: Runtime):
     return value
 
 
-def model_configs(spec: RunSpec, rt: Runtime) -> tuple[list, Any, Any]:
-    """The ModelConfigs of the model files (with the VRAM keys), the tokenizer and the processor."""
+def file_config(f: FileSpec, download_source: Optional[str], skip_download: Optional[bool],
+                vram: Optional[dict[str, Any]] = None) -> Any:
+    """One ModelConfig: a hub id + pattern or a local path, where to fetch it from, the VRAM keys."""
     from pipelines import ModelConfig
 
+    kwargs: dict[str, Any] = dict(download_source=download_source, skip_download=skip_download)
+    if f.path is not None:
+        kwargs["path"] = list(f.path) if isinstance(f.path, (list, tuple)) else f.path
+    else:
+        kwargs.update(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern)
+    return ModelConfig(**kwargs, **(vram or {}))
+
+
+def model_configs(spec: RunSpec, rt: Runtime) -> tuple[list, Any, Any]:
+    """The ModelConfigs of the model files and then the ControlNet files (each with the VRAM
+    keys: the pipeline recognises which is which), the tokenizer and the processor."""
     vram = {k: _vram_value(k, getattr(spec.vram, k), rt) for k in VRAM_KEYS}
     vram = {k: v for k, v in vram.items() if v is not None}
-
-    def make(f: FileSpec, with_vram: bool) -> Any:
-        kwargs: dict[str, Any] = dict(download_source=spec.model.download_source,
-                                      skip_download=spec.model.skip_download)
-        if f.path is not None:
-            kwargs["path"] = list(f.path) if isinstance(f.path, (list, tuple)) else f.path
-        else:
-            kwargs.update(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern)
-        if with_vram:
-            kwargs.update(vram)
-        return ModelConfig(**kwargs)
-
-    configs = [make(f, True) for f in spec.model.files]
-    tokenizer = make(spec.model.tokenizer, False) if spec.model.tokenizer else None
-    processor = make(spec.model.processor, False) if spec.model.processor else None
+    m, c = spec.model, spec.controlnet
+    configs = [file_config(f, m.download_source, m.skip_download, vram) for f in m.files]
+    source = c.download_source if c.download_source is not None else m.download_source
+    skip = c.skip_download if c.skip_download is not None else m.skip_download
+    configs += [file_config(f, source, skip, vram) for f in c.files]
+    tokenizer = file_config(m.tokenizer, m.download_source, m.skip_download) if m.tokenizer else None
+    processor = file_config(m.processor, m.download_source, m.skip_download) if m.processor else None
     return configs, tokenizer, processor
+
+
+def loaded_files(spec: RunSpec) -> dict[str, Any]:
+    """What the loaded pipeline is made of, beside the VRAM preset, dtype and device: the model
+    and the ControlNet files (not a ControlNet's pictures or scale: those are call arguments)."""
+    c = spec.controlnet
+    return {"model": dataclasses.asdict(spec.model),
+            "controlnet": {"files": [dataclasses.asdict(f) for f in c.files], "download_source": c.download_source,
+                           "skip_download": c.skip_download}}
 
 
 def ensure_built(spec: RunSpec) -> None:
@@ -159,9 +172,10 @@ def ensure_built(spec: RunSpec) -> None:
 
 
 def cache_key(spec: RunSpec, rt: Runtime) -> str:
+    """The loaded pipeline's identity: another model, ControlNet preset, VRAM preset, dtype or
+    device is another pipeline; a ControlNet's scale or picture, a seed or a LoRA is not."""
     return json.dumps(
-        {"model": dataclasses.asdict(spec.model), "vram": dataclasses.asdict(spec.vram), "dtype": rt.dtype,
-         "device": rt.device},
+        {**loaded_files(spec), "vram": dataclasses.asdict(spec.vram), "dtype": rt.dtype, "device": rt.device},
         sort_keys=True,
         default=str,
     )
@@ -179,7 +193,8 @@ def get_pipeline(spec: RunSpec, rt: Runtime) -> tuple[LoadedPipeline, float]:
     ensure_built(spec)
     cls = pipeline_class(spec)
     configs, tokenizer, processor = model_configs(spec, rt)
-    logger.info("Loading %s on %s in %s", spec.model.name, rt.device, rt.dtype)
+    what = spec.model.name + (f" with the ControlNet {spec.controlnet.name}" if spec.controlnet.files else "")
+    logger.info("Loading %s on %s in %s", what, rt.device, rt.dtype)
     pipe = cls.from_pretrained(
         torch_dtype=_torch_dtype(rt.dtype),
         device=rt.device,
@@ -190,7 +205,7 @@ def get_pipeline(spec: RunSpec, rt: Runtime) -> tuple[LoadedPipeline, float]:
     )
     load_s = time.perf_counter() - started
     LOAD_COUNT += 1
-    logger.info("Loaded %s in %.2f s", spec.model.name, load_s)
+    logger.info("Loaded %s in %.2f s", what, load_s)
     entry = LoadedPipeline(key=key, pipe=pipe, model_configs=configs,
                            other_configs=[c for c in (tokenizer, processor) if c is not None], load_s=load_s)
     _CACHE[key] = entry
@@ -256,11 +271,12 @@ def file_locations(spec: RunSpec) -> dict[str, str]:
     found: dict[str, str] = {}
     named = [(f"model.files[{i}]", f) for i, f in enumerate(spec.model.files)]
     named += [(f"model.{k}", getattr(spec.model, k)) for k in ("tokenizer", "processor")]
+    named += [(f"controlnet.files[{i}]", f) for i, f in enumerate(spec.controlnet.files)]
     named += [(where, item) for _, where, item in spec.lora.items() if item.path is None]
     for where, f in named:
         if f is None:
             continue
-        if getattr(f, "path", None) is not None and where.startswith("model."):
+        if getattr(f, "path", None) is not None and where.startswith(("model.", "controlnet.")):
             paths = f.path if isinstance(f.path, (list, tuple)) else [f.path]
             found[where] = ", ".join(str(Path(p).resolve()) for p in paths)
         elif f.model_id is not None:

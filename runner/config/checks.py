@@ -20,6 +20,8 @@ from pipelines import VRAM_KEYS
 from ..errors import ConfigError
 from .schema import (
     LITERAL_KEYS,
+    ControlNetSpec,
+    FileSpec,
     LoraItem,
     LoraSpec,
     ModelSpec,
@@ -169,6 +171,7 @@ def validate(spec: RunSpec) -> None:
     fix. The pipeline's call arguments are checked by runner.build.arguments.preflight."""
     _check_run(spec)
     _check_model(spec.model)
+    _check_controlnet(spec.controlnet)
     _check_vram(spec.vram)
     _check_loras(spec.lora)
     _check_tracking(spec)
@@ -230,6 +233,12 @@ def _check_model(m: ModelSpec) -> None:
                           "list its checkpoint files in conf/model/<name>.yaml")
     named = [(f"model.files.{i}", f) for i, f in enumerate(m.files)]
     named += [(key, f) for key, f in (("model.tokenizer", m.tokenizer), ("model.processor", m.processor)) if f]
+    _check_files(named)
+    _check_download_source("model.download_source", m.download_source)
+
+
+def _check_files(named: list[tuple[str, FileSpec]]) -> None:
+    """Each file: a hub id + pattern that stay in the models folder, or a local path that is there."""
     for where, f in named:
         _check_repo_paths(where, f.model_id, f.origin_file_pattern)
         if (f.path is None) == (f.model_id is None):
@@ -243,14 +252,39 @@ def _check_model(m: ModelSpec) -> None:
         paths = [f.path] if isinstance(f.path, str) else f.path or []
         for i, path in enumerate(paths):
             _check_local_file(f"{where}.path" + (f".{i}" if isinstance(f.path, list) else ""), path, folder_ok=True)
-    if m.download_source is not None:
+
+
+def _check_download_source(key: str, value: Optional[str]) -> None:
+    if value is not None:
         from pipelines import parse_download_source
 
         try:
-            parse_download_source(m.download_source, "model.download_source")
+            parse_download_source(value, key)
         except ValueError as error:
-            raise ConfigError("model.download_source", str(error).rstrip("."),
-                              "use modelscope or huggingface") from None
+            raise ConfigError(key, str(error).rstrip("."), "use modelscope or huggingface") from None
+
+
+def _check_controlnet(c: ControlNetSpec) -> None:
+    """The ControlNet files as the model's; conditions exactly when nets are loaded, each for one
+    of them. Pictures and numbers are the pipeline's to check (runner.build.arguments.preflight)."""
+    _check_files([(f"controlnet.files.{i}", f) for i, f in enumerate(c.files)])
+    _check_download_source("controlnet.download_source", c.download_source)
+    conditions = c.conditions()
+    if c.files and not conditions:
+        raise ConfigError("controlnet.image", f"the ControlNet preset {c.name!r} is given no control picture",
+                          "set controlnet.image=PATH (and controlnet.mask=PATH for an inpainting net), list "
+                          "conditions in controlnet.inputs=[{image:PATH}], or use controlnet=none")
+    if conditions and not c.files:
+        where = conditions[0][0]
+        raise ConfigError(f"{where}.image" if where == "controlnet" else where,
+                          "a ControlNet condition is given but no ControlNet is loaded (controlnet.files is empty)",
+                          "choose a ControlNet preset (controlnet=union, blockwise_canny, ...; conf/controlnet/), or "
+                          "drop the condition")
+    for where, item in conditions:
+        if not 0 <= item.controlnet_id < len(c.files):
+            raise ConfigError(f"{where}.controlnet_id", f"{item.controlnet_id} names no ControlNet: "
+                              f"{len(c.files)} are loaded (ids are positions in controlnet.files, from 0)",
+                              f"give 0 to {len(c.files) - 1}, or add the ControlNet's file to controlnet.files")
 
 
 def _check_repo_paths(where: str, model_id: Optional[str], pattern: Optional[str]) -> None:

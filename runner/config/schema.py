@@ -126,6 +126,55 @@ class LoraSpec:
         return out
 
 
+# ------------------------------------------------------------------------ controlnet
+
+
+@dataclass
+class ControlInputSpec:
+    """One condition for one loaded ControlNet (the fields of `pipelines.ControlNetInput`)."""
+
+    # the ControlNet's position in `controlnet.files` (0 = the first)
+    controlnet_id: int = 0
+    # the control picture (an edge, depth or pose map), or the picture an inpainting net repaints
+    image: Optional[str] = None
+    scale: float = 1.0
+    # the part of the run it acts in: 1.0 = the first step, 0.0 = the last (start >= end)
+    start: float = 1.0
+    end: float = 0.0
+    # an inpainting net's mask: white = repaint, black = keep (`inpaint_mask`)
+    mask: Optional[str] = None
+    # an inpainting net's picture to repaint, when `image` is not it
+    inpaint_image: Optional[str] = None
+
+
+@dataclass
+class ControlNetSpec(ControlInputSpec):
+    """No ControlNet (`none`), or ControlNet checkpoints: each entry of `files` is one more
+    model file of the pipeline (with the VRAM preset's keys), a condition's `controlnet_id` is
+    its position there. The condition of the first net is given by this node's own keys
+    (`controlnet.image`, `controlnet.scale`, ...; `controlnet_id` as above); more conditions,
+    for any of the nets, in `inputs` (docs/controlnet.md)."""
+
+    name: str = "none"
+    files: List[FileSpec] = field(default_factory=list)
+    # modelscope | huggingface, and true = never ask the hub; null: the model's own setting
+    download_source: Optional[str] = None
+    skip_download: Optional[bool] = None
+    inputs: List[ControlInputSpec] = field(default_factory=list)
+
+    def conditions(self) -> list[tuple[str, ControlInputSpec]]:
+        """The conditions, in order, as (config path, condition): this node's own when it names
+        a picture, then each of `inputs`."""
+        own = [("controlnet", self)] if any(v is not None for v in (self.image, self.mask, self.inpaint_image)) else []
+        return own + [(f"controlnet.inputs.{i}", item) for i, item in enumerate(self.inputs)]
+
+
+# map of a condition's keys onto pipelines.ControlNetInput's fields
+CONTROL_FIELDS = {"controlnet_id": "controlnet_id", "image": "image", "scale": "scale", "start": "start",
+                  "end": "end", "mask": "inpaint_mask", "inpaint_image": "inpaint_image"}
+CONTROL_ARGUMENT = "controlnet_inputs"  # the pipeline call argument the conditions become
+
+
 # -------------------------------------------------------------------------- sampler
 
 
@@ -198,6 +247,7 @@ class RunSpec:
     vram: VramSpec = MISSING
     lora: LoraSpec = MISSING
     sampler: SamplerSpec = MISSING
+    controlnet: ControlNetSpec = field(default_factory=ControlNetSpec)
     tracking: TrackingSpec = MISSING
     report: ReportSpec = field(default_factory=ReportSpec)
     # any other argument of the pipeline's __call__ (`call.input_image=cat.png`,

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import failpoints
 from ..build import pipeline as build
-from ..build.arguments import preflight, read_files
+from ..build.arguments import pictures, preflight, read_files, refusal
 from ..build.loras import apply_loras, forget_lora_state, lora_files, lora_state_key
 from ..config.checks import job_config, to_spec, validate
 from ..config.schema import RunSpec, TrackingBackend
@@ -231,9 +231,9 @@ def _generate(plan: JobPlan, record: JobRecord) -> None:
     _reset_peak_memory(rt.device)
     entry, load_s = build.get_pipeline(spec, rt)
     lora_s = apply_loras(entry, spec)
-    image = build.generate(entry, arguments)
+    image = _call(entry, spec, arguments)
     timings = dict(getattr(entry.pipe, "timings", {}) or {})
-    inputs = _input_pictures(entry, spec, arguments)
+    inputs = _input_pictures(spec, arguments)
     gen = {
         "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": seed,
         "steps": spec.sampler.steps, "cfg_scale": spec.sampler.cfg_scale,
@@ -243,6 +243,8 @@ def _generate(plan: JobPlan, record: JobRecord) -> None:
         "device": rt.device, "inputs": {arg: [{"file": Path(i["path"]).name, "sha256": i["sha256"]} for i in files]
                                         for arg, files in _by_argument(inputs).items()},
     }
+    if spec.controlnet.conditions():
+        gen["controlnet"] = _controlnet_summary(spec)
     path = Path(plan.job_dir) / "image.png"
     png = write_output(path, lambda: save_png(image, path, gen))
     record.metrics = _metrics(timings, spec, load_s, lora_s, started, rt.device)
@@ -345,18 +347,32 @@ def _fingerprints(entry: build.LoadedPipeline, spec: RunSpec) -> dict[str, str]:
     return tags
 
 
-def _input_pictures(entry: build.LoadedPipeline, spec: RunSpec, arguments: dict[str, Any]) -> list[dict[str, Any]]:
-    """The picture files the call read (the pipeline's image arguments given as paths), with
-    their sha256, through the fingerprint cache."""
-    found: list[dict[str, Any]] = []
+def _call(entry: build.LoadedPipeline, spec: RunSpec, arguments: dict[str, Any]) -> Any:
+    """The pipeline call; a setting it refuses only once the models are known (a mask for a
+    ControlNet that takes none) is a ConfigError at the key that set it."""
+    from pipelines import SettingError
+
+    try:
+        return build.generate(entry, arguments)
+    except SettingError as error:
+        raise refusal(spec, error, arguments) from None
+
+
+def _input_pictures(spec: RunSpec, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+    """The picture files the call read (the pipeline's image arguments given as paths, the
+    ControlNet conditions' pictures), with their sha256, through the fingerprint cache."""
     cache = fingerprint_cache(spec)
-    for arg in getattr(entry.pipe, "image_arguments", ()):
-        value = arguments.get(arg)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        paths = [Path(v) for v in values if isinstance(v, (str, Path))]
-        for i, p in enumerate(paths):
-            found.append({"arg": arg, "index": i, "path": str(p.resolve()), "sha256": cache.sha256(p)})
-    return found
+    return [{"arg": arg, "index": i, "path": str(p.resolve()), "sha256": cache.sha256(p)}
+            for arg, i, _, p in pictures(spec, arguments)]
+
+
+def _controlnet_summary(spec: RunSpec) -> dict[str, Any]:
+    """The ControlNet preset and each condition's numbers and picture names (their sha256 are in `inputs`)."""
+    c = spec.controlnet
+    conditions = [{"controlnet_id": item.controlnet_id, "scale": item.scale, "start": item.start, "end": item.end,
+                   **{key: Path(getattr(item, key)).name for key in ("image", "mask", "inpaint_image")
+                      if getattr(item, key) is not None}} for _, item in c.conditions()]
+    return {"name": c.name, "conditions": conditions}
 
 
 def _reset_peak_memory(device: str) -> None:

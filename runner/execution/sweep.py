@@ -6,6 +6,7 @@ loop (`run`), and writes jobs.csv, the grid(s) and report.html and ends the pare
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import logging.config
@@ -24,17 +25,19 @@ from ..config.checks import check_keys
 from ..config.compose import Composer, composition_error, task_overrides
 from ..config.schema import RunSpec, TrackingBackend
 from ..errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, Stop, brief_on_console, output_fix
-from ..files import claim_folder, release_claim
+from ..files import atomic_write, claim_folder, release_claim
 from ..owner import owner_tags
 from ..records import (
     FAILED,
     FINISHED,
+    INPUTS_DIR,
     KILLED,
     OVERRIDES_JSON_TAG,
     RECORD_TAG,
     SKIPPED,
     JobRecord,
     SweepRecord,
+    input_copy_name,
     split_override,
     status_of,
     write_table,
@@ -447,6 +450,7 @@ def finish(status: Optional[str] = None) -> None:
     if recorder is not None:
         recorder.drain()  # every job's run logged: its run and tracked flag are known
     status = status or status_of(records)
+    _keep_inputs(records, sweep.folder)
     files, complete = _sweep_files(sweep, report)
     if not complete and status == FINISHED:
         status = FAILED
@@ -502,6 +506,29 @@ def _sweep_files(sweep: Sweep, report: Any) -> tuple[list[Path], bool]:
             STATE.problems.append("grid and report.html" if name == "report.html" else name)
             complete = False
     return written, complete
+
+
+def _keep_inputs(records: Sequence[JobRecord], folder: Path) -> None:
+    """One copy of each picture the jobs read (a control picture, a mask, an edit picture) in the
+    sweep folder's inputs/, named by its sha256, for the report to show beside the results (the
+    parent run holds them too). A picture changed since its job read it is not copied."""
+    done: set[str] = set()
+    for item in (item for record in records for item in record.inputs):
+        sha, source = item["sha256"], item.get("path")
+        target = folder / INPUTS_DIR / input_copy_name(sha, source or "")
+        if sha in done or not source or target.is_file():
+            continue
+        done.add(sha)
+        try:
+            data = Path(source).read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha:
+                logger.warning("Sweep: %s changed since a job read it: no copy in %s", source, target.parent)
+                continue
+            target.parent.mkdir(exist_ok=True)
+            atomic_write(target, lambda tmp, data=data: tmp.write_bytes(data))
+        except OSError as error:
+            logger.warning("Sweep: cannot keep a copy of %s in %s: %s", source, target.parent,
+                           error.strerror or error)
 
 
 def _finish_report(sweep: Sweep, report: Any) -> list[Path]:

@@ -213,7 +213,7 @@ class Images:
         for longest, quality in missing_jpegs:
             shown = full if max(full.size) <= longest else ImageOps.contain(full, (longest, longest),
                                                                            Image.Resampling.LANCZOS)
-            picture.jpegs[(longest, quality)] = (*_jpeg_uri(shown, quality), shown.width, shown.height)
+            picture.jpegs[(longest, quality)] = (*jpeg_uri(shown, quality), shown.width, shown.height)
         return picture
 
     @staticmethod
@@ -254,7 +254,8 @@ def write_grids(jobs: Sequence[GridJob], out_dir: Path, axes: Axes, thumb: int =
     return written
 
 
-def _jpeg_uri(im: Image.Image, quality: int) -> tuple[str, int]:
+def jpeg_uri(im: Image.Image, quality: int) -> tuple[str, int]:
+    """A JPEG data URI of `im`, and its size in bytes."""
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
     data = buf.getvalue()

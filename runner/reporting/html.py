@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from PIL import Image, ImageOps
+
 from ..errors import first_line
-from ..files import atomic_write
-from ..records import METRICS
+from ..files import atomic_write, inside
+from ..records import INPUTS_DIR, METRICS, input_copy_name
 from .axes import Axes, GridPage, axes_name, axis_values, choose_axes, grid_pages, shorten
-from .grid import Images, write_grids
+from .grid import Images, jpeg_uri, write_grids
 from .jobs import OK_STATUSES, GridJob, keys_in_order, number
 from .plots import escape, plots
 
@@ -34,8 +36,9 @@ def _size(n: int) -> str:
 
 def report_html(jobs: Sequence[GridJob], axes: Axes, *, keys: Optional[Sequence[str]] = None, title: str = "",
                 overrides: Sequence[str] = (), thumb: int = 256, full_max: int = 2048, full_quality: int = FULL_QUALITY,
-                images: Optional[Images] = None) -> str:
-    """The whole report as one HTML document."""
+                images: Optional[Images] = None, folder: Optional[Path] = None) -> str:
+    """The whole report as one HTML document; `folder` (the sweep's): the pictures the jobs read
+    are shown from its inputs/ copies."""
     images = images or Images()
     keys = list(keys) if keys is not None else keys_in_order(jobs)
     title = title or "Sweep report"
@@ -47,7 +50,9 @@ def report_html(jobs: Sequence[GridJob], axes: Axes, *, keys: Optional[Sequence[
            '<meta name="viewport" content="width=device-width,initial-scale=1">',
            f"<title>{escape(title)}</title>", '<link rel="icon" href="data:,">',
            f"<style>{_CSS}</style></head>", f'<body style="--t:{thumb}px">']
-    out += _header(jobs, axes, keys, title, overrides)
+    inputs = _inputs_section(jobs, folder, thumb) if folder is not None else []
+    out += _header(jobs, axes, keys, title, overrides, bool(inputs))
+    out += inputs
     note = escape(f". Click an image for its full size. This file embeds {len(embedded.templates)} images: thumbnails "
               f"(JPEG, at most {thumb} px) and full-size copies (JPEG quality {full_quality}, at most {full_max} px), "
               f"{_size(embedded.nbytes)} in all; the lossless PNGs are the jobs' image.png.")
@@ -109,7 +114,7 @@ def _full_max(jobs: Sequence[GridJob], full_max: int) -> int:
 
 
 def _header(jobs: Sequence[GridJob], axes: Axes, keys: Sequence[str], title: str,
-            overrides: Sequence[str]) -> list[str]:
+            overrides: Sequence[str], inputs: bool = False) -> list[str]:
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
@@ -129,8 +134,40 @@ def _header(jobs: Sequence[GridJob], axes: Axes, keys: Sequence[str], title: str
     common = _common_generation(jobs)
     if common:
         out.append('<p class="meta">' + " &nbsp;·&nbsp; ".join(common) + "</p>")
-    out.append('<nav><a href="#grid">Grid</a><a href="#plots">Plots</a><a href="#jobs">Jobs</a></nav></header>')
+    out.append('<nav>' + ('<a href="#inputs">Inputs</a>' if inputs else "")
+               + '<a href="#grid">Grid</a><a href="#plots">Plots</a><a href="#jobs">Jobs</a></nav></header>')
     return out
+
+
+def _inputs_section(jobs: Sequence[GridJob], folder: Path, thumb: int) -> list[str]:
+    """The pictures the jobs read (control pictures, masks, edit pictures; their PNGs' `inputs`),
+    each once with the jobs that read it, from the folder's inputs/ copies (none: no section)."""
+    used: dict[tuple[str, str], tuple[str, list[int]]] = {}  # (argument, sha256) -> (file, jobs)
+    for job in jobs:
+        for arg, items in (job.gen().get("inputs") or {}).items():
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict) and item.get("sha256") and item.get("file"):
+                    used.setdefault((arg, str(item["sha256"])), (str(item["file"]), []))[1].append(job.num)
+    figures = []
+    for (arg, sha), (file, nums) in used.items():
+        path = inside(folder, Path(INPUTS_DIR) / input_copy_name(sha, file))  # None: a link out of the folder
+        if path is None or not path.is_file():
+            continue
+        try:
+            with Image.open(path) as im:
+                shown = ImageOps.contain(im.convert("RGB"), (thumb, thumb), Image.Resampling.LANCZOS)
+        except (OSError, ValueError):  # not a picture (any more)
+            continue
+        uri = jpeg_uri(shown, THUMB_QUALITY)[0]
+        who = "every job" if len(nums) == len(jobs) else "job" + ("s " if len(nums) > 1 else " ") + ", ".join(
+            map(str, nums))
+        caption = f"{arg}: {file} ({who}; sha256 {sha[:12]})"
+        figures.append(f'<figure><img src="{uri}" alt="{escape(caption)}" width="{shown.width}" '
+                       f'height="{shown.height}"><figcaption>{escape(caption)}</figcaption></figure>')
+    if not figures:
+        return []
+    return ['<section id="inputs"><h2>Input pictures</h2><p class="note">The pictures the jobs read: control '
+            'pictures, masks, pictures to edit.</p><div class="inputs">' + "".join(figures) + "</div></section>"]
 
 
 def _common_generation(jobs: Sequence[GridJob]) -> list[str]:
@@ -286,7 +323,8 @@ class PendingReport:
         title = title if title is not None else getattr(jobs, "title", "")
         overrides = overrides if overrides is not None else getattr(jobs, "overrides", [])
         text = report_html(sorted(jobs, key=lambda j: j.num), self.axes, keys=self.keys, title=title or "",
-                           overrides=overrides, thumb=self.thumb, full_max=self.full_max, images=self.images)
+                           overrides=overrides, thumb=self.thumb, full_max=self.full_max, images=self.images,
+                           folder=self.out_dir)
         html_name = f"report_{self.name}.html" if self.name else "report.html"
         page = atomic_write(self.out_dir / html_name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return ReportFiles(page, self.grids)

@@ -5,15 +5,27 @@ files logged back onto the parent run, beside its own.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from ..errors import first_line
-from ..records import METRICS, OVERRIDES_JSON_TAG, RECORD_TAG, JobRecord, split_override, write_table
+from ..files import atomic_write
+from ..records import (
+    INPUTS_DIR,
+    METRICS,
+    OVERRIDES_JSON_TAG,
+    RECORD_TAG,
+    JobRecord,
+    input_copy_name,
+    split_override,
+    write_table,
+)
 from .store import sqlite_path
 
 logger = logging.getLogger("runner")
@@ -61,6 +73,7 @@ def fetch_sweep(tracking_uri: str, parent_run_id: str, dst: Path) -> FetchedSwee
     dst = Path(dst)
     records = [_record(client, child, i, keys, dst) for i, child in enumerate(children)]
     write_table(records, dst / "jobs.csv", keys)
+    _fetch_inputs(client, parent.info.run_id, dst)
     return FetchedSweep(dst, parent.info.run_name or f"Sweep {parent_run_id}", overrides_of(parent.data.tags))
 
 
@@ -98,6 +111,21 @@ def _record(client: Any, child: Any, index: int, keys: Sequence[str], dst: Path)
         logger.warning("report: could not fetch image.png of run %s: %s", child.info.run_id, e)
     record.write(folder / "job.json")
     return record
+
+
+def _fetch_inputs(client: Any, run_id: str, dst: Path) -> None:
+    """The pictures the jobs read, from the parent run's `inputs/`, into `dst/inputs/` named by
+    their sha256 as a sweep keeps them (the report shows them beside the results)."""
+    try:
+        artifacts = [a for a in client.list_artifacts(run_id, INPUTS_DIR) if not a.is_dir]
+        with tempfile.TemporaryDirectory(prefix="runner-inputs-") as tmp:
+            for artifact in artifacts:
+                data = Path(client.download_artifacts(run_id, artifact.path, tmp)).read_bytes()
+                target = dst / INPUTS_DIR / input_copy_name(hashlib.sha256(data).hexdigest(), artifact.path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, lambda path, data=data: path.write_bytes(data))
+    except Exception as e:  # noqa: BLE001 - the page only misses the input pictures
+        logger.warning("report: could not fetch the input pictures of run %s: %s", run_id, first_line(e))
 
 
 def split_overrides(text: str) -> list[str]:

@@ -72,10 +72,13 @@ def log_job(tracker: Tracker, record: JobRecord, run_id: str, parent_id: Optiona
 # the params of a job's run: what a user filters and compares runs by (the run's card and the
 # Compare page stay readable); the whole config is the run's config.yaml artifact
 LOGGED_PARAMS = ("model.name", "prompt", "negative_prompt", "seed", "sampler.name", "sampler.steps",
-                 "sampler.cfg_scale", "sampler.height", "sampler.width", "lora.name", "vram.name", "dtype", "device")
+                 "sampler.cfg_scale", "sampler.height", "sampler.width", "lora.name", "vram.name", "controlnet.name",
+                 "dtype", "device")
 # call arguments, what `auto` resolved to and a drawn seed, the input pictures' sha256
 LOGGED_PREFIXES = ("call.", "runtime.", "inputs.")
 _LORA_PARAM = re.compile(r"lora\.(stack\.[^.]+\.)?(alpha|path|model_id)")  # each LoRA and its strength
+# each ControlNet condition: its net, pictures, strength and window (when a ControlNet is used)
+_CONTROL_PARAM = re.compile(r"controlnet\.(inputs\.\d+\.)?(controlnet_id|image|mask|inpaint_image|scale|start|end)")
 
 
 def logged_params(record: JobRecord) -> dict[str, Any]:
@@ -90,10 +93,13 @@ def logged_params(record: JobRecord) -> dict[str, Any]:
         else:  # a mapping given whole (`call={...}`, `+lora.stack.mine={...}`): its keys
             chosen.update(k for k in params if k.startswith(key + "."))
 
+    controlnet = params.get("controlnet.name") not in (None, "none")
+
     def wanted(key: str, value: Any) -> bool:
         lora = _LORA_PARAM.fullmatch(key)
-        return key in chosen or key.startswith(LOGGED_PREFIXES) or bool(lora and (value is not None
-                                                                                   or lora.group(2) == "alpha"))
+        control = controlnet and value is not None and _CONTROL_PARAM.fullmatch(key) is not None
+        return key in chosen or key.startswith(LOGGED_PREFIXES) or control or bool(
+            lora and (value is not None or lora.group(2) == "alpha"))
 
     return {k: v for k, v in params.items() if wanted(k, v)}
 
