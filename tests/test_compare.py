@@ -20,7 +20,7 @@ from runner.commands import jobs_from_mlflow, report_main
 from runner.records import JobRecord, save_png, write_table
 from runner.reporting.axes import AxisError, choose_axes, grid_pages, shorten
 from runner.reporting.grid import render_page, row_labels
-from runner.reporting.html import report_html, write_report
+from runner.reporting.html import PendingReport, Pictures, report_html, write_report
 from runner.reporting.jobs import GridJob, JobList, jobs_from_records, jobs_from_sweep_dir
 from runner.tracking.fetch import split_overrides
 
@@ -265,6 +265,30 @@ class Collector(HTMLParser):
 
     def attr_values(self, tag, name):
         return [a[name] for t, a in self.tags if t == tag and name in a]
+
+
+def test_pictures_made_as_the_jobs_end_give_the_same_report(tmp_path):
+    """A sweep makes each job's thumbnail and page images as the job ends (Pictures: a background
+    thread, while the next job runs); its report is the one made from the images at the end. A
+    picture not made by then (a job added late, an image that is not there) is made at the end."""
+    sweep = make_sweep_dir(tmp_path, failed={3})
+    jobs = jobs_from_sweep_dir(sweep)
+    plain = write_report(jobs, tmp_path / "plain", thumb=48)
+    late = jobs[5]
+    pictures = Pictures(len(jobs), thumb=48)
+    for job in jobs:
+        if job.ok and job is not late:
+            pictures.add(job.num, str(job.image_path))
+    pictures.add(99, str(tmp_path / "nowhere.png"))
+    images = pictures.made()
+    hidden = tmp_path / "hidden"
+    shutil.move(sweep, hidden)  # the pictures were made before: they need the images no more
+    ours = [j for j in jobs if j.ok]
+    assert all(images.thumb(j, 48) is not None for j in ours if j is not late) and images.thumb(late, 48) is None
+    shutil.move(hidden, sweep)
+    early = PendingReport(jobs, tmp_path / "early", thumb=48, images=images).finish(jobs)
+    assert early.html.read_text(encoding="utf-8") == plain.html.read_text(encoding="utf-8")
+    assert [p.read_bytes() for p in early.grids] == [p.read_bytes() for p in plain.grids]
 
 
 def test_steps_that_do_not_vary_plot_seconds_per_step_per_job():

@@ -474,3 +474,28 @@ def test_the_sweep_composer_gives_each_job_hydras_own_composition(hydra_ctx, job
     groups = {tuple(o for o in job if o.split("=")[0].lstrip("+") in ("model", "lora", "sampler", "vram", "controlnet")
                     or o.startswith("hydra.")) for job in jobs}
     assert len(composer.bases) == len(groups)  # Hydra composed once per combination of groups
+
+
+def test_the_sweep_composer_parses_each_override_once(hydra_ctx, monkeypatch):
+    """Hydra's override parser (~0.5 ms an override) reads each distinct override of a sweep
+    once: the command line's overrides that every job repeats are not parsed again per job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from runner.config.compose import Composer
+
+    parsed = []
+    original = OverridesParser.parse_overrides
+
+    def counted(self, overrides):
+        parsed.extend(overrides)
+        return original(self, overrides)
+
+    master = compose("config", overrides=["hydra.sweep.dir=/tmp/sweep"], return_hydra_config=True)
+    monkeypatch.setattr(OverridesParser, "parse_overrides", counted)
+    composer = Composer(master)
+    shared = ["model=qwen_image_tiny", "sampler=tiny", "sampler.steps=2", "prompt=a fox"]
+    seeds = [f"seed={seed}" for seed in range(4)]
+    configs = [composer([*shared, seed]) for seed in seeds]
+    assert [c.seed for c in configs] == [0, 1, 2, 3]
+    # each once; a group choice once more by Hydra's one composition of the groups
+    assert {o: parsed.count(o) for o in shared + seeds} == {o: 2 if o in shared[:2] else 1 for o in shared + seeds}

@@ -30,6 +30,7 @@ from .schema import (
     TrackingBackend,
     VramSpec,
     dataclass_in,
+    type_hints,
 )
 
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
@@ -41,7 +42,7 @@ def check_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> None:
     schema = schema or OmegaConf.get_type(cfg)
     if not dataclasses.is_dataclass(schema):
         return
-    hints = typing.get_type_hints(schema)
+    hints = type_hints(schema)
     for key in cfg.keys():
         path = f"{prefix}{key}"
         if key not in hints:

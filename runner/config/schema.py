@@ -5,6 +5,7 @@ with its config path (docs/config.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -284,6 +285,13 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=node)
 
 
+@functools.lru_cache(maxsize=None)
+def type_hints(schema: type) -> dict[str, Any]:
+    """A dataclass's field types, evaluated once (typing.get_type_hints evaluates every
+    annotation again on each call: a sweep checks every job's keys against the schema)."""
+    return typing.get_type_hints(schema)
+
+
 def dataclass_in(tp: Any) -> Optional[type]:
     """The dataclass in `tp`, `Optional[tp]`, or None."""
     if dataclasses.is_dataclass(tp):
@@ -302,7 +310,7 @@ def schema_fields(path: str) -> list[str]:
         if entry:
             entry = False
             continue
-        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        hints = type_hints(node) if dataclasses.is_dataclass(node) else {}
         if part not in hints:
             return []
         tp = hints[part]

@@ -44,7 +44,7 @@ from ..records import (
 )
 from ..records import swept_keys as record_swept_keys
 from ..reporting.axes import not_swept_hint
-from ..reporting.html import PendingReport
+from ..reporting.html import PendingReport, Pictures
 from ..reporting.jobs import ReportError, jobs_from_records
 from ..tracking.provenance import provenance_tags
 from ..tracking.store import ui_hint
@@ -76,6 +76,7 @@ class Sweep:
     logging: Optional[dict]  # hydra.job_logging without its file handler
     log_format: Optional[str]
     records: list[JobRecord] = field(default_factory=list)
+    pictures: Optional[Pictures] = None  # the report's pictures, made as the jobs end
 
 
 def launch(config: DictConfig, loader: Any, jobs: Sequence[Sequence[str]], first_num: int,
@@ -152,6 +153,7 @@ def precheck(config: DictConfig, loader: Any, jobs: Sequence[Sequence[str]], fir
     """Compose (with Hydra's config `loader`) and check every job of the sweep before the first one
     loads weights: a Stop naming the job and the key (exit 2) for the first that cannot run."""
     launches = []
+    began = time.perf_counter()
     compose = Composer(config, loader)
     for num, overrides in enumerate((list(o) for o in jobs), start=first_num):
         name = label(overrides, swept, num)
@@ -169,7 +171,8 @@ def precheck(config: DictConfig, loader: Any, jobs: Sequence[Sequence[str]], fir
         except HydraException as error:
             raise Stop(f"job {num} [{name}]: {composition_error(error, overrides)}", EXIT_REFUSED) from None
         launches.append(Launch(plan, subdir, env))
-    logger.info("Checked the configs of the %d jobs (no weights read)", len(jobs))
+    logger.info("Checked the configs of the %d jobs in %.2f s (no weights read)", len(jobs),
+                time.perf_counter() - began)
     return launches
 
 
@@ -179,7 +182,7 @@ def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: P
     recorder = open_recorder(spec)
     resume = one.find_resumable(spec, recorder, [la.plan for la in launches])
     folder = folder.resolve()
-    record = _sweep_record(config, overrides, folder, spec, len(launches))
+    record = _sweep_record(config, overrides, swept, folder, spec, len(launches))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         record.write(folder / "sweep.json")
@@ -196,15 +199,17 @@ def _start(config: DictConfig, overrides: list[str], swept: list[str], folder: P
         logger.info("Sweep %s: MLflow experiment %r in %s", folder, spec.experiment, recorder.uri)
     log_config, log_format = _job_logging(config)
     STATE.sweep = Sweep(record, folder, launches, recorder, resume, spec.report,
-                        str(config.hydra.job.name), log_config, log_format)
+                        str(config.hydra.job.name), log_config, log_format,
+                        pictures=Pictures(len(launches), thumb=spec.report.thumb))
     return STATE.sweep
 
 
-def sweep_name(overrides: list[str], folder: Path) -> str:
+def sweep_name(overrides: list[str], folder: Path, keys: Optional[Sequence[str]] = None) -> str:
     """The parent run's name: the sweep folder's time (unique; the date is the run's start) first,
     so a narrow column still tells sweeps apart, then the swept overrides:
-    `sweep 14-03-22 lora.alpha=0,0.5,1 seed=0,1`."""
-    swept = " ".join(o for o in overrides if override_key(o) in sweep_keys(overrides))
+    `sweep 14-03-22 lora.alpha=0,0.5,1 seed=0,1`. `keys`: the swept keys (sweep_keys), when known."""
+    keys = set(sweep_keys(overrides) if keys is None else keys)
+    swept = " ".join(o for o in overrides if override_key(o) in keys)
     if len(swept) > 60:
         swept = swept[:59] + "…"
     return " ".join(p for p in ("sweep", folder.name, swept) if p)
@@ -219,14 +224,15 @@ def check_report_axes(report: Any, swept: list[str]) -> None:
                                       not_swept_hint(key, swept) + " (or none)"))
 
 
-def _sweep_record(config: DictConfig, overrides: list[str], folder: Path, spec: RunSpec, jobs: int) -> SweepRecord:
+def _sweep_record(config: DictConfig, overrides: list[str], swept: list[str], folder: Path, spec: RunSpec,
+                  jobs: int) -> SweepRecord:
     tags = {"runner.kind": "sweep", "runner.sweep_dir": str(folder), "runner.overrides": " ".join(overrides),
             OVERRIDES_JSON_TAG: json.dumps(overrides)}  # the list itself: a value may hold ` key=value`
     tags.update({k: v for k, v in provenance_tags("cpu").items() if not k.startswith("device.")})
     record = SweepRecord(sweep_dir=str(folder), overrides=overrides, experiment=spec.experiment,
                          tracking=job.tracking_of(spec), jobs=jobs, started=time.time(), owner=owner_tags(),
                          params={override_key(o): o.partition("=")[2] for o in overrides},
-                         name=config.get("run_name") or sweep_name(overrides, folder))
+                         name=config.get("run_name") or sweep_name(overrides, folder, swept))
     record.tags = tags | {RECORD_TAG: record.sweep_id}
     record.tracked = None if spec.tracking.backend is TrackingBackend.none else False
     return record
@@ -354,6 +360,8 @@ def _recorded(sweep: Sweep, record: JobRecord) -> None:
     if sweep.recorder is not None and record.status != SKIPPED:  # a skipped job's run exists already
         sweep.recorder.job_done(record)
     sweep.records.append(record)
+    if sweep.pictures is not None and record.status in (FINISHED, SKIPPED):  # while the next job runs
+        sweep.pictures.add(record.num, record.image_path)
 
 
 def _done(sweep: Sweep, record: JobRecord) -> None:
@@ -481,8 +489,10 @@ def _start_report(sweep: Sweep) -> Any:
         return None
     jobs = jobs_from_records(sweep.records, sweep.record.overrides, sweep.record.name)
     report = sweep.report
+    images = sweep.pictures.made() if sweep.pictures is not None else None
     try:
-        return PendingReport(jobs, sweep.folder, x=report.x, y=report.y, z=report.z, thumb=report.thumb)
+        return PendingReport(jobs, sweep.folder, x=report.x, y=report.y, z=report.z, thumb=report.thumb,
+                             images=images)
     except Exception as error:  # noqa: BLE001 - the parent run must still be ended
         return error
 

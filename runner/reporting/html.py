@@ -5,6 +5,7 @@ sweep's `PendingReport` draws the grid first); its style and script are report.c
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -109,8 +110,11 @@ def _page_jpegs(thumb: int, full_max: int, full_quality: int) -> list[tuple[int,
 
 def _full_max(jobs: Sequence[GridJob], full_max: int) -> int:
     """The full-size copies' longest side: all of them stay within FULL_PIXELS (about 50 MB of JPEG)."""
-    n_ok = sum(1 for j in jobs if j.ok)
-    return min(full_max, max(512, int(math.sqrt(FULL_PIXELS / max(1, n_ok)))))
+    return _full_max_of(sum(1 for j in jobs if j.ok), full_max)
+
+
+def _full_max_of(n_images: int, full_max: int) -> int:
+    return min(full_max, max(512, int(math.sqrt(FULL_PIXELS / max(1, n_images)))))
 
 
 def _header(jobs: Sequence[GridJob], axes: Axes, keys: Sequence[str], title: str,
@@ -306,13 +310,14 @@ class PendingReport:
 
     def __init__(self, jobs: Sequence[GridJob], out_dir: Path, *, keys: Optional[Sequence[str]] = None,
                  x: Optional[str] = None, y: Optional[str] = None, z: Optional[str] = None, thumb: int = 256,
-                 full_max: int = 2048, by_axes: bool = False) -> None:
+                 full_max: int = 2048, by_axes: bool = False, images: Optional[Images] = None) -> None:
+        """`images`: the pictures made so far (a sweep's `Pictures`); what they lack is made here."""
         self.keys = list(keys) if keys is not None else getattr(jobs, "keys", None)
         self.out_dir, self.thumb, self.full_max = Path(out_dir), thumb, full_max
         jobs = sorted(jobs, key=lambda j: j.num)
         self.axes = choose_axes(jobs, self.keys, x, y, z)
         self.name = axes_name(self.axes) if by_axes else ""
-        self.images = Images()
+        self.images = images or Images()
         self.images.prepare(jobs, thumbs=[(thumb, True)],
                             jpegs=_page_jpegs(thumb, _full_max(jobs, full_max), FULL_QUALITY))
         self.grids = write_grids(jobs, self.out_dir, self.axes, thumb, self.images,
@@ -328,3 +333,34 @@ class PendingReport:
         html_name = f"report_{self.name}.html" if self.name else "report.html"
         page = atomic_write(self.out_dir / html_name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return ReportFiles(page, self.grids)
+
+
+class Pictures:
+    """A sweep's report pictures, made while its jobs run: as each job ends (`add`), its image is
+    decoded once on a background thread into the grid's thumbnail and the page's JPEGs (Pillow's
+    codecs release the GIL; on a GPU machine the CPU is otherwise idle meanwhile), so that the
+    sweep's end only lays out the grid and the page. `made()` waits for them; a picture that
+    could not be made here, or with other sizes (fewer images than planned allow larger
+    full-size copies), is made by the PendingReport as before."""
+
+    def __init__(self, planned: int, thumb: int = 256, full_max: int = 2048) -> None:
+        self.images = Images()
+        self._thumbs = [(thumb, True)]
+        self._jpegs = _page_jpegs(thumb, _full_max_of(planned, full_max), FULL_QUALITY)
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def add(self, num: int, image: Optional[str]) -> None:
+        """Job `num` ended with this image (None: without one)."""
+        if image is None:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-report")
+        job = GridJob(num, {}, image_path=Path(image))
+        self._pool.submit(self.images.picture, job, self._thumbs, self._jpegs)
+
+    def made(self) -> Images:
+        """The pictures, once every one asked for is made (or has failed: made again at the end)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        return self.images
