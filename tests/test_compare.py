@@ -151,6 +151,44 @@ def test_failed_cells_are_grey_and_missing_ones_empty(tmp_path):
     assert sheet.getpixel((x0 + 48, y0 + 48)) == (255, 255, 255)
 
 
+def test_transparent_pixels_show_the_checkerboard_in_the_grid_and_the_page(tmp_path):
+    """An RGBA image (Qwen-Image 2.1's): the grid cell and the page's JPEG copy show its transparent
+    half over 8-pixel light/mid grey squares (not the colour stored under alpha 0); image.png keeps its alpha."""
+    import base64
+    import io
+
+    import numpy as np
+
+    from runner.reporting.grid import Images
+
+    pixels = np.zeros((64, 128, 4), np.uint8)
+    pixels[:, :64] = (200, 30, 30, 255)  # the left half opaque red
+    pixels[:, 64:] = (0, 255, 0, 0)  # the right half transparent, green under alpha 0
+    gen = {"prompt": "p", "negative_prompt": "", "seed": 0, "steps": 2, "cfg_scale": 1.0, "width": 128, "height": 64,
+           "model": "qwen_image_2_1_tiny", "loras": []}
+    path = save_png(Image.fromarray(pixels, "RGBA"), tmp_path / "0" / "image.png", gen)
+    with Image.open(path) as saved:
+        assert saved.mode == "RGBA" and np.array_equal(np.asarray(saved), pixels)
+    jobs = [job(0, seed=0, image=path), job(1, seed=1, image=path)]
+    axes = choose_axes(jobs, ["seed"])
+    page, = grid_pages(jobs, axes)
+    sheet = render_page(page, axes, thumb=64, images=Images())  # the 128x64 image as a 64x32 thumbnail
+    x0, y0, _, _ = page.boxes[0]
+    y0 += 16  # centred in its cell
+    for u, v in [(40, 0), (47, 0), (48, 0), (40, 8), (63, 31), (50, 17)]:  # the transparent half, from its corner
+        grey = 204 if (u // 8 + v // 8) % 2 == 0 else 153
+        assert sheet.getpixel((x0 + u, y0 + v)) == (grey,) * 3, (u, v, sheet.getpixel((x0 + u, y0 + v)))
+    assert sheet.getpixel((x0 + 10, y0 + 10)) == (200, 30, 30)
+
+    text = report_html(jobs, axes, keys=["seed"], thumb=64)
+    uri = re.search(r'<template id="full-0"[^>]*><img src="data:image/jpeg;base64,([^"]+)"', text).group(1)
+    copy = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"), np.int16)
+    assert copy.shape == (64, 128, 3)
+    for u, v in [(70, 2), (77, 2), (80, 2), (70, 13), (125, 61)]:
+        grey = 204 if (u // 8 + v // 8) % 2 == 0 else 153
+        assert np.abs(copy[v, u] - grey).max() <= 12, (u, v, copy[v, u])  # JPEG: near the square's grey
+
+
 def job_text_pixels(sheet: Image.Image, box) -> int:
     import numpy as np
 

@@ -44,7 +44,8 @@ def test_the_tree_has_the_groups_and_presets_of_the_issue():
     assert {"qwen_image", "qwen_image_tiny"} <= set(options("model"))
     assert set(options("vram")) == {"none", "cpu_offload", "fp8", "low_vram", "disk"}
     assert {"none", "artaug", "file", "stack"} <= set(options("lora"))
-    assert {"default", "lightning"} <= set(options("sampler"))
+    assert {"default", "lightning", "qwen_image_2_1"} <= set(options("sampler"))
+    assert {"qwen_image_2_1", "qwen_image_2_1_tiny"} <= set(options("model"))
     assert set(options("tracking")) == {"mlflow", "none"}
     assert set(options("controlnet")) == {"none", "union", "inpainting", "blockwise_canny", "blockwise_depth",
                                           "blockwise_inpaint", "tiny_demo"}
@@ -89,8 +90,10 @@ def test_every_preset_composes_into_a_typed_spec(hydra_ctx, group, option):
     if hasattr(node, "name"):
         assert node.name == option
     validate(spec)
-    if group in ("vram", "controlnet"):
-        preflight(spec)  # the library manages VRAM: every preset is accepted; the conditions are its call's
+    if group in ("vram", "controlnet", "model", "sampler"):
+        # the library manages VRAM: every preset is accepted; the conditions are its call's; every model's
+        # pipeline takes the sampler's arguments
+        preflight(spec)
 
 
 def test_defaults(hydra_ctx):
@@ -144,6 +147,48 @@ def test_several_loras_each_with_its_own_alpha(hydra_ctx, tmp_path):
     assert items["artaug"].alpha == 0.3 and items["lightning"].alpha == 1.0
     assert items["mine"].path == str(extra) and items["mine"].alpha == 0.7
     validate(spec)
+
+
+def test_qwen_image_21_presets_give_its_defaults_and_its_processor_folder(hydra_ctx):
+    """Qwen-Image 2.1 from the hub (ModelScope unless the usual switch says otherwise) with its processor/
+    folder and no tokenizer; its sampler preset: 40 steps, guidance off, the size from the pipeline."""
+    from pipelines import QwenImage21Pipeline
+
+    spec = spec_of("model=qwen_image_2_1", "sampler=qwen_image_2_1")
+    m = spec.model
+    assert {f.model_id for f in m.files} == {"Qwen/Qwen-Image-2.1"} and m.download_source is None
+    assert (m.tokenizer, m.processor.origin_file_pattern, m.build) == (None, "processor/", None)
+    assert spec_of("model=qwen_image_2_1", "model.download_source=huggingface").model.download_source == "huggingface"
+    validate(spec)
+    arguments = preflight(spec)
+    assert build.pipeline_class(spec) is QwenImage21Pipeline
+    assert (arguments["num_inference_steps"], arguments["cfg_scale"], arguments["height"], arguments["width"]) == (
+        40, 1.0, None, None)
+    tiny = spec_of("model=qwen_image_2_1_tiny").model
+    assert tiny.build == "pipelines.demo.qwen_image_21_tiny.build" and tiny.skip_download and tiny.tokenizer is None
+    assert {f.model_id for f in tiny.files} == {tiny.processor.model_id} == {"tiny/Qwen-Image-2.1-Tiny"}
+
+
+@pytest.mark.parametrize("overrides,key,needle", [
+    ([f"call.edit_image=[{PICTURE},/no/such.png]"], "call.edit_image[1]", "no such file"),
+    ([f"call.edit_image=[{PICTURE},{__file__}]"], "call.edit_image[1]", "not a readable image"),
+    (["call.sigmas=[1.0,0.5,0.7]"], "call.sigmas[1]", "decrease"),
+    (["call.sigmas=[1.0,nan]"], "call.sigmas[1]", "finite"),
+    (["call.output_resolution=0"], "call.output_resolution", "output_resolution"),
+    (["call.denoising_strength=0.5"], "call.denoising_strength", "takes no argument"),
+])
+def test_qwen_image_21_arguments_are_refused_at_their_key_before_loading(hydra_ctx, overrides, key, needle):
+    spec = spec_of("model=qwen_image_2_1", "sampler=qwen_image_2_1", *overrides)
+    validate(spec)
+    with pytest.raises(ConfigError) as err:
+        preflight(spec)
+    assert err.value.key == key and needle in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_qwen_image_21_takes_a_sigma_grid_by_call_sigmas(hydra_ctx):
+    """A distilled grid (a Turbo's `sample_sigmas`) given by hand: it sets the steps."""
+    arguments = preflight(spec_of("model=qwen_image_2_1", "sampler=qwen_image_2_1", "call.sigmas=[1.0,0.75,0.4]"))
+    assert list(arguments["sigmas"]) == [1.0, 0.75, 0.4]
 
 
 def test_tiny_model_builds_on_first_use(hydra_ctx):
@@ -242,7 +287,7 @@ def test_bad_values_fail_validation_naming_path_and_fix(hydra_ctx, overrides, ke
         (["call.promt=a cat"], "call.promt", "did you mean `prompt`?"),
         # a picture path YAML reads as a number: the library's TypeError, at its key
         (["call.input_image=5"], "call.input_image", "call.input_image='5'"),
-        (["call.edit_image=[5]"], "call.edit_image", "Fix: "),
+        (["call.edit_image=[5]"], "call.edit_image[0]", "call.edit_image=['5']"),
         # inpainting without a ControlNet: the mask with the picture it repaints
         ([f"call.inpaint_mask={PICTURE}"], "call.inpaint_mask", "needs input_image"),
         ([f"call.input_image={PICTURE}", "call.inpaint_mask=/no/mask.png"], "call.inpaint_mask", "no such file"),

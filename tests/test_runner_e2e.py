@@ -372,6 +372,71 @@ def test_edit_sweep_records_its_input_pictures(env):
     assert not np.array_equal(images["make it red"], images["two cats on a sofa in an oil painting"])
 
 
+def test_qwen_image_21_demo_saves_rgba_and_sweeps_its_pictures_and_resolution(env, tmp_path):
+    """`model=qwen_image_2_1_tiny sampler=tiny` in a fresh models folder builds the demo model and saves an
+    RGBA PNG with its metadata and its MLflow run; a sweep over `call.output_resolution` and `call.edit_image`
+    (an RGBA picture) with a grid given by `call.sigmas` runs on one loaded pipeline."""
+    from pipelines.demo.qwen_image_21_tiny import TinyQwenImage21Pipeline
+    from runner.records import read_generation
+
+    models = {"DIFFSYNTH_MODEL_BASE_PATH": str(tmp_path / "models")}
+    proc = runner(env, "model=qwen_image_2_1_tiny", "sampler=tiny", "progress_bar=false", "device=cpu",
+                  "experiment=q21", name="q21", extra_env=models)
+    assert_done(proc)
+    assert (tmp_path / "models" / "tiny" / "Qwen-Image-2.1-Tiny" / "model_index.json").is_file()
+    image = env["root"] / "q21" / "run" / "image.png"
+    with Image.open(image) as im:
+        assert (im.mode, im.size) == ("RGBA", (128, 128))
+        alpha = np.asarray(im)[..., 3]
+    assert alpha.min() < alpha.max()  # the model's alpha, kept
+    gen = read_generation(image)
+    assert (gen["model"], gen["steps"], gen["width"], gen["height"]) == ("qwen_image_2_1_tiny", 4, 128, 128)
+    c = client(env)
+    [run] = runs_of(c, "q21")
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "qwen_image_2_1_tiny"
+    logged = Path(c.download_artifacts(run.info.run_id, "image.png", str(tmp_path / "dl")))
+    with Image.open(logged) as a, Image.open(image) as b:
+        assert a.mode == "RGBA" and np.array_equal(np.asarray(a), np.asarray(b))
+
+    picture = tmp_path / "rgba.png"
+    rgba = np.zeros((64, 96, 4), np.uint8)
+    rgba[:, :48] = (200, 40, 40, 255)  # half of it transparent
+    Image.fromarray(rgba, "RGBA").save(picture)
+    plain = tmp_path / "rgb.png"
+    Image.new("RGB", (48, 48), (40, 40, 200)).save(plain)
+    proc = runner(env, "-m", "model=qwen_image_2_1_tiny", "sampler=tiny", "sampler.height=null", "sampler.width=null",
+                  "progress_bar=false", "device=cpu", "tracking=none", "call.sigmas=[1.0,0.5]",
+                  "call.output_resolution=64,96", f"call.edit_image=[{picture}],[{plain},{picture}]",
+                  name="q21_sweep", extra_env=models)
+    assert_done(proc)
+    sweep = env["root"] / "q21_sweep" / "sweep"
+    assert (sweep / "grid.png").is_file() and (sweep / "report.html").is_file()
+    records = [json.loads((sweep / str(num) / "job.json").read_text()) for num in range(4)]
+    assert {(r["config"]["call"]["output_resolution"], len(r["config"]["call"]["edit_image"])) for r in records} == {
+        (64, 1), (64, 2), (96, 1), (96, 2)}
+    assert all(r["status"] == "FINISHED" for r in records)
+    assert records[0]["metrics"]["load_s"] > 0 and all(r["metrics"]["load_s"] == 0.0 for r in records[1:])  # once
+    for num, record in enumerate(records):
+        assert record["metrics"]["s_per_step"] == pytest.approx(record["metrics"]["denoise_s"] / 2)  # the given grid
+        gen = read_generation(sweep / str(num) / "image.png")
+        expected = TinyQwenImage21Pipeline.check_arguments({"prompt": "p", **gen["call"]})  # the library's sizes
+        assert (gen["width"], gen["height"]) == (expected["width"], expected["height"])
+        assert len(gen["inputs"]["edit_image"]) == len(gen["call"]["edit_image"])  # the pictures' sha256
+        with Image.open(sweep / str(num) / "image.png") as im:
+            assert im.mode == "RGBA"
+
+
+def test_an_unreadable_qwen_image_21_picture_is_refused_before_anything_loads(env, tmp_path):
+    models = tmp_path / "models"
+    proc = runner(env, "model=qwen_image_2_1_tiny", "sampler=tiny", "device=cpu",
+                  f"call.edit_image=[{REPO / 'pipelines/demo/pictures/a.png'},{REPO / 'README.md'}]",
+                  name="q21_refused", extra_env={"DIFFSYNTH_MODEL_BASE_PATH": str(models)})
+    assert_done(proc, code=2)
+    log = proc.stdout + proc.stderr
+    assert "config `call.edit_image[1]`: edit_image[1]" in log and "README.md" in log
+    assert not models.exists() and not (env["root"] / "q21_refused" / "run").exists()  # nothing built or written
+
+
 def test_vram_presets_run_on_the_library(env, tiny_repo):
     proc = runner(env, "-m", *SMALL, "tracking=none", "vram=none,cpu_offload,disk", name="vram")
     assert_done(proc)

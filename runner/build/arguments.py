@@ -35,12 +35,16 @@ def preflight(spec: RunSpec, seed: Optional[int] = None) -> dict[str, Any]:
 
 
 def refusal(spec: RunSpec, error: Exception, arguments: dict[str, Any]) -> ConfigError:
-    """The pipeline's refusal of an argument as a ConfigError at the config key that set it (a
-    ControlNet condition's field at `controlnet.image`, `controlnet.inputs.1.scale`, ...)."""
+    """The pipeline's refusal of an argument as a ConfigError at the config key that set it (an
+    item of a list at `call.edit_image[1]`, a ControlNet condition's field at `controlnet.image`,
+    `controlnet.inputs.1.scale`, ...)."""
     message = str(error).strip().rstrip(".")
     name = argument_named(message, arguments)
     key = config_key(name) if name else "call"
     value = arguments.get(name)
+    item = re.search(rf"\b{re.escape(name)}\[(\d+)\]", message) if name and name != CONTROL_ARGUMENT else None
+    if item and isinstance(value, (list, tuple)) and int(item.group(1)) < len(value):  # `edit_image[1]: ...`
+        key, value = f"{key}[{item.group(1)}]", value[int(item.group(1))]
     control = re.search(rf"\b{CONTROL_ARGUMENT}\[(\d+)\](?:\.(\w+))?", message) if name == CONTROL_ARGUMENT else None
     conditions = spec.controlnet.conditions()
     if control and int(control.group(1)) < len(conditions):  # `controlnet_inputs[1].scale` -> its condition's key
@@ -59,8 +63,9 @@ def _argument_fix(error: Exception, key: str, value: Any) -> str:
     if isinstance(error, FileNotFoundError):
         return "give an existing file"
     if isinstance(value, (bool, int, float)) and "path" in str(error):
-        return (f"give the path of a picture file; quote a name YAML would read as a number or a boolean "
-                f"({key}='5')")
+        base, item, _ = key.partition("[")  # an item of a list (`call.edit_image[0]`): quoted in the list
+        example = f"{base}=['5']" if item else f"{key}='5'"
+        return f"give the path of a picture file; quote a name YAML would read as a number or a boolean ({example})"
     if isinstance(error, TypeError):
         return f"give `{key}` a value of the type the pipeline takes"
     if isinstance(error, ArithmeticError):

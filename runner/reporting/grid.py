@@ -23,6 +23,9 @@ from .jobs import OK_STATUSES, GridJob
 
 GREY, MISSING_EDGE, BACKDROP = (200, 200, 200), (215, 215, 215), (240, 240, 240)
 STATUS_COLOURS = {FAILED: (170, 0, 0), KILLED: (170, 90, 0)}
+# transparent pixels are shown over a checkerboard of light and mid grey squares of 8 pixels (as
+# image editors show them), drawn at the size the picture is shown: the same squares in every cell
+CHECKER, CHECKER_GREYS = 8, (204, 153)
 
 
 def _font(size: int):
@@ -167,6 +170,31 @@ def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, job: Optional[Grid
         draw.text((x0 + pad, y0 + pad + line_h + k * small_h), line, fill=(40, 40, 40), font=small)
 
 
+def readable_mode(im: Image.Image) -> Image.Image:
+    """`im` in RGBA when it has transparency (an alpha channel, a transparent palette entry), else RGB."""
+    alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    return im.convert("RGBA" if alpha else "RGB")
+
+
+def checkerboard(size: tuple[int, int]) -> Image.Image:
+    """An RGBA checkerboard of `size` (CHECKER-pixel squares, light grey at the top left)."""
+    cols, rows = -(-size[0] // CHECKER), -(-size[1] // CHECKER)
+    squares = Image.new("L", (cols, rows))
+    squares.putdata([CHECKER_GREYS[(x + y) % 2] for y in range(rows) for x in range(cols)])
+    board = squares.resize((cols * CHECKER, rows * CHECKER), Image.Resampling.NEAREST)
+    return board.crop((0, 0, *size)).convert("RGBA")
+
+
+def shown(im: Image.Image) -> Image.Image:
+    """What the grid and the page show of a picture (RGB or RGBA, readable_mode): an RGBA one over
+    the checkerboard, so that transparent pixels look transparent (a JPEG has no alpha)."""
+    if im.mode != "RGBA":
+        return im if im.mode == "RGB" else im.convert("RGB")
+    board = checkerboard(im.size)
+    board.alpha_composite(im)
+    return board.convert("RGB")
+
+
 @dataclass
 class _Picture:
     """What the grid and the page show of one job's image, all made from one decode."""
@@ -206,14 +234,14 @@ class Images:
         if full is None:
             return None
         picture = picture or _Picture(full.width, full.height, {}, {})
-        for size, upscale in missing_thumbs:
-            picture.thumbs[(size, upscale)] = (
+        for size, upscale in missing_thumbs:  # resized with their alpha, then shown over the checkerboard
+            picture.thumbs[(size, upscale)] = shown(
                 ImageOps.contain(full, (size, size), Image.Resampling.LANCZOS)
                 if upscale or full.width > size or full.height > size else full)
         for longest, quality in missing_jpegs:
-            shown = full if max(full.size) <= longest else ImageOps.contain(full, (longest, longest),
-                                                                           Image.Resampling.LANCZOS)
-            picture.jpegs[(longest, quality)] = (*jpeg_uri(shown, quality), shown.width, shown.height)
+            copy = shown(full if max(full.size) <= longest else ImageOps.contain(full, (longest, longest),
+                                                                                Image.Resampling.LANCZOS))
+            picture.jpegs[(longest, quality)] = (*jpeg_uri(copy, quality), copy.width, copy.height)
         return picture
 
     @staticmethod
@@ -222,7 +250,7 @@ class Images:
             return None
         try:
             with Image.open(job.image_path) as f:
-                return f.convert("RGB")
+                return readable_mode(f)
         except OSError:
             return None
 

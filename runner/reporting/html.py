@@ -16,7 +16,7 @@ from ..errors import first_line
 from ..files import atomic_write, inside
 from ..records import INPUTS_DIR, METRICS, input_copy_name
 from .axes import Axes, GridPage, axes_name, axis_values, choose_axes, grid_pages, shorten
-from .grid import Images, jpeg_uri, write_grids
+from .grid import Images, jpeg_uri, readable_mode, shown, write_grids
 from .jobs import OK_STATUSES, GridJob, keys_in_order, number
 from .plots import escape, plots
 
@@ -159,15 +159,15 @@ def _inputs_section(jobs: Sequence[GridJob], folder: Path, thumb: int) -> list[s
             continue
         try:
             with Image.open(path) as im:
-                shown = ImageOps.contain(im.convert("RGB"), (thumb, thumb), Image.Resampling.LANCZOS)
+                picture = shown(ImageOps.contain(readable_mode(im), (thumb, thumb), Image.Resampling.LANCZOS))
         except (OSError, ValueError):  # not a picture (any more)
             continue
-        uri = jpeg_uri(shown, THUMB_QUALITY)[0]
+        uri = jpeg_uri(picture, THUMB_QUALITY)[0]
         who = "every job" if len(nums) == len(jobs) else "job" + ("s " if len(nums) > 1 else " ") + ", ".join(
             map(str, nums))
         caption = f"{arg}: {file} ({who}; sha256 {sha[:12]})"
-        figures.append(f'<figure><img src="{uri}" alt="{escape(caption)}" width="{shown.width}" '
-                       f'height="{shown.height}"><figcaption>{escape(caption)}</figcaption></figure>')
+        figures.append(f'<figure><img src="{uri}" alt="{escape(caption)}" width="{picture.width}" '
+                       f'height="{picture.height}"><figcaption>{escape(caption)}</figcaption></figure>')
     if not figures:
         return []
     return ['<section id="inputs"><h2>Input pictures</h2><p class="note">The pictures the jobs read: control '
