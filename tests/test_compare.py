@@ -159,7 +159,7 @@ def test_transparent_pixels_show_the_checkerboard_in_the_grid_and_the_page(tmp_p
 
     import numpy as np
 
-    from runner.reporting.grid import Images
+    from runner.reporting.grid import Images, write_grids
 
     pixels = np.zeros((64, 128, 4), np.uint8)
     pixels[:, :64] = (200, 30, 30, 255)  # the left half opaque red
@@ -172,7 +172,9 @@ def test_transparent_pixels_show_the_checkerboard_in_the_grid_and_the_page(tmp_p
     jobs = [job(0, seed=0, image=path), job(1, seed=1, image=path)]
     axes = choose_axes(jobs, ["seed"])
     page, = grid_pages(jobs, axes)
-    sheet = render_page(page, axes, thumb=64, images=Images())  # the 128x64 image as a 64x32 thumbnail
+    render_page(page, axes, thumb=64, images=Images())  # where the cells are
+    [grid] = write_grids(jobs, tmp_path, axes, thumb=64)  # the 128x64 image as a 64x32 thumbnail
+    sheet = Image.open(grid).convert("RGB")
     x0, y0, _, _ = page.boxes[0]
     y0 += 16  # centred in its cell
     for u, v in [(40, 0), (47, 0), (48, 0), (40, 8), (63, 31), (50, 17)]:  # the transparent half, from its corner
