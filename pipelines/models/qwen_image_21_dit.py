@@ -168,7 +168,8 @@ class SwiGLU(nn.Module):
         self.gate_layer = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(F.silu(self.gate_layer(x)) * self.proj(x))
+        hidden = F.silu(self.gate_layer(x), inplace=True)  # in place: two (tokens, hidden) tensors at most, not 3
+        return self.out(hidden.mul_(self.proj(x)))
 
 
 class NormOut(nn.Module):
