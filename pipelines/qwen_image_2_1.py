@@ -41,7 +41,7 @@ from .models.qwen2_5_text import QwenImageTextEncoder
 from .models.qwen2_5_vl_encoder import QwenImageVLEncoder
 from .models.qwen3_vl_encoder import QwenImage21TextEncoder
 from .models.qwen3_vl_processor import QwenImage21Processor
-from .models.qwen_image_21_dit import SLOT_TOKENS, KVCache, QwenImage21DiT
+from .models.qwen_image_21_dit import SLOT_TOKENS, KVCache, PromptInput, QwenImage21DiT
 from .models.qwen_image_21_vae import QwenImage21VAE
 from .models.qwen_image_dit import QwenImageDiT
 from .models.qwen_image_vae import QwenImageVAE
@@ -267,14 +267,16 @@ class QwenImage21Pipeline(Pipeline):
     def _velocity(self, texts: Sequence[PromptEmbeds], h: int, w: int,
                   references: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None, use_kv_cache: bool):
         """The DiT as `denoise` calls it: (latents, sigma) -> (conditional, unconditional or None).
-        With the cache (and causal_condition), each prompt's first step fills its own KVCache."""
+        Both prompts in one DiT call (`forward_prompts`: on small images their tokens go through
+        each projection together, one larger product). With the cache (and causal_condition),
+        each prompt's first step fills its own KVCache."""
         ref_latents, grids = references if references is not None else (None, ())
         cached = use_kv_cache and self.dit.params.causal_condition
-        caches = [KVCache() if cached else None for _ in texts]
+        prompts = [PromptInput(t.embeds, t.mask, t.slots, KVCache() if cached else None) for t in texts]
 
         def velocity(latents: torch.Tensor, sigma: torch.Tensor):
-            out = [self.dit(latents, sigma, t.embeds, t.mask, h, w, image_slots=t.slots, references=grids,
-                            reference_latents=ref_latents, cache=cache) for t, cache in zip(texts, caches)]
+            out = self.dit.forward_prompts(latents, sigma, prompts, h, w, references=grids,
+                                           reference_latents=ref_latents)
             return out[0], out[1] if len(out) == 2 else None
         return velocity
 

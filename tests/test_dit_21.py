@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines.core.loader import CheckpointError, load_model
-from pipelines.models.qwen_image_21_dit import KVCache, QwenImage21DiT, QwenImage21DiTParams
+from pipelines.models.qwen_image_21_dit import KVCache, PromptInput, QwenImage21DiT, QwenImage21DiTParams
 from pipelines.models.qwen_image_dit import QwenImageDiT
 from pipelines.qwen_image import QwenImagePipeline
 from tests.support.weights import randomize_
@@ -172,6 +172,46 @@ def test_kv_cache_across_steps(checkpoint):
     finally:
         handle.remove()
     assert len(text_projections) == 1 + 2  # the cache's first call, then the two uncached calls
+
+
+def test_prompts_packed(checkpoint, monkeypatch):
+    """Guidance's two prompts (different lengths) in one forward_prompts, at the cache's first step and a later one:
+    each as diffusers' gives it and as `forward` gives it alone; with the caches bitwise as without them. Packed,
+    each projection multiplies both prompts' prefixes in one product and both targets in one, and the prefix's
+    last block computes only its keys and values; beyond `pack_tokens` (40 + 35 tokens here) one prompt at a time."""
+    ref, ours, _ = checkpoint()
+    a = make_case([3, (4, 4), 5], (4, 4), seed=10)  # prefix 24 tokens, target 16
+    b = dict(make_case([2, (4, 4), 1], (4, 4), seed=11), latents=a["latents"], reference_latents=a["reference_latents"])
+    layers = {"first q": ours.transformer_blocks[0].attn.to_q, "last q": ours.transformer_blocks[-1].attn.to_q,
+              "last k": ours.transformer_blocks[-1].attn.to_k}
+    rows = {name: [] for name in layers}
+    hooks = [layer.register_forward_hook(lambda _, args, __, name=name: rows[name].append(args[0].shape[1]))
+             for name, layer in layers.items()]
+
+    def run(caches, pack_tokens=75):
+        monkeypatch.setattr(ours, "pack_tokens", pack_tokens)
+        prompts = [PromptInput(c["text"], c["text_mask"], c["image_slots"], cache) for c, cache in zip((a, b), caches)]
+        for value in rows.values():
+            value.clear()
+        with torch.no_grad():
+            return ours.forward_prompts(a["latents"], sigma, prompts, 4, 4, a["references"], a["reference_latents"])
+
+    caches = [KVCache(), KVCache()]
+    try:
+        for step, sigma in enumerate((torch.tensor([0.9]), torch.tensor([0.35]))):
+            got = run(caches)
+            assert rows == ({"first q": [43, 32], "last q": [32], "last k": [43, 32]} if step == 0 else
+                            {"first q": [32], "last q": [32], "last k": [32]})
+            for out, case in zip(got, (a, b)):
+                assert_close(out, run_reference(ref, case, sigma))
+                assert_close(out, run_ours(ours, case, sigma))
+            assert all(map(torch.equal, got, run(caches=[None, None])))
+            alone = run(caches=[None, None], pack_tokens=74)
+            assert rows["first q"] == [24, 16, 19, 16]
+            assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(got, alone))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_kv_cache_refuses_another_prompt_and_a_model_without_causal_condition(checkpoint):

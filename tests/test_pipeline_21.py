@@ -89,16 +89,22 @@ def test_image_matches_diffusers(pipes, case):
 
 def test_kv_cache_off_gives_the_same_image(pipes, monkeypatch):
     """Without the cache the prompt and picture tokens are computed at every step (with it, once per prompt): the
-    image is the same, bit for bit, and diffusers' without its cache agrees."""
+    image is the same, bit for bit, and diffusers' without its cache agrees. Both prompts go through the DiT
+    together: one product per projection for their prefixes, one for their targets."""
     ours, _ = pipes
     args = dict(prompt="make it winter", negative_prompt="", cfg_scale=2.0, pictures=[picture(96, 64, "RGBA", seed=4)],
                 steps=3)
-    prefixes = []
+    prefixes, products = [], []
     original = QwenImage21DiT._embed_prefix
     monkeypatch.setattr(QwenImage21DiT, "_embed_prefix", lambda *a: prefixes.append(1) or original(*a))
-    cached = ours(args["prompt"], negative_prompt="", cfg_scale=2.0, edit_image=args["pictures"], seed=5,
-                  num_inference_steps=3, output_resolution=64, progress_bar=False)
+    hook = ours.dit.transformer_blocks[0].attn.to_q.register_forward_hook(lambda *_: products.append(1))
+    try:
+        cached = ours(args["prompt"], negative_prompt="", cfg_scale=2.0, edit_image=args["pictures"], seed=5,
+                      num_inference_steps=3, output_resolution=64, progress_bar=False)
+    finally:
+        hook.remove()
     assert len(prefixes) == 2  # each prompt's prefix once: its first step fills its cache
+    assert len(products) == 2 + 1 + 1  # both prefixes, then both targets; then both targets at each later step
     got, expected = run_both(pipes, **args, use_kv_cache=False)
     assert len(prefixes) == 2 + 2 * 3
     assert_same_image(got, expected)

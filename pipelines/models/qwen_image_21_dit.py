@@ -27,11 +27,20 @@ same at every step.
     reference_latents  (B, sum h*w, in_channels) their latent tokens, row-major, one picture after the other
     returns            (B, T, out_channels): the velocity of the target's tokens, in the computation dtype
 
+    velocities = dit.forward_prompts(latents, timestep, [PromptInput(text, text_mask, image_slots, cache), ...],
+                                     height, width, references=(), reference_latents=None)
+
+The same latents under several prompts (guidance's two): one velocity per prompt, each as `forward` gives it. While
+their tokens add up to at most `pack_tokens`, the prompts go through the blocks packed into one sequence (each
+projection multiplies all their tokens at once: larger products run faster on small images), attention per prompt.
+The prefix is computed apart from the target (block by block, before it), as in every step with the cache; in the
+last block only its keys and values (nothing reads the prefix's output of the last block).
+
 The KV cache: `cache = KVCache()` per prompt and picture set (another one for the negative prompt under CFG), given
 to every step of one generation. The first call computes the prefix and keeps each block's prefix keys/values (after
 RoPE); later calls compute only the target's tokens and read them. The output is bitwise the same as without a
-cache: the target is computed by the same code on the same shapes either way, and the prefix depends neither on the
-step nor on the target. It needs `causal_condition`; a call with other text, mask, pictures, dtype or device than
+cache: the target is computed by the same code on the same shapes either way (the same prompts packed together:
+that depends on token counts alone), and the prefix depends neither on the step nor on the target. It needs `causal_condition`; a call with other text, mask, pictures, dtype or device than
 the one that filled it is refused. A new cache (or `cache.clear()`) per generation and after changing weights (LoRA).
 """
 from __future__ import annotations
@@ -40,16 +49,18 @@ import math
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .qwen_image_21_layout import (SLOT_TOKENS, Attend, KVCache, Layout, build_layout, packed, packed_attention,
+                                   prefix_attention, target_attention, unpacked)
 from .qwen_image_dit import check_rope_axes, default_rope_axes
 
-SLOT_TOKENS = 4  # one vision slot of the text encoder stands for 2x2 latent tokens
+__all__ = ["QwenImage21DiT", "QwenImage21DiTParams", "PromptInput", "KVCache", "SLOT_TOKENS"]
 
 
 @dataclass
@@ -157,7 +168,8 @@ class SwiGLU(nn.Module):
         self.gate_layer = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(F.silu(self.gate_layer(x)) * self.proj(x))
+        hidden = F.silu(self.gate_layer(x), inplace=True)  # in place: two (tokens, hidden) tensors at most, not 3
+        return self.out(hidden.mul_(self.proj(x)))
 
 
 class NormOut(nn.Module):
@@ -173,43 +185,10 @@ class NormOut(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale)
 
 
-# (q, k, v) -> attention output, all (B, L, H, D); which keys each query sees is the callable's business
-Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate the interleaved pairs (x[2k], x[2k+1]) of x (B, L, H, D) by freqs (L, D/2) complex, in fp32."""
     rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs[:, None, :]
     return torch.view_as_real(rotated).flatten(3).to(x.dtype)
-
-
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:  # on (B, L, H, D) tensors
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          attn_mask=mask).transpose(1, 2)
-
-
-def prefix_attention(q: Tensor, k: Tensor, v: Tensor, segments: tuple[tuple[int, int, bool], ...],
-                     key_valid: Tensor | None) -> Tensor:
-    """Block-causal attention inside the prefix, one call per segment: a segment [start, end) sees the keys
-    [0, end); a text segment sees its own keys causally, a picture all of its own. `key_valid` (B, P) drops
-    padded text keys."""
-    outputs = []
-    for start, end, is_text in segments:
-        mask = None
-        if is_text:  # row i sees the keys up to start + i
-            mask = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(diagonal=start)[None, None]
-        if key_valid is not None:
-            valid = key_valid[:, None, None, :end]
-            mask = valid if mask is None else mask & valid
-        outputs.append(sdpa(q[:, start:end], k[:, :end], v[:, :end], mask))
-    return torch.cat(outputs, dim=1)
-
-
-def target_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-                     key_valid: Tensor | None) -> Tensor:
-    """The target sees every key: the prefix's, then its own. `key_valid` (B, P + T)."""
-    mask = None if key_valid is None else key_valid[:, None, None, :]
-    return sdpa(q, torch.cat([prefix_k, k], dim=1), torch.cat([prefix_v, v], dim=1), mask)
 
 
 class Attention(nn.Module):
@@ -229,9 +208,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, freqs: Tensor, attend: Attend) -> tuple[Tensor, Tensor, Tensor]:
         """-> (output (B, L, dim), keys after RoPE, values), the last two (B, L, H, D)."""
         q = apply_rope(self.norm_q(self._heads(self.to_q(x))), freqs)
-        k = apply_rope(self.norm_k(self._heads(self.to_k(x))), freqs)
-        v = self._heads(self.to_v(x))
+        k, v = self.keys_values(x, freqs)
         return self.to_out[0](attend(q, k, v).flatten(2)), k, v
+
+    def keys_values(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys (after RoPE) and values of x alone, (B, L, H, D) each."""
+        return apply_rope(self.norm_k(self._heads(self.to_k(x))), freqs), self._heads(self.to_v(x))
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (-1, self.head_dim))
@@ -261,106 +243,44 @@ class SingleStreamBlock(nn.Module):
             x = x.clip(-65504, 65504)
         return x, k, v
 
+    def keys_values(self, x: Tensor, mod: Modulation, freqs: Tensor) -> tuple[Tensor, Tensor]:
+        """Only this block's keys and values of x, as `forward` computes them; not x after the block."""
+        return self.attn.keys_values(self._norm(x) * mod[0], freqs)
+
     def _norm(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, (x.shape[-1],), eps=self.eps)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where every token of `[prefix | target]` sits (P prefix tokens, T target tokens)."""
+@dataclass
+class PromptInput:
+    """One prompt as `QwenImage21DiT.forward_prompts` reads it: `forward`'s arguments of these names."""
 
-    prefix_len: int
-    text_index: Tensor    # (Nt,) positions of `text` that hold text, not vision slots
-    prefix_text: Tensor   # (Nt,) where those tokens sit in the prefix
-    prefix_image: Tensor  # (R,) where the reference pictures' latent tokens sit in the prefix, in order
-    segments: tuple[tuple[int, int, bool], ...]  # the prefix as (start, end, is_text) runs
-    freqs: Tensor         # (P + T, D/2) complex RoPE rotations
-
-    def key_valid(self, text_mask: Tensor | None, target_len: int) -> Tensor | None:
-        """(B, P + T) bool, False at padded text keys; None when nothing is padded."""
-        if text_mask is None:
-            return None
-        valid = text_mask.new_ones(text_mask.shape[0], self.prefix_len + target_len)
-        valid[:, self.prefix_text] = text_mask[:, self.text_index]
-        return None if bool(valid.all()) else valid
+    text: Tensor
+    text_mask: Tensor | None = None
+    image_slots: Tensor | None = None
+    cache: KVCache | None = None
 
 
-def grid_positions(frame: int, height: int, width: int) -> Tensor:
-    """(h * w, 3) positions of a picture's tokens: one frame, height and width centred on zero."""
-    ys = torch.arange(height) - (height - height // 2)
-    xs = torch.arange(width) - (width - width // 2)
-    return torch.stack([torch.full((height * width,), frame), ys.repeat_interleave(width), xs.repeat(height)], -1)
+@dataclass
+class Stream:
+    """One prompt during a forward: its layout, which of its keys are real (None: all), its cache and what the
+    cache is checked against, and its prefix's keys and values block by block (the filled cache's, else appended
+    as the blocks run)."""
 
+    text: Tensor
+    layout: Layout
+    key_valid: Tensor | None
+    cache: KVCache | None
+    inputs: tuple
+    prefix_kv: list
 
-def build_layout(slots: Tensor, references: tuple[tuple[int, int], ...], target: tuple[int, int],
-                 axes: tuple[int, ...], theta: float, device: torch.device) -> Layout:
-    """Text tokens advance one position on all three axes; a picture takes the next position as its frame, its
-    grid centred on zero for height and width, and then advances the position by max(h, w)."""
-    is_image = slots.repeat_interleave(torch.where(slots, SLOT_TOKENS, 1))  # the prefix: slots expanded
-    prefix_len, image_at = is_image.numel(), is_image.nonzero()[:, 0].tolist()
-    positions, segments = [], []
-    cursor = position = offset = 0
+    def prefix_attention(self) -> Attend:
+        valid = None if self.key_valid is None else self.key_valid[:, :self.layout.prefix_len]
+        return partial(prefix_attention, segments=self.layout.segments, key_valid=valid)
 
-    def text_run(end: int) -> None:
-        nonlocal cursor, position
-        if end > cursor:
-            positions.append(torch.arange(position, position + end - cursor)[:, None].expand(-1, 3))
-            segments.append((cursor, end, True))
-            position += end - cursor
-
-    for index, (height, width) in enumerate(references):
-        count = height * width
-        start = image_at[offset]
-        if image_at[offset + count - 1] != start + count - 1:
-            raise ValueError(f"QwenImage21DiT: reference picture {index} ({height}x{width} latent tokens) needs "
-                             f"{count // SLOT_TOKENS} consecutive vision slots in the prompt, but text interrupts "
-                             f"them; `references` must list the pictures' grids in the order of their slots")
-        text_run(start)
-        positions.append(grid_positions(position, height, width))
-        segments.append((start, start + count, False))
-        position, cursor, offset = position + max(height, width), start + count, offset + count
-    text_run(prefix_len)
-    positions.append(grid_positions(position, *target))
-
-    positions = torch.cat(positions)
-    tables = []
-    for axis, dim in enumerate(axes):
-        inv_freq = 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float32).div(dim))
-        angles = torch.outer(positions[:, axis], inv_freq)
-        tables.append(torch.polar(torch.ones_like(angles), angles))
-    text_at = (~is_image).nonzero()[:, 0]
-    return Layout(prefix_len, (~slots).nonzero()[:, 0].to(device), text_at.to(device),
-                  torch.tensor(image_at, dtype=torch.long, device=device), tuple(segments),
-                  torch.cat(tables, dim=-1).to(device))
-
-
-class KVCache:
-    """Every block's prefix keys and values (after RoPE), filled by the first forward given the cache, read by the
-    later ones, with what they were computed from (`inputs`: text, mask, pictures, their layout, dtype, device)."""
-
-    def __init__(self) -> None:
-        self.clear()
-
-    @property
-    def filled(self) -> bool:
-        return self.layers is not None
-
-    def clear(self) -> None:
-        self.layers: list[tuple[Tensor, Tensor]] | None = None
-        self.inputs: tuple = ()
-
-    def check(self, inputs: tuple) -> None:
-        if len(inputs) != len(self.inputs) or not all(map(_same, inputs, self.inputs)):
-            raise ValueError("QwenImage21DiT: this KVCache holds the keys and values of another prompt (text, "
-                             "text_mask, pictures, their layout, dtype or device differ from the call that filled "
-                             "it); use one cache per prompt and generation (one for the negative prompt too), or "
-                             "cache.clear() it first")
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
-    return not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b
+    def target_attention(self, block: int) -> Attend:
+        k, v = self.prefix_kv[block]
+        return partial(target_attention, prefix_k=k, prefix_v=v, key_valid=self.key_valid)
 
 
 # Exactly the key names of a 2.1 transformer checkpoint (no biases anywhere). The Qwen-Image 1.x DiT shares some
@@ -385,6 +305,9 @@ class QwenImage21DiT(nn.Module):
     # Set this when the weights are stored in another dtype than the one to compute in (e.g. FP8 storage under
     # VRAM management); None = compute in the weights' dtype.
     compute_dtype: torch.dtype | None = None
+    # `forward_prompts` packs prompts while their tokens (prefix and target each) add up to at most this: small
+    # matrix products run faster together; beyond, they are large enough, and packing would only add activations.
+    pack_tokens: int = 4096
 
     def __init__(self, params: QwenImage21DiTParams | None = None):
         super().__init__()
@@ -414,43 +337,61 @@ class QwenImage21DiT(nn.Module):
                 cache: KVCache | None = None) -> Tensor:
         """The velocity (B, height * width, out_channels) of the target's tokens; arguments in the module
         docstring."""
-        references = tuple((int(h), int(w)) for h, w in references)
-        if cache is not None and not self.params.causal_condition:
-            raise ValueError("QwenImage21DiT: a KVCache needs causal_condition (text and picture tokens modulated "
-                             "as at t = 0, so that their keys and values stay the same at every step); this "
-                             "checkpoint's config.json sets causal_condition=false: pass cache=None")
-        sigma, text_mask, slots = self._check_inputs(latents, timestep, text, text_mask, height, width,
-                                                     image_slots, references, reference_latents)
-        dtype, batch, target_len = self.dtype, latents.shape[0], height * width
-        layout = self.layout(slots, references, (height, width), latents.device)
-        temb, target_mod, prefix_mod = self._modulations(sigma, batch, dtype)
-        key_valid = layout.key_valid(text_mask, target_len)
-        prefix_valid = None if key_valid is None else key_valid[:, :layout.prefix_len]
-        prefix_attend = partial(prefix_attention, segments=layout.segments, key_valid=prefix_valid)
-        prefix_freqs, target_freqs = layout.freqs[:layout.prefix_len], layout.freqs[layout.prefix_len:]
+        return self.forward_prompts(latents, timestep, [PromptInput(text, text_mask, image_slots, cache)], height,
+                                    width, references, reference_latents)[0]
 
-        inputs = (text, text_mask, reference_latents, slots.nonzero().flatten().tolist(), references, dtype,
-                  latents.device)
-        prefix, prefix_kv = None, None
-        if cache is not None and cache.filled:
-            cache.check(inputs)
-            prefix_kv = cache.layers
-        else:
-            prefix, prefix_kv = self._embed_prefix(text, reference_latents, layout, dtype), []
-        target = self.img_in(latents.to(dtype))
+    def forward_prompts(self, latents: Tensor, timestep: Tensor | float, prompts: Sequence[PromptInput],
+                        height: int, width: int, references: tuple[tuple[int, int], ...] = (),
+                        reference_latents: Tensor | None = None) -> list[Tensor]:
+        """The velocity of the same latents under each prompt (guidance's conditional and unconditional ones), as
+        `forward` gives it for each. Prompts whose tokens add up to at most `pack_tokens` go through the blocks
+        packed, one after the other in one sequence: each projection multiplies them all at once (faster than
+        prompt by prompt), attention stays per prompt. Which prompts are packed depends on token counts alone, so a
+        prompt's target is computed on the same shapes with and without its cache."""
+        references = tuple((int(h), int(w)) for h, w in references)
+        sigma = self._check_target(latents, timestep, height, width, prompts)
+        streams = [self._stream(prompt, latents, height, width, references, reference_latents) for prompt in prompts]
+        temb, target_mod, prefix_mod = self._modulations(sigma, latents.shape[0], self.dtype)
+        packs: list[list[Stream]] = []
+        for stream in streams:
+            tokens = sum(s.layout.prefix_len + height * width for s in packs[-1] + [stream]) if packs else 0
+            if packs and tokens <= self.pack_tokens:
+                packs[-1].append(stream)
+            else:
+                packs.append([stream])
+        target = self.img_in(latents.to(self.dtype))  # every prompt's target starts from the same latents
+        return [v for pack in packs for v in self._forward_pack(pack, target, temb, (prefix_mod, target_mod),
+                                                                 reference_latents)]
+
+    def _forward_pack(self, streams: list[Stream], target: Tensor, temb: Tensor, mods: tuple[Modulation, Modulation],
+                      reference_latents: Tensor | None) -> tuple[Tensor, ...]:
+        """The blocks on the prompts of one pack: the prefixes not cached yet, then the targets."""
+        (prefix_mod, target_mod), target_len = mods, target.shape[1]
+        fresh = [s for s in streams if s.cache is None or not s.cache.filled]  # their prefixes computed here
+        prefix = packed([self._embed_prefix(s.text, reference_latents, s.layout, target.dtype) for s in fresh])
+        prefix_freqs = packed([s.layout.freqs[:s.layout.prefix_len] for s in fresh], dim=0)
+        prefix_attend = partial(packed_attention, parts=[(s.layout.prefix_len, s.prefix_attention()) for s in fresh])
+        target = packed([target] * len(streams))
+        target_freqs = packed([s.layout.freqs[s.layout.prefix_len:] for s in streams], dim=0)
+        last = len(self.transformer_blocks) - 1
 
         for index, block in enumerate(self.transformer_blocks):
             if prefix is not None:  # the prefix never sees the target: its block runs first
-                prefix, k, v = block(prefix, prefix_mod, prefix_freqs, prefix_attend)
-                prefix_kv.append((k, v))
-            k, v = prefix_kv[index]
-            target, _, _ = block(target, target_mod, target_freqs,
-                                 partial(target_attention, prefix_k=k, prefix_v=v, key_valid=key_valid))
-            if cache is None and prefix is not None:
-                prefix_kv[index] = None  # not kept: one block's keys and values at a time
-        if cache is not None and not cache.filled:
-            cache.layers, cache.inputs = prefix_kv, inputs  # once every block is done: never half-filled
-        return self.proj_out(self.norm_out(target, temb))
+                if index == last:  # nothing reads the prefix after its last block: its keys and values only
+                    prefix, (k, v) = None, block.keys_values(prefix, prefix_mod, prefix_freqs)
+                else:
+                    prefix, k, v = block(prefix, prefix_mod, prefix_freqs, prefix_attend)
+                for s, k_s, v_s in zip(fresh, *unpacked((k, v), [s.layout.prefix_len for s in fresh])):
+                    s.prefix_kv.append((k_s, v_s))
+            parts = [(target_len, s.target_attention(index)) for s in streams]
+            target, _, _ = block(target, target_mod, target_freqs, partial(packed_attention, parts=parts))
+            for s in fresh:
+                if s.cache is None:
+                    s.prefix_kv[index] = None  # not kept: one block's keys and values at a time
+        for s in fresh:
+            if s.cache is not None:
+                s.cache.layers, s.cache.inputs = s.prefix_kv, s.inputs  # once every block is done: never half-filled
+        return unpacked((self.proj_out(self.norm_out(target, temb)),), [target_len] * len(streams))[0]
 
     def layout(self, slots: Tensor, references: tuple[tuple[int, int], ...], target: tuple[int, int],
                device: torch.device) -> Layout:
@@ -461,6 +402,25 @@ class QwenImage21DiT(nn.Module):
             p = self.params
             self._layouts[key] = build_layout(slots, references, target, p.axes_dims_rope, p.rope_theta, device)
         return self._layouts[key]
+
+    def _stream(self, prompt: PromptInput, latents: Tensor, height: int, width: int,
+                references: tuple[tuple[int, int], ...], reference_latents: Tensor | None) -> Stream:
+        """One prompt checked, its layout, and its prefix's keys and values: its filled cache's, else none yet."""
+        if prompt.cache is not None and not self.params.causal_condition:
+            raise ValueError("QwenImage21DiT: a KVCache needs causal_condition (text and picture tokens modulated "
+                             "as at t = 0, so that their keys and values stay the same at every step); this "
+                             "checkpoint's config.json sets causal_condition=false: pass cache=None")
+        text_mask, slots = self._check_prompt(latents, prompt.text, prompt.text_mask, prompt.image_slots, references,
+                                              reference_latents)
+        layout = self.layout(slots, references, (height, width), latents.device)
+        inputs = (prompt.text, text_mask, reference_latents, slots.nonzero().flatten().tolist(), references,
+                  self.dtype, latents.device)
+        prefix_kv: list = []
+        if prompt.cache is not None and prompt.cache.filled:
+            prompt.cache.check(inputs)
+            prefix_kv = prompt.cache.layers
+        return Stream(prompt.text, layout, layout.key_valid(text_mask, height * width), prompt.cache, inputs,
+                      prefix_kv)
 
     def _modulations(self, sigma: Tensor, batch: int, dtype: torch.dtype) -> tuple[Tensor, Modulation, Modulation]:
         """(the target's timestep embedding (B, dim), the target's modulation, the prefix's modulation). With
@@ -485,10 +445,9 @@ class QwenImage21DiT(nn.Module):
             prefix[:, layout.prefix_image] = self.img_in(reference_latents.to(dtype))
         return prefix
 
-    def _check_inputs(self, latents: Tensor, timestep: Tensor | float, text: Tensor, text_mask: Tensor | None,
-                      height: int, width: int, image_slots: Tensor | None, references: tuple[tuple[int, int], ...],
-                      reference_latents: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """-> (sigma (B,), the mask as bool or None, the slots as one (Lt,) bool row on the CPU)."""
+    def _check_target(self, latents: Tensor, timestep: Tensor | float, height: int, width: int,
+                      prompts: Sequence[PromptInput]) -> Tensor:
+        """-> sigma (B,)."""
         p = self.params
         if latents.ndim != 3 or latents.shape[-1] != p.in_features:
             raise ValueError(f"QwenImage21DiT: latents must be (batch, tokens, {p.in_features}), got "
@@ -497,19 +456,30 @@ class QwenImage21DiT(nn.Module):
         if height <= 0 or width <= 0 or latents.shape[1] != height * width:
             raise ValueError(f"QwenImage21DiT: latents hold {latents.shape[1]} tokens but the target grid "
                              f"{height}x{width} makes {height * width}; height/width are the picture size / 16")
-        if text.ndim != 3 or text.shape[0] != batch or text.shape[1] == 0 or text.shape[-1] != p.context_in_dim:
-            raise ValueError(f"QwenImage21DiT: text must be (batch={batch}, tokens >= 1, {p.context_in_dim}), "
-                             f"got {tuple(text.shape)}")
+        caches = [id(prompt.cache) for prompt in prompts if prompt.cache is not None]
+        if not prompts or len(set(caches)) != len(caches):
+            raise ValueError("QwenImage21DiT.forward_prompts: give at least one PromptInput, each with a KVCache of "
+                             "its own (or cache=None)")
         sigma = torch.as_tensor(timestep, device=latents.device)
         if sigma.ndim == 0 or sigma.shape == (1,):
             sigma = sigma.reshape(1).expand(batch)
         if sigma.shape != (batch,):
             raise ValueError(f"QwenImage21DiT: timestep must be (batch={batch},) sigmas, got {tuple(sigma.shape)}")
+        return sigma
+
+    def _check_prompt(self, latents: Tensor, text: Tensor, text_mask: Tensor | None, image_slots: Tensor | None,
+                      references: tuple[tuple[int, int], ...],
+                      reference_latents: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """-> (the mask as bool or None, the slots as one (Lt,) bool row on the CPU)."""
+        batch, context_dim = latents.shape[0], self.params.context_in_dim
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[1] == 0 or text.shape[-1] != context_dim:
+            raise ValueError(f"QwenImage21DiT: text must be (batch={batch}, tokens >= 1, {context_dim}), "
+                             f"got {tuple(text.shape)}")
         if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
             raise ValueError(f"QwenImage21DiT: text_mask must be (batch, text tokens) = {tuple(text.shape[:2])}, "
                              f"got {tuple(text_mask.shape)}")
         text_mask = None if text_mask is None else text_mask.to(device=latents.device, dtype=torch.bool)
-        return sigma, text_mask, self._check_pictures(text, image_slots, references, reference_latents)
+        return text_mask, self._check_pictures(text, image_slots, references, reference_latents)
 
     def _check_pictures(self, text: Tensor, image_slots: Tensor | None, references: tuple[tuple[int, int], ...],
                         reference_latents: Tensor | None) -> Tensor:
