@@ -529,3 +529,32 @@ def test_jobs_from_records_match_the_job_table(tmp_path):
     assert isinstance(jobs, JobList) and jobs.keys == ["seed"] and jobs.overrides == ["seed=0,1"]
     assert [(j.num, j.values, j.status, j.error) for j in jobs] == [(0, {"seed": "0"}, "FINISHED", ""),
                                                                     (1, {"seed": "1"}, "FAILED", "x")]
+
+
+def test_the_report_reads_images_with_the_libraries_one_reader(tmp_path, caplog):
+    """A folder's image.png goes through pipelines.open_picture like every input: a 16-bit grey
+    image is scaled (not clipped to white), a decompression bomb leaves its cell empty with a
+    warning naming the file, the grid and page are still written."""
+    import numpy as np
+
+    from runner.reporting.grid import write_grids
+    from tests.support.pictures import png_declaring
+
+    deep = tmp_path / "0" / "image.png"
+    deep.parent.mkdir()
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(deep)  # mid grey in 16 bits (I;16)
+    bomb = tmp_path / "1" / "image.png"
+    bomb.parent.mkdir()
+    bomb.write_bytes(png_declaring(30000, 30000))
+    jobs = [job(0, seed=0, image=deep), job(1, seed=1, image=bomb)]
+    axes = choose_axes(jobs, ["seed"])
+    page, = grid_pages(jobs, axes)
+    with caplog.at_level("WARNING"):
+        [grid] = write_grids(jobs, tmp_path, axes, thumb=32)
+        text = report_html(jobs, axes, keys=["seed"], thumb=32)
+    render_page(page, axes, thumb=32)
+    x0, y0, _, _ = page.boxes[0]
+    cell = Image.open(grid).convert("RGB").getpixel((x0 + 16, y0 + 16))
+    assert all(abs(c - 128) <= 1 for c in cell), cell  # 32768/65535 of white, not 255
+    assert "30000x30000" in caplog.text and str(bomb) in caplog.text
+    assert 'id="full-0"' in text and 'id="full-1"' not in text

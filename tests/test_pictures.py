@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipelines import PictureError, QwenImagePipeline, SettingError, open_picture
+from tests.support.pictures import png_declaring
 
 GRADIENT = (np.arange(64 * 256).reshape(64, 256) * (65535 / (64 * 256 - 1))).round()  # 0 .. 65535, mean 32767.5
 
@@ -131,15 +130,6 @@ def test_cmyk_jpeg_is_read_by_pils_conversion(tmp_path):
         assert opened.mode == "CMYK"
         reference = np.asarray(opened.convert("RGB"), dtype=np.int16)
     assert np.array_equal(rgb(open_picture(path)), reference)
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG of a few dozen bytes whose header declares width x height (1-bit grey)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
 
 def test_decompression_bombs_are_a_typed_error_naming_file_pixels_limit_and_override(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ from ..files import atomic_write
 from ..records import FAILED, GRID_PNG_LEVEL, KILLED
 from .axes import ELLIPSIS, Axes, GridPage, grid_pages, shorten
 from .jobs import OK_STATUSES, GridJob
+
+logger = logging.getLogger("runner")
 
 GREY, MISSING_EDGE, BACKDROP = (200, 200, 200), (215, 215, 215), (240, 240, 240)
 STATUS_COLOURS = {FAILED: (170, 0, 0), KILLED: (170, 90, 0)}
@@ -170,10 +173,17 @@ def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, job: Optional[Grid
         draw.text((x0 + pad, y0 + pad + line_h + k * small_h), line, fill=(40, 40, 40), font=small)
 
 
-def readable_mode(im: Image.Image) -> Image.Image:
-    """`im` in RGBA when it has transparency (an alpha channel, a transparent palette entry), else RGB."""
-    alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    return im.convert("RGBA" if alpha else "RGB")
+def read_picture(path: Path) -> Optional[Image.Image]:
+    """A picture of the folder read as the library reads every picture (pipelines.open_picture:
+    EXIF orientation, high bit depths scaled, the pixel limit checked before decoding), RGBA when
+    it has transparency; None, with a warning naming the file, when it cannot be read."""
+    from pipelines import PictureError, open_picture  # imports torch: only once a report reads pictures
+
+    try:
+        return open_picture(path, "picture", alpha=True)
+    except (OSError, PictureError) as error:
+        logger.warning("Left out of the report: %s (%s)", path, first_line(error))
+        return None
 
 
 def checkerboard(size: tuple[int, int]) -> Image.Image:
@@ -186,7 +196,7 @@ def checkerboard(size: tuple[int, int]) -> Image.Image:
 
 
 def shown(im: Image.Image) -> Image.Image:
-    """What the grid and the page show of a picture (RGB or RGBA, readable_mode): an RGBA one over
+    """What the grid and the page show of a picture (RGB or RGBA, read_picture): an RGBA one over
     the checkerboard, so that transparent pixels look transparent (a JPEG has no alpha)."""
     if im.mode != "RGBA":
         return im if im.mode == "RGB" else im.convert("RGB")
@@ -248,11 +258,7 @@ class Images:
     def _open(job: GridJob) -> Optional[Image.Image]:
         if job.image_path is None or not Path(job.image_path).is_file():
             return None
-        try:
-            with Image.open(job.image_path) as f:
-                return readable_mode(f)
-        except OSError:
-            return None
+        return read_picture(Path(job.image_path))
 
     def picture(self, job: GridJob, thumbs: Sequence[tuple[int, bool]] = (),
                 jpegs: Sequence[tuple[int, int]] = ()) -> Optional[_Picture]:

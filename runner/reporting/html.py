@@ -16,7 +16,7 @@ from ..errors import first_line
 from ..files import atomic_write, inside
 from ..records import INPUTS_DIR, METRICS, input_copy_name
 from .axes import Axes, GridPage, axes_name, axis_values, choose_axes, grid_pages, shorten
-from .grid import Images, jpeg_uri, readable_mode, shown, write_grids
+from .grid import Images, jpeg_uri, read_picture, shown, write_grids
 from .jobs import OK_STATUSES, GridJob, keys_in_order, number
 from .plots import escape, plots
 
@@ -157,11 +157,10 @@ def _inputs_section(jobs: Sequence[GridJob], folder: Path, thumb: int) -> list[s
         path = inside(folder, Path(INPUTS_DIR) / input_copy_name(sha, file))  # None: a link out of the folder
         if path is None or not path.is_file():
             continue
-        try:
-            with Image.open(path) as im:
-                picture = shown(ImageOps.contain(readable_mode(im), (thumb, thumb), Image.Resampling.LANCZOS))
-        except (OSError, ValueError):  # not a picture (any more)
+        full = read_picture(path)
+        if full is None:  # not a picture (any more)
             continue
+        picture = shown(ImageOps.contain(full, (thumb, thumb), Image.Resampling.LANCZOS))
         uri = jpeg_uri(picture, THUMB_QUALITY)[0]
         who = "every job" if len(nums) == len(jobs) else "job" + ("s " if len(nums) > 1 else " ") + ", ".join(
             map(str, nums))
