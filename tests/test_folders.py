@@ -131,6 +131,54 @@ def test_sync_refuses_a_folder_whose_image_lies_outside_it(tmp_path, how):
     assert not store.exists()  # refused before any store was opened: nothing logged
 
 
+def test_sync_refuses_a_folder_whose_image_is_a_decompression_bomb(tmp_path, caplog):
+    """An image.png that declares 900 million pixels (a few dozen bytes) is read by the library's
+    one reader: refused before any store opens, naming the file and the limit; no traceback."""
+    from runner.tracking.sync import sync_main
+    from tests.support.pictures import png_declaring
+
+    sweep = make_sweep(tmp_path)
+    (sweep / "1" / "image.png").write_bytes(png_declaring(30000, 30000))
+    store = tmp_path / "store"
+    with caplog.at_level(logging.INFO, logger="runner"):
+        assert sync_main([str(sweep), f"tracking.store_dir={store}"]) == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "1/job.json: image_path" in line and "30000x30000" in line and "DIFFSYNTH_MAX_IMAGE_PIXELS" in line
+    assert "refused, nothing logged" in line and "Fix:" in line
+    assert not store.exists()
+
+
+def test_a_sync_that_fails_mid_job_leaves_no_run_running_and_the_next_one_completes_it(tmp_path, monkeypatch):
+    """The store fails while a job's run is logged (fault injected in MLflow's client): the run is
+    ended FAILED, not left RUNNING (which the next sync would refuse as someone else's); the next
+    sync completes that same run."""
+    import mlflow
+
+    from runner.tracking.sync import sync_main
+
+    sweep = make_sweep(tmp_path)
+    store = tmp_path / "store"
+    real = mlflow.tracking.MlflowClient.log_batch
+    failed = []
+
+    def fail_once(self, *args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise mlflow.exceptions.MlflowException("injected: the store failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "log_batch", fail_once)
+    assert sync_main([str(sweep), f"tracking.store_dir={store}"]) == 1
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "crafted"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}  # the parent and job 0's run
+    assert sync_main([str(sweep), f"tracking.store_dir={store}"]) == 0
+    after = client.search_runs([experiment.experiment_id])
+    assert len(after) == 3 and {r.info.status for r in after} == {"FINISHED"}
+    assert {r.info.run_id for r in runs} <= {r.info.run_id for r in after}  # completed, not logged twice
+
+
 @pytest.mark.parametrize("edit, key", [
     ("{", "not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
     ({"metrics": {"total_s": "fast"}}, '`metrics.total_s` is "fast", not a number'),

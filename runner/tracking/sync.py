@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 from ..errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConfigError, first_line
 from ..files import inside
 from ..owner import ALIVE, DEAD, describe, owner_state
-from ..records import KILLED, RUNNING, SKIPPED, JobRecord, SweepRecord, sweep_outputs
+from ..records import FAILED, KILLED, RECORD_TAG, RUNNING, SKIPPED, JobRecord, SweepRecord, sweep_outputs
 from .runs import (
     LOGGED_TAG,
     end_dead_runs,
@@ -209,6 +209,7 @@ def _checked_job(root: Path, path: Path, kind: str) -> JobRecord:
             leads = f", which leads to {image.resolve()}," if str(image.resolve()) != record.image_path else ""
             raise ValueError(f"{where}: image_path names {record.image_path}{leads} outside the {kind} folder {root}: "
                              f"refused. {_HOSTILE}")
+        _check_picture(image, where)
         record.image_path = str(image)
     for item in record.inputs:
         picture = inside(root, item["path"], job_folder)
@@ -216,6 +217,20 @@ def _checked_job(root: Path, path: Path, kind: str) -> JobRecord:
         item["path"] = str(picture) if picture is not None else ""
     record.tracking = {}
     return record
+
+
+def _check_picture(image: Path, where: str) -> None:
+    """A job's image, read as the library reads every picture (the pixel limit checked before
+    decoding): one that cannot be read refuses the sync before anything is logged."""
+    if not image.is_file():
+        return  # logged without its image, as a job that made none
+    from pipelines import PictureError, open_picture  # imports torch: only a sync reads pictures
+
+    try:
+        open_picture(image, f"{where}: image_path")
+    except (OSError, PictureError) as error:
+        raise ValueError(f"{first_line(error).rstrip('.')}: refused, nothing logged. Fix: sync a folder whose "
+                         "images the runner wrote, or remove the job's folder") from None
 
 
 class Syncer:
@@ -240,8 +255,13 @@ class Syncer:
 
     def run(self, sweep: Optional[SweepRecord], jobs: list[JobRecord]) -> tuple[int, int]:
         parent_id = self._parent(sweep) if sweep is not None else None
-        for record in jobs:
-            self._job(record, parent_id)
+        try:
+            for record in jobs:
+                self._job(record, parent_id)
+        except Exception:
+            if parent_id is not None and self._parent_open:
+                self._end_failed(parent_id)
+            raise
         if sweep is not None and parent_id is not None and self._parent_open:
             sweep.parent_run_id = parent_id
             if sweep.status == RUNNING:
@@ -258,7 +278,8 @@ class Syncer:
             self.present += 1
         if run is not None:
             return run.info.run_id
-        return start_sweep_run(self.tracker, sweep, {SYNCED_TAG: str(self.folder)})
+        # the record's id from the record itself, not from tags a folder may lack: a later sync finds the run
+        return start_sweep_run(self.tracker, sweep, {SYNCED_TAG: str(self.folder), RECORD_TAG: sweep.sweep_id})
 
     def _job(self, record: JobRecord, parent_id: Optional[str]) -> None:
         if record.status in (SKIPPED, RUNNING):  # a skipped job's run exists; a running one has no result
@@ -267,7 +288,7 @@ class Syncer:
         if done:
             self.present += 1
             return
-        tags = {SYNCED_TAG: str(self.folder)}
+        tags = {SYNCED_TAG: str(self.folder), RECORD_TAG: record.record_id}
         record.tracking = {"image_key": self.image_key}
         if run is None:
             run_id = self.tracker.start_run(record.name or f"job {record.num}", {**record.tags, **tags},
@@ -276,5 +297,17 @@ class Syncer:
         else:
             run_id, present = run.info.run_id, set(run.data.params)
             self.tracker.set_tags(run_id, tags)
-        log_job(self.tracker, record, run_id, parent_id, present, self.inputs)
+        try:
+            log_job(self.tracker, record, run_id, parent_id, present, self.inputs)
+        except Exception:
+            self._end_failed(run_id)
+            raise
         self.logged += 1
+
+    def _end_failed(self, run_id: str) -> None:
+        """A run this sync could not complete, ended FAILED rather than left RUNNING (which the next
+        sync would refuse as someone else's): the next sync completes it."""
+        try:
+            self.tracker.end_run(run_id, FAILED, force=True)
+        except Exception:  # noqa: BLE001 - the store is gone: the error that stopped the sync says so
+            pass
