@@ -258,17 +258,17 @@ class Syncer:
         try:
             for record in jobs:
                 self._job(record, parent_id)
-        except Exception:
+            if sweep is not None and parent_id is not None and self._parent_open:
+                sweep.parent_run_id = parent_id
+                if sweep.status == RUNNING:
+                    sweep.status = KILLED
+                self.tracker.set_tags(parent_id, {SYNCED_TAG: str(self.folder)})
+                log_sweep_end(self.tracker, sweep, sweep_outputs(self.folder))
+                self.logged += 1
+        except Exception:  # the parent too, also when its own end failed
             if parent_id is not None and self._parent_open:
                 self._end_failed(parent_id)
             raise
-        if sweep is not None and parent_id is not None and self._parent_open:
-            sweep.parent_run_id = parent_id
-            if sweep.status == RUNNING:
-                sweep.status = KILLED
-            self.tracker.set_tags(parent_id, {SYNCED_TAG: str(self.folder)})
-            log_sweep_end(self.tracker, sweep, sweep_outputs(self.folder))
-            self.logged += 1
         return self.logged, self.present
 
     def _parent(self, sweep: SweepRecord) -> str:
